@@ -1,0 +1,113 @@
+"""ResNets built from per-block widths.
+
+CIFAR ResNet-20/32/56/110 (He et al. 2016; 3 stages of 16/32/64 channels,
+option-A zero-padding shortcuts by default) and ResNet-18/34 for 64x64
+TinyImageNet (4 stages of 64..512, option-B 1x1 shortcuts). Only the internal
+channels of a BasicBlock (conv1 out = conv2 in) are prunable: the block outputs
+are tied to the residual stream of the stage.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ChannelGroup, Prunable
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """Option A: subsample by the stride and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.left, self.right = stride, (cout - cin) // 2, cout - cin - (cout - cin) // 2
+
+    def forward(self, x):
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.left, self.right))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, mid: int, cout: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(cin, mid, stride), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = conv3x3(mid, cout), nn.BatchNorm2d(cout)
+        if stride == 1 and cin == cout:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = PadShortcut(cin, cout, stride)
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+# name -> (blocks per stage, stage widths, shortcut, stem)
+VARIANTS = {
+    "resnet20": ((3, 3, 3), (16, 32, 64), "A", "cifar"),
+    "resnet32": ((5, 5, 5), (16, 32, 64), "A", "cifar"),
+    "resnet56": ((9, 9, 9), (16, 32, 64), "A", "cifar"),
+    "resnet110": ((18, 18, 18), (16, 32, 64), "A", "cifar"),
+    "resnet18": ((2, 2, 2, 2), (64, 128, 256, 512), "B", "cifar"),
+    "resnet34": ((3, 4, 6, 3), (64, 128, 256, 512), "B", "cifar"),
+}
+
+
+class ResNet(Prunable):
+    """``widths`` lists the internal width of every block, in forward order."""
+
+    def __init__(self, name: str, num_classes: int, in_channels: int, widths: list[int] | None = None,
+                 width_mult: float = 1.0, shortcut: str | None = None, stem: str | None = None):
+        super().__init__()
+        blocks, base, default_shortcut, default_stem = VARIANTS[name]
+        stage_widths = [max(1, round(w * width_mult)) for w in base]
+        shortcut, stem = shortcut or default_shortcut, stem or default_stem
+        if widths is None:
+            widths = [w for n, w in zip(blocks, stage_widths) for _ in range(n)]
+        self.arch = dict(name=name, num_classes=num_classes, in_channels=in_channels, widths=list(widths),
+                         width_mult=width_mult, shortcut=shortcut, stem=stem)
+        if stem == "imagenet":  # 7x7/2 conv + 3x3/2 max-pool, as torchvision's ImageNet ResNets
+            self.conv1 = nn.Conv2d(in_channels, stage_widths[0], 7, 2, 3, bias=False)
+            self.pool = nn.MaxPool2d(3, 2, 1)
+        else:  # 3x3/1 conv, no pooling: the CIFAR stem, also the usual one for 64x64 TinyImageNet
+            self.conv1, self.pool = conv3x3(in_channels, stage_widths[0]), nn.Identity()
+        self.bn1 = nn.BatchNorm2d(stage_widths[0])
+        it, cin, stages = iter(widths), stage_widths[0], []
+        for s, (n, cout) in enumerate(zip(blocks, stage_widths)):
+            layer = []
+            for b in range(n):
+                layer.append(BasicBlock(cin, next(it), cout, 2 if (s > 0 and b == 0) else 1, shortcut))
+                cin = cout
+            stages.append(nn.Sequential(*layer))
+        self.layers = nn.ModuleList(stages)
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        for layer in self.layers:
+            x = layer(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        return [ChannelGroup(f"layers.{s}.{b}", f"layers.{s}.{b}.conv1", f"layers.{s}.{b}.bn1",
+                             (f"layers.{s}.{b}.conv2",))
+                for s, layer in enumerate(self.layers) for b in range(len(layer))]
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal convs and linears, BN gamma=1 beta=0 (He et al.)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
+                                    nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

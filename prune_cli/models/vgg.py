@@ -1,0 +1,58 @@
+"""CIFAR VGG-11/13/16/19 with BatchNorm, built from per-conv widths.
+
+Every conv is prunable; the last conv's channels feed the classifier, whose
+input shrinks with them. Heads: ``linear`` (one 512->classes layer, as in
+Network Slimming and HGSR's "VGG14") or ``li`` (512-512-classes with BN, the
+CIFAR VGG-16 of Li et al., ICLR 2017).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ChannelGroup, Prunable
+from .resnet import init_weights
+
+M = "M"  # 2x2 max-pool
+CONFIGS = {
+    "vgg11": [64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M],
+    "vgg13": [64, 64, M, 128, 128, M, 256, 256, M, 512, 512, M, 512, 512, M],
+    "vgg16": [64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512, M],
+    "vgg19": [64, 64, M, 128, 128, M, 256, 256, 256, 256, M, 512, 512, 512, 512, M, 512, 512, 512, 512, M],
+}
+
+
+class VGG(Prunable):
+    def __init__(self, name: str, num_classes: int, in_channels: int, widths: list[int] | None = None,
+                 width_mult: float = 1.0, head: str = "linear"):
+        super().__init__()
+        layout = CONFIGS[name]
+        if widths is None:
+            widths = [max(1, round(w * width_mult)) for w in layout if w != M]
+        self.arch = dict(name=name, num_classes=num_classes, in_channels=in_channels, widths=list(widths),
+                         width_mult=width_mult, head=head)
+        layers, it, cin = [], iter(widths), in_channels
+        self._convs: list[int] = []  # index in `features` of every conv
+        for item in layout:
+            if item == M:
+                layers.append(nn.MaxPool2d(2))
+                continue
+            cout = next(it)
+            self._convs.append(len(layers))
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # a no-op at 32x32 (1x1 left); pools 64x64 inputs
+        if head == "li":
+            self.classifier = nn.Sequential(nn.Linear(cin, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
+                                            nn.Linear(512, num_classes))
+        else:
+            self.classifier = nn.Sequential(nn.Linear(cin, num_classes))
+        init_weights(self)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        convs = [f"features.{i}" for i in self._convs]
+        consumers = convs[1:] + ["classifier.0"]
+        return [ChannelGroup(c, c, f"features.{i + 1}", (nxt,)) for i, c, nxt in zip(self._convs, convs, consumers)]

@@ -1,0 +1,103 @@
+"""Channel structure of a model: which tensor dims each channel group owns, counting
+params and MACs for any widths, masking channels, and physical removal (surgery).
+
+One mapping (state_dict key -> {dim: group}) serves all three, so the masked
+model, the pruned model and the counted numbers can never disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import ChannelGroup, Prunable, build_model
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass
+class Structure:
+    groups: list[ChannelGroup]
+    tensor_dims: dict[str, dict[int, int]]  # state_dict key -> {dim: group index}
+    # counting: every parameter tensor as coef * w[g1] * w[g2] (g = -1 means "fixed", factor 1)
+    coef: np.ndarray
+    g1: np.ndarray
+    g2: np.ndarray
+    macs_per_elem: np.ndarray  # output pixels per weight element (conv: H_out*W_out, linear: 1, other: 0)
+
+    def count(self, widths) -> tuple[int, int]:
+        """(params, MACs per image) of the model with these group widths."""
+        w = np.append(np.asarray(widths, dtype=np.float64), 1.0)
+        elems = self.coef * w[self.g1] * w[self.g2]
+        return int(round(elems.sum())), int(round((elems * self.macs_per_elem).sum()))
+
+
+def group_dims(groups: list[ChannelGroup]) -> dict[str, dict[int, int]]:
+    """state_dict key -> {dim: index of the channel group that owns that dim}."""
+    dims: dict[str, dict[int, int]] = {}
+    for g, group in enumerate(groups):
+        dims.setdefault(f"{group.conv}.weight", {})[0] = g
+        for key in BN_KEYS:
+            dims.setdefault(f"{group.bn}.{key}", {})[0] = g
+        for consumer in group.consumers:
+            dims.setdefault(f"{consumer}.weight", {})[1] = g
+    return dims
+
+
+def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
+    """Trace ``model`` once on one ``input_shape`` (C, H, W) image to learn its output sizes."""
+    groups = model.channel_groups()
+    tensor_dims = group_dims(groups)
+
+    pixels: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: pixels.__setitem__(name, o[0, 0].numel()))
+             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        p = next(model.parameters())
+        model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+
+    coef, g1, g2, macs = [], [], [], []
+    for name, param in model.named_parameters():
+        dims = tensor_dims.get(name, {})
+        fixed = np.prod([s for d, s in enumerate(param.shape) if d not in dims], dtype=np.float64)
+        gs = list(dims.values()) + [-1, -1]
+        coef.append(fixed), g1.append(gs[0]), g2.append(gs[1])
+        module = name.rsplit(".", 1)[0]
+        macs.append(pixels.get(module, 0) if name.endswith("weight") else 0)
+    return Structure(groups, tensor_dims, np.array(coef), np.array(g1), np.array(g2), np.array(macs, dtype=np.float64))
+
+
+def mask_channels(model: Prunable, keep: list[torch.Tensor]) -> None:
+    """Zero removed channels in place (filter, BN gamma and beta): the outputs then equal the pruned model's."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for group, k in zip(model.channel_groups(), keep):
+            drop = ~k.to(torch.bool)
+            modules[group.conv].weight[drop] = 0
+            modules[group.bn].weight[drop] = 0
+            modules[group.bn].bias[drop] = 0
+
+
+def prune_channels(model: Prunable, keep: list[torch.Tensor]) -> Prunable:
+    """A new, smaller dense model holding only the kept channels (``keep``: a bool mask per group)."""
+    groups = model.channel_groups()
+    index = [torch.nonzero(k.to(torch.bool).cpu()).flatten() for k in keep]
+    if any(len(i) == 0 for i in index):
+        raise ValueError("surgery would empty a layer")
+    state = model.state_dict()
+    for key, dims in group_dims(groups).items():
+        t = state[key]
+        for dim, g in dims.items():
+            t = t.index_select(dim, index[g].to(t.device))
+        state[key] = t
+    pruned = build_model({**model.arch, "widths": [len(i) for i in index]})
+    pruned.load_state_dict(state)
+    p = next(model.parameters())
+    return pruned.to(p.device).train(model.training)
