@@ -1,0 +1,28 @@
+"""Atomic writes: a temporary file in the same directory, then a rename, so a crash never leaves half a file."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def _replace(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_text(path: Path | str, text: str) -> None:
+    _replace(Path(path), lambda f: f.write(text.encode()))
+
+
+def save_torch(path: Path | str, obj) -> None:
+    _replace(Path(path), lambda f: torch.save(obj, f))

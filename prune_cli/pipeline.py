@@ -1,0 +1,250 @@
+"""The stage loop: build or load the model, run each stage of the schedule, write results.
+
+Every finished stage leaves ``checkpoints/<stage>.pt``; a training stage also
+rewrites its checkpoint after every epoch. Re-running the same command into the
+same run directory therefore skips finished stages and resumes the interrupted
+one from its last epoch.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from . import report
+from .atomic import save_torch, write_text
+from .config import TRAIN_STAGES, resolve_device, validate
+from .criteria import Sample, build_criterion
+from .data import batches, describe, load_data, normalize
+from .errors import UserError
+from .measure import count_macs, count_params, evaluate
+from .models import build_model
+from .pruning import prune_channels, structure
+from .regularizers import Regularizer, build_regularizer, sparsity_stats
+from .selection import select
+from .train import fit
+
+# options that may change between a run and its resumption without changing its results
+RESUMABLE_DIFFERENCES = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.eval_batch_size")
+
+
+class Run:
+    """One run directory: its checkpoints, tables and status."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg, self.dir = cfg, Path(run_dir)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.rows: list[dict] = []
+        self.histories: dict[str, list[dict]] = {}
+
+    def checkpoint(self, stage: str) -> dict | None:
+        path = self.ckpt_dir / f"{stage}.pt"
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+    def guard(self) -> None:
+        """Refuse a directory that holds checkpoints of a different config: never overwrite other results."""
+        for path in sorted(self.ckpt_dir.glob("*.pt")):
+            old = torch.load(path, map_location="cpu", weights_only=True)["config"]
+            diff = config_differences(old, self.config)
+            if diff:
+                raise UserError("hydra.run.dir", f"{self.dir} holds a run with a different config "
+                                f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command to resume it")
+            return
+
+    def save(self, stage: str, model, *, done: bool, epoch: int = 0, optimizer=None, extra: dict | None = None) -> None:
+        save_torch(self.ckpt_dir / f"{stage}.pt", {
+            "config": self.config, "stage": stage, "done": done, "arch": model.arch,
+            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+            "epoch": epoch, "rows": self.rows, "histories": self.histories, **(extra or {})})
+
+    def write_tables(self) -> None:
+        identity = report.identity(self.cfg)
+        report.write_csv(self.dir / "results.csv", [{**row, **identity} for row in self.rows])
+        report.write_csv(self.dir / "metrics.csv", [h for hist in self.histories.values() for h in hist])
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        name = f"{prefix}{k}"
+        if name in RESUMABLE_DIFFERENCES:
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{name}.")
+        elif a != b:
+            out.append(name)
+    return out
+
+
+class Context:
+    """What the stages share: config, device, data (loaded lazily), input shape and class count."""
+
+    def __init__(self, cfg, run: Run):
+        self.cfg, self.run = cfg, run
+        self.device = resolve_device(cfg.trainer.device)
+        self.input_shape, self.num_classes = describe(cfg.dataset)
+        self._data = None
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = load_data(self.cfg.dataset, self.cfg.seed, self.device)
+        return self._data
+
+    def measure(self, stage: str, model, top1=float("nan"), loss=float("nan"), best_top1=float("nan"),
+                epochs: int = 0, seconds: float = 0.0) -> dict:
+        return {"stage": stage, "top1": top1, "best_top1": best_top1, "loss": loss,
+                "params": count_params(model), "macs": count_macs(model, self.input_shape),
+                "epochs": epochs, "seconds": round(seconds, 2)}
+
+    def test(self, model) -> tuple[float, float]:
+        return evaluate(model, batches(self.data.test, self.data, self.cfg.trainer.eval_batch_size))
+
+
+def seeded(seed: int, salt: str) -> int:
+    return seed * 7919 + sum(map(ord, salt))
+
+
+def run(cfg, run_dir: Path) -> list[dict]:
+    """Run (or resume) the whole schedule of ``cfg`` in ``run_dir``; returns the results rows."""
+    validate(cfg)
+    t = cfg.trainer
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    run_ = Run(cfg, run_dir)
+    run_.guard()
+    ctx = Context(cfg, run_)
+    stages = list(cfg.schedule.stages)
+    # build every component first, so a bad option fails before any training
+    if "sparse_train" in stages:
+        build_regularizer(cfg.regularizer, build_model(model_arch(cfg, ctx)))
+    if "prune" in stages:
+        build_criterion(cfg.criterion)
+
+    torch.manual_seed(seeded(cfg.seed, "init"))
+    model = build_model(model_arch(cfg, ctx)).to(ctx.device)
+    start = 0
+    if cfg.init_from is not None:
+        ck = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+        model = build_model(ck["arch"]).to(ctx.device)
+        model.load_state_dict(ck["state_dict"])
+        run_.rows, run_.histories = list(ck["rows"]), dict(ck["histories"])
+        start = stages.index(ck["stage"]) + 1 if ck["stage"] in stages else 0
+    else:
+        top1, loss = ctx.test(model) if stages else (float("nan"), float("nan"))
+        run_.rows = [ctx.measure("init", model, top1, loss)]
+
+    report.write_status(run_dir, "running")
+    for stage in stages[start:]:
+        ck = run_.checkpoint(stage)
+        if ck is not None and ck["done"]:  # finished earlier: take its model and tables
+            model = build_model(ck["arch"]).to(ctx.device)
+            model.load_state_dict(ck["state_dict"])
+            run_.rows, run_.histories = list(ck["rows"]), dict(ck["histories"])
+            continue
+        if stage == "prune":
+            model = prune_stage(model, ctx)
+        else:
+            model = train_stage(stage, model, ctx, ck)
+        run_.write_tables()
+    run_.write_tables()
+    summary = report.summary_markdown(run_.rows, report.identity(cfg))
+    write_text(Path(run_dir) / "summary.md", summary)
+    report.write_status(run_dir, "done")
+    print(summary)
+    return run_.rows
+
+
+def model_arch(cfg, ctx: Context) -> dict:
+    arch = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()}
+    return {**arch, "num_classes": ctx.num_classes, "in_channels": ctx.input_shape[0]}
+
+
+def train_stage(stage: str, model, ctx: Context, ck: dict | None):
+    cfg, run_ = ctx.cfg, ctx.run
+    st = cfg.schedule[stage]
+    epochs = st.epochs
+    if stage == "scratch":  # the pruned architecture, freshly initialised (Liu et al. 2019)
+        torch.manual_seed(seeded(cfg.seed, "scratch"))
+        model = build_model(model.arch).to(ctx.device)
+        if st.budget == "B":  # same compute as the dense model: scale epochs by MACs_dense / MACs_pruned
+            epochs = round(epochs * run_.rows[0]["macs"] / count_macs(model, ctx.input_shape))
+    if cfg.trainer.max_epochs is not None:
+        epochs = min(epochs, cfg.trainer.max_epochs)
+    if ck is not None:
+        model = build_model(ck["arch"]).to(ctx.device)
+    # built before a resumed state is loaded: a regularizer may initialise weights (e.g. BN gamma = 0.5)
+    regularizer = build_regularizer(cfg.regularizer, model) if stage == "sparse_train" else Regularizer(model)
+    start, optimizer_state, history = 0, None, []
+    if ck is not None:  # an interrupted stage: continue after its last finished epoch
+        model.load_state_dict(ck["state_dict"])
+        start, optimizer_state, history = ck["epoch"], ck["optimizer"], ck["histories"].get(stage, [])
+        run_.rows, run_.histories = list(ck["rows"]), dict(ck["histories"])
+
+    def checkpoint(epoch, optimizer, hist):
+        run_.histories[stage] = hist
+        run_.save(stage, model, done=False, epoch=epoch, optimizer=optimizer)
+        run_.write_tables()
+
+    tic = time.perf_counter()
+    data = ctx.data
+    history = fit(model, data, st, stage=stage, epochs=epochs, seed=cfg.seed, trainer=cfg.trainer,
+                  regularizer=regularizer, start_epoch=start, optimizer_state=optimizer_state, history=history,
+                  on_epoch_end=checkpoint)
+    run_.histories[stage] = history
+    top1, loss = ctx.test(model) if not history else (history[-1]["test_acc"], history[-1]["test_loss"])
+    best = max((h["test_acc"] for h in history if h["test_acc"] == h["test_acc"]), default=top1)
+    seconds = sum(h["seconds"] for h in history)
+    row = ctx.measure(stage, model, top1, loss, best, epochs, seconds)
+    if stage == "sparse_train":
+        overall, per_layer = sparsity_stats(model)
+        row.update(overall)
+        report.write_csv(run_.dir / "sparsity.csv", per_layer)
+    run_.rows.append(row)
+    run_.save(stage, model, done=True, epoch=epochs)
+    return model
+
+
+def prune_stage(model, ctx: Context):
+    cfg, run_ = ctx.cfg, ctx.run
+    p = cfg.prune
+    tic = time.perf_counter()
+    model.eval()
+    st = structure(model, ctx.input_shape)
+    groups = model.channel_groups()
+    protect = {len(groups) - 1} if p.protect_last and model.arch["name"].startswith("vgg") else set()
+    criterion = build_criterion(cfg.criterion)
+    sample = make_sample(ctx, criterion) if criterion.needs_data else None
+    scores = criterion.scores(model, p.granularity, sample)
+    threshold = criterion.auto_threshold(scores) if p.ratio is None else None
+    if p.ratio is None and threshold is None:
+        raise UserError("prune.ratio", f"criterion {cfg.criterion.name} has no threshold of its own; set a ratio in (0, 1)")
+    keep = select(scores, st, target=p.target, ratio=p.ratio, scope=p.scope, normalize=p.normalize,
+                  min_channels=p.min_channels, protect=protect, tolerance=p.tolerance, threshold=threshold)
+    pruned = prune_channels(model, keep)
+    report.write_csv(run_.dir / "scores.csv", [
+        {"layer": g.name, "channel": c, "score": float(s[c]), "kept": bool(k[c])}
+        for g, s, k in zip(groups, scores, keep) for c in range(len(s))])
+    report.write_csv(run_.dir / "layers.csv", [
+        {"layer": g.name, "before": len(k), "after": int(k.sum())} for g, k in zip(groups, keep)])
+    top1, loss = ctx.test(pruned)
+    run_.rows.append(ctx.measure("prune", pruned, top1, loss, top1, 0, time.perf_counter() - tic))
+    run_.save("prune", pruned, done=True, extra={"keep": keep})
+    return pruned
+
+
+def make_sample(ctx: Context, criterion) -> Sample:
+    """A fixed, seeded set of training images for data-driven criteria."""
+    data = ctx.data
+    n = min(criterion.sample_size, len(data.train))
+    g = torch.Generator(device=data.train.x.device).manual_seed(seeded(ctx.cfg.seed, "sample"))
+    idx = torch.randperm(len(data.train), generator=g, device=data.train.x.device)[:n]
+    return Sample(normalize(data.train.x[idx], data), data.train.y[idx])

@@ -1,0 +1,393 @@
+"""Sparsity regularizers added to the training loss, and weight/group sparsity statistics.
+
+The training loop does, per step::
+
+    loss = F.cross_entropy(model(x), y) + reg.penalty()   # lambda included; a 0-dim tensor
+    loss.backward(); optimizer.step(); reg.after_step()    # e.g. clamp gammas (polarization)
+
+and logs ``reg.value()`` (the penalty recomputed under ``no_grad``, a float).
+
+Formulas are the ones of shared/methods.md, section "Regularizers". A conv weight is
+``W[o, i, kh, kw]``; a kernel ``W[o, i]``; a filter group ``W[o]``; a feature group
+``W[:, i]``. Linear weights ``W[o, i]`` are treated as convs with 1x1 kernels.
+
+The regularized tensors are chosen once in ``__init__`` (``layers`` option). Layers whose
+weights have the same shape are stacked in ``penalty()`` so that the cost is a handful
+of vectorised ops per distinct shape (ResNet-56: 6 shapes for 55 convs), never a Python
+loop over groups, channels or kernels.
+
+Norms that are not differentiable at 0 (``||w||_2``, ``sqrt``) get gradient 0 there
+(a valid subgradient for the norm; for ``sqrt`` the practical choice), so exactly-zero
+kernels or groups never give NaN gradients. No eps is added to any value.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+ZERO_THRESHOLD = 1e-3  # methods.md "Counting conventions": a weight counts as zero when |w| < 1e-3
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x) for x >= 0, with gradient 0 (instead of inf -> NaN) where x == 0."""
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, 1.0)), 0.0)
+
+
+def _l2(x: torch.Tensor, dim) -> torch.Tensor:
+    """L2 norm over ``dim``; PyTorch's norm backward gives gradient 0 at a zero vector."""
+    return torch.linalg.vector_norm(x, 2, dim=dim)
+
+
+def _as_4d(w: torch.Tensor) -> torch.Tensor:
+    return w if w.dim() == 4 else w.reshape(w.shape[0], w.shape[1], 1, 1)
+
+
+def _stack(params: list[torch.Tensor]) -> torch.Tensor:
+    """(L, O, I, kh, kw) from L weights of one shape (a view when L == 1)."""
+    if len(params) == 1:
+        return _as_4d(params[0]).unsqueeze(0)
+    return torch.stack([_as_4d(p) for p in params])
+
+
+def _number(key: str, value, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"regularizer.{key}", f"expected a number, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"regularizer.{key}", f"expected a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise UserError(f"regularizer.{key}", f"must be finite, got {value!r}")
+    if lo is not None and x < lo:
+        raise UserError(f"regularizer.{key}", f"must be >= {lo}, got {value!r}")
+    if hi is not None and x > hi:
+        raise UserError(f"regularizer.{key}", f"must be <= {hi}, got {value!r}")
+    return x
+
+
+def _choice(key: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UserError(f"regularizer.{key}", f"expected one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- layer selection
+
+WEIGHT_LAYERS = ("all_convs_except_shortcut", "prunable", "all_convs", "all")
+BN_LAYERS = ("all", "prunable")
+
+
+def _groups(model: nn.Module):
+    if not hasattr(model, "channel_groups"):
+        raise UserError("regularizer.layers", "'prunable' needs a model with channel groups")
+    return model.channel_groups()
+
+
+def select_weights(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the regularized conv/linear layers, in model order.
+
+    - ``all_convs_except_shortcut``: every Conv2d except shortcut projections (name contains "shortcut")
+    - ``prunable``: producer convs and consumers (convs, or the VGG linear head) of the channel groups
+    - ``all_convs``: every Conv2d
+    - ``all``: every Conv2d and Linear
+    """
+    if layers == "prunable":
+        wanted = {n for g in _groups(model) for n in (g.conv, *g.consumers)}
+        picked = [(n, m) for n, m in model.named_modules() if n in wanted]
+    elif layers == "all":
+        picked = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    else:
+        picked = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        if layers == "all_convs_except_shortcut":
+            picked = [(n, m) for n, m in picked if "shortcut" not in n]
+    if not picked:
+        raise UserError("regularizer.layers", f"{layers!r} selects no conv/linear layer in this model")
+    return picked
+
+
+def select_bns(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
+    """``all``: every BatchNorm2d; ``prunable``: the BNs of the channel groups."""
+    if layers == "prunable":
+        wanted = {g.bn for g in _groups(model)}
+        picked = [(n, m) for n, m in model.named_modules() if n in wanted]
+    else:
+        picked = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    picked = [(n, m) for n, m in picked if getattr(m, "weight", None) is not None]
+    if not picked:
+        raise UserError("regularizer.layers", f"{layers!r} selects no BatchNorm with affine scale in this model")
+    return picked
+
+
+# --------------------------------------------------------------------------- regularizers
+
+class Regularizer:
+    """Base class, and the ``none`` regularizer: penalty() == 0, no cost."""
+
+    name = "none"
+    DEFAULTS: dict = {}
+
+    def __init__(self, model: nn.Module, **hparams):
+        unknown = sorted(set(hparams) - set(self.DEFAULTS))
+        if unknown:
+            valid = f"valid: {', '.join(sorted(self.DEFAULTS))}" if self.DEFAULTS else "it takes no options"
+            raise UserError(f"regularizer.{unknown[0]}", f"unknown option for regularizer '{self.name}' ({valid})")
+        self.hparams = self.check({**self.DEFAULTS, **hparams})
+        self.layer_names: list[str] = []
+        p = next(model.parameters(), None)
+        self._zero = torch.zeros((), device=p.device if p is not None else None,
+                                 dtype=p.dtype if p is not None else None)
+
+    def check(self, hp: dict) -> dict:
+        """Validate and normalise the hyperparameters (raise UserError)."""
+        return hp
+
+    def penalty(self) -> torch.Tensor:
+        """lambda * R(W), a differentiable 0-dim tensor."""
+        return self._zero
+
+    def after_step(self) -> None:
+        """Called after ``optimizer.step()``."""
+
+    def value(self) -> float:
+        """The current penalty as a float (recomputed under no_grad)."""
+        with torch.no_grad():
+            return float(self.penalty())
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        return f"{type(self).__name__}({opts}; {len(self.layer_names)} layers)"
+
+
+class _WeightRegularizer(Regularizer):
+    """Holds the selected conv/linear weights, bucketed by shape."""
+
+    DEFAULTS = {"lam": 0.0, "layers": "all_convs_except_shortcut"}
+
+    def __init__(self, model: nn.Module, **hparams):
+        super().__init__(model, **hparams)
+        picked = select_weights(model, self.hparams["layers"])
+        self.layer_names = [n for n, _ in picked]
+        buckets: dict[tuple, list[nn.Module]] = {}
+        for _, m in picked:  # modules, not tensors: survives model.to(...) and weight reassignment
+            buckets.setdefault(tuple(_as_4d(m.weight).shape), []).append(m)
+        self._buckets = list(buckets.values())
+        self.lam = self.hparams["lam"]
+
+    def check(self, hp: dict) -> dict:
+        hp["lam"] = _number("lam", hp["lam"], lo=0.0)
+        _choice("layers", hp["layers"], WEIGHT_LAYERS)
+        return hp
+
+    def penalty(self) -> torch.Tensor:
+        total = None
+        for modules in self._buckets:
+            r = self.layer_term(_stack([m.weight for m in modules]))
+            total = r if total is None else total + r
+        return self.lam * total
+
+    def layer_term(self, w: torch.Tensor) -> torch.Tensor:  # w: (L, O, I, kh, kw)
+        raise NotImplementedError
+
+
+class L1(_WeightRegularizer):
+    """lam * sum |W| over the selected weights (default: every conv and linear)."""
+
+    name = "l1"
+    DEFAULTS = {"lam": 1e-5, "layers": "all"}
+
+    def layer_term(self, w):
+        return w.abs().sum()
+
+
+class GroupLasso(_WeightRegularizer):
+    """lam * sum_g ||W_g||_2; filter: g = W[o], feature: g = W[:, i]."""
+
+    name = "group_lasso"
+    DEFAULTS = {"lam": 1e-4, "grouping": "feature", "layers": "all_convs_except_shortcut"}
+
+    def check(self, hp):
+        hp = super().check(hp)
+        _choice("grouping", hp["grouping"], ("filter", "feature"))
+        return hp
+
+    def layer_term(self, w):
+        dims = (2, 3, 4) if self.hparams["grouping"] == "filter" else (1, 3, 4)
+        return _l2(w, dims).sum()
+
+
+class HGSR(_WeightRegularizer):
+    """Hierarchical group sparse regularization (Mitsuno & Kurita 2020), official mix:
+
+    lam * ( mix * R_hier + (1 - mix) * ||W||_1 ),
+    R_hier = sum_g (sum_{k in g} n(w_k))^2        (form: squared, r_SQ)
+           = sum_g sqrt(sum_{k in g} n(w_k))      (form: sqrt, r_SR)
+    n(w) = ||w||_2 (kernel_norm: l2) or sqrt(||w||_1) (kernel_norm: l1half).
+    """
+
+    name = "hgsr"
+    DEFAULTS = {"lam": 1e-3, "mix": 0.5, "grouping": "feature", "form": "squared", "kernel_norm": "l2",
+                "layers": "all_convs_except_shortcut"}
+
+    def check(self, hp):
+        hp = super().check(hp)
+        hp["mix"] = _number("mix", hp["mix"], lo=0.0, hi=1.0)
+        _choice("grouping", hp["grouping"], ("feature", "filter"))
+        _choice("form", hp["form"], ("squared", "sqrt"))
+        _choice("kernel_norm", hp["kernel_norm"], ("l2", "l1half"))
+        return hp
+
+    def layer_term(self, w):
+        hp, mix = self.hparams, self.hparams["mix"]
+        out = None
+        if mix > 0:
+            if hp["kernel_norm"] == "l2":
+                k = _l2(w, (3, 4))  # (L, O, I)
+            else:
+                k = _safe_sqrt(w.abs().sum((3, 4)))
+            s = k.sum(1 if hp["grouping"] == "feature" else 2)  # group sums: (L, I) or (L, O)
+            r = s.square().sum() if hp["form"] == "squared" else _safe_sqrt(s).sum()
+            out = r if mix == 1 else mix * r
+        if mix < 1:
+            l1 = (1 - mix) * w.abs().sum()
+            out = l1 if out is None else out + l1
+        return out
+
+
+class _BNRegularizer(Regularizer):
+    """Holds the selected BN scales; optionally sets them to ``init_gamma`` at construction."""
+
+    DEFAULTS = {"lam": 0.0, "layers": "all", "init_gamma": None}
+
+    def __init__(self, model: nn.Module, **hparams):
+        super().__init__(model, **hparams)
+        picked = select_bns(model, self.hparams["layers"])
+        self.layer_names = [n for n, _ in picked]
+        self._bns = [m for _, m in picked]
+        self.lam = self.hparams["lam"]
+        if self.hparams["init_gamma"] is not None:
+            with torch.no_grad():
+                for m in self._bns:
+                    m.weight.fill_(self.hparams["init_gamma"])
+
+    def check(self, hp):
+        hp["lam"] = _number("lam", hp["lam"], lo=0.0)
+        _choice("layers", hp["layers"], BN_LAYERS)
+        if hp["init_gamma"] is not None:
+            hp["init_gamma"] = _number("init_gamma", hp["init_gamma"])
+        return hp
+
+    def gammas(self) -> torch.Tensor:
+        """All regularized BN scales, concatenated (differentiable)."""
+        if len(self._bns) == 1:
+            return self._bns[0].weight
+        return torch.cat([m.weight for m in self._bns])
+
+
+class BNL1(_BNRegularizer):
+    """Network Slimming: lam * sum_c |gamma_c| over the selected BN layers."""
+
+    name = "bn_l1"
+    DEFAULTS = {"lam": 1e-4, "layers": "all", "init_gamma": 0.5}
+
+    def penalty(self):
+        return self.lam * self.gammas().abs().sum()
+
+
+class Polarization(_BNRegularizer):
+    """Zhuang et al. 2020: lam * (t * ||gamma||_1 - ||gamma - mean(gamma)||_1), gamma clamped to [0, 1]."""
+
+    name = "polarization"
+    DEFAULTS = {"lam": 5e-5, "t": 1.4, "layers": "all", "init_gamma": 0.5}
+
+    def check(self, hp):
+        hp = super().check(hp)
+        hp["t"] = _number("t", hp["t"], lo=0.0)
+        return hp
+
+    def penalty(self):
+        g = self.gammas()
+        return self.lam * (self.hparams["t"] * g.abs().sum() - (g - g.mean()).abs().sum())
+
+    def after_step(self):
+        with torch.no_grad():
+            for m in self._bns:
+                m.weight.clamp_(0.0, 1.0)
+
+
+REGULARIZERS: dict[str, type[Regularizer]] = {
+    "none": Regularizer,
+    "l1": L1,
+    "bn_l1": BNL1,
+    "group_lasso": GroupLasso,
+    "hgsr": HGSR,
+    "polarization": Polarization,
+}
+
+
+def build_regularizer(cfg, model: nn.Module) -> Regularizer:
+    """``cfg``: a mapping (dict or OmegaConf DictConfig) ``{"name": ..., **hparams}``; None means ``none``."""
+    if cfg is None:
+        return Regularizer(model)
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(cfg, Mapping):
+        raise UserError("regularizer", f"expected a mapping with a 'name', got {cfg!r}")
+    cfg = dict(cfg)
+    name = cfg.pop("name", None)
+    if not isinstance(name, str) or name not in REGULARIZERS:
+        raise UserError("regularizer.name", f"unknown regularizer {name!r} (valid: {', '.join(REGULARIZERS)})")
+    return REGULARIZERS[name](model, **cfg)
+
+
+# --------------------------------------------------------------------------- sparsity statistics
+
+def sparsity_stats(model: nn.Module, threshold: float = ZERO_THRESHOLD) -> tuple[dict, list[dict]]:
+    """Weight and group sparsity of every Conv2d and Linear layer (a Linear counts as 1x1 kernels).
+
+    A weight is zero when |w| < threshold (methods.md: 1e-3); a group when its L2 norm is.
+    Per layer: ``layer`` (module name), ``kind`` (conv / linear), counts ``n_weights``,
+    ``n_feature_groups`` (= I, groups W[:, i]), ``n_filter_groups`` (= O, groups W[o]) and the
+    zero fractions in [0, 1] ``weight_sparsity``, ``feature_group_sparsity``, ``filter_group_sparsity``.
+    ``overall``: ``zero_threshold``, the same counts summed and fractions pooled (zero count / total)
+    over all conv + linear layers, and again with a ``conv_`` prefix over the conv layers only.
+    """
+    per_layer, tot = [], {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            w = _as_4d(m.weight.detach())
+            counts = {"weight": (w.numel(), int((w.abs() < threshold).sum())),
+                      "feature_group": (w.shape[1], int((_l2(w, (0, 2, 3)) < threshold).sum())),
+                      "filter_group": (w.shape[0], int((_l2(w, (1, 2, 3)) < threshold).sum()))}
+            kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
+            row = {"layer": name, "kind": kind}
+            for key, (n, nz) in counts.items():
+                row[f"n_{key}s"] = n
+                row[f"{key}_sparsity"] = nz / n
+                for prefix in ("", "conv_") if kind == "conv" else ("",):
+                    a = tot.setdefault((prefix, key), [0, 0])
+                    a[0] += n
+                    a[1] += nz
+            per_layer.append(row)
+    overall: dict = {"zero_threshold": threshold}
+    for (prefix, key), (n, nz) in tot.items():
+        overall[f"{prefix}n_{key}s"] = n
+        overall[f"{prefix}{key}_sparsity"] = nz / n if n else 0.0
+    return overall, per_layer
+
+
+__all__ = ["Regularizer", "REGULARIZERS", "build_regularizer", "sparsity_stats", "select_weights",
+           "select_bns", "ZERO_THRESHOLD"]

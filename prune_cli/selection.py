@@ -1,0 +1,110 @@
+"""Turn per-channel scores into keep masks that meet a target (methods.md "Selection").
+
+The target is a fraction of channels, params or MACs removed. ``layer`` scope
+removes the same share of every layer; ``global`` scope ranks all channels
+together. Either way the share is found by search until the removed amount is
+within ``tolerance`` (relative) of the target, as far as whole channels allow.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .pruning import Structure
+
+NORMALIZERS = {
+    "none": lambda s: s,
+    "max": lambda s: s / s.abs().max().clamp_min(1e-12),
+    "l2": lambda s: s / s.norm().clamp_min(1e-12),
+    "mean": lambda s: s / s.abs().mean().clamp_min(1e-12),
+}
+
+
+class Budget:
+    """Measures how much of the target quantity a set of per-group widths removes."""
+
+    def __init__(self, structure: Structure, widths: list[int], target: str):
+        self.structure, self.widths, self.target = structure, np.asarray(widths), target
+        self.total = self.amount(self.widths)
+
+    def amount(self, widths) -> float:
+        if self.target == "channels":
+            return float(np.sum(widths))
+        params, macs = self.structure.count(widths)
+        return float(params if self.target == "params" else macs)
+
+    def removed(self, widths) -> float:
+        """Fraction of the model's target quantity removed (channels: of all prunable channels)."""
+        return 1.0 - self.amount(widths) / self.total
+
+
+def removable_order(scores: list[torch.Tensor], min_channels: int, protect: set[int], scope: str,
+                    normalize: str) -> list[tuple[int, int, float]]:
+    """(group, channel, rank key) of every channel that may go, lowest key first.
+
+    The ``min_channels`` best channels of each group and every channel of a protected group never appear.
+    """
+    out = []
+    for g, s in enumerate(scores):
+        if g in protect:
+            continue
+        s = NORMALIZERS[normalize](s.detach().double().cpu())
+        order = torch.argsort(s, stable=True)
+        removable = order[: max(0, len(s) - min_channels)]
+        if scope == "layer":  # rank by position within the layer: i-th weakest of a layer = i / width
+            out += [(g, int(c), i / len(s)) for i, c in enumerate(removable)]
+        else:
+            out += [(g, int(c), float(s[c])) for c in removable]
+    out.sort(key=lambda t: t[2])
+    return out
+
+
+def select(scores: list[torch.Tensor], structure: Structure, *, target: str, ratio: float | None,
+           scope: str = "global", normalize: str = "none", min_channels: int = 1, protect: set[int] = frozenset(),
+           tolerance: float = 1e-3, threshold: float | None = None) -> list[torch.Tensor]:
+    """Keep masks (bool, one per group): remove the lowest-ranked channels until ``ratio`` of ``target`` is gone.
+
+    With ``threshold`` (and no ratio) every removable channel scoring below it goes instead.
+    """
+    widths = [len(s) for s in scores]
+    order = removable_order(scores, min_channels, protect, scope, normalize)
+    budget = Budget(structure, widths, target)
+
+    def widths_after(k: int) -> np.ndarray:
+        w = np.array(widths)
+        np.subtract.at(w, [g for g, _, _ in order[:k]], 1)
+        return w
+
+    if threshold is not None and ratio is None:
+        raw = [(g, c) for g, c, _ in removable_order(scores, min_channels, protect, "global", "none")
+               if float(scores[g][c]) < threshold]
+        return masks_from(widths, raw)
+
+    # largest k whose removal does not exceed the target (removed fraction grows with k)
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if budget.removed(widths_after(mid)) <= ratio:
+            lo = mid
+        else:
+            hi = mid - 1
+    chosen = [(g, c) for g, c, _ in order[:lo]]
+    w = widths_after(lo)
+    # whole channels overshoot: fill the remaining gap with the next-ranked channels that still fit
+    if abs(budget.removed(w) - ratio) > tolerance * ratio:
+        for g, c, _ in order[lo:]:
+            w[g] -= 1
+            if budget.removed(w) <= ratio * (1 + tolerance) and w[g] >= min_channels:
+                chosen.append((g, c))
+                if abs(budget.removed(w) - ratio) <= tolerance * ratio:
+                    break
+            else:
+                w[g] += 1
+    return masks_from(widths, chosen)
+
+
+def masks_from(widths: list[int], removed: list[tuple[int, int]]) -> list[torch.Tensor]:
+    keep = [torch.ones(w, dtype=torch.bool) for w in widths]
+    for g, c in removed:
+        keep[g][c] = False
+    return keep

@@ -1,0 +1,116 @@
+"""One training stage: optimizer, per-epoch learning rate, the epoch loop, and a progress bar.
+
+The loop is a plain PyTorch loop: data is already on the device, the regularizer
+adds one term to the loss, and statistics stay on the device until the epoch ends
+(no per-step host sync), so it costs nothing over a hand-written loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import Data, batches
+from .measure import evaluate
+
+
+def make_optimizer(params, st) -> torch.optim.Optimizer:
+    if st.optimizer == "adam":
+        return torch.optim.Adam(params, lr=st.lr, betas=(st.momentum, 0.999), weight_decay=st.weight_decay)
+    return torch.optim.SGD(params, lr=st.lr, momentum=st.momentum, nesterov=st.nesterov,
+                           weight_decay=st.weight_decay)
+
+
+def lr_at(st, epoch: int, epochs: int) -> float:
+    """Learning rate of ``epoch`` (0-based) in a stage of ``epochs`` epochs; a pure function, so resuming needs no state."""
+    if st.lr_schedule == "multistep":
+        return st.lr * st.gamma ** sum(epoch >= round(m * epochs) for m in st.milestones)
+    if st.lr_schedule == "step":
+        return st.lr * st.gamma ** (epoch // max(1, round(st.step_size * epochs)))
+    if st.lr_schedule == "cosine":
+        return 0.5 * st.lr * (1 + math.cos(math.pi * epoch / epochs))
+    return st.lr
+
+
+def epoch_generator(device, seed: int, stage: str, epoch: int) -> torch.Generator:
+    """Data order and augmentation of one epoch depend only on (seed, stage, epoch): resumed runs repeat them."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + sum(map(ord, stage)) * 1009 + epoch)
+    return g
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def show_progress(setting) -> bool:
+    return sys.stderr.isatty() if setting == "auto" else bool(setting)
+
+
+def train_epoch(model, data: Data, batch_size: int, optimizer, regularizer, generator, precision: str,
+                progress: bool, desc: str = "") -> dict:
+    """One pass over the training split; returns mean train loss, train accuracy and the regularizer's value."""
+    model.train()
+    device = data.train.x.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    reg_sum = torch.zeros((), device=device)
+    steps = math.ceil(len(data.train) / batch_size)
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    for x, y in tqdm(batches(data.train, data, batch_size, generator=generator, train=True), total=steps,
+                     desc=desc, disable=not progress, leave=False, file=sys.stderr):
+        with autocast(device, precision):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        reg = regularizer.penalty()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss + reg).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        regularizer.after_step()
+        loss_sum += loss.detach() * len(y)
+        reg_sum += reg.detach()
+        correct += (logits.detach().argmax(1) == y).sum()
+    n = len(data.train)
+    return {"train_loss": loss_sum.item() / n, "train_acc": 100.0 * correct.item() / n, "reg": reg_sum.item() / steps}
+
+
+def fit(model, data: Data, st, *, stage: str, epochs: int, seed: int, trainer, regularizer,
+        start_epoch: int = 0, optimizer_state: dict | None = None, history: list | None = None,
+        on_epoch_end: Callable[[int, torch.optim.Optimizer, list], None] | None = None) -> list[dict]:
+    """Train ``epochs`` epochs (from ``start_epoch`` when resuming); returns the per-epoch history."""
+    device = data.train.x.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, st)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    history = list(history or [])
+    progress = show_progress(trainer.progress)
+    batch_size = st.batch_size
+    for epoch in range(start_epoch, epochs):
+        tic = time.perf_counter()
+        lr = lr_at(st, epoch, epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = train_epoch(model, data, batch_size, optimizer, regularizer,
+                            epoch_generator(device, seed, stage, epoch), trainer.precision, progress,
+                            desc=f"{stage} {epoch + 1}/{epochs}")
+        last = epoch == epochs - 1
+        if last or (epoch + 1) % trainer.eval_every == 0:
+            top1, loss = evaluate(model, batches(data.test, data, trainer.eval_batch_size))
+        else:
+            top1, loss = float("nan"), float("nan")
+        history.append({"stage": stage, "epoch": epoch + 1, "lr": lr, **stats, "test_loss": loss,
+                        "test_acc": top1, "seconds": time.perf_counter() - tic})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, optimizer, history)
+    return history

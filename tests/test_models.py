@@ -1,0 +1,97 @@
+"""Models: reference params/MACs (methods.md), counting from widths, and exact physical pruning."""
+import pytest
+import torch
+
+from prune_cli.measure import count_macs, count_params
+from prune_cli.models import MODEL_NAMES, build_model
+from prune_cli.pruning import mask_channels, prune_channels, structure
+
+# methods.md "Reference values for the CIFAR models" (32x32, 10 classes, option A, single linear head)
+REFERENCE = {  # name, extra arch options -> (params in M, digits), (MACs in M, digits)
+    ("resnet20", ()): ((0.2697, 4), (40.55, 2)),
+    ("resnet32", ()): ((0.4642, 4), (68.86, 2)),
+    ("resnet56", ()): ((0.8530, 4), (125.49, 2)),
+    ("resnet110", ()): ((1.728, 3), (252.89, 2)),
+    ("vgg16", (("head", "li"),)): ((14.99, 2), (313.5, 1)),
+}
+
+
+def cifar_model(name, **extra):
+    return build_model({"name": name, "num_classes": 10, "in_channels": 3, **extra})
+
+
+@pytest.mark.parametrize("key", list(REFERENCE), ids=lambda k: k[0])
+def test_reference_params_and_macs(key):
+    name, extra = key
+    (params, pd), (macs, md) = REFERENCE[key]
+    model = cifar_model(name, **dict(extra))
+    assert round(count_params(model) / 1e6, pd) == params
+    assert round(count_macs(model, (3, 32, 32)) / 1e6, md) == macs
+
+
+def test_exact_reference_counts():
+    assert count_params(cifar_model("resnet56")) == 853_018
+    assert count_macs(cifar_model("resnet56"), (3, 32, 32)) == 125_485_696
+
+
+def calibrated(model, shape, seed=0):
+    """Random weights with realistic BN statistics, so logits are of ordinary size."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        model.train()
+        for _ in range(3):
+            model(torch.randn(16, *shape))
+    return model.eval()
+
+
+MODELS = [(n, 3, 64 if n in ("resnet18", "resnet34") else 32) for n in MODEL_NAMES]
+
+
+@pytest.mark.parametrize("name,channels,size", MODELS)
+def test_masked_equals_pruned_and_counts_match(name, channels, size):
+    shape = (channels, size, size)
+    model = calibrated(build_model({"name": name, "num_classes": 10, "in_channels": channels}), shape)
+    g = torch.Generator().manual_seed(1)
+    keep = [torch.rand(w, generator=g) < 0.6 for w in model.widths]
+    for k in keep:
+        k[torch.randint(len(k), (1,), generator=g)] = True  # never empty
+    x = torch.randn(4, *shape, generator=g)
+    mask_channels(model, keep)
+    pruned = prune_channels(model, keep)
+    with torch.no_grad():
+        diff = (model(x) - pruned(x)).abs().max().item()
+    assert diff <= 1e-4
+    assert pruned.widths == [int(k.sum()) for k in keep]
+    params, macs = structure(model, shape).count(pruned.widths)
+    assert params == count_params(pruned)
+    assert macs == count_macs(pruned, shape)
+
+
+def test_pruned_model_rebuilds_from_widths():
+    model = cifar_model("resnet20")
+    keep = [torch.arange(w) % 2 == 0 for w in model.widths]
+    pruned = prune_channels(model, keep)
+    rebuilt = build_model(pruned.arch)
+    rebuilt.load_state_dict(pruned.state_dict())
+    assert [tuple(p.shape) for p in rebuilt.parameters()] == [tuple(p.shape) for p in pruned.parameters()]
+
+
+def test_shortcut_b_and_width_mult():
+    a = cifar_model("resnet20")
+    b = cifar_model("resnet20", shortcut="B")
+    # option B adds two 1x1 projections (16->32, 32->64) with BN
+    assert count_params(b) - count_params(a) == 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+    wide = cifar_model("vgg11", width_mult=1.25)
+    assert wide.widths[0] == 80
+
+
+def test_channel_groups_cover_block_internals_only():
+    model = cifar_model("resnet56")
+    groups = model.channel_groups()
+    assert len(groups) == 27 and all(g.conv.endswith("conv1") and g.consumers[0].endswith("conv2") for g in groups)
+    vgg = cifar_model("vgg16")
+    assert len(vgg.channel_groups()) == 13 and vgg.channel_groups()[-1].consumers == ("classifier.0",)

@@ -1,0 +1,140 @@
+"""Whole runs through the real config (Hydra's compose API): tables, checkpoints, resume, init_from, budgets."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import fakedata
+from prune_cli import pipeline, train
+from prune_cli.__main__ import CONF_DIR
+from prune_cli.errors import UserError
+from prune_cli.measure import count_params
+
+TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=48", "dataset.image_size=16",
+        "trainer.batch_size=32", "trainer.eval_batch_size=48", "trainer.progress=false"]
+
+
+def config(*overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def fast(*overrides):
+    return config(*TINY, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=1", *overrides)
+
+
+def test_default_run_writes_every_table(tmp_path):
+    rows = pipeline.run(fast(), tmp_path)
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert list(results["stage"]) == ["init", "pretrain", "prune", "finetune"]
+    for col in ["stage", "top1", "best_top1", "loss", "params", "macs", "epochs", "seconds",
+                "model", "dataset", "regularizer", "criterion", "target", "ratio", "seed"]:
+        assert col in results.columns
+    # the prune stage removed half of the params (within one channel's granularity)
+    dense, pruned = results.iloc[1], results.iloc[2]
+    assert abs(1 - pruned["params"] / dense["params"] - 0.5) < 0.01
+    assert results.iloc[-1]["params"] == pruned["params"]
+    assert results.iloc[1]["epochs"] == 2 and results.iloc[-1]["epochs"] == 1
+    trained = results.iloc[1:]
+    assert (trained["best_top1"] >= trained["top1"] - 1e-9).all()
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(zip(metrics["stage"], metrics["epoch"])) == [("pretrain", 1), ("pretrain", 2), ("finetune", 1)]
+    assert metrics.iloc[-1]["test_acc"] == results.iloc[-1]["top1"]
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    assert len(layers) == 9 and (layers["after"] <= layers["before"]).all() and (layers["after"] >= 1).all()
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert len(scores) == layers["before"].sum() and scores["kept"].sum() == layers["after"].sum()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| stage |" in summary and "dense -> pruned" in summary
+    ck = torch.load(tmp_path / "checkpoints" / "finetune.pt", weights_only=True)
+    assert ck["done"] and ck["arch"]["widths"] == list(layers["after"])
+    assert set(ck) >= {"config", "stage", "arch", "state_dict", "optimizer", "epoch", "rows"}
+    assert rows[-1]["params"] == pruned["params"]
+
+
+def test_resume_after_interruption_gives_the_same_table(tmp_path, monkeypatch):
+    cfg = fast("schedule.pretrain.epochs=3", "schedule.finetune.epochs=2")
+    full = pd.read_csv(Path(tmp_path / "a") / "results.csv") if pipeline.run(cfg, tmp_path / "a") else None
+
+    calls = {"n": 0}
+    real_epoch = train.train_epoch
+
+    def dying_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second finetune epoch
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", dying_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, tmp_path / "b")
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    assert not torch.load(tmp_path / "b" / "checkpoints" / "finetune.pt", weights_only=True)["done"]
+    pipeline.run(cfg, tmp_path / "b")
+    resumed = pd.read_csv(tmp_path / "b" / "results.csv")
+    cols = ["stage", "top1", "best_top1", "loss", "params", "macs", "epochs"]
+    pd.testing.assert_frame_equal(full[cols], resumed[cols])
+    metrics = pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert len(metrics) == 5  # no epoch logged twice
+
+
+def test_rerun_skips_finished_stages_and_refuses_other_configs(tmp_path, monkeypatch):
+    pipeline.run(fast(), tmp_path)
+    before = (tmp_path / "results.csv").read_text()
+    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("a finished stage ran again"))
+    pipeline.run(fast(), tmp_path)
+    with pytest.raises(UserError, match="hydra.run.dir.*different config.*prune.ratio"):
+        pipeline.run(fast("prune.ratio=0.3"), tmp_path)
+    assert (tmp_path / "results.csv").read_text().split("\n")[:5] == before.split("\n")[:5]
+
+
+def test_init_from_skips_the_stages_it_covers(tmp_path, monkeypatch):
+    pipeline.run(config(*TINY, "schedule=pretrain", "schedule.pretrain.epochs=1"), tmp_path / "pre")
+    ckpt = tmp_path / "pre" / "checkpoints" / "pretrain.pt"
+    cfg = fast(f"init_from={ckpt}", "prune.ratio=0.3", "prune.target=macs")
+    pipeline.run(cfg, tmp_path / "sweep")
+    results = pd.read_csv(tmp_path / "sweep" / "results.csv")
+    pre = pd.read_csv(tmp_path / "pre" / "results.csv")
+    assert list(results["stage"]) == ["init", "pretrain", "prune", "finetune"]
+    assert results.iloc[1]["top1"] == pre.iloc[1]["top1"]  # pretrain taken over, not rerun
+    assert abs(1 - results.iloc[2]["macs"] / results.iloc[1]["macs"] - 0.3) < 0.01
+
+
+def test_measure_needs_no_data(tmp_path):
+    rows = pipeline.run(config("schedule=measure", "model=resnet56", "dataset=cifar10",
+                               "dataset.root=/nonexistent"), tmp_path)
+    assert len(rows) == 1 and rows[0]["params"] == 853_018 and rows[0]["macs"] == 125_485_696
+
+
+def test_scratch_reinitialises_and_budget_b_scales_epochs(tmp_path):
+    cfg = config(*TINY, "schedule=scratch", "schedule.pretrain.epochs=1", "schedule.scratch.epochs=2",
+               "schedule.scratch.budget=B", "prune.target=macs", "prune.ratio=0.5")
+    pipeline.run(cfg, tmp_path)
+    results = pd.read_csv(tmp_path / "results.csv")
+    scratch = results.iloc[-1]
+    assert scratch["stage"] == "scratch"
+    assert scratch["epochs"] == round(2 * results.iloc[0]["macs"] / scratch["macs"])  # ~4 at half the MACs
+    assert scratch["epochs"] >= 3
+
+
+@pytest.mark.parametrize("override,option", [
+    ("prune.ratio=1.5", "prune.ratio"), ("schedule.pretrain.epochs=-1", "schedule.pretrain.epochs"),
+    ("trainer.device=tpu", "trainer.device"), ("schedule.stages=[pretrain,sleep]", "schedule.stages"),
+    ("dataset.subset=0", "dataset.subset"), ("model.width_mult=0", "model.width_mult"),
+])
+def test_bad_values_fail_before_training(tmp_path, override, option, monkeypatch):
+    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("trained despite a bad option"))
+    with pytest.raises(UserError) as err:
+        pipeline.run(fast(override), tmp_path)
+    assert err.value.option == option
+
+
+def test_real_cifar_format_through_the_pipeline(tmp_path):
+    fakedata.make_cifar10(tmp_path / "data", n_train=100, n_test=80)
+    cfg = config("dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.check_md5=false",
+                 "debug=smoke", "trainer.progress=false", "model=vgg11")
+    rows = pipeline.run(cfg, tmp_path / "run")
+    assert [r["stage"] for r in rows] == ["init", "pretrain", "prune", "finetune"]
+    assert rows[-1]["params"] < rows[0]["params"]
