@@ -84,6 +84,8 @@ def validate(cfg) -> None:
     one_of(p.normalize, ("none", "max", "l2", "mean"), "prune.normalize")
     positive_int(p.min_channels, "prune.min_channels")
     positive(p.tolerance, "prune.tolerance")
+    for pattern, r in (p.layer_ratios or {}).items():
+        check(isinstance(r, (int, float)) and 0 <= r < 1, f"prune.layer_ratios.{pattern}", f"must be in [0, 1); got {r!r}")
 
     stages = list(cfg.schedule.stages)
     for name in stages:

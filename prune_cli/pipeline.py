@@ -23,7 +23,7 @@ from .measure import count_macs, count_params, evaluate
 from .models import build_model
 from .pruning import prune_channels, structure
 from .regularizers import Regularizer, build_regularizer, sparsity_stats
-from .selection import select
+from .selection import matching, select, select_per_layer
 from .train import fit
 
 # options that may change between a run and its resumption without changing its results
@@ -220,15 +220,22 @@ def prune_stage(model, ctx: Context):
     model.eval()
     st = structure(model, ctx.input_shape)
     groups = model.channel_groups()
-    protect = {len(groups) - 1} if p.protect_last and model.arch["name"].startswith("vgg") else set()
+    names = [g.name for g in groups]
+    protect = matching(names, p.skip)
+    if p.protect_last and model.arch["name"].startswith("vgg"):
+        protect.add(len(groups) - 1)
     criterion = build_criterion(cfg.criterion)
     sample = make_sample(ctx, criterion) if criterion.needs_data else None
     scores = criterion.scores(model, p.granularity, sample)
-    threshold = criterion.auto_threshold(scores) if p.ratio is None else None
-    if p.ratio is None and threshold is None:
-        raise UserError("prune.ratio", f"criterion {cfg.criterion.name} has no threshold of its own; set a ratio in (0, 1)")
-    keep = select(scores, st, target=p.target, ratio=p.ratio, scope=p.scope, normalize=p.normalize,
-                  min_channels=p.min_channels, protect=protect, tolerance=p.tolerance, threshold=threshold)
+    if p.layer_ratios:
+        keep = select_per_layer(scores, names, dict(p.layer_ratios), p.min_channels)
+    else:
+        threshold = criterion.auto_threshold(scores) if p.ratio is None else None
+        if p.ratio is None and threshold is None:
+            raise UserError("prune.ratio", f"criterion {cfg.criterion.name} has no threshold of its own; "
+                            "set a ratio in (0, 1) or prune.layer_ratios")
+        keep = select(scores, st, target=p.target, ratio=p.ratio, scope=p.scope, normalize=p.normalize,
+                      min_channels=p.min_channels, protect=protect, tolerance=p.tolerance, threshold=threshold)
     pruned = prune_channels(model, keep)
     report.write_csv(run_.dir / "scores.csv", [
         {"layer": g.name, "channel": c, "score": float(s[c]), "kept": bool(k[c])}

@@ -262,7 +262,11 @@ class HGSR(_WeightRegularizer):
 
 
 class _BNRegularizer(Regularizer):
-    """Holds the selected BN scales; optionally sets them to ``init_gamma`` at construction."""
+    """Holds the selected BN scales; optionally sets them to ``init_gamma`` at construction.
+
+    ``init_gamma`` (default 0.5, as both papers, which sparse-train from scratch) overwrites the
+    regularized gammas of the model it is given: when sparse-training from pretrained weights,
+    set it to null to keep the pretrained scales."""
 
     DEFAULTS = {"lam": 0.0, "layers": "all", "init_gamma": None}
 

@@ -7,6 +7,9 @@ within ``tolerance`` (relative) of the target, as far as whole channels allow.
 """
 from __future__ import annotations
 
+import math
+from fnmatch import fnmatchcase
+
 import numpy as np
 import torch
 
@@ -108,3 +111,23 @@ def masks_from(widths: list[int], removed: list[tuple[int, int]]) -> list[torch.
     for g, c in removed:
         keep[g][c] = False
     return keep
+
+
+def matching(names: list[str], patterns) -> set[int]:
+    """Indices of the group names that match any of the glob ``patterns`` (e.g. ``layers.2.*``, ``conv1?``)."""
+    return {i for i, n in enumerate(names) if any(fnmatchcase(n, p) for p in patterns)}
+
+
+def select_per_layer(scores: list[torch.Tensor], names: list[str], layer_ratios: dict[str, float],
+                     min_channels: int = 1) -> list[torch.Tensor]:
+    """Remove the given share of channels from each layer matching a pattern (first match wins), none elsewhere.
+
+    This states a paper's hand-set configuration exactly, e.g. Li et al.'s VGG-16-A: ``{conv1: 0.5, conv8: 0.5, ...}``.
+    """
+    removed = []
+    for g, (name, s) in enumerate(zip(names, scores)):
+        ratio = next((r for p, r in layer_ratios.items() if fnmatchcase(name, p)), 0.0)
+        # ceil(share x width), as Li et al. count: it reproduces their published params/FLOPs reductions
+        n = min(math.ceil(ratio * len(s) - 1e-9), len(s) - min_channels)
+        removed += [(g, int(c)) for c in torch.argsort(s.detach().double().cpu(), stable=True)[:max(n, 0)]]
+    return masks_from([len(s) for s in scores], removed)

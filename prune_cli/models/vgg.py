@@ -55,4 +55,6 @@ class VGG(Prunable):
     def channel_groups(self) -> list[ChannelGroup]:
         convs = [f"features.{i}" for i in self._convs]
         consumers = convs[1:] + ["classifier.0"]
-        return [ChannelGroup(c, c, f"features.{i + 1}", (nxt,)) for i, c, nxt in zip(self._convs, convs, consumers)]
+        # named conv1..convN as in the papers ("conv1 and conv8-13 pruned 50%")
+        return [ChannelGroup(f"conv{k + 1}", c, f"features.{i + 1}", (nxt,))
+                for k, (i, c, nxt) in enumerate(zip(self._convs, convs, consumers))]

@@ -1,0 +1,64 @@
+"""The installed command as a user runs it: help, one-line errors, sweeps and their aggregation."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+
+TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "dataset.image_size=8",
+        "schedule.pretrain.epochs=1", "schedule.finetune.epochs=1", "trainer.progress=false"]
+
+
+def cli(*args, cwd, env=None):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "prune_cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_help_lists_groups_and_choices(tmp_path):
+    out = cli("--help", cwd=tmp_path).stdout
+    for text in ["model: resnet110, resnet18, resnet20", "vgg16", "dataset: cifar10, cifar100, digits",
+                 "schedule:", "criterion:", "regularizer:", "trainer: default", "debug: smoke"]:
+        assert text in out
+
+
+def test_bad_value_is_one_line_and_nonzero(tmp_path):
+    r = cli(*TINY, "prune.ratio=1.5", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "error: prune.ratio: must be in (0, 1); got 1.5"
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "results.csv").exists()
+
+
+def test_misspelled_key_and_choice_fail_with_hydras_message(tmp_path):
+    r = cli("prune.ratoi=0.5", cwd=tmp_path)
+    assert r.returncode != 0 and "prune.ratoi" in r.stderr and "Traceback" not in r.stderr
+    r = cli("model=resnet57", cwd=tmp_path)
+    assert r.returncode != 0 and "resnet57" in r.stderr and "Available options" in r.stderr
+
+
+def test_missing_data_names_where_it_looked(tmp_path):
+    r = cli("dataset=cifar10", f"dataset.root={tmp_path}/nodata", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: dataset.root:") and str(tmp_path / "nodata") in last
+
+
+def test_sweep_aggregates_and_keeps_jobs_when_one_fails(tmp_path):
+    r = cli("-m", *TINY, "prune.ratio=0.3,1.5,0.6", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert r.returncode == 1  # one job failed
+    sweep = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
+    assert list(sweep["job"].astype(str)) == ["0", "1", "2"]
+    assert list(sweep["status"]) == ["done", "failed", "done"]
+    assert "prune.ratio" in sweep.loc[1, "error"]
+    done = sweep[sweep["status"] == "done"]
+    assert list(done["ratio"]) == [0.3, 0.6]
+    assert (done["params_removed_%"].diff().dropna() > 0).all()  # a larger ratio removes more
+    assert "failed" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+    # the same aggregation as a command, on any directory of runs
+    (tmp_path / "sweep" / "sweep.csv").unlink()
+    r = subprocess.run([sys.executable, "-c", "import sys; from prune_cli.report import main; sys.exit(main())",
+                        str(tmp_path / "sweep")], capture_output=True, text=True)
+    assert r.returncode == 0 and "| job |" in r.stdout
+    assert pd.read_csv(tmp_path / "sweep" / "sweep.csv").equals(sweep)
