@@ -12,7 +12,7 @@ import torch
 from .errors import UserError
 from .models import MODEL_NAMES
 
-STAGES = ("pretrain", "sparse_train", "prune", "finetune", "scratch")
+STAGES = ("pretrain", "sparse_train", "prune", "gates", "finetune", "scratch")
 TRAIN_STAGES = ("pretrain", "sparse_train", "finetune", "scratch")
 
 
@@ -92,9 +92,13 @@ def validate(cfg) -> None:
         one_of(name, STAGES, "schedule.stages")
     check(len(set(stages)) == len(stages), "schedule.stages", f"a stage appears twice: {stages}")
     for name in stages:
-        if name in TRAIN_STAGES:
+        if name in TRAIN_STAGES or name == "gates":
             check(name in cfg.schedule, f"schedule.{name}", "the stage is listed but has no settings block")
+        if name in TRAIN_STAGES:
             validate_stage(cfg.schedule[name], f"schedule.{name}")
+    check(not ({"prune", "gates"} <= set(stages)), "schedule.stages", "gates already prunes; list prune or gates, not both")
+    if "gates" in stages:
+        validate_gates(cfg.schedule.gates, cfg)
     if cfg.init_from is not None:
         check(Path(cfg.init_from).is_file(), "init_from", f"no checkpoint file at {cfg.init_from}")
 
@@ -112,3 +116,24 @@ def validate_stage(st, prefix: str) -> None:
     positive(st.gamma, f"{prefix}.gamma")
     positive_int(st.batch_size, f"{prefix}.batch_size")
     one_of(st.budget, ("E", "B"), f"{prefix}.budget")
+    g = st.graft
+    one_of(g.variant, ("none", "external", "noise", "internal"), f"{prefix}.graft.variant")
+    if g.variant == "external":
+        check(isinstance(g.networks, int) and g.networks >= 2, f"{prefix}.graft.networks",
+              f"external grafting needs at least 2 networks; got {g.networks!r}")
+    one_of(g.lr_schedules, ("stage", "slr", "dlr"), f"{prefix}.graft.lr_schedules")
+    one_of(g.scope, ("all", "conv_bn", "conv"), f"{prefix}.graft.scope")
+    check(0 < g.internal_share <= 0.5, f"{prefix}.graft.internal_share", f"must be in (0, 0.5]; got {g.internal_share!r}")
+
+
+def validate_gates(st, cfg) -> None:
+    positive_int(st.epochs, "schedule.gates.epochs")
+    positive(st.lr, "schedule.gates.lr")
+    positive(st.lam, "schedule.gates.lam")
+    check(0 < st.density < 1, "schedule.gates.density", f"must be in (0, 1); got {st.density!r}")
+    one_of(st.density_key, ("density", "nonzero"), "schedule.gates.density_key")
+    positive_int(st.batch_size, "schedule.gates.batch_size")
+    check(cfg.prune.target == "macs", "prune.target", "the gates stage meets a MACs reduction; set prune.target=macs")
+    check(cfg.prune.ratio is not None, "prune.ratio", "the gates stage needs the MACs reduction to reach, in (0, 1)")
+    check(bool(cfg.dataset.val_split), "dataset.val_split",
+          "the gates stage keeps the best-validation epoch; hold out a validation split (PFS: 5000)")

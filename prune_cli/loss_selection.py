@@ -288,8 +288,8 @@ class _Evaluator:
 
 def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, structure: Structure, target: str,
                        ratio: float, min_channels: int = 1, protect: set[int] = frozenset(), mode: str = "fast",
-                       channels_per_round: int | float = 0.2, prescreen: int | None = 48,
-                       prescreen_factor: float = 3.0, batch_variants: int = 8, cache: bool = True,
+                       channels_per_round: int | float = 0.25, prescreen: int | None = 32,
+                       prescreen_factor: float = 2.0, batch_variants: int = 4, cache: bool = True,
                        progress: bool = False) -> tuple[list[torch.Tensor], dict]:
     """HGSR's loss-based global greedy selection. Returns (keep masks, one bool CPU tensor per group; stats).
 

@@ -7,6 +7,8 @@ one from its last epoch.
 """
 from __future__ import annotations
 
+import copy
+import sys
 import time
 from pathlib import Path
 
@@ -19,12 +21,13 @@ from .config import TRAIN_STAGES, resolve_device, validate
 from .criteria import Sample, build_criterion
 from .data import batches, describe, load_data, normalize
 from .errors import UserError
+from .gates import Gates, select_top_gates, train_gates
 from .measure import count_macs, count_params, evaluate
 from .models import build_model
 from .pruning import prune_channels, structure
-from .regularizers import Regularizer, build_regularizer, sparsity_stats
+from .regularizers import build_regularizer, sparsity_stats
 from .selection import matching, select, select_per_layer
-from .train import fit
+from .train import epoch_generator, fit
 
 # options that may change between a run and its resumption without changing its results
 RESUMABLE_DIFFERENCES = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.eval_batch_size")
@@ -54,10 +57,13 @@ class Run:
                                 f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command to resume it")
             return
 
-    def save(self, stage: str, model, *, done: bool, epoch: int = 0, optimizer=None, extra: dict | None = None) -> None:
+    def save(self, stage: str, models: list, *, done: bool, epoch: int = 0, optimizers=(), extra: dict | None = None):
+        """``state_dict`` is the model that continues; ``states`` / ``optimizers`` hold every network of the stage."""
         save_torch(self.ckpt_dir / f"{stage}.pt", {
-            "config": self.config, "stage": stage, "done": done, "arch": model.arch,
-            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None,
+            "config": self.config, "stage": stage, "done": done, "arch": models[0].arch,
+            "state_dict": models[0].state_dict(), "states": [m.state_dict() for m in models],
+            "optimizer": optimizers[0].state_dict() if optimizers else None,
+            "optimizers": [o.state_dict() for o in optimizers],
             "epoch": epoch, "rows": self.rows, "histories": self.histories, **(extra or {})})
 
     def write_tables(self) -> None:
@@ -101,6 +107,11 @@ class Context:
         return {"stage": stage, "top1": top1, "best_top1": best_top1, "loss": loss,
                 "params": count_params(model), "macs": count_macs(model, self.input_shape),
                 "epochs": epochs, "seconds": round(seconds, 2)}
+
+    def reference_macs(self) -> int:
+        """MACs of the standard (unexpanded, unpruned) model: what PFS targets and Scratch-B budgets refer to."""
+        arch = {**model_arch(self.cfg, self), "width_mult": 1.0}
+        return count_macs(build_model(arch), self.input_shape)
 
     def test(self, model) -> tuple[float, float]:
         return evaluate(model, batches(self.data.test, self.data, self.cfg.trainer.eval_batch_size))
@@ -152,6 +163,8 @@ def run(cfg, run_dir: Path) -> list[dict]:
             continue
         if stage == "prune":
             model = prune_stage(model, ctx)
+        elif stage == "gates":
+            model = gates_stage(model, ctx)
         else:
             model = train_stage(stage, model, ctx, ck)
         run_.write_tables()
@@ -176,41 +189,95 @@ def train_stage(stage: str, model, ctx: Context, ck: dict | None):
         torch.manual_seed(seeded(cfg.seed, "scratch"))
         model = build_model(model.arch).to(ctx.device)
         if st.budget == "B":  # same compute as the dense model: scale epochs by MACs_dense / MACs_pruned
-            epochs = round(epochs * run_.rows[0]["macs"] / count_macs(model, ctx.input_shape))
+            epochs = round(epochs * ctx.reference_macs() / count_macs(model, ctx.input_shape))
     if cfg.trainer.max_epochs is not None:
         epochs = min(epochs, cfg.trainer.max_epochs)
+    for p in model.parameters():  # a model coming from the gates stage was frozen
+        p.requires_grad_(True)
+    models = [model] + grafting_partners(stage, model, st, cfg.seed)
     if ck is not None:
-        model = build_model(ck["arch"]).to(ctx.device)
+        models = [build_model(ck["arch"]).to(ctx.device) for _ in models]
     # built before a resumed state is loaded: a regularizer may initialise weights (e.g. BN gamma = 0.5)
-    regularizer = build_regularizer(cfg.regularizer, model) if stage == "sparse_train" else Regularizer(model)
-    start, optimizer_state, history = 0, None, []
+    regularizer = build_regularizer(cfg.regularizer, models[0]) if stage == "sparse_train" else None
+    start, optimizer_states, history = 0, None, []
     if ck is not None:  # an interrupted stage: continue after its last finished epoch
-        model.load_state_dict(ck["state_dict"])
-        start, optimizer_state, history = ck["epoch"], ck["optimizer"], ck["histories"].get(stage, [])
+        for m, state in zip(models, ck["states"]):
+            m.load_state_dict(state)
+        start, optimizer_states, history = ck["epoch"], ck["optimizers"], ck["histories"].get(stage, [])
         run_.rows, run_.histories = list(ck["rows"]), dict(ck["histories"])
 
-    def checkpoint(epoch, optimizer, hist):
+    def checkpoint(epoch, optimizers, hist):
         run_.histories[stage] = hist
-        run_.save(stage, model, done=False, epoch=epoch, optimizer=optimizer)
+        run_.save(stage, models, done=False, epoch=epoch, optimizers=optimizers)
         run_.write_tables()
 
-    tic = time.perf_counter()
-    data = ctx.data
-    history = fit(model, data, st, stage=stage, epochs=epochs, seed=cfg.seed, trainer=cfg.trainer,
-                  regularizer=regularizer, start_epoch=start, optimizer_state=optimizer_state, history=history,
+    history = fit(models, ctx.data, st, stage=stage, epochs=epochs, seed=cfg.seed, trainer=cfg.trainer,
+                  regularizer=regularizer, start_epoch=start, optimizer_states=optimizer_states, history=history,
                   on_epoch_end=checkpoint)
     run_.histories[stage] = history
-    top1, loss = ctx.test(model) if not history else (history[-1]["test_acc"], history[-1]["test_loss"])
-    best = max((h["test_acc"] for h in history if h["test_acc"] == h["test_acc"]), default=top1)
-    seconds = sum(h["seconds"] for h in history)
-    row = ctx.measure(stage, model, top1, loss, best, epochs, seconds)
+    row = finished_row(stage, models, history, epochs, ctx)
+    model = models[row.get("continued", 0)]
     if stage == "sparse_train":
         overall, per_layer = sparsity_stats(model)
         row.update(overall)
         report.write_csv(run_.dir / "sparsity.csv", per_layer)
     run_.rows.append(row)
-    run_.save(stage, model, done=True, epoch=epochs)
+    run_.save(stage, [model], done=True, epoch=epochs)
     return model
+
+
+def grafting_partners(stage: str, model, st, seed: int) -> list:
+    """The other networks of external grafting: fresh initialisations, or copies when finetuning."""
+    if st.graft.variant != "external":
+        return []
+    partners = []
+    for k in range(1, st.graft.networks):
+        torch.manual_seed(seeded(seed + k, stage))
+        partner = copy.deepcopy(model) if stage == "finetune" else build_model(model.arch)
+        partners.append(partner.to(next(model.parameters()).device))
+    return partners
+
+
+def finished_row(stage: str, models: list, history: list[dict], epochs: int, ctx: Context) -> dict:
+    """The stage's results row; with several grafted networks, every one's accuracy and the best one continues."""
+    seconds = sum(h["seconds"] for h in history)
+    per_net = [[h for h in history if h.get("net", 0) == k] for k in range(len(models))]
+    finals = [(h[-1]["test_acc"], h[-1]["test_loss"]) if h else ctx.test(m) for h, m in zip(per_net, models)]
+    best_net = max(range(len(models)), key=lambda k: (finals[k][0], -k))
+    top1, loss = finals[best_net]
+    best = max((h["test_acc"] for h in per_net[best_net] if h["test_acc"] == h["test_acc"]), default=top1)
+    row = ctx.measure(stage, models[best_net], top1, loss, best, epochs, seconds)
+    if len(models) > 1:
+        row.update({f"top1_net{k}": finals[k][0] for k in range(len(models))}, continued=best_net)
+    return row
+
+
+def gates_stage(model, ctx: Context):
+    """Pruning from Scratch: gates trained on the frozen random init, then the top gates to the MACs target."""
+    cfg, run_ = ctx.cfg, ctx.run
+    st, data = cfg.schedule.gates, ctx.data
+    tic = time.perf_counter()
+    gates = Gates(model)
+
+    def train_batches(epoch):
+        return batches(data.train, data, st.batch_size, train=True,
+                       generator=epoch_generator(ctx.device, cfg.seed, "gates", epoch))
+
+    def val_accuracy(m):
+        return evaluate(m, batches(data.val, data, cfg.trainer.eval_batch_size))[0]
+
+    result = train_gates(model, gates, train_batches, val_accuracy, epochs=st.epochs, lr=st.lr, lam=st.lam,
+                         target_density=st.density, device=ctx.device, density_key=st.density_key)
+    values = gates.values()
+    gates.remove()
+    keep, info = select_top_gates(values, structure(model, ctx.input_shape), ctx.reference_macs(),
+                                  cfg.prune.ratio, min_channels=cfg.prune.min_channels)
+    run_.histories["gates"] = [{"stage": "gates", **h} for h in result["history"]]
+    if not info.get("met", True) or not result["qualified"]:
+        print(f"note: gates stage: {result.get('note', '')} selection {info.get('how')}, "
+              f"MACs reduction {info['reduction']:.4f} for a target of {cfg.prune.ratio}", file=sys.stderr)
+    return finish_pruning(model, keep, values, ctx, "gates", time.perf_counter() - tic,
+                          extra={"chosen_epoch": result["epoch"] + 1, "gates_qualified": result["qualified"]})
 
 
 def prune_stage(model, ctx: Context):
@@ -236,6 +303,13 @@ def prune_stage(model, ctx: Context):
                             "set a ratio in (0, 1) or prune.layer_ratios")
         keep = select(scores, st, target=p.target, ratio=p.ratio, scope=p.scope, normalize=p.normalize,
                       min_channels=p.min_channels, protect=protect, tolerance=p.tolerance, threshold=threshold)
+    return finish_pruning(model, keep, scores, ctx, "prune", time.perf_counter() - tic)
+
+
+def finish_pruning(model, keep, scores, ctx: Context, stage: str, seconds: float, extra: dict | None = None):
+    """Remove the channels physically, write scores.csv / layers.csv, test, and checkpoint the stage."""
+    run_ = ctx.run
+    groups = model.channel_groups()
     pruned = prune_channels(model, keep)
     report.write_csv(run_.dir / "scores.csv", [
         {"layer": g.name, "channel": c, "score": float(s[c]), "kept": bool(k[c])}
@@ -243,8 +317,8 @@ def prune_stage(model, ctx: Context):
     report.write_csv(run_.dir / "layers.csv", [
         {"layer": g.name, "before": len(k), "after": int(k.sum())} for g, k in zip(groups, keep)])
     top1, loss = ctx.test(pruned)
-    run_.rows.append(ctx.measure("prune", pruned, top1, loss, top1, 0, time.perf_counter() - tic))
-    run_.save("prune", pruned, done=True, extra={"keep": keep})
+    run_.rows.append({**ctx.measure(stage, pruned, top1, loss, top1, 0, seconds), **(extra or {})})
+    run_.save(stage, [pruned], done=True, extra={"keep": keep})
     return pruned
 
 

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import Data, batches
+from .grafting import graft_internal, graft_noise, graft_ring, lr_schedules
 from .measure import evaluate
+from .regularizers import Regularizer
 
 
 def make_optimizer(params, st) -> torch.optim.Optimizer:
@@ -84,33 +86,68 @@ def train_epoch(model, data: Data, batch_size: int, optimizer, regularizer, gene
     return {"train_loss": loss_sum.item() / n, "train_acc": 100.0 * correct.item() / n, "reg": reg_sum.item() / steps}
 
 
-def fit(model, data: Data, st, *, stage: str, epochs: int, seed: int, trainer, regularizer,
-        start_epoch: int = 0, optimizer_state: dict | None = None, history: list | None = None,
-        on_epoch_end: Callable[[int, torch.optim.Optimizer, list], None] | None = None) -> list[dict]:
-    """Train ``epochs`` epochs (from ``start_epoch`` when resuming); returns the per-epoch history."""
+def lr_functions(st, n_models: int, epochs: int) -> list[Callable[[int], float]]:
+    """One epoch -> lr function per network: the stage's schedule, or grafting's slr / dlr schedules."""
+    if n_models > 1 and st.graft.lr_schedules != "stage":
+        return lr_schedules(n_models, st.graft.lr_schedules, st.lr, epochs, gamma=st.gamma)
+    return [lambda e: lr_at(st, e, epochs)] * n_models
+
+
+def graft(models: list, g, epoch: int, generator: torch.Generator) -> None:
+    """Filter grafting after an epoch (Meng et al. 2020): the ring between networks, or a single-network variant."""
+    if g.variant == "external":
+        graft_ring(models, A=g.A, c=g.c, scope=g.scope)
+    elif g.variant == "noise":
+        graft_noise(models[0], epoch, sigma0=g.noise_sigma0, decay=g.noise_decay, threshold=g.noise_threshold,
+                    generator=generator)
+    elif g.variant == "internal":
+        graft_internal(models[0], share=g.internal_share, A=g.A, c=g.c)
+
+
+def fit(models: list, data: Data, st, *, stage: str, epochs: int, seed: int, trainer, regularizer=None,
+        start_epoch: int = 0, optimizer_states: list | None = None, history: list | None = None,
+        on_epoch_end: Callable[[int, list, list], None] | None = None) -> list[dict]:
+    """Train ``epochs`` epochs (from ``start_epoch`` when resuming); returns the per-epoch history.
+
+    Usually ``models`` holds one network. With external grafting it holds N, trained side by side with
+    their own data order (seed offset per network) and grafted after every epoch; history rows carry ``net``.
+    """
     device = data.train.x.device
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, st)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    regularizers = [regularizer or Regularizer(models[0])] + [Regularizer(m) for m in models[1:]]
+    optimizers = [make_optimizer([p for p in m.parameters() if p.requires_grad], st) for m in models]
+    for opt, state in zip(optimizers, optimizer_states or []):
+        if state is not None:
+            opt.load_state_dict(state)
+    lrs = lr_functions(st, len(models), epochs)
     history = list(history or [])
     progress = show_progress(trainer.progress)
-    batch_size = st.batch_size
     for epoch in range(start_epoch, epochs):
-        tic = time.perf_counter()
-        lr = lr_at(st, epoch, epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stats = train_epoch(model, data, batch_size, optimizer, regularizer,
-                            epoch_generator(device, seed, stage, epoch), trainer.precision, progress,
-                            desc=f"{stage} {epoch + 1}/{epochs}")
+        rows = []
+        for k, (model, optimizer, reg) in enumerate(zip(models, optimizers, regularizers)):
+            tic = time.perf_counter()
+            lr = lrs[k](epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            net = f" net {k}" if len(models) > 1 else ""
+            stats = train_epoch(model, data, st.batch_size, optimizer, reg,
+                                epoch_generator(device, seed + 100_003 * k, stage, epoch), trainer.precision,
+                                progress, desc=f"{stage}{net} {epoch + 1}/{epochs}")
+            rows.append({"stage": stage, "epoch": epoch + 1, **({"net": k} if len(models) > 1 else {}),
+                         "lr": lr, **stats, "seconds": time.perf_counter() - tic})
+        if st.graft.variant != "none":
+            tic = time.perf_counter()
+            graft(models, st.graft, epoch, epoch_generator("cpu", seed, "graft", epoch))
+            rows[-1]["seconds"] += time.perf_counter() - tic
         last = epoch == epochs - 1
-        if last or (epoch + 1) % trainer.eval_every == 0:
-            top1, loss = evaluate(model, batches(data.test, data, trainer.eval_batch_size))
-        else:
-            top1, loss = float("nan"), float("nan")
-        history.append({"stage": stage, "epoch": epoch + 1, "lr": lr, **stats, "test_loss": loss,
-                        "test_acc": top1, "seconds": time.perf_counter() - tic})
+        for model, row in zip(models, rows):
+            tic = time.perf_counter()
+            if last or (epoch + 1) % trainer.eval_every == 0:
+                top1, loss = evaluate(model, batches(data.test, data, trainer.eval_batch_size))
+            else:
+                top1, loss = float("nan"), float("nan")
+            row.update(test_loss=loss, test_acc=top1)
+            row["seconds"] += time.perf_counter() - tic
+        history += rows
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, optimizer, history)
+            on_epoch_end(epoch + 1, optimizers, history)
     return history

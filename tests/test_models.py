@@ -95,3 +95,9 @@ def test_channel_groups_cover_block_internals_only():
     assert len(groups) == 27 and all(g.conv.endswith("conv1") and g.consumers[0].endswith("conv2") for g in groups)
     vgg = cifar_model("vgg16")
     assert len(vgg.channel_groups()) == 13 and vgg.channel_groups()[-1].consumers == ("classifier.0",)
+
+
+def test_vgg_runs_on_small_inputs():
+    for size in (8, 28):  # digits, Fashion-MNIST
+        model = build_model({"name": "vgg16", "num_classes": 10, "in_channels": 1}).eval()
+        assert model(torch.randn(2, 1, size, size)).shape == (2, 10)

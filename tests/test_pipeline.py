@@ -138,3 +138,28 @@ def test_real_cifar_format_through_the_pipeline(tmp_path):
     rows = pipeline.run(cfg, tmp_path / "run")
     assert [r["stage"] for r in rows] == ["init", "pretrain", "prune", "finetune"]
     assert rows[-1]["params"] < rows[0]["params"]
+
+
+def test_gates_stage_prunes_to_the_macs_target_against_the_standard_model(tmp_path):
+    cfg = config(*TINY, "schedule=pfs", "schedule.gates.epochs=2", "schedule.scratch.epochs=1",
+                 "dataset.val_split=16", "model=vgg11", "model.width_mult=1.25", "prune.target=macs", "prune.ratio=0.5")
+    rows = pipeline.run(cfg, tmp_path)
+    assert [r["stage"] for r in rows] == ["init", "gates", "scratch"]
+    standard = config(*TINY, "schedule=measure", "model=vgg11")
+    reference = pipeline.run(standard, tmp_path / "ref")[0]["macs"]
+    assert abs(1 - rows[1]["macs"] / reference - 0.5) <= 1e-3 * 0.5  # measured against the unexpanded model
+    assert rows[-1]["macs"] == rows[1]["macs"]
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    gates = metrics[metrics["stage"] == "gates"]
+    assert len(gates) == 2 and gates["density"].between(0, 1).all() and gates["val_acc"].notna().all()
+
+
+def test_grafting_trains_two_networks_and_reports_both(tmp_path):
+    cfg = config(*TINY, "schedule=pretrain", "schedule.pretrain.epochs=2", "schedule.pretrain.graft.variant=external")
+    rows = pipeline.run(cfg, tmp_path)
+    row = rows[-1]
+    assert {"top1_net0", "top1_net1", "continued"} <= set(row)
+    assert row["top1"] == max(row["top1_net0"], row["top1_net1"])
+    assert row["top1"] == row[f"top1_net{row['continued']}"]
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert sorted(zip(metrics["epoch"], metrics["net"])) == [(1, 0), (1, 1), (2, 0), (2, 1)]

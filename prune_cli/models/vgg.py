@@ -34,7 +34,7 @@ class VGG(Prunable):
         self._convs: list[int] = []  # index in `features` of every conv
         for item in layout:
             if item == M:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))  # ceil: small inputs (8x8, 28x28) still fit
                 continue
             cout = next(it)
             self._convs.append(len(layers))

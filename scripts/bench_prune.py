@@ -1,0 +1,114 @@
+"""Cost of HGSR's loss-based global greedy selection (fast mode) on ResNet-56, against the exact greedy.
+
+ResNet-56 (random init, a few SGD steps on synthetic class-patterned 32x32 images, BN statistics
+recalibrated), 128 synthetic images, ``loss_greedy_select`` in its default fast mode down to 50% of
+params on CPU. Prints seconds, forward passes, image-forward equivalents and the exact greedy's pass
+count (computed, not run), and the reduction. If ``prune_cli.criteria`` exists, also the seconds every
+other criterion needs on the same model. Usage:
+
+    python scripts/bench_prune.py [--threads 1] [--ratio 0.5] [--target params] [--train-steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from prune_cli.loss_selection import loss_greedy_select
+from prune_cli.models import build_model
+from prune_cli.pruning import structure
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "criterion"
+
+
+def synthetic(n: int, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised 3x32x32 images: a fixed smooth random template per class plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.randn(classes, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    y = torch.randint(0, classes, (n,), generator=g)
+    return templates[y] + 0.7 * torch.randn(n, 3, 32, 32, generator=g), y
+
+
+def prepare(name: str, steps: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_model({"name": name, "num_classes": 10, "in_channels": 3})
+    x, y = synthetic(64 * max(steps, 4), seed=seed + 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for i in range(steps):
+        loss = F.cross_entropy(model(x[64 * i: 64 * (i + 1)]), y[64 * i: 64 * (i + 1)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # recalibrate BN running statistics (cumulative average over 256 images)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        for i in range(0, 256, 64):
+            model(x[i: i + 64])
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a shared machine)")
+    ap.add_argument("--target", default="params", choices=["channels", "params", "macs"])
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--train-steps", type=int, default=20, help="SGD steps on synthetic data before selecting")
+    ap.add_argument("--no-criteria", action="store_true", help="skip timing the other criteria")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    t = time.perf_counter()
+    model = prepare(args.model, args.train_steps)
+    x, y = synthetic(args.images, seed=2)
+    print(f"model {args.model}: {sum(model.widths)} channels in {len(model.widths)} groups; "
+          f"prepared in {time.perf_counter() - t:.1f}s; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    st = structure(model, (3, 32, 32))
+    _, stats = loss_greedy_select(model, x, y, structure=st, target=args.target, ratio=args.ratio, progress=True)
+    fast_passes = stats["image_forward_equivalents"] / args.images
+    print(f"\nloss (fast) to {args.ratio:.0%} of {args.target}, {args.images} images:")
+    for key in ("seconds", "rounds", "forward_passes", "backward_passes", "images_forwarded",
+                "image_forward_equivalents", "exact_passes_estimate", "channels_removed", "removed_fraction",
+                "loss_original", "loss_masked"):
+        v = stats[key]
+        print(f"  {key:<26} {v:.4f}" if isinstance(v, float) else f"  {key:<26} {v}")
+    print(f"  {'fast pass equivalents':<26} {fast_passes:.1f}  (image_forward_equivalents / {args.images})")
+    print(f"  {'reduction = exact / fast':<26} {stats['exact_passes_estimate'] / fast_passes:.0f}x  "
+          f"(image-forwards; exact = exact_passes_estimate x {args.images} full forwards)")
+    print(f"  {'exact greedy, estimated':<26} {stats['seconds'] * stats['exact_passes_estimate'] / fast_passes / 3600:.0f} h "
+          f"at this run's seconds per image-forward")
+
+    if args.no_criteria:
+        return
+    try:
+        from prune_cli.criteria import CRITERIA, Sample, build_criterion
+    except ImportError:
+        print("\nprune_cli.criteria not available: other criteria not timed")
+        return
+    print(f"\nother criteria on the same model ({args.images} images unless their config asks for more):")
+    for name in sorted(CRITERIA):
+        if name == "loss":
+            continue
+        try:
+            cfg = OmegaConf.load(CONF / f"{name}.yaml") if (CONF / f"{name}.yaml").exists() else {"name": name}
+            crit = build_criterion(cfg)
+            n = max(getattr(crit, "sample_size", 0), args.images)
+            xs, ys = synthetic(n, seed=2)
+            t = time.perf_counter()
+            crit.scores(model, "filter", Sample(xs, ys))
+            print(f"  {name:<12} {time.perf_counter() - t:8.2f} s  ({n} images)" if crit.needs_data else
+                  f"  {name:<12} {time.perf_counter() - t:8.2f} s", flush=True)
+        except Exception as e:  # one broken criterion must not hide the others
+            print(f"  {name:<12} failed: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    main()
