@@ -341,7 +341,7 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
                          f"and protected groups {sorted(protect)}")
     keep = [torch.ones(int(w), dtype=torch.bool) for w in widths]
     stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
-    order: list[int] = []  # groups of the removed channels, in removal order (for the exact-cost estimate)
+    order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
     rounds, exact_estimate, l0 = 0, 0, None
     bar = None
     if progress:
@@ -390,7 +390,7 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
             widths[g] -= 1
             avail[g] -= 1
             stale.pop((g, c), None)
-            order.append(g)
+            order.append((g, c))
         rounds += 1
         if bar is not None:
             bar.n = round(budget.total - budget.amount(widths))
@@ -399,7 +399,7 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
         bar.close()
     if fast:  # the exact greedy removing the same channels one per round would measure every candidate each round
         exact_estimate = _exact_passes(width0, avail_init=np.array(
-            [0 if g in protect else max(0, w - min_channels) for g, w in enumerate(width0)]), order=order)
+            [0 if g in protect else max(0, w - min_channels) for g, w in enumerate(width0)]), order=[g for g, _ in order])
     c = ev.count
     stats = {
         "mode": "fast" if fast else "exact", "rounds": rounds, "forward_passes": c.forward_passes,
@@ -408,6 +408,7 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
         "exact_passes_estimate": exact_estimate, "channels_removed": int((width0 - widths).sum()),
         "removed_fraction": 1.0 - budget.amount(widths) / budget.total, "loss_original": l0 if l0 is not None else ev.trunk(taylor=False, count=False)[0],
         "loss_masked": ev.trunk(taylor=False, count=False)[0],  # reporting only, not counted
+        "removed": order,
     }
     return keep, stats
 

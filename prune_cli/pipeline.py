@@ -266,7 +266,8 @@ def gates_stage(model, ctx: Context):
     def val_accuracy(m):
         return evaluate(m, batches(data.val, data, cfg.trainer.eval_batch_size))[0]
 
-    result = train_gates(model, gates, train_batches, val_accuracy, epochs=st.epochs, lr=st.lr, lam=st.lam,
+    epochs = min(st.epochs, cfg.trainer.max_epochs or st.epochs)
+    result = train_gates(model, gates, train_batches, val_accuracy, epochs=epochs, lr=st.lr, lam=st.lam,
                          target_density=st.density, device=ctx.device, density_key=st.density_key)
     values = gates.values()
     gates.remove()
