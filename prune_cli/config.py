@@ -84,6 +84,10 @@ def validate(cfg) -> None:
     one_of(p.normalize, ("none", "max", "l2", "mean"), "prune.normalize")
     positive_int(p.min_channels, "prune.min_channels")
     positive(p.tolerance, "prune.tolerance")
+    positive_int(p.steps, "prune.steps")
+    positive_int(p.step_epochs, "prune.step_epochs", allow_zero=True)
+    positive(p.step_lr, "prune.step_lr")
+    check(p.steps == 1 or not p.layer_ratios, "prune.steps", "iterative steps need prune.ratio, not prune.layer_ratios")
     for pattern, r in (p.layer_ratios or {}).items():
         check(isinstance(r, (int, float)) and 0 <= r < 1, f"prune.layer_ratios.{pattern}", f"must be in [0, 1); got {r!r}")
 

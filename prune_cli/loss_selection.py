@@ -289,8 +289,8 @@ class _Evaluator:
 def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, structure: Structure, target: str,
                        ratio: float, min_channels: int = 1, protect: set[int] = frozenset(), mode: str = "fast",
                        channels_per_round: int | float = 0.25, prescreen: int | None = 32,
-                       prescreen_factor: float = 2.0, batch_variants: int = 4, cache: bool = True,
-                       progress: bool = False) -> tuple[list[torch.Tensor], dict]:
+                       prescreen_factor: float = 2.0, verify: float | None = 1.0, batch_variants: int = 4,
+                       cache: bool = True, progress: bool = False) -> tuple[list[torch.Tensor], dict]:
     """HGSR's loss-based global greedy selection. Returns (keep masks, one bool CPU tensor per group; stats).
 
     x, y: the fixed sample (normalised images on the model's device; labels). target: channels | params |
@@ -321,7 +321,7 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
     ev = _Evaluator(model, x, y, cache, batch_variants)
     try:
         keep, stats = _select(ev, structure, target, ratio, min_channels, set(protect), fast,
-                              channels_per_round, prescreen, prescreen_factor, progress)
+                              channels_per_round, prescreen, prescreen_factor, verify, progress)
     finally:
         ev.close()
         model.train(was_training)
@@ -330,7 +330,7 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
 
 
 def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fast, per_round, prescreen,
-            prescreen_factor, progress):
+            prescreen_factor, verify, progress):
     ngroups = len(ev.groups)
     widths = np.array([len(k) for k in ev.keep], dtype=np.int64)
     width0 = widths.copy()
@@ -342,21 +342,22 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
     keep = [torch.ones(int(w), dtype=torch.bool) for w in widths]
     stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
     order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
-    rounds, exact_estimate, l0 = 0, 0, None
+    rounds, halvings, exact_estimate, k_cap = 0, 0, 0, math.inf
+    use_taylor = fast and prescreen is not None
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=round(budget.goal), desc=f"loss greedy ({'fast' if fast else 'exact'}, {target})")
+        bar = tqdm(total=budget.goal, unit=target, unit_scale=True,
+                   desc=f"loss greedy ({'fast' if fast else 'exact'}, {target})")
+    lcur, est = ev.trunk(taylor=use_taylor)
+    l0 = lcur  # nothing masked yet: the original network's loss
     while not budget.done(widths):
-        use_taylor = fast and prescreen is not None
-        lcur, est = ev.trunk(taylor=use_taylor)
-        if l0 is None:  # nothing masked yet: the original network's loss
-            l0 = lcur
         ok = budget.acceptable(widths, avail)
         cands = [(g, c) for g in range(ngroups) if ok[g] for c in torch.nonzero(keep[g]).flatten().tolist()]
         if not cands:
             break
         exact_estimate += int(sum(int(keep[g].sum()) for g in range(ngroups) if avail[g] > 0))
+        k = 1
         if fast:
             if isinstance(per_round, float):
                 costs = budget.costs(widths)
@@ -365,8 +366,7 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
                 k = max(1, math.ceil(per_round * todo))
             else:
                 k = int(per_round)
-        else:
-            k = 1
+            k = int(min(k, k_cap))
         measure = cands
         if fast and prescreen is not None:
             p = max(prescreen, math.ceil(prescreen_factor * k))
@@ -384,16 +384,31 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
         taken = _take(delta, lcur, l0, k, widths, avail, budget)
         if not taken:
             break
+        halved = False
+        while True:  # mask the round's channels; the trunk pass measures the result (and serves the next round)
+            for g, c in taken:
+                ev.keep[g][c] = 0.0
+            lnew, est_new = ev.trunk(taylor=use_taylor)
+            pred = lcur + sum(delta[t] for t in taken)
+            slack = verify * sum(abs(delta[t]) for t in taken) + 1e-6 * abs(l0) + 1e-9 if verify is not None else math.inf
+            if not fast or len(taken) == 1 or abs(lnew - pred) <= slack:
+                break
+            # the channels interact more than their single changes predict: keep the first half of the round
+            for g, c in taken:
+                ev.keep[g][c] = 1.0
+            taken, halved = taken[: len(taken) // 2], True
+            halvings += 1
+        k_cap = len(taken) if halved else k_cap * 2
+        lcur, est = lnew, est_new
         for g, c in taken:
             keep[g][c] = False
-            ev.keep[g][c] = 0.0
             widths[g] -= 1
             avail[g] -= 1
             stale.pop((g, c), None)
             order.append((g, c))
         rounds += 1
         if bar is not None:
-            bar.n = round(budget.total - budget.amount(widths))
+            bar.n = budget.total - budget.amount(widths)
             bar.refresh()
     if bar is not None:
         bar.close()
@@ -406,9 +421,8 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
         "backward_passes": c.backward_passes, "images_forwarded": c.forward_passes * ev.n,
         "image_forward_equivalents": c.ife, "pass_equivalents": c.ife / ev.n,
         "exact_passes_estimate": exact_estimate, "channels_removed": int((width0 - widths).sum()),
-        "removed_fraction": 1.0 - budget.amount(widths) / budget.total, "loss_original": l0 if l0 is not None else ev.trunk(taylor=False, count=False)[0],
-        "loss_masked": ev.trunk(taylor=False, count=False)[0],  # reporting only, not counted
-        "removed": order,
+        "removed_fraction": 1.0 - budget.amount(widths) / budget.total,
+        "loss_original": l0, "loss_masked": lcur, "halvings": halvings, "removed": order,
     }
     return keep, stats
 

@@ -25,8 +25,8 @@ from .gates import Gates, select_top_gates, train_gates
 from .measure import count_macs, count_params, evaluate
 from .models import build_model
 from .pruning import prune_channels, structure
-from .regularizers import build_regularizer, sparsity_stats
-from .selection import matching, select, select_per_layer
+from .regularizers import ZERO_THRESHOLD, build_regularizer, sparsity_stats
+from .selection import Budget, matching, select, select_per_layer
 from .train import epoch_generator, fit
 
 # options that may change between a run and its resumption without changing its results
@@ -282,9 +282,37 @@ def gates_stage(model, ctx: Context):
 
 
 def prune_stage(model, ctx: Context):
-    cfg, run_ = ctx.cfg, ctx.run
-    p = cfg.prune
+    """Score, select and remove channels; with ``prune.steps`` > 1, in steps with a short finetune between them."""
+    cfg, p = ctx.cfg, ctx.cfg.prune
     tic = time.perf_counter()
+    dense_widths = model.widths
+    dense_amount = Budget(structure(model, ctx.input_shape), dense_widths, p.target).total
+    extra = {}
+    for step in range(1, p.steps + 1):
+        ratio = p.ratio
+        if ratio is not None and p.steps > 1:  # cumulative share of the DENSE amount, as a share of the current one
+            current = Budget(structure(model, ctx.input_shape), model.widths, p.target).total
+            ratio = 1 - dense_amount * (1 - p.ratio * step / p.steps) / current
+        keep, scores, stats = choose_channels(model, ctx, ratio)
+        extra.update(stats)
+        if step < p.steps:
+            model = prune_channels(model, keep)
+            st = step_finetune_settings(cfg)
+            ctx.run.histories[f"prune_step{step}"] = fit(
+                [model], ctx.data, st, stage=f"prune_step{step}", epochs=st.epochs, seed=cfg.seed, trainer=cfg.trainer)
+    return finish_pruning(model, keep, scores, ctx, "prune", time.perf_counter() - tic, extra, dense_widths)
+
+
+def step_finetune_settings(cfg):
+    """Iterative pruning's short finetune: the schedule's finetune (or first training) block, with prune.step_*."""
+    base = next(cfg.schedule[s] for s in ("finetune", "scratch", "pretrain", "sparse_train") if s in cfg.schedule)
+    return OmegaConf.merge(base, {"epochs": cfg.prune.step_epochs, "lr": cfg.prune.step_lr,
+                                  "lr_schedule": "constant", "graft": {"variant": "none"}})
+
+
+def choose_channels(model, ctx: Context, ratio: float | None):
+    """Keep masks, the scores behind them and the selection's statistics for one pruning step."""
+    cfg, p = ctx.cfg, ctx.cfg.prune
     model.eval()
     st = structure(model, ctx.input_shape)
     groups = model.channel_groups()
@@ -296,18 +324,18 @@ def prune_stage(model, ctx: Context):
     sample = make_sample(ctx, criterion) if criterion.needs_data else None
     scores = criterion.scores(model, p.granularity, sample)
     if p.layer_ratios:
-        keep = select_per_layer(scores, names, dict(p.layer_ratios), p.min_channels)
-    else:
-        threshold = criterion.auto_threshold(scores) if p.ratio is None else None
-        if p.ratio is None and threshold is None:
-            raise UserError("prune.ratio", f"criterion {cfg.criterion.name} has no threshold of its own; "
-                            "set a ratio in (0, 1) or prune.layer_ratios")
-        keep = select(scores, st, target=p.target, ratio=p.ratio, scope=p.scope, normalize=p.normalize,
-                      min_channels=p.min_channels, protect=protect, tolerance=p.tolerance, threshold=threshold)
-    return finish_pruning(model, keep, scores, ctx, "prune", time.perf_counter() - tic)
+        return select_per_layer(scores, names, dict(p.layer_ratios), p.min_channels), scores, {}
+    threshold = criterion.auto_threshold(scores) if ratio is None else None
+    if ratio is None and threshold is None:
+        raise UserError("prune.ratio", f"criterion {cfg.criterion.name} has no threshold of its own; "
+                        "set a ratio in (0, 1) or prune.layer_ratios")
+    keep = select(scores, st, target=p.target, ratio=ratio, scope=p.scope, normalize=p.normalize,
+                  min_channels=p.min_channels, protect=protect, tolerance=p.tolerance, threshold=threshold)
+    return keep, scores, {}
 
 
-def finish_pruning(model, keep, scores, ctx: Context, stage: str, seconds: float, extra: dict | None = None):
+def finish_pruning(model, keep, scores, ctx: Context, stage: str, seconds: float, extra: dict | None = None,
+                   dense_widths: list[int] | None = None):
     """Remove the channels physically, write scores.csv / layers.csv, test, and checkpoint the stage."""
     run_ = ctx.run
     groups = model.channel_groups()
@@ -316,11 +344,21 @@ def finish_pruning(model, keep, scores, ctx: Context, stage: str, seconds: float
         {"layer": g.name, "channel": c, "score": float(s[c]), "kept": bool(k[c])}
         for g, s, k in zip(groups, scores, keep) for c in range(len(s))])
     report.write_csv(run_.dir / "layers.csv", [
-        {"layer": g.name, "before": len(k), "after": int(k.sum())} for g, k in zip(groups, keep)])
+        {"layer": g.name, "before": before, "after": int(k.sum()), **zero_groups(model, g)}
+        for g, k, before in zip(groups, keep, dense_widths or [len(k) for k in keep])])
     top1, loss = ctx.test(pruned)
     run_.rows.append({**ctx.measure(stage, pruned, top1, loss, top1, 0, seconds), **(extra or {})})
     run_.save(stage, [pruned], done=True, extra={"keep": keep})
     return pruned
+
+
+def zero_groups(model, group) -> dict:
+    """Share of the group's channels whose filter / feature-wise group (all consumers' W[:, c]) is zero (< 1e-3)."""
+    filters = model.get_submodule(group.conv).weight.detach().flatten(1).norm(dim=1)
+    features = sum(model.get_submodule(c).weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1)
+                   for c in group.consumers).sqrt()
+    return {"zero_filters": float((filters < ZERO_THRESHOLD).float().mean()),
+            "zero_feature_groups": float((features < ZERO_THRESHOLD).float().mean())}
 
 
 def make_sample(ctx: Context, criterion) -> Sample:

@@ -163,3 +163,43 @@ def test_grafting_trains_two_networks_and_reports_both(tmp_path):
     assert row["top1"] == row[f"top1_net{row['continued']}"]
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert sorted(zip(metrics["epoch"], metrics["net"])) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_slimming_threshold_removes_exactly_the_requested_share(tmp_path):
+    cfg = config(*TINY, "schedule=sparse_finetune", "schedule.sparse_train.epochs=1", "schedule.finetune.epochs=1",
+                 "regularizer=bn_l1",
+               "criterion=bn_scale", "criterion.rule=slimming", "prune.target=channels", "prune.ratio=0.3",
+               "prune.scope=global", "model=vgg11")
+    pipeline.run(cfg, tmp_path)
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    # Network Slimming's code prunes int(total * percent) channels
+    assert layers["before"].sum() - layers["after"].sum() == int(0.3 * layers["before"].sum())
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert scores[~scores["kept"]]["score"].max() <= scores[scores["kept"]]["score"].min()  # one global |gamma| cut
+    results = pd.read_csv(tmp_path / "results.csv").set_index("stage")
+    sparse = results.loc["sparse_train"]
+    assert 0 <= sparse["weight_sparsity"] <= 1 and "feature_group_sparsity" in results.columns
+    sparsity = pd.read_csv(tmp_path / "sparsity.csv")
+    assert len(sparsity) == 8 + 1  # every conv and the linear head
+    assert {"zero_filters", "zero_feature_groups"} <= set(layers.columns)
+
+
+def test_zero_groups_counts_zeroed_consumer_kernels():
+    from prune_cli.models import build_model
+    model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3})
+    group = model.channel_groups()[0]
+    with torch.no_grad():
+        model.get_submodule(group.consumers[0]).weight[:, :4] = 0
+    stats = pipeline.zero_groups(model, group)
+    assert stats == {"zero_filters": 0.0, "zero_feature_groups": 4 / 16}
+
+
+def test_iterative_pruning_reaches_the_target_in_steps(tmp_path):
+    cfg = fast("prune.steps=3", "prune.step_epochs=1", "prune.target=macs", "prune.ratio=0.6")
+    rows = pipeline.run(cfg, tmp_path)
+    dense, pruned = rows[1], rows[2]
+    assert abs(1 - pruned["macs"] / dense["macs"] - 0.6) < 0.01  # the cumulative target, of the dense model
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(metrics["stage"]).count("prune_step1") == 1 and list(metrics["stage"]).count("prune_step2") == 1
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    assert list(layers["before"]) == [16] * 3 + [32] * 3 + [64] * 3  # dense widths, not the last step's
