@@ -229,7 +229,7 @@ class _Evaluator:
         ce = F.cross_entropy(logits.float(), self.y.repeat(k), reduction="none")
         return ce.reshape(k, self.n).double().mean(1)
 
-    def trunk(self, taylor: bool, count: bool = True) -> tuple[float, list[torch.Tensor] | None]:
+    def trunk(self, taylor: bool) -> tuple[float, list[torch.Tensor] | None]:
         """Loss of the masked network; caches stage inputs; optional first-order estimate of every channel's
         loss change if it were masked: -sum(a * dL/da) over images and positions (a = masked BN output)."""
         self.cached, x = [], self.x
@@ -251,8 +251,6 @@ class _Evaluator:
                     dims = [d for d in range(a.dim()) if d != 1]
                     est[g] = (-(a.double() * gr.double()).sum(dims)).cpu()
         self.saved = None
-        if not count:
-            return float(loss.detach()), est
         self.count.forward_passes += 1
         self.count.ife += self.n
         if taylor:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from . import report
 from .atomic import save_torch, write_text
-from .config import TRAIN_STAGES, resolve_device, validate
+from .config import resolve_device, validate
 from .criteria import Sample, build_criterion
 from .data import batches, describe, load_data, normalize
 from .errors import UserError
@@ -144,9 +144,11 @@ def run(cfg, run_dir: Path) -> list[dict]:
     model = build_model(model_arch(cfg, ctx)).to(ctx.device)
     start = 0
     if cfg.init_from is not None:
-        ck = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-        model = build_model(ck["arch"]).to(ctx.device)
-        model.load_state_dict(ck["state_dict"])
+        try:
+            ck = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+            model = load_model(ck, ctx.device)
+        except Exception as e:
+            raise UserError("init_from", f"{cfg.init_from} is not a prune_cli checkpoint ({type(e).__name__}: {e})")
         run_.rows, run_.histories = list(ck["rows"]), dict(ck["histories"])
         start = stages.index(ck["stage"]) + 1 if ck["stage"] in stages else 0
     else:
@@ -157,8 +159,7 @@ def run(cfg, run_dir: Path) -> list[dict]:
     for stage in stages[start:]:
         ck = run_.checkpoint(stage)
         if ck is not None and ck["done"]:  # finished earlier: take its model and tables
-            model = build_model(ck["arch"]).to(ctx.device)
-            model.load_state_dict(ck["state_dict"])
+            model = load_model(ck, ctx.device)
             run_.rows, run_.histories = list(ck["rows"]), dict(ck["histories"])
             continue
         if stage == "prune":
@@ -174,6 +175,13 @@ def run(cfg, run_dir: Path) -> list[dict]:
     report.write_status(run_dir, "done")
     print(summary)
     return run_.rows
+
+
+def load_model(ck: dict, device):
+    """Rebuild a checkpoint's model from its arch (widths included) and load its weights."""
+    model = build_model(ck["arch"]).to(device)
+    model.load_state_dict(ck["state_dict"])
+    return model
 
 
 def model_arch(cfg, ctx: Context) -> dict:

@@ -54,12 +54,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+PRUNING_STAGES = ("prune", "gates")
+
+
 def dense_and_final(rows: list[dict]) -> tuple[dict, dict] | None:
-    """The trained dense model (last row before pruning) and the final one; None if nothing was pruned."""
+    """The dense model (the row before pruning) and the final one; None if nothing was pruned."""
     stages = [r["stage"] for r in rows]
-    if "prune" not in stages:
+    i = next((i for i, s in enumerate(stages) if s in PRUNING_STAGES), None)
+    if i is None:
         return None
-    i = stages.index("prune")
     return rows[max(i - 1, 0)], rows[-1]
 
 

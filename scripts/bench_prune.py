@@ -26,9 +26,10 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "criterion"
 
 
 def synthetic(n: int, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised 3x32x32 images: a fixed smooth random template per class plus noise."""
+    """Normalised 3x32x32 images: a smooth random template per class (the same for every seed) plus noise."""
+    templates = F.interpolate(torch.randn(classes, 3, 8, 8, generator=torch.Generator().manual_seed(1234)),
+                              size=32, mode="bilinear")
     g = torch.Generator().manual_seed(seed)
-    templates = F.interpolate(torch.randn(classes, 3, 8, 8, generator=g), size=32, mode="bilinear")
     y = torch.randint(0, classes, (n,), generator=g)
     return templates[y] + 0.7 * torch.randn(n, 3, 32, 32, generator=g), y
 
@@ -37,7 +38,7 @@ def prepare(name: str, steps: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model({"name": name, "num_classes": 10, "in_channels": 3})
     x, y = synthetic(64 * max(steps, 4), seed=seed + 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model.train()
     for i in range(steps):
         loss = F.cross_entropy(model(x[64 * i: 64 * (i + 1)]), y[64 * i: 64 * (i + 1)])

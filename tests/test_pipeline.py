@@ -10,7 +10,6 @@ import fakedata
 from prune_cli import pipeline, train
 from prune_cli.__main__ import CONF_DIR
 from prune_cli.errors import UserError
-from prune_cli.measure import count_params
 
 TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=48", "dataset.image_size=16",
         "trainer.batch_size=32", "trainer.eval_batch_size=48", "trainer.progress=false"]
@@ -203,3 +202,11 @@ def test_iterative_pruning_reaches_the_target_in_steps(tmp_path):
     assert list(metrics["stage"]).count("prune_step1") == 1 and list(metrics["stage"]).count("prune_step2") == 1
     layers = pd.read_csv(tmp_path / "layers.csv")
     assert list(layers["before"]) == [16] * 3 + [32] * 3 + [64] * 3  # dense widths, not the last step's
+
+
+def test_init_from_a_file_that_is_no_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("hello")
+    with pytest.raises(UserError) as err:
+        pipeline.run(fast(f"init_from={bad}"), tmp_path / "run")
+    assert err.value.option == "init_from"
