@@ -20,14 +20,6 @@ from prune_cli.models import ChannelGroup, Prunable, build_model
 CONF = Path(__file__).resolve().parents[1] / "conf" / "criterion"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and avoids OpenMP stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 NAMES = ["l1", "l2", "fpgm", "bn_scale", "group_norm", "apoz", "hrank", "entropy", "taylor", "random"]
 

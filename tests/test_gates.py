@@ -9,14 +9,6 @@ from prune_cli.models import build_model
 from prune_cli.pruning import mask_channels, prune_channels, structure
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machines are small and shared: intra-op threads only add contention for these tiny nets."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def model_of(name, **kw):
     torch.manual_seed(0)

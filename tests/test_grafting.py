@@ -11,13 +11,6 @@ from prune_cli.grafting import (filter_entropy, graft_alpha, graft_internal, gra
 from prune_cli.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def model_of(name, seed, **kw):
     torch.manual_seed(seed)
@@ -174,7 +167,7 @@ def test_noise_only_touches_small_filters():
     assert torch.equal(diff[[0, 2, 3, 5]], torch.zeros(4, 18))
     assert (diff[[1, 4]] != 0).all()
     # sigma_e = 0.5 * 0.5**3 = 0.0625
-    assert 0.03 < float(diff[[1, 4]].std()) < 0.1
+    assert 0.03 < float(diff[[1, 4]].detach().std()) < 0.1
     # late epochs: almost no noise
     graft_noise(model, epoch=40, sigma0=0.5, decay=0.5, threshold=0.1)
     assert float((conv.weight - before).flatten(1)[[0, 2, 3, 5]].abs().max()) == 0.0
