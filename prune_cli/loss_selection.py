@@ -16,17 +16,25 @@ Two modes, the same selection rule:
   candidate is re-run only from the stage holding its group; (3) masked variants of one group run as
   one batch (K variants x N images, the mask a per-variant tensor); (4) a first-order Taylor pre-screen
   (one input-gradient backward in the same trunk pass), united with the changes measured in earlier
-  rounds, picks the candidates that are then measured exactly.
+  rounds, picks the candidates that are then measured exactly; (5) the next trunk pass checks each
+  round: if the measured loss is further from the additive prediction than the summed single changes
+  (the channels interact), the round is halved and re-checked, and later rounds are capped to that
+  size (doubling again while the checks pass).
 
 Cost accounting (``stats``): a "pass" is the N-image sample through (part of) the network, the
-unit of the exact greedy; ``image_forward_equivalents`` weighs every pass by the share of the
-model's MACs it runs, times N images (an input-gradient backward counted as one forward).
+unit of the exact greedy: ``forward_passes`` counts trunk passes and candidate evaluations, and
+``exact_passes_estimate`` the passes the exact greedy needs (the sum over its rounds of the number of
+candidates; for ``fast`` computed, not run, for the same channels removed one per round).
+``image_forward_equivalents`` weighs every pass by the share of the model's MACs it runs, times N
+images (an input-gradient backward counted as one forward); ``pass_equivalents`` = that / N.
+Other keys: rounds, backward_passes, images_forwarded, halvings, channels_removed, removed_fraction,
+loss_original (L0), loss_masked (final), removed ((group, channel) in removal order), seconds.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -204,6 +212,7 @@ class _Evaluator:
         self.variant: tuple[int, torch.Tensor] | None = None  # (group, [K, C] keep masks of the batched variants)
         self.saved: dict[int, torch.Tensor] | None = None  # BN outputs kept for the Taylor pre-screen
         self.cached: list[torch.Tensor] = []
+        self.graph = None  # (loss, saved BN outputs) of the last trunk pass, for the Taylor estimate
         self.count = _Counter()
         self.hooks = [modules[g.bn].register_forward_hook(self._hook(i)) for i, g in enumerate(self.groups)]
 
@@ -229,34 +238,39 @@ class _Evaluator:
         ce = F.cross_entropy(logits.float(), self.y.repeat(k), reduction="none")
         return ce.reshape(k, self.n).double().mean(1)
 
-    def trunk(self, taylor: bool) -> tuple[float, list[torch.Tensor] | None]:
-        """Loss of the masked network; caches stage inputs; optional first-order estimate of every channel's
-        loss change if it were masked: -sum(a * dL/da) over images and positions (a = masked BN output)."""
+    def trunk(self, keep_graph: bool) -> float:
+        """Loss of the masked network on the sample; caches every stage's input. With ``keep_graph`` the
+        autograd graph is kept for :meth:`taylor` (one input-gradient backward)."""
         self.cached, x = [], self.x
-        self.saved = {} if taylor else None
-        with torch.enable_grad() if taylor else torch.no_grad():
-            if taylor:
+        self.saved = {} if keep_graph else None
+        with torch.enable_grad() if keep_graph else torch.no_grad():
+            if keep_graph:
                 x = x.detach().clone().requires_grad_(True)  # every activation gets a grad_fn
             for _, fn in self.stages:
                 self.cached.append(x.detach())
                 x = fn(x)
             loss = self._loss(x, 1)[0]
-            est = None
-            if taylor:
-                order = sorted(self.saved)
-                grads = torch.autograd.grad(loss, [self.saved[g] for g in order])
-                est = [None] * len(self.groups)
-                for g, gr in zip(order, grads):
-                    a = self.saved[g].detach()
-                    dims = [d for d in range(a.dim()) if d != 1]
-                    est[g] = (-(a.double() * gr.double()).sum(dims)).cpu()
+        self.graph = (loss, self.saved) if keep_graph else None
         self.saved = None
         self.count.forward_passes += 1
         self.count.ife += self.n
-        if taylor:
-            self.count.backward_passes += 1
-            self.count.ife += self.n
-        return float(loss.detach()), est
+        return float(loss.detach())
+
+    def taylor(self) -> list[torch.Tensor]:
+        """First-order estimate of every channel's loss change if it were masked, from the last trunk pass:
+        -sum(a * dL/da) over images and positions (a = the masked BN output)."""
+        loss, saved = self.graph
+        self.graph = None
+        order = sorted(saved)
+        grads = torch.autograd.grad(loss, [saved[g] for g in order])
+        est: list[torch.Tensor] = [torch.zeros(0)] * len(self.groups)
+        for g, gr in zip(order, grads):
+            a = saved[g].detach()
+            dims = [d for d in range(a.dim()) if d != 1]
+            est[g] = (-(a.double() * gr.double()).sum(dims)).cpu()
+        self.count.backward_passes += 1
+        self.count.ife += self.n
+        return est
 
     def variants(self, g: int, channels: list[int]) -> torch.Tensor:
         """Loss with each channel of group g masked in addition to the current masks (float64, CPU)."""
@@ -286,8 +300,8 @@ class _Evaluator:
 
 def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, structure: Structure, target: str,
                        ratio: float, min_channels: int = 1, protect: set[int] = frozenset(), mode: str = "fast",
-                       channels_per_round: int | float = 0.25, prescreen: int | None = 32,
-                       prescreen_factor: float = 2.0, verify: float | None = 1.0, batch_variants: int = 4,
+                       channels_per_round: int | float = 0.25, prescreen: int | None = 24,
+                       prescreen_factor: float = 2.0, verify: float | None = 1.0, batch_variants: int = 2,
                        cache: bool = True, progress: bool = False) -> tuple[list[torch.Tensor], dict]:
     """HGSR's loss-based global greedy selection. Returns (keep masks, one bool CPU tensor per group; stats).
 
@@ -299,7 +313,9 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
     Fast-mode knobs: ``channels_per_round`` (float: share of the channels still to remove taken per round;
     int: a fixed number), ``prescreen`` (at least this many candidates measured exactly per round, picked by
     the Taylor estimate and by earlier measurements; None = measure every candidate every round),
-    ``prescreen_factor`` (and at least this many times the channels taken in the round). Both modes:
+    ``prescreen_factor`` (and at least this many times the channels taken in the round), ``verify`` (a
+    round whose measured loss misses the additive prediction by more than ``verify`` x the summed single
+    |delta L| is halved; None = no check). Both modes:
     ``batch_variants`` (masked variants per forward), ``cache`` (resume from cached stage inputs; the
     results are the same, only cheaper).
     """
@@ -322,6 +338,7 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
                               channels_per_round, prescreen, prescreen_factor, verify, progress)
     finally:
         ev.close()
+        ev.graph = ev.cached = None
         model.train(was_training)
     stats["seconds"] = time.perf_counter() - t0
     return keep, stats
@@ -340,14 +357,14 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
     keep = [torch.ones(int(w), dtype=torch.bool) for w in widths]
     stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
     order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
-    rounds, halvings, exact_estimate, k_cap = 0, 0, 0, math.inf
+    rounds, halvings, exact_estimate, k_cap, sizes = 0, 0, 0, math.inf, []
     use_taylor = fast and prescreen is not None
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=budget.goal, unit=target, unit_scale=True,
                    desc=f"loss greedy ({'fast' if fast else 'exact'}, {target})")
-    lcur, est = ev.trunk(taylor=use_taylor)
+    lcur = ev.trunk(keep_graph=use_taylor)
     l0 = lcur  # nothing masked yet: the original network's loss
     while not budget.done(widths):
         ok = budget.acceptable(widths, avail)
@@ -368,8 +385,8 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
         measure = cands
         if fast and prescreen is not None:
             p = max(prescreen, math.ceil(prescreen_factor * k))
-            if p < len(cands):
-                measure = _prescreen(cands, est, stale, lcur, l0, p)
+            if p < len(cands):  # the Taylor estimate from the trunk pass's graph (backward run only now)
+                measure = _prescreen(cands, ev.taylor(), stale, lcur, l0, p)
         by_group: dict[int, list[int]] = {}
         for g, c in measure:
             by_group.setdefault(g, []).append(c)
@@ -382,22 +399,24 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
         taken = _take(delta, lcur, l0, k, widths, avail, budget)
         if not taken:
             break
-        halved = False
+        halved, scale = False, float(np.median(np.abs(list(delta.values()))))
         while True:  # mask the round's channels; the trunk pass measures the result (and serves the next round)
             for g, c in taken:
                 ev.keep[g][c] = 0.0
-            lnew, est_new = ev.trunk(taylor=use_taylor)
+            lnew = ev.trunk(keep_graph=use_taylor)
             pred = lcur + sum(delta[t] for t in taken)
-            slack = verify * sum(abs(delta[t]) for t in taken) + 1e-6 * abs(l0) + 1e-9 if verify is not None else math.inf
-            if not fast or len(taken) == 1 or abs(lnew - pred) <= slack:
-                break
+            # one step = verify x the median |single change| among this round's measured candidates
+            step = verify * scale + 1e-6 * abs(l0) + 1e-9 if verify is not None else math.inf
+            if not fast or len(taken) == 1 or abs(lnew - pred) <= step or abs(lnew - l0) <= abs(lcur - l0) + step:
+                break  # as predicted, or no further from L0 than one step
             # the channels interact more than their single changes predict: keep the first half of the round
             for g, c in taken:
                 ev.keep[g][c] = 1.0
             taken, halved = taken[: len(taken) // 2], True
             halvings += 1
         k_cap = len(taken) if halved else k_cap * 2
-        lcur, est = lnew, est_new
+        lcur = lnew
+        sizes.append(len(taken))
         for g, c in taken:
             keep[g][c] = False
             widths[g] -= 1
@@ -420,7 +439,8 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
         "image_forward_equivalents": c.ife, "pass_equivalents": c.ife / ev.n,
         "exact_passes_estimate": exact_estimate, "channels_removed": int((width0 - widths).sum()),
         "removed_fraction": 1.0 - budget.amount(widths) / budget.total,
-        "loss_original": l0, "loss_masked": lcur, "halvings": halvings, "removed": order,
+        "loss_original": l0, "loss_masked": lcur, "halvings": halvings, "round_sizes": sizes,
+        "removed": order,
     }
     return keep, stats
 

@@ -22,12 +22,13 @@ from .criteria import Sample, build_criterion
 from .data import batches, describe, load_data, normalize
 from .errors import UserError
 from .gates import Gates, select_top_gates, train_gates
+from .loss_selection import loss_greedy_select
 from .measure import count_macs, count_params, evaluate
 from .models import build_model
 from .pruning import prune_channels, structure
 from .regularizers import ZERO_THRESHOLD, build_regularizer, sparsity_stats
 from .selection import Budget, matching, select, select_per_layer
-from .train import epoch_generator, fit
+from .train import epoch_generator, fit, show_progress
 
 # options that may change between a run and its resumption without changing its results
 RESUMABLE_DIFFERENCES = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.eval_batch_size")
@@ -138,7 +139,7 @@ def run(cfg, run_dir: Path) -> list[dict]:
     if "sparse_train" in stages:
         build_regularizer(cfg.regularizer, build_model(model_arch(cfg, ctx)))
     if "prune" in stages:
-        build_criterion(cfg.criterion)
+        check_loss_criterion(cfg.criterion) if cfg.criterion.name == "loss" else build_criterion(cfg.criterion)
 
     torch.manual_seed(seeded(cfg.seed, "init"))
     model = build_model(model_arch(cfg, ctx)).to(ctx.device)
@@ -328,8 +329,10 @@ def choose_channels(model, ctx: Context, ratio: float | None):
     protect = matching(names, p.skip)
     if p.protect_last and model.arch["name"].startswith("vgg"):
         protect.add(len(groups) - 1)
+    if cfg.criterion.name == "loss":
+        return loss_selection(model, ctx, st, ratio, protect)
     criterion = build_criterion(cfg.criterion)
-    sample = make_sample(ctx, criterion) if criterion.needs_data else None
+    sample = make_sample(ctx, criterion.sample_size) if criterion.needs_data else None
     scores = criterion.scores(model, p.granularity, sample)
     if p.layer_ratios:
         return select_per_layer(scores, names, dict(p.layer_ratios), p.min_channels), scores, {}
@@ -360,6 +363,33 @@ def finish_pruning(model, keep, scores, ctx: Context, stage: str, seconds: float
     return pruned
 
 
+LOSS_OPTIONS = ("mode", "channels_per_round", "prescreen", "prescreen_factor", "verify", "batch_variants")
+
+
+def check_loss_criterion(ccfg) -> None:
+    if ccfg.mode not in ("fast", "exact"):
+        raise UserError("criterion.mode", f"must be fast or exact; got {ccfg.mode!r}")
+    if not isinstance(ccfg.num_images, int) or ccfg.num_images < 1:
+        raise UserError("criterion.num_images", f"must be an integer > 0; got {ccfg.num_images!r}")
+
+
+def loss_selection(model, ctx: Context, st, ratio: float | None, protect: set[int]):
+    """HGSR's loss-based global greedy selection; its 'score' in scores.csv is 1 for kept channels, 0 for removed."""
+    cfg, p = ctx.cfg, ctx.cfg.prune
+    if ratio is None or p.layer_ratios:
+        raise UserError("prune.ratio", "the loss criterion selects to a target: set prune.ratio in (0, 1)")
+    sample = make_sample(ctx, cfg.criterion.num_images)
+    options = {k: cfg.criterion[k] for k in LOSS_OPTIONS if k in cfg.criterion}
+    try:
+        keep, stats = loss_greedy_select(model, sample.x, sample.y, structure=st, target=p.target, ratio=ratio,
+                                         min_channels=p.min_channels, protect=protect,
+                                         progress=show_progress(cfg.trainer.progress), **options)
+    except ValueError as e:
+        raise UserError("criterion", str(e)) from None
+    record = {f"selection_{k}": v for k, v in stats.items() if isinstance(v, (int, float, str))}
+    return keep, [k.float() for k in keep], record
+
+
 def zero_groups(model, group) -> dict:
     """Share of the group's channels whose filter / feature-wise group (all consumers' W[:, c]) is zero (< 1e-3)."""
     filters = model.get_submodule(group.conv).weight.detach().flatten(1).norm(dim=1)
@@ -369,10 +399,10 @@ def zero_groups(model, group) -> dict:
             "zero_feature_groups": float((features < ZERO_THRESHOLD).float().mean())}
 
 
-def make_sample(ctx: Context, criterion) -> Sample:
-    """A fixed, seeded set of training images for data-driven criteria."""
+def make_sample(ctx: Context, size: int) -> Sample:
+    """A fixed, seeded set of ``size`` training images (at most all of them) for data-driven criteria."""
     data = ctx.data
-    n = min(criterion.sample_size, len(data.train))
+    n = min(size, len(data.train))
     g = torch.Generator(device=data.train.x.device).manual_seed(seeded(ctx.cfg.seed, "sample"))
     idx = torch.randperm(len(data.train), generator=g, device=data.train.x.device)[:n]
     return Sample(normalize(data.train.x[idx], data), data.train.y[idx])

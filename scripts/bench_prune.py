@@ -7,6 +7,7 @@ count (computed, not run), and the reduction. If ``prune_cli.criteria`` exists, 
 other criterion needs on the same model. Usage:
 
     python scripts/bench_prune.py [--threads 1] [--ratio 0.5] [--target params] [--train-steps 20]
+                                  [--images 128] [--set prescreen=16 verify=null ...] [--no-criteria]
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from omegaconf import OmegaConf
 
 from prune_cli.loss_selection import loss_greedy_select
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--train-steps", type=int, default=20, help="SGD steps on synthetic data before selecting")
     ap.add_argument("--no-criteria", action="store_true", help="skip timing the other criteria")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="loss_greedy_select keyword overrides, e.g. prescreen=16 verify=null mode=exact")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -73,10 +77,13 @@ def main() -> None:
     print(f"model {args.model}: {sum(model.widths)} channels in {len(model.widths)} groups; "
           f"prepared in {time.perf_counter() - t:.1f}s; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     st = structure(model, (3, 32, 32))
-    _, stats = loss_greedy_select(model, x, y, structure=st, target=args.target, ratio=args.ratio, progress=True)
+    knobs = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    _, stats = loss_greedy_select(model, x, y, structure=st, target=args.target, ratio=args.ratio, progress=True,
+                                  **knobs)
     fast_passes = stats["image_forward_equivalents"] / args.images
-    print(f"\nloss (fast) to {args.ratio:.0%} of {args.target}, {args.images} images:")
-    for key in ("seconds", "rounds", "forward_passes", "backward_passes", "images_forwarded",
+    print(f"\nloss ({stats['mode']}{', ' + str(knobs) if knobs else ''}) to {args.ratio:.0%} of {args.target}, "
+          f"{args.images} images:")
+    for key in ("seconds", "rounds", "round_sizes", "halvings", "forward_passes", "backward_passes", "images_forwarded",
                 "image_forward_equivalents", "exact_passes_estimate", "channels_removed", "removed_fraction",
                 "loss_original", "loss_masked"):
         v = stats[key]

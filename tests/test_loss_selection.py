@@ -133,8 +133,8 @@ def test_dead_channel_first_vital_channel_last(small_resnet, data3, mode):
     # the model is left as it was: weights, mode, no hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training and not any(m._forward_hooks for m in model.modules())
-    if mode == "exact":  # one trunk pass per round + one pass per candidate
-        assert stats["forward_passes"] == stats["exact_passes_estimate"] + stats["rounds"]
+    if mode == "exact":  # one pass per candidate + a trunk pass before every round and after the last
+        assert stats["forward_passes"] == stats["exact_passes_estimate"] + stats["rounds"] + 1
         assert stats["rounds"] == stats["channels_removed"]
 
 
@@ -154,8 +154,8 @@ def test_fast_agrees_with_exact_on_resnet20(data3):
     print(f"agreement {agreement:.3f} ({len(a)} exact, {len(b)} fast); image-forwards exact "
           f"{se['image_forward_equivalents']:.0f}, fast {sf['image_forward_equivalents']:.0f}")
     assert agreement >= 0.9
-    assert se["forward_passes"] == se["exact_passes_estimate"] + se["rounds"] or \
-        se["forward_passes"] < se["exact_passes_estimate"] + se["rounds"]  # candidates that would overshoot skipped
+    # exact: every candidate measured, except near the end those that would overshoot the target
+    assert se["exact_passes_estimate"] * 0.98 < se["forward_passes"] - se["rounds"] - 1 <= se["exact_passes_estimate"]
     assert sf["image_forward_equivalents"] * 30 < se["image_forward_equivalents"]
     assert abs(sf["exact_passes_estimate"] / se["exact_passes_estimate"] - 1) < 0.1
     for s in (se, sf):
