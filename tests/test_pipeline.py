@@ -154,7 +154,8 @@ def test_gates_stage_prunes_to_the_macs_target_against_the_standard_model(tmp_pa
 
 
 def test_grafting_trains_two_networks_and_reports_both(tmp_path):
-    cfg = config(*TINY, "schedule=pretrain", "schedule.pretrain.epochs=2", "schedule.pretrain.graft.variant=external")
+    cfg = config("dataset=digits", "dataset.subset=200", "dataset.test_subset=100", "trainer.progress=false",
+                 "schedule=pretrain", "schedule.pretrain.epochs=2", "schedule.pretrain.graft.variant=external")
     rows = pipeline.run(cfg, tmp_path)
     row = rows[-1]
     assert {"top1_net0", "top1_net1", "continued"} <= set(row)
