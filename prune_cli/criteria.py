@@ -451,13 +451,8 @@ class BNScale(Criterion):
 _BATCH = {"batch_size": (128, _opt_int(1))}
 
 
-@register("apoz")
-class APoZ(Criterion):
-    """Average Percentage of Zeros (Hu et al. 2016) of relu(BN output); score = -APoZ.
-
-    Over the first ``num_images`` images of the sample: share of the channel's
-    post-ReLU activations (all images and positions) that are exactly 0.
-    """
+class _ActivationCriterion(Criterion):
+    """Scores from the activations of ``num_images`` training images."""
 
     needs_data = True
     options = {"num_images": (1024, _int(1)), **_BATCH}
@@ -467,6 +462,16 @@ class APoZ(Criterion):
     @property
     def sample_size(self) -> int:
         return self.num_images
+
+
+@register("apoz")
+class APoZ(_ActivationCriterion):
+    """Average Percentage of Zeros (Hu et al. 2016) of relu(BN output); score = -APoZ.
+
+    Over the first ``num_images`` images of the sample: share of the channel's
+    post-ReLU activations (all images and positions) that are exactly 0.
+    """
+
 
     def _scores(self, model, granularity, sample):
         zeros: list[torch.Tensor | None] = [None] * len(model.channel_groups())
@@ -521,7 +526,7 @@ class HRank(Criterion):
 
 
 @register("taylor")
-class Taylor(Criterion):
+class Taylor(_ActivationCriterion):
     """First-order Taylor (Molchanov et al.): |sum over images and positions of a * dL/da|.
 
     a = the group's BN output, L = cross-entropy summed over the images (so the sum does not
@@ -531,14 +536,6 @@ class Taylor(Criterion):
     with ``torch.autograd.grad`` w.r.t. the activations only: no parameter ``.grad`` changes.
     """
 
-    needs_data = True
-    options = {"num_images": (1024, _int(1)), **_BATCH}
-    num_images: int
-    batch_size: int | None
-
-    @property
-    def sample_size(self) -> int:
-        return self.num_images
 
     def _scores(self, model, granularity, sample):
         n_groups = len(model.channel_groups())
