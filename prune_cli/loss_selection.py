@@ -17,9 +17,11 @@ Two modes, the same selection rule:
   one batch (K variants x N images, the mask a per-variant tensor); (4) a first-order Taylor pre-screen
   (one input-gradient backward in the same trunk pass), united with the changes measured in earlier
   rounds, picks the candidates that are then measured exactly; (5) the next trunk pass checks each
-  round: if the measured loss is further from the additive prediction than the summed single changes
-  (the channels interact), the round is halved and re-checked, and later rounds are capped to that
-  size (doubling again while the checks pass).
+  round: "one step" = ``verify`` x the median |single change| of the round's measured candidates; if
+  the measured loss misses the additive prediction by more than a step AND ends further from L0 than
+  before by more than a step (the channels interact: on trained networks the loss change of many
+  channels removed together is far from the sum of their single changes), the round is halved and
+  re-checked, and later rounds are capped to that size (doubling again while the checks pass).
 
 Cost accounting (``stats``): a "pass" is the N-image sample through (part of) the network, the
 unit of the exact greedy: ``forward_passes`` counts trunk passes and candidate evaluations, and
@@ -314,10 +316,10 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
     int: a fixed number), ``prescreen`` (at least this many candidates measured exactly per round, picked by
     the Taylor estimate and by earlier measurements; None = measure every candidate every round),
     ``prescreen_factor`` (and at least this many times the channels taken in the round), ``verify`` (a
-    round whose measured loss misses the additive prediction by more than ``verify`` x the summed single
-    |delta L| is halved; None = no check). Both modes:
-    ``batch_variants`` (masked variants per forward), ``cache`` (resume from cached stage inputs; the
-    results are the same, only cheaper).
+    round is halved when its measured loss misses the additive prediction by more than ``verify`` x the
+    median |delta L| of the measured candidates and moves away from L0 by more than that; None = no
+    check). Both modes: ``batch_variants`` (masked variants per forward; on CPU 1-2 is fastest, larger
+    batches only pay on a GPU), ``cache`` (resume from cached stage inputs: the same results, cheaper).
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -325,6 +327,8 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if min_channels < 1:
+        raise ValueError(f"min_channels must be >= 1 (a layer is never emptied), got {min_channels}")
     if isinstance(channels_per_round, float) and not 0 < channels_per_round <= 1 or \
             not isinstance(channels_per_round, float) and channels_per_round < 1:
         raise ValueError(f"channels_per_round: a share in (0, 1] or a count >= 1, got {channels_per_round}")
@@ -430,8 +434,8 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
     if bar is not None:
         bar.close()
     if fast:  # the exact greedy removing the same channels one per round would measure every candidate each round
-        exact_estimate = _exact_passes(width0, avail_init=np.array(
-            [0 if g in protect else max(0, w - min_channels) for g, w in enumerate(width0)]), order=[g for g, _ in order])
+        avail0 = np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(width0)])
+        exact_estimate = _exact_passes(width0, avail0, [g for g, _ in order])
     c = ev.count
     stats = {
         "mode": "fast" if fast else "exact", "rounds": rounds, "forward_passes": c.forward_passes,

@@ -91,8 +91,8 @@ def main() -> None:
     print(f"  {'fast pass equivalents':<26} {fast_passes:.1f}  (image_forward_equivalents / {args.images})")
     print(f"  {'reduction = exact / fast':<26} {stats['exact_passes_estimate'] / fast_passes:.0f}x  "
           f"(image-forwards; exact = exact_passes_estimate x {args.images} full forwards)")
-    print(f"  {'exact greedy, estimated':<26} {stats['seconds'] * stats['exact_passes_estimate'] / fast_passes / 3600:.0f} h "
-          f"at this run's seconds per image-forward")
+    exact_hours = stats["seconds"] * stats["exact_passes_estimate"] / fast_passes / 3600
+    print(f"  {'exact greedy, estimated':<26} {exact_hours:.0f} h at this run's seconds per image-forward")
 
     if args.no_criteria:
         return

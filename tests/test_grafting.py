@@ -170,7 +170,7 @@ def test_noise_only_touches_small_filters():
     assert 0.03 < float(diff[[1, 4]].detach().std()) < 0.1
     # late epochs: almost no noise
     graft_noise(model, epoch=40, sigma0=0.5, decay=0.5, threshold=0.1)
-    assert float((conv.weight - before).flatten(1)[[0, 2, 3, 5]].abs().max()) == 0.0
+    assert float((conv.weight.detach() - before).flatten(1)[[0, 2, 3, 5]].abs().max()) == 0.0
 
 
 def test_internal_copies_highest_entropy_onto_lowest():

@@ -202,6 +202,16 @@ def test_min_channels_and_protect(small_resnet, data3, mode):
                            min_channels=3, protect=protect, mode=mode)
 
 
+def test_bad_arguments(small_resnet, data3):
+    x, y = data3
+    st = structure(small_resnet, (3, 8, 8))
+    for kw in [dict(target="flops"), dict(ratio=1.0), dict(mode="slow"), dict(min_channels=0),
+               dict(channels_per_round=0.0)]:
+        args = dict(structure=st, target="params", ratio=0.3) | kw
+        with pytest.raises(ValueError):
+            loss_greedy_select(small_resnet, x[:4], y[:4], **args)
+
+
 def test_subset_sum():
     costs, counts = np.array([290.0, 578.0, 1154.0]), np.array([3, 2, 1])
     assert _subset_sum_hits(costs, counts, 868, 868)  # 290 + 578 (the window is inclusive)
