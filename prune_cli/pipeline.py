@@ -374,7 +374,7 @@ def check_loss_criterion(ccfg) -> None:
 
 
 def loss_selection(model, ctx: Context, st, ratio: float | None, protect: set[int]):
-    """HGSR's loss-based global greedy selection; its 'score' in scores.csv is 1 for kept channels, 0 for removed."""
+    """HGSR's loss-based global greedy selection; scores.csv gets each channel's removal rank."""
     cfg, p = ctx.cfg, ctx.cfg.prune
     if ratio is None or p.layer_ratios:
         raise UserError("prune.ratio", "the loss criterion selects to a target: set prune.ratio in (0, 1)")
@@ -387,7 +387,11 @@ def loss_selection(model, ctx: Context, st, ratio: float | None, protect: set[in
     except ValueError as e:
         raise UserError("criterion", str(e)) from None
     record = {f"selection_{k}": v for k, v in stats.items() if isinstance(v, (int, float, str))}
-    return keep, [k.float() for k in keep], record
+    # score = when the greedy removed the channel (0 = first); kept channels score past the last removal
+    scores = [torch.full((len(k),), float(len(stats["removed"]))) for k in keep]
+    for rank, (g, c) in enumerate(stats["removed"]):
+        scores[g][c] = rank
+    return keep, scores, record
 
 
 def zero_groups(model, group) -> dict:

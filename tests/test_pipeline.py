@@ -211,3 +211,16 @@ def test_init_from_a_file_that_is_no_checkpoint(tmp_path):
     with pytest.raises(UserError) as err:
         pipeline.run(fast(f"init_from={bad}"), tmp_path / "run")
     assert err.value.option == "init_from"
+
+
+def test_loss_criterion_in_the_prune_stage(tmp_path):
+    cfg = fast("criterion=loss", "criterion.num_images=16", "prune.target=params", "prune.ratio=0.3",
+               "schedule.finetune.epochs=0")
+    rows = pipeline.run(cfg, tmp_path)
+    prune = rows[2]
+    assert abs(1 - prune["params"] / rows[1]["params"] - 0.3) < 0.005
+    assert prune["selection_forward_passes"] > 0 and prune["selection_exact_passes_estimate"] > 0
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    removed = scores[~scores["kept"]]["score"]
+    assert sorted(removed) == list(range(len(removed)))  # the greedy's removal order
+    assert (scores[scores["kept"]]["score"] == len(removed)).all()
