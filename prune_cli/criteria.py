@@ -22,6 +22,7 @@ Hyperparameters are keyword arguments of the constructor (the keys of
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ def _choice(*choices: str) -> Callable[[str, Any], str]:
 
 # ---------------------------------------------------------------- base class
 
-class Criterion:
+class Criterion(abc.ABC):
     """Scores every channel of every channel group; LOW = pruned first.
 
     Subclasses declare ``options`` = {key: (default, check)}; the constructor
@@ -134,8 +135,9 @@ class Criterion:
         assert len(out) == len(groups)
         return [s.detach().to("cpu", torch.float32) for s in out]
 
+    @abc.abstractmethod
     def _scores(self, model: Prunable, granularity: str | None, sample: Sample | None) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """One score vector per channel group (what ``scores`` validates and returns)."""
 
     def auto_threshold(self, scores: list[torch.Tensor]) -> float | None:
         """A threshold the criterion chooses by itself (channels scoring below it are pruned),
@@ -269,8 +271,9 @@ class _WeightCriterion(Criterion):
         gran = granularity or self.granularity
         return [self._score_vectors(v) for v in _per_group_vectors(model, gran)]
 
-    def _score_vectors(self, v: torch.Tensor) -> torch.Tensor:  # [C, D] -> [C]
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _score_vectors(self, v: torch.Tensor) -> torch.Tensor:
+        """[C, D] per-channel weight vectors -> [C] scores."""
 
 
 @register("l1")

@@ -22,6 +22,7 @@ kernels or groups never give NaN gradients. No eps is added to any value.
 """
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping
 
@@ -166,7 +167,7 @@ class Regularizer:
         return f"{type(self).__name__}({opts}; {len(self.layer_names)} layers)"
 
 
-class _WeightRegularizer(Regularizer):
+class _WeightRegularizer(Regularizer, metaclass=abc.ABCMeta):
     """Holds the selected conv/linear weights, bucketed by shape."""
 
     DEFAULTS = {"lam": 0.0, "layers": "all_convs_except_shortcut"}
@@ -193,8 +194,9 @@ class _WeightRegularizer(Regularizer):
             total = r if total is None else total + r
         return self.lam * total
 
-    def layer_term(self, w: torch.Tensor) -> torch.Tensor:  # w: (L, O, I, kh, kw)
-        raise NotImplementedError
+    @abc.abstractmethod
+    def layer_term(self, w: torch.Tensor) -> torch.Tensor:
+        """R of a stack of same-shape layers, w: (L, O, I, kh, kw) -> 0-dim."""
 
 
 class L1(_WeightRegularizer):
