@@ -48,6 +48,7 @@ from .models import Prunable
 from .models.resnet import ResNet
 from .models.vgg import VGG
 from .pruning import Structure
+from .selection import Budget
 
 TARGETS = ("channels", "params", "macs")
 MODES = ("exact", "fast")
@@ -102,23 +103,16 @@ def _stage_macs(model: nn.Module, stages, x1: torch.Tensor) -> list[float]:
 
 # ------------------------------------------------------------------ the target budget
 
-class _Budget:
-    """How much of the target a set of widths removes, and whether one more channel still fits."""
+class _Budget(Budget):
+    """The selection's Budget, plus the goal in absolute amounts and whether one more channel still fits."""
 
     def __init__(self, structure: Structure, widths: list[int], target: str, ratio: float):
-        self.structure, self.target = structure, target
-        self.total = self.amount(widths)
+        super().__init__(structure, widths, target)
         if target == "channels":
             self.goal, self.tol = float(round(ratio * self.total)), 0.0
         else:
             self.goal = ratio * self.total
             self.tol = TOLERANCE * self.goal
-
-    def amount(self, widths) -> float:
-        if self.target == "channels":
-            return float(np.sum(widths))
-        params, macs = self.structure.count(widths)
-        return float(params if self.target == "params" else macs)
 
     def remaining(self, widths) -> float:
         return self.goal - (self.total - self.amount(widths))

@@ -242,17 +242,23 @@ def test_apoz_known_zeros():
     assert torch.allclose(scores[0], -torch.tensor([1.0, 1 / 3, 1.0, 0.0]))
 
 
-def test_apoz_on_resnet_against_own_hooks():
-    model, smp = resnet20(), sample(7)
-    scores = build_criterion({"name": "apoz", "batch_size": 3}).scores(model, "filter", smp)
+def bn_outputs(model, x) -> dict:
+    """Reference activations: every channel group's BN output on ``x`` (eval mode), by group name."""
     mods, outs = dict(model.named_modules()), {}
     hooks = [mods[g.bn].register_forward_hook(lambda m, i, o, n=g.name: outs.__setitem__(n, o))
              for g in model.channel_groups()]
     model.eval()
     with torch.no_grad():
-        model(smp.x)
+        model(x)
     for h in hooks:
         h.remove()
+    return outs
+
+
+def test_apoz_on_resnet_against_own_hooks():
+    model, smp = resnet20(), sample(7)
+    scores = build_criterion({"name": "apoz", "batch_size": 3}).scores(model, "filter", smp)
+    outs = bn_outputs(model, smp.x)
     for s, g in zip(scores, model.channel_groups()):
         assert torch.allclose(s, -(F.relu(outs[g.name]) == 0).float().mean(dim=(0, 2, 3)), atol=1e-6)
 
@@ -292,16 +298,9 @@ def test_hrank_known_ranks():
 def test_hrank_on_resnet_against_loop():
     model, smp = resnet20(), sample(4)
     scores = build_criterion({"name": "hrank", "batches": 2, "batch_size": 2}).scores(model, sample=smp)
-    mods, outs = dict(model.named_modules()), {}
-    hooks = [mods[g.bn].register_forward_hook(lambda m, i, o, n=g.name: outs.__setitem__(n, F.relu(o)))
-             for g in model.channel_groups()]
-    model.eval()
-    with torch.no_grad():
-        model(smp.x)
-    for h in hooks:
-        h.remove()
+    outs = bn_outputs(model, smp.x)
     for s, g in zip(scores, model.channel_groups()):
-        fm = outs[g.name]
+        fm = F.relu(outs[g.name])
         exp = [np.mean([int(torch.linalg.matrix_rank(fm[b, c])) for b in range(len(fm))]) for c in range(fm.shape[1])]
         assert torch.allclose(s, torch.tensor(exp, dtype=torch.float32))
 
