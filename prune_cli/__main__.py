@@ -1,12 +1,19 @@
 """The command line: ``prune-cli [group=choice ...] [key=value ...]`` (a Hydra app; builds nothing itself).
 
-Bad input ends with one line ``error: <option>: <why>`` and exit code 2
-(HYDRA_FULL_ERROR=1 shows the traceback instead). In a ``-m`` sweep a failing
-job is recorded as failed in its directory and the sweep goes on.
+Every way a run can end leaves its ``status.json`` true and prints one line:
+
+- bad input: ``error: <option>: <why>``, status ``failed``, exit 2;
+- a crash: ``error: <Type>: <message>``, status ``failed``, the traceback in ``traceback.txt``, exit 1;
+- Ctrl-C / SIGTERM: ``interrupted``, status ``interrupted``, exit 130 / 143.
+
+Finished stages' checkpoints and tables stay intact, so the same command resumes. HYDRA_FULL_ERROR=1
+re-raises instead. In a ``-m`` sweep a failing job is recorded in its directory and the sweep goes on.
 """
+
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +29,14 @@ _HERE = Path(__file__).resolve().parent
 CONF_DIR = _HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so the run stops where it is."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg) -> None:
     from . import pipeline, report  # imported here so that --help and --cfg stay fast
@@ -29,20 +44,32 @@ def app(cfg) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         pipeline.run(cfg, run_dir)
     except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error:
             raise
         report.write_status(run_dir, "failed", str(e))
         print(f"error: {e}", file=sys.stderr)
         if not sweeping:
             sys.exit(2)
-    except Exception as e:  # a bug, not bad input: keep the traceback, but let a sweep go on
-        if not sweeping:
+    except (KeyboardInterrupt, Terminated) as e:
+        report.write_status(run_dir, "interrupted", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+        print(f"interrupted: {run_dir} keeps its finished stages; run the same command to resume", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except Exception as e:  # a bug, not bad input: one line here, the traceback beside the run
+        if full_error:
             raise
-        report.write_status(run_dir, "failed", f"{type(e).__name__}: {e}")
-        traceback.print_exc()
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        report.write_status(run_dir, "failed", why)
+        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        print(f"error: {why} (traceback in {run_dir / 'traceback.txt'})", file=sys.stderr)
+        if not sweeping:
+            sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:

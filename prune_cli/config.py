@@ -1,143 +1,136 @@
-"""Checks every value of a composed config before anything runs; a bad one is a UserError naming the option.
+"""Checks a whole composed config against the declarations before anything is read or trained.
 
-Hydra itself rejects unknown keys and choices; this module rejects bad values.
+Each group's block is checked against the options its registered part declares (``model``,
+``dataset``, ``regularizer`` and ``criterion`` by their ``name``; ``trainer`` and ``prune`` have one
+set each), the schedule's stage names against the stage registry and each stage's block against its
+options; then every rule across options (the trainer's, the selection's, each listed stage's).
+A bad value is a UserError naming the full option path.
 """
+
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from . import (
+    builtin,  # noqa: F401  (registers the built-in parts)
+    selection,
+    trainer,
+)
+from .criteria import CRITERIA
+from .data import DATASETS
 from .errors import UserError
-from .models import MODEL_NAMES
+from .models import MODELS
+from .options import Int, List, Option, Str, Value, check_block, markdown_table
+from .regularizers import REGULARIZERS
+from .stages import STAGES
 
-STAGES = ("pretrain", "sparse_train", "prune", "gates", "finetune", "scratch")
-TRAIN_STAGES = ("pretrain", "sparse_train", "finetune", "scratch")
-
-
-def check(ok: bool, option: str, why: str) -> None:
-    if not ok:
-        raise UserError(option, why)
-
-
-def one_of(value, choices, option: str) -> None:
-    check(value in choices, option, f"must be one of {', '.join(map(str, choices))}; got {value!r}")
+RUN_OPTIONS = (
+    Int("seed", 0, "seeds model init, data order, augmentation, subsets and data-driven criteria", lo=0),
+    Str("init_from", None, "a checkpoints/<stage>.pt to start from; the schedule's stages up to it are skipped",
+        nullable=True),
+)
+STAGE_LIST = List("stages", [], "the stages to run, in order", item=Value("str"))
 
 
-def positive_int(value, option: str, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    check(ok, option, f"must be an integer {'>= 0' if allow_zero else '> 0'}; got {value!r}")
+def part_options(group: str, name: str) -> tuple[Option, ...]:
+    """The options that the part ``name`` of ``group`` declares (besides ``name``)."""
+    if group == "model":
+        return MODELS.get(name).options_for(name)
+    return NAMED_GROUPS[group].get(name).options
 
 
-def positive(value, option: str) -> None:
-    check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, option,
-          f"must be a number > 0; got {value!r}")
+NAMED_GROUPS = {"model": MODELS, "dataset": DATASETS, "regularizer": REGULARIZERS, "criterion": CRITERIA}
+FIXED_GROUPS = {"trainer": trainer.OPTIONS, "prune": selection.OPTIONS}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check(bool(re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(name))), "trainer.device",
-          f"must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
-    if name.startswith("cuda"):
-        check(torch.cuda.is_available(), "trainer.device", "CUDA is not available on this machine; use trainer.device=cpu")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        check(index < torch.cuda.device_count(), "trainer.device",
-              f"{name} does not exist ({torch.cuda.device_count()} CUDA device(s))")
-    if name == "mps":
-        check(torch.backends.mps.is_available(), "trainer.device", "MPS is not available on this machine")
-    return torch.device(name)
+def declared(cfg: dict) -> dict[str, tuple[Option, ...]]:
+    """{config path: the options declared for it} for one composed config (paths of the schedule included)."""
+    out = {group: part_options(group, cfg[group].get("name")) for group in NAMED_GROUPS}
+    out.update(FIXED_GROUPS)
+    for key in cfg["schedule"]:
+        if key != "stages":
+            out[f"schedule.{key}"] = STAGES.get(key).options or ()
+    return out
 
 
-def validate(cfg) -> None:
-    positive_int(cfg.seed, "seed", allow_zero=True)
-    t = cfg.trainer
-    resolve_device(t.device)
-    one_of(t.precision, ("fp32", "bf16", "fp16"), "trainer.precision")
-    check(t.precision != "fp16" or str(t.device).startswith("cuda") or (t.device == "auto" and torch.cuda.is_available()),
-          "trainer.precision", "fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    positive_int(t.batch_size, "trainer.batch_size")
-    positive_int(t.eval_batch_size, "trainer.eval_batch_size")
-    positive_int(t.threads, "trainer.threads", allow_zero=True)
-    positive_int(t.eval_every, "trainer.eval_every")
-    if t.max_epochs is not None:
-        positive_int(t.max_epochs, "trainer.max_epochs")
-    one_of(t.progress, ("auto", True, False), "trainer.progress")
+def validate(cfg) -> dict:
+    """The composed config as a plain dict, once every option and every rule across options holds."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise UserError(getattr(e, "full_key", None) or "config", f"cannot be resolved ({e.msg})") from None
+    expected = {o.name for o in RUN_OPTIONS} | set(NAMED_GROUPS) | set(FIXED_GROUPS) | {"schedule"}
+    for key in plain:
+        if key not in expected:
+            raise UserError(key, f"unknown option (valid at the top level: {', '.join(sorted(expected))})")
+    check_block({k: plain[k] for k in plain if k in {o.name for o in RUN_OPTIONS}}, RUN_OPTIONS, "", fill=False)
+    for group, registry in NAMED_GROUPS.items():
+        block = dict(plain[group])
+        name = block.pop("name", None)
+        if name not in registry:
+            registry.get(name)  # raises naming <group>.name and the choices
+        check_block(block, part_options(group, name), group, fill=False)
+    for group, options in FIXED_GROUPS.items():
+        check_block(plain[group], options, group, fill=False)
+    check_schedule(plain["schedule"])
 
-    m = cfg.model
-    one_of(m.name, MODEL_NAMES, "model.name")
-    positive(m.width_mult, "model.width_mult")
-    if "shortcut" in m:
-        one_of(m.shortcut, ("A", "B"), "model.shortcut")
-    if "head" in m:
-        one_of(m.head, ("linear", "li"), "model.head")
-    if "stem" in m:
-        one_of(m.stem, ("cifar", "imagenet"), "model.stem")
+    trainer.check_config(plain)
+    selection.check_config(plain)
+    for name in plain["schedule"]["stages"]:
+        STAGES.get(name).check_config(plain)
+    if plain["init_from"] is not None and not Path(plain["init_from"]).is_file():
+        raise UserError("init_from", f"no checkpoint file at {plain['init_from']}")
+    return plain
 
-    p = cfg.prune
-    one_of(p.target, ("channels", "params", "macs"), "prune.target")
-    if p.ratio is not None:
-        check(isinstance(p.ratio, (int, float)) and 0 < p.ratio < 1, "prune.ratio", f"must be in (0, 1); got {p.ratio!r}")
-    one_of(p.scope, ("global", "layer"), "prune.scope")
-    one_of(p.granularity, (None, "filter", "feature"), "prune.granularity")
-    one_of(p.normalize, ("none", "max", "l2", "mean"), "prune.normalize")
-    positive_int(p.min_channels, "prune.min_channels")
-    positive(p.tolerance, "prune.tolerance")
-    positive_int(p.steps, "prune.steps")
-    positive_int(p.step_epochs, "prune.step_epochs", allow_zero=True)
-    positive(p.step_lr, "prune.step_lr")
-    check(p.steps == 1 or not p.layer_ratios, "prune.steps", "iterative steps need prune.ratio, not prune.layer_ratios")
-    for pattern, r in (p.layer_ratios or {}).items():
-        check(isinstance(r, (int, float)) and 0 <= r < 1, f"prune.layer_ratios.{pattern}", f"must be in [0, 1); got {r!r}")
 
-    stages = list(cfg.schedule.stages)
+def check_schedule(schedule: dict) -> None:
+    stages = STAGE_LIST.check(schedule.get("stages"), "schedule.stages")
     for name in stages:
-        one_of(name, STAGES, "schedule.stages")
-    check(len(set(stages)) == len(stages), "schedule.stages", f"a stage appears twice: {stages}")
+        STAGES.get(name)
+    if len(set(stages)) != len(stages):
+        raise UserError("schedule.stages", f"a stage appears twice: {stages}")
+    pruning = [s for s in stages if STAGES.get(s).prunes]
+    if len(pruning) > 1:
+        raise UserError("schedule.stages", f"{' and '.join(pruning)} both prune; list one of them")
+    for key, block in schedule.items():
+        if key == "stages":
+            continue
+        if key not in STAGES or STAGES.get(key).options is None:
+            raise UserError(f"schedule.{key}", f"unknown option: not a stage with settings "
+                            f"(stages with settings: {', '.join(n for n, s in STAGES.items() if s.options)})")
+        check_block(block, STAGES.get(key).options, f"schedule.{key}", fill=False)
     for name in stages:
-        if name in TRAIN_STAGES or name == "gates":
-            check(name in cfg.schedule, f"schedule.{name}", "the stage is listed but has no settings block")
-        if name in TRAIN_STAGES:
-            validate_stage(cfg.schedule[name], f"schedule.{name}")
-    check(not ({"prune", "gates"} <= set(stages)), "schedule.stages", "gates already prunes; list prune or gates, not both")
-    if "gates" in stages:
-        validate_gates(cfg.schedule.gates, cfg)
-    if cfg.init_from is not None:
-        check(Path(cfg.init_from).is_file(), "init_from", f"no checkpoint file at {cfg.init_from}")
+        if STAGES.get(name).options is not None and name not in schedule:
+            raise UserError(f"schedule.{name}", "the stage is listed but has no settings block")
 
 
-def validate_stage(st, prefix: str) -> None:
-    positive_int(st.epochs, f"{prefix}.epochs", allow_zero=True)
-    one_of(st.optimizer, ("sgd", "adam"), f"{prefix}.optimizer")
-    positive(st.lr, f"{prefix}.lr")
-    check(0 <= st.momentum < 1, f"{prefix}.momentum", f"must be in [0, 1); got {st.momentum!r}")
-    check(st.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0; got {st.weight_decay!r}")
-    one_of(st.lr_schedule, ("multistep", "step", "cosine", "constant"), f"{prefix}.lr_schedule")
-    check(all(0 < m <= 1 for m in st.milestones), f"{prefix}.milestones",
-          f"must be fractions of the epochs in (0, 1]; got {list(st.milestones)}")
-    check(0 < st.step_size <= 1, f"{prefix}.step_size", f"must be a fraction of the epochs in (0, 1]; got {st.step_size!r}")
-    positive(st.gamma, f"{prefix}.gamma")
-    positive_int(st.batch_size, f"{prefix}.batch_size")
-    one_of(st.budget, ("E", "B"), f"{prefix}.budget")
-    g = st.graft
-    one_of(g.variant, ("none", "external", "noise", "internal"), f"{prefix}.graft.variant")
-    if g.variant == "external":
-        check(isinstance(g.networks, int) and g.networks >= 2, f"{prefix}.graft.networks",
-              f"external grafting needs at least 2 networks; got {g.networks!r}")
-    one_of(g.lr_schedules, ("stage", "slr", "dlr"), f"{prefix}.graft.lr_schedules")
-    one_of(g.scope, ("all", "conv_bn", "conv"), f"{prefix}.graft.scope")
-    check(0 < g.internal_share <= 0.5, f"{prefix}.graft.internal_share", f"must be in (0, 0.5]; got {g.internal_share!r}")
+def builtin_parts(registry):
+    """The (name, part) pairs that ship with prune_cli (a user's registered parts document themselves)."""
+    return [(name, part) for name, part in registry.items() if part.__module__.startswith("prune_cli.")]
 
 
-def validate_gates(st, cfg) -> None:
-    positive_int(st.epochs, "schedule.gates.epochs")
-    positive(st.lr, "schedule.gates.lr")
-    positive(st.lam, "schedule.gates.lam")
-    check(0 < st.density < 1, "schedule.gates.density", f"must be in (0, 1); got {st.density!r}")
-    one_of(st.density_key, ("density", "nonzero"), "schedule.gates.density_key")
-    positive_int(st.batch_size, "schedule.gates.batch_size")
-    check(cfg.prune.target == "macs", "prune.target", "the gates stage meets a MACs reduction; set prune.target=macs")
-    check(cfg.prune.ratio is not None, "prune.ratio", "the gates stage needs the MACs reduction to reach, in (0, 1)")
-    check(bool(cfg.dataset.val_split), "dataset.val_split",
-          "the gates stage keeps the best-validation epoch; hold out a validation split (PFS: 5000)")
+def options_reference() -> str:
+    """Markdown tables of every declared option, generated from the declarations (the README embeds them)."""
+    sections = [("Run (top level)", RUN_OPTIONS, ""), ("trainer", trainer.OPTIONS, "trainer"),
+                ("prune", selection.OPTIONS, "prune")]
+    for name, stage in builtin_parts(STAGES):
+        if stage.options:
+            sections.append((f"stage `{name}`", stage.options, f"schedule.{name}"))
+    for group, registry in NAMED_GROUPS.items():
+        for name, _ in builtin_parts(registry):
+            options = part_options(group, name)
+            if options:
+                sections.append((f"{group} `{name}`", options, group))
+    out, seen = [], {}
+    for title, options, path in sections:
+        table = markdown_table(options, path)
+        if table in seen:  # parts that share every option (the training stages, model variants) share one table
+            seen[table][0].append(title)
+            continue
+        seen[table] = ([title], table)
+    for titles, table in seen.values():
+        out.append(f"#### {', '.join(titles)}\n\n{table}\n")
+    return "\n".join(out)

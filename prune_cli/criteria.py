@@ -16,24 +16,30 @@ Scores come back as float32 CPU tensors, one 1-D tensor per channel group, in
 ``model.channel_groups()`` order. Scoring never changes the model: weights,
 gradients (``.grad``), train/eval mode of every module and hooks are as before.
 
-Hyperparameters are keyword arguments of the constructor (the keys of
-``conf/criterion/<name>.yaml`` besides ``name``); a bad key or value raises
-``UserError("criterion.<key>", why)``.
+Hyperparameters are keyword arguments of the constructor, declared once in each class's
+``options`` (the keys of ``conf/criterion/<name>.yaml`` besides ``name``); a bad key or value raises
+``UserError("criterion.<key>", why)``. ``choose`` turns scores into keep masks with the selection
+engine; a criterion that selects by itself (the loss greedy) overrides it.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
-import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .histogram import histogram_entropy
 from .models import ChannelGroup, Prunable
+from .options import Choice, Float, Int, Option, check_block
+from .pruning import Structure
+from .registry import Registry
+from .selection import choose_channels
 
 GRANULARITIES = ("filter", "feature")
 
@@ -47,66 +53,39 @@ class Sample:
     batch_size: int = 128  # chunk size, used when the criterion's own ``batch_size`` is null
 
 
-# ---------------------------------------------------------------- option checks
-# Each check takes (key, value) and returns the (possibly converted) value or raises UserError.
-
-def _int(lo: int = 0) -> Callable[[str, Any], int]:
-    def check(key: str, v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise UserError(f"criterion.{key}", f"must be an integer >= {lo}, got {v!r}")
-        return v
-    return check
-
-
-def _opt_int(lo: int = 1) -> Callable[[str, Any], int | None]:
-    inner = _int(lo)
-    return lambda key, v: None if v is None else inner(key, v)
-
-
-def _float(lo: float, hi: float, lo_open: bool = False) -> Callable[[str, Any], float]:
-    def check(key: str, v: Any) -> float:
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-        ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
-        if not ok:
-            rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
-            raise UserError(f"criterion.{key}", f"must be a number in {rng}, got {v!r}")
-        return float(v)
-    return check
-
-
-def _choice(*choices: str) -> Callable[[str, Any], str]:
-    def check(key: str, v: Any) -> str:
-        if v not in choices:
-            raise UserError(f"criterion.{key}", f"must be one of {', '.join(choices)}; got {v!r}")
-        return v
-    return check
-
-
 # ---------------------------------------------------------------- base class
+
+CRITERIA = Registry("criterion", "criterion.name")
+
 
 class Criterion(abc.ABC):
     """Scores every channel of every channel group; LOW = pruned first.
 
-    Subclasses declare ``options`` = {key: (default, check)}; the constructor
-    validates the keyword arguments against it and stores them as attributes
-    (and in ``self.hparams``, for logging).
+    Subclasses declare ``options`` (``Option`` declarations); the constructor validates the keyword
+    arguments against them and stores them as attributes (and in ``self.hparams``, for logging).
     """
 
     name: str = ""
     needs_data: bool = False
-    options: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {}
+    options: tuple[Option, ...] = ()
 
     def __init__(self, **hparams: Any):
-        unknown = sorted(set(hparams) - set(self.options))
-        if unknown:
-            valid = ", ".join(["name", *self.options]) or "name"
-            raise UserError(f"criterion.{unknown[0]}", f"unknown option of criterion {self.name!r} "
-                                                        f"(valid: {valid})")
-        self.hparams: dict[str, Any] = {}
-        for key, (default, check) in self.options.items():
-            value = check(key, hparams[key]) if key in hparams else default
-            self.hparams[key] = value
+        self.hparams: dict[str, Any] = check_block(hparams, self.options, "criterion")
+        for key, value in self.hparams.items():
             setattr(self, key, value)
+
+    @classmethod
+    def check_config(cls, cfg: Mapping[str, Any]) -> None:
+        """Rules across options, checked before anything runs (``cfg``: the whole checked config)."""
+        p = cfg["prune"]
+        if p["ratio"] is None and not p["layer_ratios"] and not cls.own_threshold(cfg["criterion"]):
+            raise UserError("prune.ratio", f"criterion {cls.name} has no threshold of its own; "
+                            "set a ratio in (0, 1) or prune.layer_ratios")
+
+    @classmethod
+    def own_threshold(cls, options: Mapping[str, Any]) -> bool:
+        """Whether, with these options, the criterion picks its own threshold when ``prune.ratio`` is null."""
+        return False
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
@@ -144,17 +123,21 @@ class Criterion(abc.ABC):
         or None: the caller meets its target instead."""
         return None
 
+    def choose(self, model: Prunable, structure: Structure, sample: Sample | None, prune: Mapping[str, Any],
+               ratio: float | None, protect: set[int], progress: bool = False
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        """Keep masks, the scores behind them and statistics for ``results.csv``, for one pruning step.
 
-CRITERIA: dict[str, type[Criterion]] = {}
+        ``prune``: the checked ``prune.*`` settings; ``ratio``: this step's share (None: the criterion's own
+        threshold); ``protect``: indices of groups kept whole; ``progress``: show a progress bar if slow.
+        """
+        scores = self.scores(model, prune["granularity"], sample)
+        names = [g.name for g in model.channel_groups()]
+        threshold = self.auto_threshold(scores) if ratio is None and not prune["layer_ratios"] else None
+        return choose_channels(scores, structure, names, prune, ratio, protect, threshold), scores, {}
 
 
-def register(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
-    """Class decorator adding a criterion to ``CRITERIA`` (also for criteria defined in other modules)."""
-    def deco(cls: type[Criterion]) -> type[Criterion]:
-        cls.name = name
-        CRITERIA[name] = cls
-        return cls
-    return deco
+register = CRITERIA.register
 
 
 def build_criterion(cfg: Mapping[str, Any]) -> Criterion:
@@ -168,10 +151,7 @@ def build_criterion(cfg: Mapping[str, Any]) -> Criterion:
     if not isinstance(cfg, Mapping):
         raise UserError("criterion", f"must be a mapping with a 'name' key, got {cfg!r}")
     cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if name not in CRITERIA:
-        raise UserError("criterion.name", f"unknown criterion {name!r}; choose one of {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name](**cfg)
+    return CRITERIA.get(cfg.pop("name", None))(**cfg)
 
 
 # ---------------------------------------------------------------- helpers
@@ -255,8 +235,10 @@ def _widths(model: Prunable) -> list[int]:
     return [modules[g.bn].weight.shape[0] for g in model.channel_groups()]
 
 
-def _granularity_option(default: str) -> tuple[str, Callable[[str, Any], str]]:
-    return default, _choice(*GRANULARITIES)
+def _granularity_option(default: str) -> Option:
+    return Choice("granularity", default, GRANULARITIES,
+                  "filter: judge channel c by conv.weight[c]; feature: by every consumer's W[:, c] "
+                  "(prune.granularity overrides it)")
 
 
 # ---------------------------------------------------------------- weight criteria
@@ -264,7 +246,7 @@ def _granularity_option(default: str) -> tuple[str, Callable[[str, Any], str]]:
 class _WeightCriterion(Criterion):
     """Criteria computed from ``channel_vectors`` one group at a time."""
 
-    options = {"granularity": _granularity_option("filter")}
+    options = (_granularity_option("filter"),)
     granularity: str
 
     def _scores(self, model, granularity, sample):
@@ -300,7 +282,7 @@ class GroupNorm(L2):
     feature-wise group the regularizer drives to zero); ``filter``: of ``conv.weight[c]``.
     """
 
-    options = {"granularity": _granularity_option("feature")}
+    options = (_granularity_option("feature"),)
 
 
 def fpgm_distances(v: torch.Tensor) -> torch.Tensor:
@@ -331,7 +313,8 @@ class FPGM(_WeightCriterion):
     ``mix`` = 0 (default) is pure FPGM, unnormalised.
     """
 
-    options = {"granularity": _granularity_option("filter"), "mix": (0.0, _float(0.0, 1.0))}
+    options = (_granularity_option("filter"),
+               Float("mix", 0.0, "FPGM-mix weight: mix * fpgm/max + (1 - mix) * l2/max; 0 = pure FPGM", lo=0.0, hi=1.0))
     mix: float
 
     def _score_vectors(self, v):
@@ -342,40 +325,22 @@ class FPGM(_WeightCriterion):
         return self.mix * _max_normalised(dist) + (1.0 - self.mix) * _max_normalised(norm)
 
 
-def histogram_entropy(v: torch.Tensor, bins: int = 10) -> torch.Tensor:
-    """Entropy (nats) of a ``bins``-bin histogram of each row, bins spanning the row's min..max.
-
-    Bin k of a row holds values in [lo + k*w, lo + (k+1)*w), the last bin also its max
-    (as numpy.histogram); p_k = count_k / D; H = -sum_k p_k log p_k with 0 log 0 = 0.
-    A constant row (max = min) has all values in one bin: H = 0. Vectorised over rows.
-    """
-    v = v.double()
-    lo, hi = v.min(dim=1, keepdim=True).values, v.max(dim=1, keepdim=True).values
-    span = hi - lo
-    scaled = (v - lo) / torch.where(span > 0, span, torch.ones_like(span)) * bins
-    idx = scaled.floor().long().clamp_(0, bins - 1)
-    counts = torch.zeros(v.shape[0], bins, dtype=v.dtype, device=v.device)
-    counts.scatter_add_(1, idx, torch.ones_like(v))
-    p = counts / v.shape[1]
-    return -torch.xlogy(p, p).sum(dim=1)
-
-
 @register("entropy")
 class Entropy(_WeightCriterion):
     """Weight entropy (filter grafting): 10-bin histogram of each filter's weights; low = little information."""
 
-    options = {"granularity": _granularity_option("filter"), "bins": (10, _int(2))}
+    options = (_granularity_option("filter"), Int("bins", 10, "histogram bins (10 in filter grafting)", lo=2))
     bins: int
 
     def _score_vectors(self, v):
-        return histogram_entropy(v, self.bins)
+        return histogram_entropy(v.double(), self.bins)
 
 
 @register("random")
 class Random(Criterion):
     """Uniform random scores from ``torch.Generator().manual_seed(seed)``: the control."""
 
-    options = {"seed": (0, _int(0))}
+    options = (Int("seed", 0, "seed of the random scores: same seed, same scores", lo=0),)
     seed: int
 
     def _scores(self, model, granularity, sample):
@@ -431,10 +396,18 @@ class BNScale(Criterion):
     ``auto_threshold`` returns ``polarization_threshold`` of all groups' |gamma| together.
     """
 
-    options = {"rule": ("ratio", _choice("ratio", "slimming", "polarization")),
-               "bin_width": (0.01, _float(0.0, math.inf, lo_open=True))}
+    options = (
+        Choice("rule", "ratio", ("ratio", "slimming", "polarization"),
+               "ratio | slimming: one global |gamma| threshold meets the target; polarization: the first local "
+               "minimum of the |gamma| histogram (needs prune.ratio=null)"),
+        Float("bin_width", 0.01, "histogram bin width of the polarization rule", lo=0.0, lo_open=True),
+    )
     rule: str
     bin_width: float
+
+    @classmethod
+    def own_threshold(cls, options):
+        return options["rule"] == "polarization"
 
     def _scores(self, model, granularity, sample):
         modules = _modules(model)
@@ -451,14 +424,15 @@ class BNScale(Criterion):
 
 # ---------------------------------------------------------------- data-driven criteria
 
-_BATCH = {"batch_size": (128, _opt_int(1))}
+_BATCH = Int("batch_size", 128, "images per forward pass (memory only, not the score); null = the sample's", lo=1,
+             nullable=True)
 
 
 class _ActivationCriterion(Criterion):
     """Scores from the activations of ``num_images`` training images."""
 
     needs_data = True
-    options = {"num_images": (1024, _int(1)), **_BATCH}
+    options = (Int("num_images", 1024, "training images the score runs over", lo=1), _BATCH)
     num_images: int
     batch_size: int | None
 
@@ -504,7 +478,7 @@ class HRank(Criterion):
     over ``batches`` batches of ``batch_size`` images; low rank = pruned first."""
 
     needs_data = True
-    options = {"batches": (5, _int(1)), **_BATCH}
+    options = (Int("batches", 5, "batches averaged over (5 in the paper)", lo=1), _BATCH)
     batches: int
     batch_size: int | None
 

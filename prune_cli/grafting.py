@@ -32,10 +32,12 @@ in ``prune_cli.models``).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .histogram import histogram_entropy
 
 __all__ = ["layer_entropy", "filter_entropy", "graft_alpha", "graft_layers", "graft_ring", "graft_noise",
            "graft_internal", "lr_schedules"]
@@ -47,26 +49,14 @@ BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 # entropy and alpha
 
 
-def _row_entropy(x: torch.Tensor, bins: int) -> torch.Tensor:
-    """Entropy of a ``bins``-bin min..max histogram of every row of the 2-D tensor ``x``."""
-    x = x.detach().float()
-    lo = x.min(dim=1, keepdim=True).values
-    span = x.max(dim=1, keepdim=True).values - lo
-    scale = torch.where(span > 0, bins / span, torch.zeros_like(span))  # constant row: every value in bin 0
-    idx = ((x - lo) * scale).floor().long().clamp_(0, bins - 1)
-    counts = torch.zeros(x.shape[0], bins, device=x.device).scatter_add_(1, idx, torch.ones_like(x))
-    p = counts / x.shape[1]
-    return -torch.special.xlogy(p, p).sum(dim=1)
-
-
 def layer_entropy(w: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Entropy of the histogram of ALL weights of a layer (a 0-d tensor)."""
-    return _row_entropy(w.reshape(1, -1), bins)[0]
+    return histogram_entropy(w.detach().float().reshape(1, -1), bins)[0]
 
 
 def filter_entropy(w: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Entropy per filter (output channel): ``[O]``, each histogram over that filter's own min..max."""
-    return _row_entropy(w.reshape(w.shape[0], -1), bins)
+    return histogram_entropy(w.detach().float().reshape(w.shape[0], -1), bins)
 
 
 def graft_alpha(h_self, h_other, A: float = 0.4, c: float = 500.0):

@@ -1,4 +1,4 @@
-"""Loss-based global greedy channel selection (HGSR, Mitsuno & Kurita 2020; methods.md "Criteria").
+"""Loss-based global greedy channel selection (HGSR, Mitsuno & Kurita 2020; docs/methods.md "Loss-based greedy selection").
 
 A binary mask per prunable channel. Each round, every unmasked candidate channel is scored by
 ``|L0 - L(masks + candidate)|`` on a fixed sample (L0 = cross-entropy of the ORIGINAL network, the
@@ -37,16 +37,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .criteria import Criterion, register
+from .errors import UserError
+from .measure import layer_macs
 from .models import Prunable
-from .models.resnet import ResNet
-from .models.vgg import VGG
+from .options import Choice, Float, Int, Option
 from .pruning import Structure
 from .selection import Budget
 
@@ -55,25 +56,7 @@ MODES = ("exact", "fast")
 TOLERANCE = 1e-3  # params/macs: land within 0.1% (relative) of the target amount where granularity allows
 
 
-# ------------------------------------------------------------------ running a model by stages
-
-def model_stages(model: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
-    """The model as a chain of (module-name prefix, function): ``model(x)`` = the functions applied in turn.
-
-    ResNet: stem, every BasicBlock ``layers.s.b``, head. VGG: one stage per conv (``features.i`` up to the
-    next conv: conv, BN, ReLU, pool), head. Anything else: one stage, the whole model (no caching).
-    """
-    if isinstance(model, ResNet):
-        stages = [("conv1", lambda x: model.pool(F.relu(model.bn1(model.conv1(x)))))]
-        stages += [(f"layers.{s}.{b}", block) for s, layer in enumerate(model.layers) for b, block in enumerate(layer)]
-        return stages + [("fc", lambda x: model.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)))]
-    if isinstance(model, VGG):
-        starts = list(model._convs)
-        cuts = ([0] if starts[0] != 0 else []) + starts + [len(model.features)]
-        stages = [(f"features.{a}", model.features[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
-        return stages + [("classifier", lambda x: model.classifier(model.pool(x).flatten(1)))]
-    return [("", model)]
-
+# ------------------------------------------------------------------ running a model by segments
 
 def _stage_of(prefixes: list[str], module: str) -> int:
     for s, p in enumerate(prefixes):
@@ -83,21 +66,16 @@ def _stage_of(prefixes: list[str], module: str) -> int:
 
 
 def _stage_macs(model: nn.Module, stages, x1: torch.Tensor) -> list[float]:
-    """MACs per image of conv + linear layers in every stage (one-image traced forward)."""
-    macs, current = [0.0] * len(stages), [0]
+    """MACs per image of conv + linear layers in every segment."""
 
-    def hook(m, i, o):
-        macs[current[0]] += m.weight.numel() * (o[0, 0].numel() if isinstance(m, nn.Conv2d) else 1)
+    def run(x):
+        for _, fn in stages:
+            x = fn(x)
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            for s, (_, fn) in enumerate(stages):
-                current[0] = s
-                x1 = fn(x1)
-    finally:
-        for h in hooks:
-            h.remove()
+    prefixes = [p for p, _ in stages]
+    macs = [0.0] * len(stages)
+    for name, m in layer_macs(model, tuple(x1.shape[1:]), run).items():
+        macs[_stage_of(prefixes, name)] += m
     return macs
 
 
@@ -196,7 +174,7 @@ class _Evaluator:
         self.model, self.x, self.y, self.n = model, x, y, len(x)
         self.groups = model.channel_groups()
         modules = dict(model.named_modules())
-        self.stages = model_stages(model) if cache else [("", model)]
+        self.stages = model.segments() if cache else [("", model)]
         prefixes = [p for p, _ in self.stages]
         self.group_stage = [_stage_of(prefixes, g.conv) for g in self.groups]
         macs = _stage_macs(model, self.stages, x[:1])
@@ -501,3 +479,58 @@ def _take(delta, lcur, l0, k, widths, avail, budget) -> list[tuple[int, int]]:
         widths[g] -= 1
         avail[g] -= 1
     return taken
+
+
+# ------------------------------------------------------------------ as a criterion
+
+
+def _share_or_count(v) -> str | None:
+    ok = 0 < v <= 1 if isinstance(v, float) else v >= 1
+    return None if ok else f"a share in (0, 1] or a count >= 1 (got {v!r})"
+
+
+@register("loss")
+class LossGreedy(Criterion):
+    """HGSR's loss-based global greedy selection: it selects to ``prune.ratio`` itself; scores.csv gets each
+    channel's removal rank (0 = removed first; kept channels score past the last removal)."""
+
+    needs_data = True
+    options = (
+        Choice("mode", "fast", MODES, "exact: one channel per round, every candidate measured | fast: see docs"),
+        Int("num_images", 128, "training images of the fixed sample (128 in HGSR)", lo=1),
+        Option("channels_per_round", "float", 0.25,
+               "fast: share of the channels still to remove taken per round (an integer: a fixed count)",
+               rule=_share_or_count, rule_doc="a share in (0, 1] or a count >= 1"),
+        Int("prescreen", 24, "fast: at least this many candidates measured exactly per round; null = all", lo=1,
+            nullable=True),
+        Float("prescreen_factor", 2.0, "fast: ... and at least this many times the channels taken in the round",
+              lo=0.0, lo_open=True),
+        Float("verify", 1.0, "fast: halve a round whose loss misses the prediction by verify x the median "
+              "single change; null = no check", lo=0.0, lo_open=True, nullable=True),
+        Int("batch_variants", 2, "masked variants of the sample stacked into one forward (same result)", lo=1),
+    )
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        p = cfg["prune"]
+        if p["ratio"] is None or p["layer_ratios"]:
+            raise UserError("prune.ratio", "the loss criterion selects to a target: set prune.ratio in (0, 1) "
+                            "and no prune.layer_ratios")
+
+    @property
+    def sample_size(self) -> int:
+        return self.num_images
+
+    def _scores(self, model, granularity, sample):
+        raise UserError("criterion.name", "the loss criterion selects channels itself and gives no scores")
+
+    def choose(self, model, structure, sample, prune, ratio, protect, progress=False):
+        options = {k: v for k, v in self.hparams.items() if k != "num_images"}
+        keep, stats = loss_greedy_select(model, sample.x, sample.y, structure=structure, target=prune["target"],
+                                         ratio=ratio, min_channels=prune["min_channels"], protect=protect,
+                                         progress=progress, **options)
+        record = {f"selection_{k}": v for k, v in stats.items() if isinstance(v, (int, float, str))}
+        scores = [torch.full((len(k),), float(len(stats["removed"]))) for k in keep]
+        for rank, (g, c) in enumerate(stats["removed"]):
+            scores[g][c] = rank
+        return keep, scores, record

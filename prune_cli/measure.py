@@ -1,9 +1,17 @@
-"""Accuracy, loss, params and MACs of a model (counting conventions of methods.md)."""
+"""Accuracy, loss, params and MACs of a model: the one place that counts (docs/methods.md "Counting conventions").
+
+MACs are those of conv and linear layers for one image: ``weight.numel() x output pixels`` per layer
+(grouped convs included, since their weight holds ``C_in / groups`` inputs), measured by one traced
+forward; bias, BN, activations, pooling and residual additions are not counted.
+"""
+
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch import nn
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -11,15 +19,40 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """MACs of conv + linear layers for one image: FlopCounterMode counts exactly those as 2*MACs."""
-    p = next(model.parameters())
+def layer_pixels(model: nn.Module, input_shape: tuple[int, int, int],
+                 run: Callable[[torch.Tensor], object] | None = None) -> dict[str, int]:
+    """{module name: output pixels per image} of every conv (H_out x W_out) and linear layer (1).
+
+    One forward of a zero image in eval mode (``run(x)`` instead of ``model(x)`` when given); the
+    model's training flags are restored.
+    """
+    pixels: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: pixels.__setitem__(name, o[0, 0].numel()))
+             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
-    model.train(was_training)
-    return counter.get_total_flops() // 2
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            (run or model)(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return pixels
+
+
+def layer_macs(model: nn.Module, input_shape: tuple[int, int, int],
+               run: Callable[[torch.Tensor], object] | None = None) -> dict[str, int]:
+    """{module name: MACs per image} of every conv and linear layer that the forward reaches."""
+    modules = dict(model.named_modules())
+    return {name: modules[name].weight.numel() * pixels
+            for name, pixels in layer_pixels(model, input_shape, run).items()}
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """MACs of conv + linear layers for one image."""
+    return sum(layer_macs(model, input_shape).values())
 
 
 @torch.no_grad()

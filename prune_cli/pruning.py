@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
+from .measure import layer_pixels
 from .models import ChannelGroup, Prunable, build_model
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -51,17 +51,7 @@ def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
     groups = model.channel_groups()
     tensor_dims = group_dims(groups)
 
-    pixels: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: pixels.__setitem__(name, o[0, 0].numel()))
-             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        p = next(model.parameters())
-        model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
-    model.train(was_training)
-    for h in hooks:
-        h.remove()
+    pixels = layer_pixels(model, input_shape)
 
     coef, g1, g2, macs = [], [], [], []
     for name, param in model.named_parameters():

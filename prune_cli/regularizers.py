@@ -7,7 +7,7 @@ The training loop does, per step::
 
 and logs ``reg.value()`` (the penalty recomputed under ``no_grad``, a float).
 
-Formulas are the ones of shared/methods.md, section "Regularizers". A conv weight is
+Formulas are the ones of docs/methods.md, section "Regularizers". A conv weight is
 ``W[o, i, kh, kw]``; a kernel ``W[o, i]``; a filter group ``W[o]``; a feature group
 ``W[:, i]``. Linear weights ``W[o, i]`` are treated as convs with 1x1 kernels.
 
@@ -23,15 +23,17 @@ kernels or groups never give NaN gradients. No eps is added to any value.
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .options import Choice, Float, check_block
+from .registry import Registry
 
-ZERO_THRESHOLD = 1e-3  # methods.md "Counting conventions": a weight counts as zero when |w| < 1e-3
+ZERO_THRESHOLD = 1e-3  # docs/methods.md "Counting conventions": a weight counts as zero when |w| < 1e-3
 
 
 # --------------------------------------------------------------------------- helpers
@@ -58,28 +60,6 @@ def _stack(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_as_4d(p) for p in params])
 
 
-def _number(key: str, value, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(value, bool):
-        raise UserError(f"regularizer.{key}", f"expected a number, got {value!r}")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"regularizer.{key}", f"expected a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise UserError(f"regularizer.{key}", f"must be finite, got {value!r}")
-    if lo is not None and x < lo:
-        raise UserError(f"regularizer.{key}", f"must be >= {lo}, got {value!r}")
-    if hi is not None and x > hi:
-        raise UserError(f"regularizer.{key}", f"must be <= {hi}, got {value!r}")
-    return x
-
-
-def _choice(key: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise UserError(f"regularizer.{key}", f"expected one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------- layer selection
 
 WEIGHT_LAYERS = ("all_convs_except_shortcut", "prunable", "all_convs", "all")
@@ -92,10 +72,17 @@ def _groups(model: nn.Module):
     return model.channel_groups()
 
 
+def _shortcut_convs(model: nn.Module) -> set[str]:
+    """The model's residual projection convs: a prune_cli model knows them; any other module by name."""
+    if hasattr(model, "shortcut_convs"):
+        return set(model.shortcut_convs())
+    return {n for n, _ in model.named_modules() if "shortcut" in n}
+
+
 def select_weights(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
     """(name, module) of the regularized conv/linear layers, in model order.
 
-    - ``all_convs_except_shortcut``: every Conv2d except shortcut projections (name contains "shortcut")
+    - ``all_convs_except_shortcut``: every Conv2d except residual projections (``model.shortcut_convs()``)
     - ``prunable``: producer convs and consumers (convs, or the VGG linear head) of the channel groups
     - ``all_convs``: every Conv2d
     - ``all``: every Conv2d and Linear
@@ -108,7 +95,8 @@ def select_weights(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]
     else:
         picked = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         if layers == "all_convs_except_shortcut":
-            picked = [(n, m) for n, m in picked if "shortcut" not in n]
+            shortcuts = _shortcut_convs(model)
+            picked = [(n, m) for n, m in picked if n not in shortcuts]
     if not picked:
         raise UserError("regularizer.layers", f"{layers!r} selects no conv/linear layer in this model")
     return picked
@@ -129,26 +117,33 @@ def select_bns(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
 
 # --------------------------------------------------------------------------- regularizers
 
+REGULARIZERS = Registry("regularizer", "regularizer.name")
+
+
+def _lam(default: float, doc: str = "strength lambda of the penalty"):
+    return Float("lam", default, doc, lo=0.0)
+
+
+WEIGHT_LAYERS_OPTION = Choice("layers", "all_convs_except_shortcut", WEIGHT_LAYERS,
+                              "which conv/linear weights are regularized (shortcut = residual projections)")
+BN_LAYERS_OPTION = Choice("layers", "all", BN_LAYERS, "all: every BatchNorm2d; prunable: only the BNs of channel groups")
+INIT_GAMMA = Float("init_gamma", 0.5, "BN scales set to this when the stage starts; null keeps the current ones",
+                   nullable=True)
+
+
+@REGULARIZERS.register("none")
 class Regularizer:
     """Base class, and the ``none`` regularizer: penalty() == 0, no cost."""
 
     name = "none"
-    DEFAULTS: dict = {}
+    options: tuple = ()
 
     def __init__(self, model: nn.Module, **hparams):
-        unknown = sorted(set(hparams) - set(self.DEFAULTS))
-        if unknown:
-            valid = f"valid: {', '.join(sorted(self.DEFAULTS))}" if self.DEFAULTS else "it takes no options"
-            raise UserError(f"regularizer.{unknown[0]}", f"unknown option for regularizer '{self.name}' ({valid})")
-        self.hparams = self.check({**self.DEFAULTS, **hparams})
+        self.hparams = check_block(hparams, self.options, "regularizer")
         self.layer_names: list[str] = []
         p = next(model.parameters(), None)
         self._zero = torch.zeros((), device=p.device if p is not None else None,
                                  dtype=p.dtype if p is not None else None)
-
-    def check(self, hp: dict) -> dict:
-        """Validate and normalise the hyperparameters (raise UserError)."""
-        return hp
 
     def penalty(self) -> torch.Tensor:
         """lambda * R(W), a differentiable 0-dim tensor."""
@@ -170,8 +165,6 @@ class Regularizer:
 class _WeightRegularizer(Regularizer, metaclass=abc.ABCMeta):
     """Holds the selected conv/linear weights, bucketed by shape."""
 
-    DEFAULTS = {"lam": 0.0, "layers": "all_convs_except_shortcut"}
-
     def __init__(self, model: nn.Module, **hparams):
         super().__init__(model, **hparams)
         picked = select_weights(model, self.hparams["layers"])
@@ -181,11 +174,6 @@ class _WeightRegularizer(Regularizer, metaclass=abc.ABCMeta):
             buckets.setdefault(tuple(_as_4d(m.weight).shape), []).append(m)
         self._buckets = list(buckets.values())
         self.lam = self.hparams["lam"]
-
-    def check(self, hp: dict) -> dict:
-        hp["lam"] = _number("lam", hp["lam"], lo=0.0)
-        _choice("layers", hp["layers"], WEIGHT_LAYERS)
-        return hp
 
     def penalty(self) -> torch.Tensor:
         total = None
@@ -199,32 +187,31 @@ class _WeightRegularizer(Regularizer, metaclass=abc.ABCMeta):
         """R of a stack of same-shape layers, w: (L, O, I, kh, kw) -> 0-dim."""
 
 
+@REGULARIZERS.register("l1")
 class L1(_WeightRegularizer):
     """lam * sum |W| over the selected weights (default: every conv and linear)."""
 
-    name = "l1"
-    DEFAULTS = {"lam": 1e-5, "layers": "all"}
+    options = (_lam(1e-5), replace(WEIGHT_LAYERS_OPTION, default="all"))
 
     def layer_term(self, w):
         return w.abs().sum()
 
 
+GROUPING = Choice("grouping", "feature", ("feature", "filter"), "feature: g = W[:, i] (input channel); filter: g = W[o]")
+
+
+@REGULARIZERS.register("group_lasso")
 class GroupLasso(_WeightRegularizer):
     """lam * sum_g ||W_g||_2; filter: g = W[o], feature: g = W[:, i]."""
 
-    name = "group_lasso"
-    DEFAULTS = {"lam": 1e-4, "grouping": "feature", "layers": "all_convs_except_shortcut"}
-
-    def check(self, hp):
-        hp = super().check(hp)
-        _choice("grouping", hp["grouping"], ("filter", "feature"))
-        return hp
+    options = (_lam(1e-4), GROUPING, WEIGHT_LAYERS_OPTION)
 
     def layer_term(self, w):
         dims = (2, 3, 4) if self.hparams["grouping"] == "filter" else (1, 3, 4)
         return _l2(w, dims).sum()
 
 
+@REGULARIZERS.register("hgsr")
 class HGSR(_WeightRegularizer):
     """Hierarchical group sparse regularization (Mitsuno & Kurita 2020), official mix:
 
@@ -234,17 +221,14 @@ class HGSR(_WeightRegularizer):
     n(w) = ||w||_2 (kernel_norm: l2) or sqrt(||w||_1) (kernel_norm: l1half).
     """
 
-    name = "hgsr"
-    DEFAULTS = {"lam": 1e-3, "mix": 0.5, "grouping": "feature", "form": "squared", "kernel_norm": "l2",
-                "layers": "all_convs_except_shortcut"}
-
-    def check(self, hp):
-        hp = super().check(hp)
-        hp["mix"] = _number("mix", hp["mix"], lo=0.0, hi=1.0)
-        _choice("grouping", hp["grouping"], ("feature", "filter"))
-        _choice("form", hp["form"], ("squared", "sqrt"))
-        _choice("kernel_norm", hp["kernel_norm"], ("l2", "l1half"))
-        return hp
+    options = (
+        _lam(1e-3),
+        Float("mix", 0.5, "weight of R_hier against the L1 term", lo=0.0, hi=1.0),
+        GROUPING,
+        Choice("form", "squared", ("squared", "sqrt"), "squared: r_SQ = sum_g (sum_k n(w_k))^2; sqrt: r_SR"),
+        Choice("kernel_norm", "l2", ("l2", "l1half"), "n(w) of a kernel: l2 = ||w||_2; l1half = sqrt(||w||_1)"),
+        WEIGHT_LAYERS_OPTION,
+    )
 
     def layer_term(self, w):
         hp, mix = self.hparams, self.hparams["mix"]
@@ -270,8 +254,6 @@ class _BNRegularizer(Regularizer):
     regularized gammas of the model it is given: when sparse-training from pretrained weights,
     set it to null to keep the pretrained scales."""
 
-    DEFAULTS = {"lam": 0.0, "layers": "all", "init_gamma": None}
-
     def __init__(self, model: nn.Module, **hparams):
         super().__init__(model, **hparams)
         picked = select_bns(model, self.hparams["layers"])
@@ -283,13 +265,6 @@ class _BNRegularizer(Regularizer):
                 for m in self._bns:
                     m.weight.fill_(self.hparams["init_gamma"])
 
-    def check(self, hp):
-        hp["lam"] = _number("lam", hp["lam"], lo=0.0)
-        _choice("layers", hp["layers"], BN_LAYERS)
-        if hp["init_gamma"] is not None:
-            hp["init_gamma"] = _number("init_gamma", hp["init_gamma"])
-        return hp
-
     def gammas(self) -> torch.Tensor:
         """All regularized BN scales, concatenated (differentiable)."""
         if len(self._bns) == 1:
@@ -297,26 +272,23 @@ class _BNRegularizer(Regularizer):
         return torch.cat([m.weight for m in self._bns])
 
 
+@REGULARIZERS.register("bn_l1")
 class BNL1(_BNRegularizer):
     """Network Slimming: lam * sum_c |gamma_c| over the selected BN layers."""
 
-    name = "bn_l1"
-    DEFAULTS = {"lam": 1e-4, "layers": "all", "init_gamma": 0.5}
+    options = (_lam(1e-4, "lambda (1e-4 for VGG, 1e-5 for ResNet)"), BN_LAYERS_OPTION, INIT_GAMMA)
 
     def penalty(self):
         return self.lam * self.gammas().abs().sum()
 
 
+@REGULARIZERS.register("polarization")
 class Polarization(_BNRegularizer):
     """Zhuang et al. 2020: lam * (t * ||gamma||_1 - ||gamma - mean(gamma)||_1), gamma clamped to [0, 1]."""
 
-    name = "polarization"
-    DEFAULTS = {"lam": 5e-5, "t": 1.4, "layers": "all", "init_gamma": 0.5}
-
-    def check(self, hp):
-        hp = super().check(hp)
-        hp["t"] = _number("t", hp["t"], lo=0.0)
-        return hp
+    options = (_lam(5e-5, "lambda (ResNet-56: 5e-5; VGG-16: 3e-5)"),
+               Float("t", 1.4, "weight of the L1 term against the spread (ResNet-56: 1.4; VGG-16: 1.5)", lo=0.0),
+               BN_LAYERS_OPTION, INIT_GAMMA)
 
     def penalty(self):
         g = self.gammas()
@@ -326,16 +298,6 @@ class Polarization(_BNRegularizer):
         with torch.no_grad():
             for m in self._bns:
                 m.weight.clamp_(0.0, 1.0)
-
-
-REGULARIZERS: dict[str, type[Regularizer]] = {
-    "none": Regularizer,
-    "l1": L1,
-    "bn_l1": BNL1,
-    "group_lasso": GroupLasso,
-    "hgsr": HGSR,
-    "polarization": Polarization,
-}
 
 
 def build_regularizer(cfg, model: nn.Module) -> Regularizer:
@@ -351,10 +313,7 @@ def build_regularizer(cfg, model: nn.Module) -> Regularizer:
     if not isinstance(cfg, Mapping):
         raise UserError("regularizer", f"expected a mapping with a 'name', got {cfg!r}")
     cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if not isinstance(name, str) or name not in REGULARIZERS:
-        raise UserError("regularizer.name", f"unknown regularizer {name!r} (valid: {', '.join(REGULARIZERS)})")
-    return REGULARIZERS[name](model, **cfg)
+    return REGULARIZERS.get(cfg.pop("name", None))(model, **cfg)
 
 
 # --------------------------------------------------------------------------- sparsity statistics
@@ -362,7 +321,7 @@ def build_regularizer(cfg, model: nn.Module) -> Regularizer:
 def sparsity_stats(model: nn.Module, threshold: float = ZERO_THRESHOLD) -> tuple[dict, list[dict]]:
     """Weight and group sparsity of every Conv2d and Linear layer (a Linear counts as 1x1 kernels).
 
-    A weight is zero when |w| < threshold (methods.md: 1e-3); a group when its L2 norm is.
+    A weight is zero when |w| < threshold (docs/methods.md: 1e-3); a group when its L2 norm is.
     Per layer: ``layer`` (module name), ``kind`` (conv / linear), counts ``n_weights``,
     ``n_feature_groups`` (= I, groups W[:, i]), ``n_filter_groups`` (= O, groups W[o]) and the
     zero fractions in [0, 1] ``weight_sparsity``, ``feature_group_sparsity``, ``filter_group_sparsity``.

@@ -54,13 +54,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-PRUNING_STAGES = ("prune", "gates")
-
-
 def dense_and_final(rows: list[dict]) -> tuple[dict, dict] | None:
     """The dense model (the row before pruning) and the final one; None if nothing was pruned."""
-    stages = [r["stage"] for r in rows]
-    i = next((i for i, s in enumerate(stages) if s in PRUNING_STAGES), None)
+    from .stages import pruning_stages  # the stage registry says which stages prune
+
+    pruning = pruning_stages()
+    i = next((i for i, r in enumerate(rows) if r["stage"] in pruning), None)
     if i is None:
         return None
     return rows[max(i - 1, 0)], rows[-1]

@@ -10,7 +10,7 @@ import contextlib
 import math
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from .data import Data, batches
 from .grafting import graft_internal, graft_noise, graft_ring, lr_schedules
 from .measure import evaluate
 from .regularizers import Regularizer
+from .seeds import NETWORK_STRIDE, epoch_generator
 
 
 def make_optimizer(params, st) -> torch.optim.Optimizer:
@@ -38,13 +39,6 @@ def lr_at(st, epoch: int, epochs: int) -> float:
     if st.lr_schedule == "cosine":
         return 0.5 * st.lr * (1 + math.cos(math.pi * epoch / epochs))
     return st.lr
-
-
-def epoch_generator(device, seed: int, stage: str, epoch: int) -> torch.Generator:
-    """Data order and augmentation of one epoch depend only on (seed, stage, epoch): resumed runs repeat them."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed * 1_000_003 + sum(map(ord, stage)) * 1009 + epoch)
-    return g
 
 
 def autocast(device: torch.device, precision: str):
@@ -130,7 +124,7 @@ def fit(models: list, data: Data, st, *, stage: str, epochs: int, seed: int, tra
                 group["lr"] = lr
             net = f" net {k}" if len(models) > 1 else ""
             stats = train_epoch(model, data, st.batch_size, optimizer, reg,
-                                epoch_generator(device, seed + 100_003 * k, stage, epoch), trainer.precision,
+                                epoch_generator(device, seed + NETWORK_STRIDE * k, stage, epoch), trainer.precision,
                                 progress, desc=f"{stage}{net} {epoch + 1}/{epochs}")
             rows.append({"stage": stage, "epoch": epoch + 1, **({"net": k} if len(models) > 1 else {}),
                          "lr": lr, **stats, "seconds": time.perf_counter() - tic})

@@ -1,4 +1,29 @@
-"""Shared test setup: one torch thread (small models run faster so, and tests share the machine)."""
+"""Shared test setup: one torch thread (small models run faster so, and tests share the machine), and the
+fixtures every test module uses: composing configs in-process, running the installed command, the README."""
+
+import pytest
 import torch
 
+from helpers import ROOT, TINY, compose_config, run_cli
+
 torch.set_num_threads(1)
+
+@pytest.fixture(scope="session")
+def compose():
+    return compose_config
+
+
+@pytest.fixture(scope="session")
+def tiny(compose):
+    """Compose a tiny synthetic run with 2 pretrain and 1 finetune epochs, plus overrides."""
+    return lambda *overrides: compose(*TINY, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=1", *overrides)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def readme():
+    return (ROOT / "README.md").read_text()

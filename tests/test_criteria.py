@@ -12,8 +12,15 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from prune_cli.criteria import (CRITERIA, Criterion, Sample, build_criterion, feature_map_ranks,
-                                histogram_entropy, polarization_threshold)
+from prune_cli.criteria import (
+    CRITERIA,
+    Criterion,
+    Sample,
+    build_criterion,
+    feature_map_ranks,
+    histogram_entropy,
+    polarization_threshold,
+)
 from prune_cli.errors import UserError
 from prune_cli.models import ChannelGroup, Prunable, build_model
 
@@ -161,7 +168,7 @@ def test_entropy_hand_count():
     # min 0, max 1, 10 bins of width 0.1: bins 0, 1, 1, 3, 5, 5, 5, 9 (max goes to the last bin)
     row = torch.tensor([[0.0, 0.12, 0.17, 0.33, 0.55, 0.56, 0.58, 1.0]])
     p = np.array([1, 2, 1, 3, 1]) / 8
-    assert histogram_entropy(row).item() == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+    assert histogram_entropy(row.double()).item() == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
     assert histogram_entropy(torch.zeros(2, 9)).tolist() == [0.0, 0.0]  # constant filter: one bin
     assert histogram_entropy(torch.arange(10.0)[None]).item() == pytest.approx(math.log(10))  # uniform
 

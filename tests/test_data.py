@@ -1,9 +1,8 @@
-"""prune_cli.data: loaders read exactly what was written, splits, augmentation, batching, errors."""
+"""prune_cli.data: loaders read exactly what was written, splits, augmentation, batching, errors, declarations."""
 from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 from urllib.error import URLError
 
@@ -13,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).parent))
-import fakedata  # noqa: E402
-
-from prune_cli import data as D  # noqa: E402
-from prune_cli.errors import UserError  # noqa: E402
+import fakedata
+from prune_cli import data as D
+from prune_cli.data import container, fashion_mnist, tinyimagenet
+from prune_cli.data.spec import DatasetSpec
+from prune_cli.errors import UserError
+from prune_cli.options import check_block, defaults
+from prune_cli.seeds import numpy_rng
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 COMMON = ("name", "root", "download", "subset", "test_subset", "val_split", "pad", "flip")
@@ -131,7 +132,7 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch, name, module, ex
         raise URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(importlib.import_module(module), "download_and_extract_archive", offline)
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
     with pytest.raises(UserError) as e:
         D.load_data({"name": name, "root": str(tmp_path), "download": True}, seed=0, device="cpu")
     msg = one_line(e.value)
@@ -156,13 +157,13 @@ def test_tinyimagenet_roundtrip_and_cache(tmp_path, monkeypatch):
     assert_split(d.test, fake.x_test, fake.y_test)
     # the grayscale JPEG became 3 equal channels
     assert torch.equal(d.train.x[0, 0], d.train.x[0, 1]) and torch.equal(d.train.x[0, 0], d.train.x[0, 2])
-    cache = tmp_path / "tiny-imagenet-200" / D.TINY_CACHE
+    cache = tmp_path / "tiny-imagenet-200" / tinyimagenet.TINY_CACHE
     assert cache.is_file() and not list(cache.parent.glob("*.tmp.*"))
 
     def no_decoding(paths):
         raise AssertionError("decoded again despite a valid cache")
 
-    monkeypatch.setattr(D, "_decode_images", no_decoding)
+    monkeypatch.setattr(tinyimagenet, "decode_images", no_decoding)
     again = D.load_data(tiny_cfg(tmp_path), seed=0, device="cpu")
     assert torch.equal(again.train.x, d.train.x) and torch.equal(again.test.y, d.test.y)
 
@@ -210,19 +211,19 @@ def fm_cfg(root, **kw):
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_fashion_mnist_roundtrip(tmp_path, monkeypatch, compressed):
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
     fake = fakedata.make_fashion_mnist(tmp_path, n_train=60, n_test=20, compressed=compressed)
     d = D.load_data(fm_cfg(tmp_path), seed=0, device="cpu")
     assert d.num_classes == 10 and d.input_shape == (1, 28, 28) and d.mean.shape == (1,)
     assert_split(d.train, fake.x_train, fake.y_train)
     assert_split(d.test, fake.x_test, fake.y_test)
     assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == sorted(
-        f + (".gz" if compressed else "") for f in D._FMNIST_FILES)  # nothing written into root
+        f + (".gz" if compressed else "") for f in fashion_mnist.FILES)  # nothing written into root
 
 
 def test_fashion_mnist_debian_fallback_and_missing(tmp_path, monkeypatch):
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(debian))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", str(debian))
     with pytest.raises(UserError) as e:
         D.load_data(fm_cfg(tmp_path / "data"), seed=0, device="cpu")
     msg = one_line(e.value)
@@ -235,7 +236,7 @@ def test_fashion_mnist_debian_fallback_and_missing(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_truncated_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
     fakedata.make_fashion_mnist(tmp_path, n_train=10, n_test=10)
     images = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:100])
@@ -282,13 +283,13 @@ def test_synthetic_defaults_deterministic_and_learnable():
 def test_stratified_indices_exact_proportional_deterministic():
     y = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
     for n in (1, 7, 33, 64, 100):
-        idx = D.stratified_indices(y, n, D._rng(5, 1))
+        idx = D.stratified_indices(y, n, numpy_rng(5, 1))
         assert len(idx) == n and len(set(idx.tolist())) == n and torch.equal(idx, idx.sort().values)
         got = torch.bincount(y[idx], minlength=4).numpy()
         want = n * np.array([50, 30, 15, 5]) / 100
         assert np.all(np.abs(got - want) < 1), (n, got, want)
-        assert torch.equal(idx, D.stratified_indices(y, n, D._rng(5, 1)))
-    assert not torch.equal(D.stratified_indices(y, 33, D._rng(5, 1)), D.stratified_indices(y, 33, D._rng(6, 1)))
+        assert torch.equal(idx, D.stratified_indices(y, n, numpy_rng(5, 1)))
+    assert not torch.equal(D.stratified_indices(y, 33, numpy_rng(5, 1)), D.stratified_indices(y, 33, numpy_rng(6, 1)))
 
 
 def test_subset_in_load_data():
@@ -315,17 +316,54 @@ def test_val_split_disjoint_and_stratified(val_split, n_val):
 
 
 @pytest.mark.parametrize("key,value,fragment", [
-    ("subset", 0, "> 0"), ("subset", -5, "> 0"), ("subset", 201, "larger than the 200-image train split"),
-    ("subset", 1.5, "whole number"), ("test_subset", 81, "larger than the 80-image test split"),
-    ("val_split", 1.0, "[0, 1)"), ("val_split", -0.1, "[0, 1)"), ("val_split", 200, "leaves none"),
-    ("val_split", "x", "count"), ("pad", -1, ">= 0"), ("pad", 8, "not smaller"), ("flip", "yes", "true or false"),
-    ("name", "imagenet", "unknown dataset"), ("num_classes", 0, "positive"),
+    ("subset", 201, "201 is larger than the 200-image train split of synthetic; use at most 200 or null"),
+    ("test_subset", 81, "81 is larger than the 80-image test split of synthetic; use at most 80 or null"),
+    ("val_split", 200, "holding out 200 images leaves none of the 200 train images of synthetic for training"),
+    ("val_split", 0.999, "holding out 200 images leaves none"),
+    ("pad", 8, "8 is not smaller than the 8x8 images of synthetic"),
+    ("name", "imagenet", "unknown dataset 'imagenet'"),
 ])
-def test_invalid_options(key, value, fragment):
+def test_invalid_for_the_data(key, value, fragment):
+    """What load_data checks itself: the name, and (after the read) what only the data can tell."""
     with pytest.raises(UserError) as e:
         D.load_data(synth(**{key: value}), seed=0, device="cpu")
     assert e.value.option == f"dataset.{key}"
     assert fragment in one_line(e.value)
+
+
+@pytest.mark.parametrize("name,key,value,fragment", [
+    ("synthetic", "subset", 0, ">= 1 or null"), ("synthetic", "subset", -5, ">= 1"),
+    ("synthetic", "subset", 1.5, "an integer"), ("synthetic", "subset", True, "an integer"),
+    ("synthetic", "test_subset", 0, ">= 1 or null"),
+    ("synthetic", "val_split", 1.0, "[0, 1)"), ("synthetic", "val_split", -0.1, "[0, 1)"),
+    ("synthetic", "val_split", -3, ">= 0"), ("synthetic", "val_split", "x", "count"),
+    ("synthetic", "val_split", True, "count"), ("synthetic", "val_split", float("nan"), "count"),
+    ("synthetic", "pad", -1, ">= 0"), ("synthetic", "pad", 1.0, "an integer"), ("synthetic", "pad", None, "null"),
+    ("synthetic", "flip", "yes", "true or false"), ("synthetic", "download", 1, "true or false"),
+    ("synthetic", "num_classes", 0, ">= 2"), ("synthetic", "num_classes", 1, ">= 2"),
+    ("synthetic", "channels", 0, ">= 1"), ("synthetic", "image_size", 2.5, "an integer"),
+    ("synthetic", "train_size", 0, ">= 1"), ("synthetic", "test_size", -1, ">= 1"),
+    ("synthetic", "bogus", 1, "unknown option"), ("digits", "channels", 3, "unknown option"),
+    ("cifar10", "check_md5", "no", "true or false"), ("cifar100", "root", 5, "a string"),
+])
+def test_invalid_values_by_declaration(name, key, value, fragment):
+    """Type and range of single values: the declarations say, checked before anything is read."""
+    block = {k: v for k, v in synth(**{key: value}).items() if k != "name"} if name == "synthetic" else {key: value}
+    with pytest.raises(UserError) as e:
+        check_block(block, D.DATASETS.get(name).options, "dataset")
+    assert e.value.option == f"dataset.{key}"
+    assert fragment in one_line(e.value)
+    # load_data checks the same declarations for direct callers (scripts, tests) before reading
+    with pytest.raises(UserError) as e:
+        D.load_data({"name": name, **block}, seed=0, device="cpu")
+    assert e.value.option == f"dataset.{key}"
+
+
+@pytest.mark.parametrize("value", [0, 0.0, None, 5, 0.5, 0.0001])
+def test_valid_val_split_values(value):
+    check_block({"val_split": value}, D.DATASETS.get("synthetic").options, "dataset")
+    d = D.load_data(synth(val_split=value), seed=0, device="cpu")
+    assert len(d.val or ()) == {0: 0, None: 0, 5: 5, 0.5: 100, 0.0001: 1}[value]  # a fraction holds out >= 1
 
 
 # --------------------------------------------------------------------------- augment, normalize, batches
@@ -349,7 +387,7 @@ def test_augment_identity_and_determinism():
 def test_augment_flip_only():
     x = rand_images(b=64)
     out = D.augment(x, 0, True, torch.Generator().manual_seed(1))
-    _, _, flipped = D._augment_params(64, 0, True, torch.Generator().manual_seed(1), x.device)
+    _, _, flipped = container.augment_params(64, 0, True, torch.Generator().manual_seed(1), x.device)
     for i in range(64):
         assert torch.equal(out[i], x[i].flip(-1) if flipped[i] else x[i])
     assert 16 < int(flipped.sum()) < 48
@@ -359,7 +397,7 @@ def test_augment_flip_only():
 def test_augment_matches_per_sample_reference(pad, flip):
     x = rand_images(b=32)
     out = D.augment(x, pad, flip, torch.Generator().manual_seed(11))
-    dy, dx, flipped = D._augment_params(32, pad, flip, torch.Generator().manual_seed(11), x.device)
+    dy, dx, flipped = container.augment_params(32, pad, flip, torch.Generator().manual_seed(11), x.device)
     h, w = x.shape[2:]
     windows_seen = set()
     for i in range(32):
@@ -415,7 +453,7 @@ def test_batches_cover_each_index_once():
 
 def test_yaml_files_have_common_keys_with_comments(monkeypatch, tmp_path):
     names = sorted(p.stem for p in CONF.glob("*.yaml"))
-    assert names == sorted(D.NAMES)
+    assert names == D.DATASETS.names()
     monkeypatch.setenv("PRUNE_CLI_DATA", str(tmp_path))
     for name in names:
         text = (CONF / f"{name}.yaml").read_text()
@@ -425,9 +463,21 @@ def test_yaml_files_have_common_keys_with_comments(monkeypatch, tmp_path):
         cfg = OmegaConf.load(CONF / f"{name}.yaml")
         assert cfg.name == name and all(k in cfg for k in COMMON), name
         assert cfg.root == str(tmp_path) and cfg.download is False and cfg.val_split == 0
-        assert (cfg.pad, cfg.flip) == D.DEFAULT_AUGMENT[name]
     monkeypatch.delenv("PRUNE_CLI_DATA")
     assert OmegaConf.load(CONF / "cifar10.yaml").root == "data"
+
+
+def test_specs_declare_exactly_the_yaml_keys_and_defaults(monkeypatch):
+    monkeypatch.delenv("PRUNE_CLI_DATA", raising=False)  # root's YAML value is then the declared "data"
+    for name, spec in D.DATASETS.items():
+        assert issubclass(spec, DatasetSpec) and spec.name == name
+        yaml = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+        del yaml["name"]
+        declared = defaults(spec.options)
+        assert list(declared) == list(yaml), name  # same keys, in the YAML's order
+        assert all(declared[k] == v and type(declared[k]) is type(v) for k, v in yaml.items()), name
+        assert all(o.doc and "\n" not in o.doc for o in spec.options), name
+        assert check_block(yaml, spec.options, "dataset", fill=False) == yaml
 
 
 def test_defaults_when_keys_missing():
@@ -436,7 +486,7 @@ def test_defaults_when_keys_missing():
 
 
 def test_describe_matches_load_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
     fakedata.make_cifar10(tmp_path, n_train=10, n_test=10)
     fakedata.make_cifar100(tmp_path, n_train=10, n_test=10)
     fakedata.make_fashion_mnist(tmp_path, n_train=10, n_test=10)

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from prune_cli.gates import Gates, freeze_weights, select_epoch, select_top_gates, train_gates
+from prune_cli.gates import Gates, freeze_weights, select_epoch, train_gates
 from prune_cli.models import build_model
 from prune_cli.pruning import mask_channels, prune_channels, structure
-
+from prune_cli.selection import select_top_gates
 
 
 def model_of(name, **kw):

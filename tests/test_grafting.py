@@ -6,10 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from prune_cli.grafting import (filter_entropy, graft_alpha, graft_internal, graft_layers, graft_noise, graft_ring,
-                                layer_entropy, lr_schedules)
+from prune_cli.grafting import (
+    filter_entropy,
+    graft_alpha,
+    graft_internal,
+    graft_layers,
+    graft_noise,
+    graft_ring,
+    layer_entropy,
+    lr_schedules,
+)
 from prune_cli.models import build_model
-
 
 
 def model_of(name, seed, **kw):

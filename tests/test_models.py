@@ -1,12 +1,12 @@
-"""Models: reference params/MACs (methods.md), counting from widths, and exact physical pruning."""
+"""Models: reference params/MACs (docs/methods.md), counting from widths, and exact physical pruning."""
 import pytest
 import torch
 
 from prune_cli.measure import count_macs, count_params
-from prune_cli.models import MODEL_NAMES, build_model
+from prune_cli.models import MODELS, build_model
 from prune_cli.pruning import mask_channels, prune_channels, structure
 
-# methods.md "Reference values for the CIFAR models" (32x32, 10 classes, option A, single linear head)
+# docs/methods.md "Counting conventions" (32x32, 10 classes, option A, single linear head)
 REFERENCE = {  # name, extra arch options -> (params in M, digits), (MACs in M, digits)
     ("resnet20", ()): ((0.2697, 4), (40.55, 2)),
     ("resnet32", ()): ((0.4642, 4), (68.86, 2)),
@@ -48,7 +48,7 @@ def calibrated(model, shape, seed=0):
     return model.eval()
 
 
-MODELS = [(n, 3, 64 if n in ("resnet18", "resnet34") else 32) for n in MODEL_NAMES]
+MODELS = [(n, 3, 64 if n in ("resnet18", "resnet34") else 32) for n in MODELS.names()]
 
 
 @pytest.mark.parametrize("name,channels,size", MODELS)

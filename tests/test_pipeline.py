@@ -4,20 +4,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 import fakedata
+from helpers import TINY
+from helpers import compose_config as config
 from prune_cli import pipeline, train
-from prune_cli.__main__ import CONF_DIR
 from prune_cli.errors import UserError
-
-TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=48", "dataset.image_size=16",
-        "trainer.batch_size=32", "trainer.eval_batch_size=48", "trainer.progress=false"]
-
-
-def config(*overrides):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+from prune_cli.stages.prune import zero_groups
 
 
 def fast(*overrides):
@@ -190,7 +183,7 @@ def test_zero_groups_counts_zeroed_consumer_kernels():
     group = model.channel_groups()[0]
     with torch.no_grad():
         model.get_submodule(group.consumers[0]).weight[:, :4] = 0
-    stats = pipeline.zero_groups(model, group)
+    stats = zero_groups(model, group)
     assert stats == {"zero_filters": 0.0, "zero_feature_groups": 4 / 16}
 
 

@@ -1,24 +1,36 @@
-"""What every prunable model exposes: its channel groups and how to rebuild it.
+"""What every prunable model family exposes, behind one interface, and the registry of families.
 
-A *channel group* is one prunable set of channels: the output channels of a
-producer conv, the matching entries of its BatchNorm, and the matching input
-channels of every consumer (conv or linear). Models are built from a list of
-widths, one per group, so a pruned model is rebuilt from its widths
-(``build_model(model.arch)``), never unpickled.
+A *channel group* is one prunable set of channels: the output channels of a producer conv, the
+matching entries of its BatchNorm (where a channel mask applies: the BN output times 0 is exactly the
+channel removed), and the matching input channels of every consumer (conv or linear). A model is
+built from a list of widths, one per group, so a pruned model is rebuilt from its widths
+(``build_model(model.arch)``), never unpickled. Families register by decorator:
+``@MODELS.register("resnet20", "resnet56")``; nothing outside ``prune_cli/models`` tests model types.
 """
+
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from ..options import Float, Option
+from ..registry import Registry
+
+MODELS = Registry("model", "model.name")
+
+WIDTH_MULT = Float("width_mult", 1.0, "multiplies every width (channel expansion, e.g. 1.25 for Pruning from Scratch)",
+                   lo=0.0, lo_open=True)
 
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    name: str  # stable name, e.g. "layer1.0" or "features.3"
+    name: str  # stable name, e.g. "layers.1.0" or "conv3"; what prune.skip / layer_ratios patterns match
     conv: str  # module name of the producer conv (its output channels)
-    bn: str  # module name of the BatchNorm after it
+    bn: str  # module name of the BatchNorm after it: where a channel mask applies
     consumers: tuple[str, ...]  # modules whose input channels are these channels
 
 
@@ -27,9 +39,30 @@ class Prunable(nn.Module, abc.ABC):
 
     arch: dict
 
+    @classmethod
+    def options_for(cls, name: str) -> tuple[Option, ...]:
+        """The ``model.*`` options of the variant ``name`` (besides ``name`` itself)."""
+        return (WIDTH_MULT,)
+
     @abc.abstractmethod
     def channel_groups(self) -> list[ChannelGroup]:
         """The prunable channel groups, in forward order; one per entry of ``arch['widths']``."""
+
+    def last_groups(self) -> set[int]:
+        """Groups whose channels feed the classifier directly: what ``prune.protect_last`` keeps whole."""
+        return set()
+
+    def shortcut_convs(self) -> list[str]:
+        """Module names of residual projection convs (regularizers may leave them out)."""
+        return []
+
+    def segments(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+        """The model as a chain of (module-name prefix, function): ``model(x)`` = the functions in turn.
+
+        Lets a caller cache a segment's input and re-run only from the segment that holds a channel
+        group (the loss greedy does). The default is one segment, the whole model.
+        """
+        return [("", self)]
 
     @property
     def widths(self) -> list[int]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ChannelGroup, Prunable
+from ..options import Choice
+from .base import MODELS, WIDTH_MULT, ChannelGroup, Prunable
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -58,8 +59,22 @@ VARIANTS = {
 }
 
 
+SHORTCUT_DOC = "A: stride-2 subsample + zero-pad channels (the CIFAR papers' choice); B: 1x1 conv + BN"
+STEM = Choice("stem", "cifar", ("cifar", "imagenet"),
+              "cifar: 3x3/1 conv, no pooling (usual for 64x64 inputs); imagenet: 7x7/2 conv + max-pool")
+
+
+@MODELS.register(*VARIANTS)
 class ResNet(Prunable):
     """``widths`` lists the internal width of every block, in forward order."""
+
+    @classmethod
+    def options_for(cls, name: str):
+        _, _, shortcut, _ = VARIANTS[name]
+        options = (Choice("shortcut", shortcut, ("A", "B"), SHORTCUT_DOC),)
+        if shortcut == "B":  # the TinyImageNet ResNets also choose their stem
+            options += (STEM,)
+        return (*options, WIDTH_MULT)
 
     def __init__(self, name: str, num_classes: int, in_channels: int, widths: list[int] | None = None,
                  width_mult: float = 1.0, shortcut: str | None = None, stem: str | None = None):
@@ -98,6 +113,16 @@ class ResNet(Prunable):
         return [ChannelGroup(f"layers.{s}.{b}", f"layers.{s}.{b}.conv1", f"layers.{s}.{b}.bn1",
                              (f"layers.{s}.{b}.conv2",))
                 for s, layer in enumerate(self.layers) for b in range(len(layer))]
+
+    def shortcut_convs(self) -> list[str]:
+        return [f"{name}.0" for name, m in self.named_modules()
+                if name.endswith("shortcut") and isinstance(m, nn.Sequential)]
+
+    def segments(self):
+        """Stem, every BasicBlock ``layers.s.b``, head."""
+        stem = [("conv1", lambda x: self.pool(F.relu(self.bn1(self.conv1(x)))))]
+        blocks = [(f"layers.{s}.{b}", block) for s, layer in enumerate(self.layers) for b, block in enumerate(layer)]
+        return stem + blocks + [("fc", lambda x: self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)))]
 
 
 def init_weights(model: nn.Module) -> None:

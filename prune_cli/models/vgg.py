@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import ChannelGroup, Prunable
+from ..options import Choice
+from .base import MODELS, WIDTH_MULT, ChannelGroup, Prunable
 from .resnet import init_weights
 
 M = "M"  # 2x2 max-pool
@@ -21,7 +22,14 @@ CONFIGS = {
 }
 
 
+@MODELS.register(*CONFIGS)
 class VGG(Prunable):
+    @classmethod
+    def options_for(cls, name: str):
+        head = Choice("head", "linear", ("linear", "li"),
+                      "linear: one 512->classes layer; li: 512-512-classes with BN (Li et al. ICLR 2017)")
+        return (head, WIDTH_MULT)
+
     def __init__(self, name: str, num_classes: int, in_channels: int, widths: list[int] | None = None,
                  width_mult: float = 1.0, head: str = "linear"):
         super().__init__()
@@ -58,3 +66,13 @@ class VGG(Prunable):
         # named conv1..convN as in the papers ("conv1 and conv8-13 pruned 50%")
         return [ChannelGroup(f"conv{k + 1}", c, f"features.{i + 1}", (nxt,))
                 for k, (i, c, nxt) in enumerate(zip(self._convs, convs, consumers))]
+
+    def last_groups(self) -> set[int]:
+        return {len(self._convs) - 1}
+
+    def segments(self):
+        """One segment per conv (``features.i`` up to the next conv: conv, BN, ReLU, pool), then the head."""
+        starts = list(self._convs)
+        cuts = ([0] if starts[0] != 0 else []) + starts + [len(self.features)]
+        segments = [(f"features.{a}", self.features[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        return segments + [("classifier", lambda x: self.classifier(self.pool(x).flatten(1)))]

@@ -1,0 +1,36 @@
+"""The stage interface and registry: a schedule lists stage names, the pipeline resolves them here.
+
+A stage declares its ``options`` (the ``schedule.<name>`` block; None when it has none), whether it
+``prunes`` (its row is the pruned model in the tables), its rules across options (``check_config``,
+run before anything is read) and what it builds in advance so a bad setting fails before training
+(``prepare``). ``run`` takes the model and returns the model that continues.
+"""
+
+from __future__ import annotations
+
+from ..options import Option
+from ..registry import Registry
+
+STAGES = Registry("stage", "schedule.stages")
+
+
+class Stage:
+    name: str = ""
+    options: tuple[Option, ...] | None = None
+    prunes: bool = False
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        """Rules across options for a schedule that lists this stage (``cfg``: the checked, plain config)."""
+
+    def prepare(self, ctx) -> None:
+        """Build what the stage needs from the model as configured, so it fails before any training."""
+
+    def run(self, model, ctx, checkpoint: dict | None):
+        """Run the stage (``checkpoint``: its unfinished checkpoint, to resume from); return the model."""
+        raise NotImplementedError
+
+
+def pruning_stages() -> list[str]:
+    """Names of the registered stages that prune (the report's dense -> pruned boundary)."""
+    return [name for name, stage in STAGES.items() if stage.prunes]

@@ -1,0 +1,111 @@
+"""The prune stage: the configured criterion chooses channels, the selection meets ``prune.*``, and the
+channels are removed physically; ``prune.steps`` > 1 prunes iteratively with short finetunes between.
+
+Shared with every stage that prunes (``finish_pruning``): surgery, ``scores.csv``, ``layers.csv``,
+the test of the pruned model and its checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+
+from omegaconf import OmegaConf
+
+from ..criteria import CRITERIA, build_criterion
+from ..errors import UserError
+from ..pruning import prune_channels, structure
+from ..regularizers import ZERO_THRESHOLD
+from ..selection import Budget, matching
+from ..train import fit, show_progress
+from .base import STAGES, Stage
+
+# the block whose settings the finetune between iterative steps takes (with prune.step_*), first found
+STEP_SETTINGS_FROM = ("finetune", "scratch", "pretrain", "sparse_train")
+
+
+@STAGES.register("prune")
+class Prune(Stage):
+    """Scores channels with the criterion, selects them to meet the target, removes them physically."""
+
+    prunes = True
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        CRITERIA.get(cfg["criterion"]["name"]).check_config(cfg)
+        p = cfg["prune"]
+        if p["steps"] > 1 and not any(s in cfg["schedule"] for s in STEP_SETTINGS_FROM):
+            raise UserError("prune.steps", "iterative steps finetune with a training stage's settings; "
+                            "the schedule has no training block")
+
+    def prepare(self, ctx) -> None:
+        build_criterion(ctx.cfg.criterion)
+
+    def run(self, model, ctx, checkpoint):
+        cfg, p = ctx.cfg, ctx.cfg.prune
+        tic = time.perf_counter()
+        dense_widths = model.widths
+        dense_amount = Budget(structure(model, ctx.input_shape), dense_widths, p.target).total
+        extra = {}
+        for step in range(1, p.steps + 1):
+            ratio = p.ratio
+            if ratio is not None and p.steps > 1:  # cumulative share of the DENSE amount, as a share of the current one
+                current = Budget(structure(model, ctx.input_shape), model.widths, p.target).total
+                ratio = 1 - dense_amount * (1 - p.ratio * step / p.steps) / current
+            keep, scores, stats = choose(model, ctx, ratio)
+            extra.update(stats)
+            if step < p.steps:
+                model = prune_channels(model, keep)
+                st = step_finetune_settings(cfg)
+                ctx.run.histories[f"prune_step{step}"] = fit(
+                    [model], ctx.data, st, stage=f"prune_step{step}", epochs=st.epochs, seed=cfg.seed,
+                    trainer=cfg.trainer)
+        return finish_pruning(model, keep, scores, ctx, self.name, time.perf_counter() - tic, extra, dense_widths)
+
+
+def step_finetune_settings(cfg):
+    """Iterative pruning's short finetune: the schedule's finetune (or first training) block, with prune.step_*."""
+    base = next(cfg.schedule[s] for s in STEP_SETTINGS_FROM if s in cfg.schedule)
+    return OmegaConf.merge(base, {"epochs": cfg.prune.step_epochs, "lr": cfg.prune.step_lr,
+                                  "lr_schedule": "constant", "graft": {"variant": "none"}})
+
+
+def choose(model, ctx, ratio: float | None):
+    """Keep masks, the scores behind them and the selection's statistics for one pruning step."""
+    cfg, p = ctx.cfg, ctx.cfg.prune
+    model.eval()
+    groups = model.channel_groups()
+    protect = matching([g.name for g in groups], p.skip)
+    if p.protect_last:
+        protect |= model.last_groups()
+    criterion = build_criterion(cfg.criterion)
+    sample = ctx.sample(criterion.sample_size) if criterion.needs_data else None
+    prune = OmegaConf.to_container(p, resolve=True)
+    return criterion.choose(model, structure(model, ctx.input_shape), sample, prune, ratio, protect,
+                            progress=show_progress(cfg.trainer.progress))
+
+
+def finish_pruning(model, keep, scores, ctx, stage: str, seconds: float, extra: dict | None = None,
+                   dense_widths: list[int] | None = None):
+    """Remove the channels physically, write scores.csv / layers.csv, test, and checkpoint the stage."""
+    run = ctx.run
+    groups = model.channel_groups()
+    pruned = prune_channels(model, keep)
+    run.write_csv("scores.csv", [
+        {"layer": g.name, "channel": c, "score": float(s[c]), "kept": bool(k[c])}
+        for g, s, k in zip(groups, scores, keep) for c in range(len(s))])
+    run.write_csv("layers.csv", [
+        {"layer": g.name, "before": before, "after": int(k.sum()), **zero_groups(model, g)}
+        for g, k, before in zip(groups, keep, dense_widths or [len(k) for k in keep])])
+    top1, loss = ctx.test(pruned)
+    run.rows.append({**ctx.measure(stage, pruned, top1, loss, top1, 0, seconds), **(extra or {})})
+    run.save(stage, [pruned], done=True, extra={"keep": keep})
+    return pruned
+
+
+def zero_groups(model, group) -> dict:
+    """Share of the group's channels whose filter / feature-wise group (all consumers' W[:, c]) is zero (< 1e-3)."""
+    filters = model.get_submodule(group.conv).weight.detach().flatten(1).norm(dim=1)
+    features = sum(model.get_submodule(c).weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1)
+                   for c in group.consumers).sqrt()
+    return {"zero_filters": float((filters < ZERO_THRESHOLD).float().mean()),
+            "zero_feature_groups": float((features < ZERO_THRESHOLD).float().mean())}

@@ -1,0 +1,60 @@
+"""The ``trainer.*`` options (where and how every stage trains), the device they name, and the
+process-wide settings they make (threads, deterministic kernels)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import UserError
+from .options import Bool, Choice, Int, Str
+
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+
+OPTIONS = (
+    Str("device", "auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps",
+        rule=lambda v: None if re.fullmatch(DEVICE_PATTERN, v) else f"must be auto, cpu, cuda, cuda:N or mps; got {v!r}",
+        rule_doc="auto, cpu, cuda, cuda:N or mps"),
+    Int("batch_size", 128, "default batch size of every stage (a stage may set its own)", lo=1),
+    Int("eval_batch_size", 1000, "batch size for evaluation", lo=1),
+    Int("threads", 0, "CPU threads for torch (0: torch's default)", lo=0),
+    Choice("precision", "fp32", ("fp32", "bf16", "fp16"), "autocast precision (fp16 needs cuda)"),
+    Bool("deterministic", False, "deterministic kernels (slower on GPU); CPU runs are reproducible anyway"),
+    Int("max_epochs", None, "cap every stage's epochs (smoke runs)", lo=1, nullable=True),
+    Int("eval_every", 1, "evaluate on the test split every N epochs (and always at the last)", lo=1),
+    Choice("progress", "auto", ("auto", True, False), "a progress bar per epoch: auto = on a terminal"),
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device ``trainer.device`` names, refused in one line when this machine lacks it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(DEVICE_PATTERN, str(name)):
+        raise UserError("trainer.device", f"must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("trainer.device", "CUDA is not available on this machine; use trainer.device=cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UserError("trainer.device", f"{name} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("trainer.device", "MPS is not available on this machine")
+    return torch.device(name)
+
+
+def check_config(cfg) -> None:
+    t = cfg["trainer"]
+    device = resolve_device(t["device"])
+    if t["precision"] == "fp16" and device.type != "cuda":
+        raise UserError("trainer.precision", "fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+
+
+def apply(trainer) -> None:
+    """Process-wide settings of a run: torch's thread count and deterministic kernels."""
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
+    if trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False

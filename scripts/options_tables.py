@@ -1,0 +1,27 @@
+"""Regenerate the README's option tables from the declarations (``python scripts/options_tables.py``).
+
+The tables sit between ``<!-- options:begin -->`` and ``<!-- options:end -->``; a test checks that they
+equal what the declarations generate, so they cannot drift.
+"""
+
+import re
+from pathlib import Path
+
+from prune_cli.config import options_reference
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def main() -> None:
+    text = README.read_text()
+    block = f"<!-- options:begin -->\n{options_reference().strip()}\n<!-- options:end -->"
+    if "<!-- options:begin -->" in text:
+        text = re.sub(r"<!-- options:begin -->.*?<!-- options:end -->", lambda _: block, text, flags=re.S)
+    else:
+        raise SystemExit("README.md has no <!-- options:begin --> / <!-- options:end --> markers")
+    README.write_text(text)
+    print(f"wrote the option tables into {README}")
+
+
+if __name__ == "__main__":
+    main()

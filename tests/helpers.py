@@ -1,0 +1,69 @@
+"""Helpers the test modules share (test modules never import each other): composing configs in-process,
+running the installed command, and a tiny synthetic run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+
+import fakedata
+from prune_cli.__main__ import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = ROOT / "tests" / "golden"  # results tables captured before the architecture changed
+
+# a tiny synthetic run: the whole pipeline in a second or two
+TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=48", "dataset.image_size=16",
+        "trainer.batch_size=32", "trainer.eval_batch_size=48", "trainer.progress=false"]
+
+
+def compose_config(*overrides):
+    """The config ``prune-cli`` composes for these overrides (Hydra's compose API, in-process)."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def run_cli(*args, cwd, env=None, timeout=300):
+    """``python -m prune_cli ARGS`` as a user runs it."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "prune_cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def make_preset_data(root: Path) -> Path:
+    """Small CIFAR-10/100 and TinyImageNet files in the real formats, for the presets' smoke runs."""
+    fakedata.make_cifar10(root, n_train=120, n_test=64)
+    fakedata.make_cifar100(root, n_train=200, n_test=100)
+    fakedata.make_tinyimagenet(root, n_classes=3, n_train_per_class=4, n_val_per_class=2)
+    return root
+
+
+def smoke_overrides(preset: str, root) -> list[str]:
+    out = [f"experiment={preset}", "debug=smoke", f"dataset.root={root}", "trainer.progress=false"]
+    if "tinyimagenet" in preset:  # 12 train / 6 val images of 64x64: use them all
+        out += ["dataset.subset=null", "dataset.test_subset=null"]
+
+    else:
+        out += ["dataset.check_md5=false"]
+    if preset.startswith("pfs"):
+        out += ["dataset.val_split=16"]
+    if preset in ("hgsr_resnet34_tinyimagenet", "hgsr_vgg14_cifar10"):
+        # the loss greedy over 4,000 channels (VGG-16 to 85% of params; ResNet-34 at 64x64) takes minutes on a CPU,
+        # not seconds; the two ResNet HGSR presets smoke-test it, these two the rest of their pipeline
+        out += ["criterion=group_norm"]
+    elif preset.startswith("hgsr"):  # the loss greedy, smaller: 16 images, half the remaining channels per round
+        out += ["criterion.num_images=16", "criterion.channels_per_round=0.5"]
+    if preset.startswith("polarization"):  # one epoch cannot polarize the gammas: the histogram rule rightly refuses
+        out += ["prune.ratio=0.3"]
+    return out
+
+
+def results_table(run_dir: Path) -> str:
+    """A run's results.csv as text, every cell as written, without its wall-clock columns."""
+    df = pd.read_csv(Path(run_dir) / "results.csv", dtype=str, keep_default_na=False)
+    timing = [c for c in df.columns if c == "seconds" or c.endswith("_seconds")]
+    return df.drop(columns=timing).to_csv(index=False)

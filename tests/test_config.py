@@ -1,0 +1,156 @@
+"""The config checker against the declarations: every option of every part refuses a wrong type or range
+with its full path, composed configs hold exactly the declared options, YAML defaults equal the declared
+ones, the README's option tables are the generated ones, and the loss criterion fails before training."""
+
+import copy
+import re
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from prune_cli import config
+from prune_cli.__main__ import CONF_DIR
+from prune_cli.config import NAMED_GROUPS, declared, options_reference, validate
+from prune_cli.errors import UserError
+from prune_cli.options import walk
+from prune_cli.stages import STAGES
+
+GROUP_CHOICES = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) for group in NAMED_GROUPS}
+PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+SCHEDULES = sorted(p.stem for p in (CONF_DIR / "schedule").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def composed(compose):
+    """Plain composed configs: one per group choice, schedule and preset (composed once, shared)."""
+    out = {}
+    for group, choices in GROUP_CHOICES.items():
+        for choice in choices:
+            out[f"{group}={choice}"] = compose(f"{group}={choice}")
+    for schedule in SCHEDULES:
+        out[f"schedule={schedule}"] = compose(f"schedule={schedule}")
+    for preset in PRESETS:
+        out[f"experiment={preset}"] = compose(f"experiment={preset}")
+    return {k: OmegaConf.to_container(v, resolve=True) for k, v in out.items()}
+
+
+def test_every_composed_config_holds_exactly_the_declared_options(composed):
+    for key, cfg in composed.items():
+        for path, options in declared(cfg).items():
+            block = cfg
+            for part in path.split("."):
+                block = block[part]
+            names = {o.name for o in options}
+            assert set(block) - {"name"} == names, (key, path)
+            for o in options:
+                if o.kind == "section":
+                    assert set(block[o.name]) == {f.name for f in o.fields}, (key, path, o.name)
+
+
+def test_yaml_values_equal_the_declared_defaults():
+    """A group's choice file sets every option to its declared default (interpolations aside)."""
+    for group, choices in GROUP_CHOICES.items():
+        for choice in choices:
+            raw = yaml.safe_load((CONF_DIR / group / f"{choice}.yaml").read_text())
+            for o in config.part_options(group, raw["name"]):
+                if isinstance(raw[o.name], str) and "${" in raw[o.name]:
+                    continue
+                assert raw[o.name] == o.default, f"{group}/{choice}.yaml: {o.name}"
+    for group, options in config.FIXED_GROUPS.items():
+        raw = yaml.safe_load((CONF_DIR / group / "default.yaml").read_text())
+        assert raw == {o.name: o.default for o in options}, group
+    for stage_file in (CONF_DIR / "stage").glob("*.yaml"):
+        raw = yaml.safe_load(stage_file.read_text())
+        stage = STAGES.get("gates" if stage_file.stem == "gates" else "pretrain")
+        for full, o in walk(stage.options):
+            value = raw
+            for part in full.split("."):
+                value = value[part]
+            if not (isinstance(value, str) and "${" in value):
+                assert value == o.default, f"stage/{stage_file.name}: {full}"
+
+
+def bad_values(o):
+    """Values the declaration must refuse: a wrong type, and a value just outside its range."""
+    wrong_type = {"int": "abc", "float": "abc", "bool": "maybe", "str": 12, "choice": "nonsense",
+                  "list": "not-a-list", "map": "not-a-map"}[o.kind]
+    out = [wrong_type]
+    if o.kind == "int" and o.lo is not None:
+        out.append(int(o.lo) - 1)
+    if o.kind == "float" and o.lo is not None:
+        out.append(o.lo - 1.0 if not o.lo_open else o.lo)
+    if o.kind in ("int", "float") and o.hi is not None:
+        out.append(o.hi + 1)
+    if not o.nullable:
+        out.append(None)
+    return out
+
+
+def declaration_cases():
+    """(base config key, full option path) of every declared option of every part."""
+    cases = [("model=resnet20", "seed"), ("model=resnet20", "init_from")]
+    for group, choices in GROUP_CHOICES.items():
+        for choice in choices:
+            name = yaml.safe_load((CONF_DIR / group / f"{choice}.yaml").read_text())["name"]
+            cases += [(f"{group}={choice}", p) for p, _ in walk(config.part_options(group, name), group)]
+    for group, options in config.FIXED_GROUPS.items():
+        cases += [("model=resnet20", p) for p, _ in walk(options, group)]
+    for name, stage in STAGES.items():
+        if stage.options:
+            base = "schedule=pfs" if name == "gates" else f"schedule={'sparse' if name == 'sparse_train' else 'scratch' if name == 'scratch' else 'default'}"
+            cases += [(base, p) for p, _ in walk(stage.options, f"schedule.{name}")]
+    return cases
+
+
+@pytest.mark.parametrize("base,path", declaration_cases(), ids=lambda v: v)
+def test_every_declared_option_refuses_bad_values(composed, base, path):
+    cfg = composed[base]
+    options = {**{"seed": config.RUN_OPTIONS[0], "init_from": config.RUN_OPTIONS[1]}}
+    for prefix, declared_options in declared(cfg).items():
+        options.update(dict(walk(declared_options, prefix)))
+    o = options[path]
+    for value in bad_values(o) if path != "init_from" else [12]:
+        bad = copy.deepcopy(cfg)
+        block = bad
+        *parents, leaf = path.split(".")
+        for part in parents:
+            block = block[part]
+        block[leaf] = value
+        with pytest.raises(UserError) as e:
+            validate(OmegaConf.create(bad))
+        assert e.value.option == path or e.value.option.startswith(path + "["), (path, value, str(e.value))
+
+
+def test_unknown_key_is_refused_with_its_path(composed):
+    cfg = copy.deepcopy(composed["model=resnet20"])
+    cfg["criterion"]["granularty"] = "filter"
+    with pytest.raises(UserError, match="unknown option") as e:
+        validate(OmegaConf.create(cfg))
+    assert e.value.option == "criterion.granularty"
+
+
+def test_loss_criterion_options_fail_before_training(compose):
+    cases = {"criterion.channels_per_round=0": "criterion.channels_per_round: a share in (0, 1] or a count >= 1 (got 0)",
+             "criterion.verify=abc": "criterion.verify: must be a number > 0 or null; got 'abc'",
+             "prune.ratio=null": "prune.ratio: the loss criterion selects to a target"}
+    for override, message in cases.items():
+        with pytest.raises(UserError) as e:
+            validate(compose("criterion=loss", override))
+        assert str(e.value).startswith(message), str(e.value)
+
+
+def test_loss_criterion_error_through_the_command_before_any_data(cli, tmp_path):
+    # CIFAR-10 with no files: reaching the data would fail differently, so this error came first
+    r = cli("criterion=loss", "criterion.channels_per_round=0", "dataset=cifar10", f"dataset.root={tmp_path}/none",
+            f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: criterion.channels_per_round: a share in (0, 1] or a count >= 1 (got 0)"]
+    assert not (tmp_path / "run" / "results.csv").exists()
+
+
+def test_readme_option_tables_are_the_generated_ones(readme):
+    found = re.search(r"<!-- options:begin -->\n(.*?)<!-- options:end -->", readme, re.S)
+    assert found, "the README lacks its generated option tables"
+    assert found.group(1).strip() == options_reference().strip(), "regenerate: python scripts/options_tables.py"
