@@ -1,0 +1,122 @@
+"""The loaded dataset on the device, and its batching: containers, normalisation and augmentation.
+
+Every dataset ends up as ``uint8 [N, C, H, W]`` images and ``int64 [N]`` labels on the training
+device, and is then only indexed: no DataLoader, no workers, no per-sample Python. Random crop
+(zero padding) and horizontal flip run on whole batches with advanced indexing, on the device.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # uint8 [N, C, H, W] on the device
+    y: torch.Tensor  # int64 [N] on the device
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Split(n={len(self)}, x={tuple(self.x.shape)} {self.x.dtype} on {self.x.device})"
+
+
+@dataclass
+class Data:
+    name: str
+    train: Split
+    test: Split
+    val: Split | None
+    num_classes: int
+    mean: torch.Tensor  # float32 [C] on the device, 0..1 pixel units
+    std: torch.Tensor
+    pad: int
+    flip: bool
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def normalize(x: torch.Tensor, data: Data) -> torch.Tensor:
+    """uint8 batch [B, C, H, W] -> float32 ``(x / 255 - mean) / std`` per channel."""
+    mean = data.mean.to(x.device)[None, :, None, None]
+    std = data.std.to(x.device)[None, :, None, None]
+    return (x.float() / 255.0 - mean) / std
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Per-sample random crop of the zero-padded image and per-sample horizontal flip.
+
+    ``x`` is uint8 ``[B, C, H, W]``; the result has the same shape and dtype and stays on
+    ``x.device``. Sample b is shifted by ``(dy_b - pad, dx_b - pad)`` with ``dy, dx`` uniform in
+    ``0..2*pad`` (positions outside the image become 0) and then mirrored if ``flip_b``.
+    Random numbers come from ``generator`` (None: torch's global RNG) in the order dy, dx, flip.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"augment expects [B, C, H, W], got shape {tuple(x.shape)}")
+    if not pad and not flip:
+        return x
+    b, c, h, w = x.shape
+    dy, dx, flipped = augment_params(b, pad, flip, generator, x.device)
+    if not pad:
+        return torch.where(flipped[:, None, None, None], x.flip(-1), x)
+    hp, wp = h + 2 * pad, w + 2 * pad
+    padded = x.new_zeros(b, c, hp, wp)  # (faster than F.pad for uint8 on CPU)
+    padded[:, :, pad:pad + h, pad:pad + w] = x
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = ar_h[None, :] + dy[:, None]                                                    # [B, H]
+    cols = torch.where(flipped[:, None], (w - 1 - ar_w)[None, :], ar_w[None, :]) + dx[:, None]  # [B, W]
+    idx = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.view(b, c, hp * wp).gather(2, idx).view(b, c, h, w)
+
+
+def augment_params(b: int, pad: int, flip: bool, generator: torch.Generator | None, device: torch.device):
+    """(dy, dx, flipped) for a batch of ``b``: the draws ``augment`` makes, in its order."""
+    gdev = generator.device if generator is not None else device
+    if pad:
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev).to(device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gdev).to(device)
+    else:
+        dy = dx = torch.full((b,), 0, dtype=torch.int64, device=device)
+    if flip:
+        flipped = torch.randint(0, 2, (b,), generator=generator, device=gdev).to(device).bool()
+    else:
+        flipped = torch.zeros(b, dtype=torch.bool, device=device)
+    return dy, dx, flipped
+
+
+def batches(
+    split: Split,
+    data: Data,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    train: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(normalised float x, y)`` batches covering the split once (last batch may be short).
+
+    With ``generator`` the order is ``torch.randperm`` drawn from it; ``train=True`` augments
+    (when ``data.pad`` or ``data.flip``) with the same generator.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    n = len(split)
+    order = None
+    if generator is not None:
+        order = torch.randperm(n, generator=generator, device=generator.device).to(split.x.device)
+    do_aug = train and (data.pad > 0 or data.flip)
+    for start in range(0, n, batch_size):
+        if order is None:
+            xb, yb = split.x[start:start + batch_size], split.y[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            xb, yb = split.x[idx], split.y[idx]
+        if do_aug:
+            xb = augment(xb, data.pad, data.flip, generator)
+        yield normalize(xb, data), yb
