@@ -1,4 +1,5 @@
 """Atomic writes: a temporary file in the same directory, then a rename, so a crash never leaves half a file."""
+
 from __future__ import annotations
 
 import os

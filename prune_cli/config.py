@@ -29,8 +29,12 @@ from .stages import STAGES
 
 RUN_OPTIONS = (
     Int("seed", 0, "seeds model init, data order, augmentation, subsets and data-driven criteria", lo=0),
-    Str("init_from", None, "a checkpoints/<stage>.pt to start from; the schedule's stages up to it are skipped",
-        nullable=True),
+    Str(
+        "init_from",
+        None,
+        "a checkpoints/<stage>.pt to start from; the schedule's stages up to it are skipped",
+        nullable=True,
+    ),
 )
 STAGE_LIST = List("stages", [], "the stages to run, in order", item=Value("str"))
 
@@ -99,8 +103,11 @@ def check_schedule(schedule: dict) -> None:
         if key == "stages":
             continue
         if key not in STAGES or STAGES.get(key).options is None:
-            raise UserError(f"schedule.{key}", f"unknown option: not a stage with settings "
-                            f"(stages with settings: {', '.join(n for n, s in STAGES.items() if s.options)})")
+            raise UserError(
+                f"schedule.{key}",
+                f"unknown option: not a stage with settings "
+                f"(stages with settings: {', '.join(n for n, s in STAGES.items() if s.options)})",
+            )
         check_block(block, STAGES.get(key).options, f"schedule.{key}", fill=False)
     for name in stages:
         if STAGES.get(name).options is not None and name not in schedule:
@@ -114,8 +121,11 @@ def builtin_parts(registry):
 
 def options_reference() -> str:
     """Markdown tables of every declared option, generated from the declarations (the README embeds them)."""
-    sections = [("Run (top level)", RUN_OPTIONS, ""), ("trainer", trainer.OPTIONS, "trainer"),
-                ("prune", selection.OPTIONS, "prune")]
+    sections = [
+        ("Run (top level)", RUN_OPTIONS, ""),
+        ("trainer", trainer.OPTIONS, "trainer"),
+        ("prune", selection.OPTIONS, "prune"),
+    ]
     for name, stage in builtin_parts(STAGES):
         if stage.options:
             sections.append((f"stage `{name}`", stage.options, f"schedule.{name}"))

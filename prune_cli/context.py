@@ -38,12 +38,27 @@ class Context:
             torch.manual_seed(derived(self.cfg.seed, seed_salt))
         return build_model(arch or self.arch()).to(self.device)
 
-    def measure(self, stage: str, model, top1=float("nan"), loss=float("nan"), best_top1=float("nan"),
-                epochs: int = 0, seconds: float = 0.0) -> dict:
+    def measure(
+        self,
+        stage: str,
+        model,
+        top1=float("nan"),
+        loss=float("nan"),
+        best_top1=float("nan"),
+        epochs: int = 0,
+        seconds: float = 0.0,
+    ) -> dict:
         """A ``results.csv`` row of ``model`` after ``stage``."""
-        return {"stage": stage, "top1": top1, "best_top1": best_top1, "loss": loss,
-                "params": count_params(model), "macs": count_macs(model, self.input_shape),
-                "epochs": epochs, "seconds": round(seconds, 2)}
+        return {
+            "stage": stage,
+            "top1": top1,
+            "best_top1": best_top1,
+            "loss": loss,
+            "params": count_params(model),
+            "macs": count_macs(model, self.input_shape),
+            "epochs": epochs,
+            "seconds": round(seconds, 2),
+        }
 
     def reference_macs(self) -> int:
         """MACs of the standard (unexpanded, unpruned) model: what PFS targets and Scratch-B budgets refer to."""

@@ -21,6 +21,7 @@ Hyperparameters are keyword arguments of the constructor, declared once in each 
 ``UserError("criterion.<key>", why)``. ``choose`` turns scores into keep masks with the selection
 engine; a criterion that selects by itself (the loss greedy) overrides it.
 """
+
 from __future__ import annotations
 
 import abc
@@ -79,8 +80,10 @@ class Criterion(abc.ABC):
         """Rules across options, checked before anything runs (``cfg``: the whole checked config)."""
         p = cfg["prune"]
         if p["ratio"] is None and not p["layer_ratios"] and not cls.own_threshold(cfg["criterion"]):
-            raise UserError("prune.ratio", f"criterion {cls.name} has no threshold of its own; "
-                            "set a ratio in (0, 1) or prune.layer_ratios")
+            raise UserError(
+                "prune.ratio",
+                f"criterion {cls.name} has no threshold of its own; set a ratio in (0, 1) or prune.layer_ratios",
+            )
 
     @classmethod
     def own_threshold(cls, options: Mapping[str, Any]) -> bool:
@@ -96,8 +99,9 @@ class Criterion(abc.ABC):
         """How many training images ``scores`` uses (0 for data-free criteria)."""
         return 0
 
-    def scores(self, model: Prunable, granularity: str | None = None,
-               sample: Sample | None = None) -> list[torch.Tensor]:
+    def scores(
+        self, model: Prunable, granularity: str | None = None, sample: Sample | None = None
+    ) -> list[torch.Tensor]:
         """One float32 CPU 1-D tensor per channel group (length = group width); LOW = prune first.
 
         ``granularity`` (``filter`` | ``feature``) applies to weight-based criteria;
@@ -123,9 +127,16 @@ class Criterion(abc.ABC):
         or None: the caller meets its target instead."""
         return None
 
-    def choose(self, model: Prunable, structure: Structure, sample: Sample | None, prune: Mapping[str, Any],
-               ratio: float | None, protect: set[int], progress: bool = False
-               ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    def choose(
+        self,
+        model: Prunable,
+        structure: Structure,
+        sample: Sample | None,
+        prune: Mapping[str, Any],
+        ratio: float | None,
+        protect: set[int],
+        progress: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
         """Keep masks, the scores behind them and statistics for ``results.csv``, for one pruning step.
 
         ``prune``: the checked ``prune.*`` settings; ``ratio``: this step's share (None: the criterion's own
@@ -144,6 +155,7 @@ def build_criterion(cfg: Mapping[str, Any]) -> Criterion:
     """``cfg`` = ``{"name": ..., **hparams}`` (a dict or an OmegaConf DictConfig)."""
     try:
         from omegaconf import DictConfig, OmegaConf
+
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     except ImportError:  # pragma: no cover - omegaconf is a dependency
@@ -156,12 +168,14 @@ def build_criterion(cfg: Mapping[str, Any]) -> Criterion:
 
 # ---------------------------------------------------------------- helpers
 
+
 def _modules(model: nn.Module) -> dict[str, nn.Module]:
     return dict(model.named_modules())
 
 
-def channel_vectors(model: Prunable, group: ChannelGroup, granularity: str,
-                    modules: dict[str, nn.Module] | None = None) -> torch.Tensor:
+def channel_vectors(
+    model: Prunable, group: ChannelGroup, granularity: str, modules: dict[str, nn.Module] | None = None
+) -> torch.Tensor:
     """[C, D]: row c holds the weights that judge channel c.
 
     ``filter``: the producer filter ``conv.weight[c]`` flattened.
@@ -207,15 +221,16 @@ def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor], None]) -> Ite
     handles = []
     try:
         for g, group in enumerate(model.channel_groups()):
-            handles.append(modules[group.bn].register_forward_hook(
-                lambda m, inp, out, g=g: hook(g, out)))
+            handles.append(modules[group.bn].register_forward_hook(lambda m, inp, out, g=g: hook(g, out)))
         yield
     finally:
         for h in handles:
             h.remove()
 
 
-def _batches(sample: Sample, n: int, batch_size: int | None, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    sample: Sample, n: int, batch_size: int | None, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n`` images of ``sample`` (all of them if fewer) in chunks."""
     bs = batch_size or sample.batch_size
     n = min(n, len(sample.x))
@@ -236,12 +251,17 @@ def _widths(model: Prunable) -> list[int]:
 
 
 def _granularity_option(default: str) -> Option:
-    return Choice("granularity", default, GRANULARITIES,
-                  "filter: judge channel c by conv.weight[c]; feature: by every consumer's W[:, c] "
-                  "(prune.granularity overrides it)")
+    return Choice(
+        "granularity",
+        default,
+        GRANULARITIES,
+        "filter: judge channel c by conv.weight[c]; feature: by every consumer's W[:, c] "
+        "(prune.granularity overrides it)",
+    )
 
 
 # ---------------------------------------------------------------- weight criteria
+
 
 class _WeightCriterion(Criterion):
     """Criteria computed from ``channel_vectors`` one group at a time."""
@@ -313,8 +333,10 @@ class FPGM(_WeightCriterion):
     ``mix`` = 0 (default) is pure FPGM, unnormalised.
     """
 
-    options = (_granularity_option("filter"),
-               Float("mix", 0.0, "FPGM-mix weight: mix * fpgm/max + (1 - mix) * l2/max; 0 = pure FPGM", lo=0.0, hi=1.0))
+    options = (
+        _granularity_option("filter"),
+        Float("mix", 0.0, "FPGM-mix weight: mix * fpgm/max + (1 - mix) * l2/max; 0 = pure FPGM", lo=0.0, hi=1.0),
+    )
     mix: float
 
     def _score_vectors(self, v):
@@ -349,6 +371,7 @@ class Random(Criterion):
 
 
 # ---------------------------------------------------------------- BN scale + polarization
+
 
 def polarization_threshold(values: torch.Tensor, bin_width: float = 0.01) -> float:
     """Polarization's cut (Zhuang et al., NeurIPS 2020): the first local minimum of the histogram.
@@ -397,9 +420,13 @@ class BNScale(Criterion):
     """
 
     options = (
-        Choice("rule", "ratio", ("ratio", "slimming", "polarization"),
-               "ratio | slimming: one global |gamma| threshold meets the target; polarization: the first local "
-               "minimum of the |gamma| histogram (needs prune.ratio=null)"),
+        Choice(
+            "rule",
+            "ratio",
+            ("ratio", "slimming", "polarization"),
+            "ratio | slimming: one global |gamma| threshold meets the target; polarization: the first local "
+            "minimum of the |gamma| histogram (needs prune.ratio=null)",
+        ),
         Float("bin_width", 0.01, "histogram bin width of the polarization rule", lo=0.0, lo_open=True),
     )
     rule: str
@@ -424,8 +451,9 @@ class BNScale(Criterion):
 
 # ---------------------------------------------------------------- data-driven criteria
 
-_BATCH = Int("batch_size", 128, "images per forward pass (memory only, not the score); null = the sample's", lo=1,
-             nullable=True)
+_BATCH = Int(
+    "batch_size", 128, "images per forward pass (memory only, not the score); null = the sample's", lo=1, nullable=True
+)
 
 
 class _ActivationCriterion(Criterion):
@@ -448,7 +476,6 @@ class APoZ(_ActivationCriterion):
     Over the first ``num_images`` images of the sample: share of the channel's
     post-ReLU activations (all images and positions) that are exactly 0.
     """
-
 
     def _scores(self, model, granularity, sample):
         zeros: list[torch.Tensor | None] = [None] * len(model.channel_groups())
@@ -513,7 +540,6 @@ class Taylor(_ActivationCriterion):
     with ``torch.autograd.grad`` w.r.t. the activations only: no parameter ``.grad`` changes.
     """
 
-
     def _scores(self, model, granularity, sample):
         n_groups = len(model.channel_groups())
         sums: list[torch.Tensor | None] = [None] * n_groups
@@ -530,8 +556,11 @@ class Taylor(_ActivationCriterion):
                 grads = torch.autograd.grad(loss, acts, allow_unused=True)
                 for g, (a, d) in enumerate(zip(acts, grads)):
                     dims = (0, 2, 3) if a.dim() == 4 else (0,)
-                    s = (a.detach() * d).sum(dim=dims).double() if d is not None else \
-                        torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+                    s = (
+                        (a.detach() * d).sum(dim=dims).double()
+                        if d is not None
+                        else torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+                    )
                     sums[g] = s if sums[g] is None else sums[g] + s
                 acts[:] = [None] * n_groups  # free this batch's graph
                 images += len(xb)

@@ -17,6 +17,7 @@ batch statistics and its running statistics (buffers) DO update, the parameters 
 gates are held by :class:`Gates`, not registered in the model, so ``model.parameters()`` and
 ``model.state_dict()`` never contain them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -42,8 +43,9 @@ class Gates:
         self._hooks = []
         for group in self.groups:
             bn = modules[group.bn]
-            p = nn.Parameter(torch.full((bn.num_features,), float(init), device=bn.weight.device,
-                                        dtype=bn.weight.dtype))
+            p = nn.Parameter(
+                torch.full((bn.num_features,), float(init), device=bn.weight.device, dtype=bn.weight.dtype)
+            )
             self.params.append(p)
             self._hooks.append(bn.register_forward_hook(_gate_hook(p)))
         self.total = sum(p.numel() for p in self.params)
@@ -97,6 +99,7 @@ def _gate_hook(gate: nn.Parameter):
     def hook(module, inputs, out):
         shape = (1, -1) + (1,) * (out.dim() - 2)
         return out * gate.to(out.dtype).view(shape)
+
     return hook
 
 
@@ -125,10 +128,20 @@ def select_epoch(history: list[dict], target_density: float, key: str = "density
     return best, True
 
 
-def train_gates(model: nn.Module, gates: Gates, train_batches_fn: Callable[[int], Iterable],
-                val_eval_fn: Callable[[nn.Module], float], *, epochs: int, lr: float = 0.01, lam: float = 0.5,
-                target_density: float = 0.2, device="cpu", density_key: str = "density",
-                log: Callable[[dict], None] | None = None) -> dict:
+def train_gates(
+    model: nn.Module,
+    gates: Gates,
+    train_batches_fn: Callable[[int], Iterable],
+    val_eval_fn: Callable[[nn.Module], float],
+    *,
+    epochs: int,
+    lr: float = 0.01,
+    lam: float = 0.5,
+    target_density: float = 0.2,
+    device="cpu",
+    density_key: str = "density",
+    log: Callable[[dict], None] | None = None,
+) -> dict:
     """Train only the gates (Adam), weights frozen at init; restore the gates of the chosen epoch.
 
     Per step: ``loss = CE + gates.loss(target_density, lam)``, Adam step on the gate params, then
@@ -164,8 +177,13 @@ def train_gates(model: nn.Module, gates: Gates, train_batches_fn: Callable[[int]
             sums["reg"] += reg.item()
             n += 1
         acc = float(val_eval_fn(model))
-        row = {"epoch": epoch, **{k: v / max(n, 1) for k, v in sums.items()}, "density": gates.density(),
-               "nonzero": gates.nonzero_fraction(), "val_acc": acc}
+        row = {
+            "epoch": epoch,
+            **{k: v / max(n, 1) for k, v in sums.items()},
+            "density": gates.density(),
+            "nonzero": gates.nonzero_fraction(),
+            "val_acc": acc,
+        }
         history.append(row)
         snapshots.append(gates.values())
         if log is not None:
@@ -174,6 +192,9 @@ def train_gates(model: nn.Module, gates: Gates, train_batches_fn: Callable[[int]
         return {"history": [], "epoch": None, "qualified": False, "note": "no epochs", "gates": gates.values()}
     chosen, qualified = select_epoch(history, target_density, density_key)
     gates.load_(snapshots[chosen])
-    note = (f"epoch {chosen}: best val_acc among epochs with {density_key} <= {target_density}" if qualified else
-            f"no epoch reached {density_key} <= {target_density}; kept the last epoch ({chosen})")
+    note = (
+        f"epoch {chosen}: best val_acc among epochs with {density_key} <= {target_density}"
+        if qualified
+        else f"no epoch reached {density_key} <= {target_density}; kept the last epoch ({chosen})"
+    )
     return {"history": history, "epoch": chosen, "qualified": qualified, "note": note, "gates": snapshots[chosen]}

@@ -29,6 +29,7 @@ What :func:`graft_ring` grafts (``scope``):
 module registration order and has as many features as the layer has outputs (true of every model
 in ``prune_cli.models``).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,16 @@ from torch import nn
 
 from .histogram import histogram_entropy
 
-__all__ = ["layer_entropy", "filter_entropy", "graft_alpha", "graft_layers", "graft_ring", "graft_noise",
-           "graft_internal", "lr_schedules"]
+__all__ = [
+    "layer_entropy",
+    "filter_entropy",
+    "graft_alpha",
+    "graft_layers",
+    "graft_ring",
+    "graft_noise",
+    "graft_internal",
+    "lr_schedules",
+]
 
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -87,10 +96,15 @@ def graft_layers(model: nn.Module, scope: str = "all") -> list[tuple[str, str | 
             if isinstance(m, kinds):
                 out.append([name, None])
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if (scope != "conv" and prev is not None and isinstance(prev[1], kinds) and out
-                    and out[-1][0] == prev[0] and out[-1][1] is None
-                    and m.num_features == (prev[1].out_channels if isinstance(prev[1], nn.Conv2d)
-                                           else prev[1].out_features)):
+            if (
+                scope != "conv"
+                and prev is not None
+                and isinstance(prev[1], kinds)
+                and out
+                and out[-1][0] == prev[0]
+                and out[-1][1] is None
+                and m.num_features == (prev[1].out_channels if isinstance(prev[1], nn.Conv2d) else prev[1].out_features)
+            ):
                 out[-1][1] = name
             prev = (name, m)
     return [(a, b) for a, b in out]
@@ -110,8 +124,14 @@ def _tensors(modules: dict, layer: str, bn: str | None) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def graft_ring(models: list[nn.Module], A: float = 0.4, c: float = 500.0, scope: str = "all",
-               bins: int = 10, round_decimals: int | None = None) -> list[dict[str, float]]:
+def graft_ring(
+    models: list[nn.Module],
+    A: float = 0.4,
+    c: float = 500.0,
+    scope: str = "all",
+    bins: int = 10,
+    round_decimals: int | None = None,
+) -> list[dict[str, float]]:
     """External grafting after an epoch: every model m takes from model m-1 (model 0 from the last).
 
     For every grafted layer l (see ``scope`` in the module doc), from the PRE-graft weights of all
@@ -153,15 +173,21 @@ def graft_ring(models: list[nn.Module], A: float = 0.4, c: float = 500.0, scope:
 
 
 @torch.no_grad()
-def graft_noise(model: nn.Module, epoch: int, sigma0: float = 0.01, decay: float = 0.95, threshold: float = 0.1,
-                generator: torch.Generator | None = None) -> dict[str, int]:
+def graft_noise(
+    model: nn.Module,
+    epoch: int,
+    sigma0: float = 0.01,
+    decay: float = 0.95,
+    threshold: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> dict[str, int]:
     """Variant "noise": add Gaussian noise to the small-L1-norm filters of every conv.
 
     A filter is *small* when its L1 norm is below ``threshold`` x the mean filter L1 norm of its layer.
     Each weight of a small filter gets ``N(0, sigma_e^2)`` noise with ``sigma_e = sigma0 * decay**epoch``
     (so the variance decays as ``decay**(2 epoch)``). Returns ``{conv name: number of filters touched}``.
     """
-    sigma = sigma0 * decay ** epoch
+    sigma = sigma0 * decay**epoch
     touched = {}
     for name, m in model.named_modules():
         if not isinstance(m, nn.Conv2d):
@@ -171,16 +197,27 @@ def graft_noise(model: nn.Module, epoch: int, sigma0: float = 0.01, decay: float
         small = l1 < threshold * l1.mean()
         k = int(small.sum())
         if k:
-            noise = torch.randn((k,) + tuple(w.shape[1:]), generator=generator, dtype=w.dtype,
-                                device="cpu" if generator is None else generator.device)
+            noise = torch.randn(
+                (k,) + tuple(w.shape[1:]),
+                generator=generator,
+                dtype=w.dtype,
+                device="cpu" if generator is None else generator.device,
+            )
             w[small] += sigma * noise.to(w.device)
         touched[name] = k
     return touched
 
 
 @torch.no_grad()
-def graft_internal(model: nn.Module, share: float = 0.1, bins: int = 10, with_bn: bool = True,
-                   blend: bool = False, A: float = 0.4, c: float = 500.0) -> dict[str, list[tuple[int, int]]]:
+def graft_internal(
+    model: nn.Module,
+    share: float = 0.1,
+    bins: int = 10,
+    with_bn: bool = True,
+    blend: bool = False,
+    A: float = 0.4,
+    c: float = 500.0,
+) -> dict[str, list[tuple[int, int]]]:
     """Variant "internal": per conv, copy the highest-entropy filters onto the lowest-entropy ones.
 
     ``n = max(1, floor(share * O))`` filters per conv (at most ``O // 2``; convs with one filter are
@@ -224,8 +261,9 @@ def graft_internal(model: nn.Module, share: float = 0.1, bins: int = 10, with_bn
 # per-model lr schedules
 
 
-def lr_schedules(n_models: int, kind: str, base_lr: float, epochs: int, step_size: int | None = None,
-                 gamma: float = 0.1) -> list[Callable[[float], float]]:
+def lr_schedules(
+    n_models: int, kind: str, base_lr: float, epochs: int, step_size: int | None = None, gamma: float = 0.1
+) -> list[Callable[[float], float]]:
     """One ``epoch -> lr`` function per model (``epoch`` may be fractional, ``epoch + step / steps``,
     for per-step annealing as the official code's cosine does).
 

@@ -1,4 +1,6 @@
-"""Loss-based global greedy channel selection (HGSR, Mitsuno & Kurita 2020; docs/methods.md "Loss-based greedy selection").
+"""Loss-based global greedy channel selection (HGSR, Mitsuno & Kurita 2020).
+
+Formulas and options: docs/methods.md "Loss-based greedy selection".
 
 A binary mask per prunable channel. Each round, every unmasked candidate channel is scored by
 ``|L0 - L(masks + candidate)|`` on a fixed sample (L0 = cross-entropy of the ORIGINAL network, the
@@ -32,6 +34,7 @@ images (an input-gradient backward counted as one forward); ``pass_equivalents``
 Other keys: rounds, backward_passes, images_forwarded, halvings, channels_removed, removed_fraction,
 loss_original (L0), loss_masked (final), removed ((group, channel) in removal order), seconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,6 +61,7 @@ TOLERANCE = 1e-3  # params/macs: land within 0.1% (relative) of the target amoun
 
 # ------------------------------------------------------------------ running a model by segments
 
+
 def _stage_of(prefixes: list[str], module: str) -> int:
     for s, p in enumerate(prefixes):
         if p and (module == p or module.startswith(p + ".")):
@@ -80,6 +84,7 @@ def _stage_macs(model: nn.Module, stages, x1: torch.Tensor) -> list[float]:
 
 
 # ------------------------------------------------------------------ the target budget
+
 
 class _Budget(Budget):
     """The selection's Budget, plus the goal in absolute amounts and whether one more channel still fits."""
@@ -155,10 +160,11 @@ def _subset_sum_hits(costs: np.ndarray, counts: np.ndarray, lo: float, hi: float
             if v <= hi_u:
                 reach[v:] |= reach[: hi_u + 1 - v].copy()
             n, k = n - min(k, n), k * 2
-    return bool(reach[max(lo_u, 0):].any())
+    return bool(reach[max(lo_u, 0) :].any())
 
 
 # ------------------------------------------------------------------ masked evaluation
+
 
 @dataclass
 class _Counter:
@@ -206,6 +212,7 @@ class _Evaluator:
             if self.saved is not None:
                 self.saved[g] = out
             return out
+
         return hook
 
     def _loss(self, logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -252,7 +259,7 @@ class _Evaluator:
         out = []
         with torch.no_grad():
             for i in range(0, len(channels), self.batch_variants):
-                chunk = channels[i: i + self.batch_variants]
+                chunk = channels[i : i + self.batch_variants]
                 k = len(chunk)
                 v = self.keep[g].repeat(k, 1)
                 v[torch.arange(k), torch.tensor(chunk)] = 0
@@ -272,11 +279,26 @@ class _Evaluator:
 
 # ------------------------------------------------------------------ selection
 
-def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, structure: Structure, target: str,
-                       ratio: float, min_channels: int = 1, protect: set[int] = frozenset(), mode: str = "fast",
-                       channels_per_round: int | float = 0.25, prescreen: int | None = 24,
-                       prescreen_factor: float = 2.0, verify: float | None = 1.0, batch_variants: int = 2,
-                       cache: bool = True, progress: bool = False) -> tuple[list[torch.Tensor], dict]:
+
+def loss_greedy_select(
+    model: Prunable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    structure: Structure,
+    target: str,
+    ratio: float,
+    min_channels: int = 1,
+    protect: set[int] = frozenset(),
+    mode: str = "fast",
+    channels_per_round: int | float = 0.25,
+    prescreen: int | None = 24,
+    prescreen_factor: float = 2.0,
+    verify: float | None = 1.0,
+    batch_variants: int = 2,
+    cache: bool = True,
+    progress: bool = False,
+) -> tuple[list[torch.Tensor], dict]:
     """HGSR's loss-based global greedy selection. Returns (keep masks, one bool CPU tensor per group; stats).
 
     x, y: the fixed sample (normalised images on the model's device; labels). target: channels | params |
@@ -301,8 +323,12 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     if min_channels < 1:
         raise ValueError(f"min_channels must be >= 1 (a layer is never emptied), got {min_channels}")
-    if isinstance(channels_per_round, float) and not 0 < channels_per_round <= 1 or \
-            not isinstance(channels_per_round, float) and channels_per_round < 1:
+    if (
+        isinstance(channels_per_round, float)
+        and not 0 < channels_per_round <= 1
+        or not isinstance(channels_per_round, float)
+        and channels_per_round < 1
+    ):
         raise ValueError(f"channels_per_round: a share in (0, 1] or a count >= 1, got {channels_per_round}")
     t0 = time.perf_counter()
     fast = mode == "fast"
@@ -310,8 +336,20 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
     model.eval()
     ev = _Evaluator(model, x, y, cache, batch_variants)
     try:
-        keep, stats = _select(ev, structure, target, ratio, min_channels, set(protect), fast,
-                              channels_per_round, prescreen, prescreen_factor, verify, progress)
+        keep, stats = _select(
+            ev,
+            structure,
+            target,
+            ratio,
+            min_channels,
+            set(protect),
+            fast,
+            channels_per_round,
+            prescreen,
+            prescreen_factor,
+            verify,
+            progress,
+        )
     finally:
         ev.close()
         ev.graph = ev.cached = None
@@ -320,16 +358,30 @@ def loss_greedy_select(model: Prunable, x: torch.Tensor, y: torch.Tensor, *, str
     return keep, stats
 
 
-def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fast, per_round, prescreen,
-            prescreen_factor, verify, progress):
+def _select(
+    ev: _Evaluator,
+    structure,
+    target,
+    ratio,
+    min_channels,
+    protect,
+    fast,
+    per_round,
+    prescreen,
+    prescreen_factor,
+    verify,
+    progress,
+):
     ngroups = len(ev.groups)
     widths = np.array([len(k) for k in ev.keep], dtype=np.int64)
     width0 = widths.copy()
     budget = _Budget(structure, widths, target, ratio)
     avail = np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(widths)])
     if budget.remaining(widths - avail) > budget.tol:
-        raise ValueError(f"cannot remove {ratio:.1%} of {target} with min_channels={min_channels} "
-                         f"and protected groups {sorted(protect)}")
+        raise ValueError(
+            f"cannot remove {ratio:.1%} of {target} with min_channels={min_channels} "
+            f"and protected groups {sorted(protect)}"
+        )
     keep = [torch.ones(int(w), dtype=torch.bool) for w in widths]
     stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
     order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
@@ -338,8 +390,13 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=budget.goal, unit=target, unit_scale=True,
-                   desc=f"loss greedy ({'fast' if fast else 'exact'}, {target})")
+
+        bar = tqdm(
+            total=budget.goal,
+            unit=target,
+            unit_scale=True,
+            desc=f"loss greedy ({'fast' if fast else 'exact'}, {target})",
+        )
     lcur = ev.trunk(keep_graph=use_taylor)
     l0 = lcur  # nothing masked yet: the original network's loss
     while not budget.done(widths):
@@ -410,12 +467,20 @@ def _select(ev: _Evaluator, structure, target, ratio, min_channels, protect, fas
         exact_estimate = _exact_passes(width0, avail0, [g for g, _ in order])
     c = ev.count
     stats = {
-        "mode": "fast" if fast else "exact", "rounds": rounds, "forward_passes": c.forward_passes,
-        "backward_passes": c.backward_passes, "images_forwarded": c.forward_passes * ev.n,
-        "image_forward_equivalents": c.ife, "pass_equivalents": c.ife / ev.n,
-        "exact_passes_estimate": exact_estimate, "channels_removed": int((width0 - widths).sum()),
+        "mode": "fast" if fast else "exact",
+        "rounds": rounds,
+        "forward_passes": c.forward_passes,
+        "backward_passes": c.backward_passes,
+        "images_forwarded": c.forward_passes * ev.n,
+        "image_forward_equivalents": c.ife,
+        "pass_equivalents": c.ife / ev.n,
+        "exact_passes_estimate": exact_estimate,
+        "channels_removed": int((width0 - widths).sum()),
         "removed_fraction": 1.0 - budget.amount(widths) / budget.total,
-        "loss_original": l0, "loss_masked": lcur, "halvings": halvings, "round_sizes": sizes,
+        "loss_original": l0,
+        "loss_masked": lcur,
+        "halvings": halvings,
+        "round_sizes": sizes,
         "removed": order,
     }
     return keep, stats
@@ -434,8 +499,11 @@ def _exact_passes(width0: np.ndarray, avail_init: np.ndarray, order: list[int]) 
 def _prescreen(cands, est, stale, lcur, l0, p) -> list[tuple[int, int]]:
     """The p candidates most likely to score lowest: half by the Taylor estimate, half by earlier measurements."""
     taylor = np.array([abs(lcur + float(est[g][c]) - l0) if est is not None else 0.0 for g, c in cands])
-    chosen = set(np.argsort(taylor, kind="stable")[: (p + 1) // 2].tolist() if stale else
-                 np.argsort(taylor, kind="stable")[:p].tolist())
+    chosen = set(
+        np.argsort(taylor, kind="stable")[: (p + 1) // 2].tolist()
+        if stale
+        else np.argsort(taylor, kind="stable")[:p].tolist()
+    )
     if stale:
         known = [i for i, gc in enumerate(cands) if gc in stale]
         prev = sorted(known, key=lambda i: abs(lcur + stale[cands[i]] - l0))
@@ -498,15 +566,37 @@ class LossGreedy(Criterion):
     options = (
         Choice("mode", "fast", MODES, "exact: one channel per round, every candidate measured | fast: see docs"),
         Int("num_images", 128, "training images of the fixed sample (128 in HGSR)", lo=1),
-        Option("channels_per_round", "float", 0.25,
-               "fast: share of the channels still to remove taken per round (an integer: a fixed count)",
-               rule=_share_or_count, rule_doc="a share in (0, 1] or a count >= 1"),
-        Int("prescreen", 24, "fast: at least this many candidates measured exactly per round; null = all", lo=1,
-            nullable=True),
-        Float("prescreen_factor", 2.0, "fast: ... and at least this many times the channels taken in the round",
-              lo=0.0, lo_open=True),
-        Float("verify", 1.0, "fast: halve a round whose loss misses the prediction by verify x the median "
-              "single change; null = no check", lo=0.0, lo_open=True, nullable=True),
+        Option(
+            "channels_per_round",
+            "float",
+            0.25,
+            "fast: share of the channels still to remove taken per round (an integer: a fixed count)",
+            rule=_share_or_count,
+            rule_doc="a share in (0, 1] or a count >= 1",
+        ),
+        Int(
+            "prescreen",
+            24,
+            "fast: at least this many candidates measured exactly per round; null = all",
+            lo=1,
+            nullable=True,
+        ),
+        Float(
+            "prescreen_factor",
+            2.0,
+            "fast: ... and at least this many times the channels taken in the round",
+            lo=0.0,
+            lo_open=True,
+        ),
+        Float(
+            "verify",
+            1.0,
+            "fast: halve a round whose loss misses the prediction by verify x the median "
+            "single change; null = no check",
+            lo=0.0,
+            lo_open=True,
+            nullable=True,
+        ),
         Int("batch_variants", 2, "masked variants of the sample stacked into one forward (same result)", lo=1),
     )
 
@@ -514,8 +604,10 @@ class LossGreedy(Criterion):
     def check_config(cls, cfg) -> None:
         p = cfg["prune"]
         if p["ratio"] is None or p["layer_ratios"]:
-            raise UserError("prune.ratio", "the loss criterion selects to a target: set prune.ratio in (0, 1) "
-                            "and no prune.layer_ratios")
+            raise UserError(
+                "prune.ratio",
+                "the loss criterion selects to a target: set prune.ratio in (0, 1) and no prune.layer_ratios",
+            )
 
     @property
     def sample_size(self) -> int:
@@ -526,9 +618,18 @@ class LossGreedy(Criterion):
 
     def choose(self, model, structure, sample, prune, ratio, protect, progress=False):
         options = {k: v for k, v in self.hparams.items() if k != "num_images"}
-        keep, stats = loss_greedy_select(model, sample.x, sample.y, structure=structure, target=prune["target"],
-                                         ratio=ratio, min_channels=prune["min_channels"], protect=protect,
-                                         progress=progress, **options)
+        keep, stats = loss_greedy_select(
+            model,
+            sample.x,
+            sample.y,
+            structure=structure,
+            target=prune["target"],
+            ratio=ratio,
+            min_channels=prune["min_channels"],
+            protect=protect,
+            progress=progress,
+            **options,
+        )
         record = {f"selection_{k}": v for k, v in stats.items() if isinstance(v, (int, float, str))}
         scores = [torch.full((len(k),), float(len(stats["removed"]))) for k in keep]
         for rank, (g, c) in enumerate(stats["removed"]):

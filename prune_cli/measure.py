@@ -19,16 +19,20 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def layer_pixels(model: nn.Module, input_shape: tuple[int, int, int],
-                 run: Callable[[torch.Tensor], object] | None = None) -> dict[str, int]:
+def layer_pixels(
+    model: nn.Module, input_shape: tuple[int, int, int], run: Callable[[torch.Tensor], object] | None = None
+) -> dict[str, int]:
     """{module name: output pixels per image} of every conv (H_out x W_out) and linear layer (1).
 
     One forward of a zero image in eval mode (``run(x)`` instead of ``model(x)`` when given); the
     model's training flags are restored.
     """
     pixels: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: pixels.__setitem__(name, o[0, 0].numel()))
-             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, name=name: pixels.__setitem__(name, o[0, 0].numel()))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -42,12 +46,14 @@ def layer_pixels(model: nn.Module, input_shape: tuple[int, int, int],
     return pixels
 
 
-def layer_macs(model: nn.Module, input_shape: tuple[int, int, int],
-               run: Callable[[torch.Tensor], object] | None = None) -> dict[str, int]:
+def layer_macs(
+    model: nn.Module, input_shape: tuple[int, int, int], run: Callable[[torch.Tensor], object] | None = None
+) -> dict[str, int]:
     """{module name: MACs per image} of every conv and linear layer that the forward reaches."""
     modules = dict(model.named_modules())
-    return {name: modules[name].weight.numel() * pixels
-            for name, pixels in layer_pixels(model, input_shape, run).items()}
+    return {
+        name: modules[name].weight.numel() * pixels for name, pixels in layer_pixels(model, input_shape, run).items()
+    }
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:

@@ -4,6 +4,7 @@ params and MACs for any widths, masking channels, and physical removal (surgery)
 One mapping (state_dict key -> {dim: group}) serves all three, so the masked
 model, the pruned model and the counted numbers can never disagree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

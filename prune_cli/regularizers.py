@@ -20,6 +20,7 @@ Norms that are not differentiable at 0 (``||w||_2``, ``sqrt``) get gradient 0 th
 (a valid subgradient for the norm; for ``sqrt`` the practical choice), so exactly-zero
 kernels or groups never give NaN gradients. No eps is added to any value.
 """
+
 from __future__ import annotations
 
 import abc
@@ -37,6 +38,7 @@ ZERO_THRESHOLD = 1e-3  # docs/methods.md "Counting conventions": a weight counts
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt(x) for x >= 0, with gradient 0 (instead of inf -> NaN) where x == 0."""
@@ -124,11 +126,18 @@ def _lam(default: float, doc: str = "strength lambda of the penalty"):
     return Float("lam", default, doc, lo=0.0)
 
 
-WEIGHT_LAYERS_OPTION = Choice("layers", "all_convs_except_shortcut", WEIGHT_LAYERS,
-                              "which conv/linear weights are regularized (shortcut = residual projections)")
-BN_LAYERS_OPTION = Choice("layers", "all", BN_LAYERS, "all: every BatchNorm2d; prunable: only the BNs of channel groups")
-INIT_GAMMA = Float("init_gamma", 0.5, "BN scales set to this when the stage starts; null keeps the current ones",
-                   nullable=True)
+WEIGHT_LAYERS_OPTION = Choice(
+    "layers",
+    "all_convs_except_shortcut",
+    WEIGHT_LAYERS,
+    "which conv/linear weights are regularized (shortcut = residual projections)",
+)
+BN_LAYERS_OPTION = Choice(
+    "layers", "all", BN_LAYERS, "all: every BatchNorm2d; prunable: only the BNs of channel groups"
+)
+INIT_GAMMA = Float(
+    "init_gamma", 0.5, "BN scales set to this when the stage starts; null keeps the current ones", nullable=True
+)
 
 
 @REGULARIZERS.register("none")
@@ -142,8 +151,9 @@ class Regularizer:
         self.hparams = check_block(hparams, self.options, "regularizer")
         self.layer_names: list[str] = []
         p = next(model.parameters(), None)
-        self._zero = torch.zeros((), device=p.device if p is not None else None,
-                                 dtype=p.dtype if p is not None else None)
+        self._zero = torch.zeros(
+            (), device=p.device if p is not None else None, dtype=p.dtype if p is not None else None
+        )
 
     def penalty(self) -> torch.Tensor:
         """lambda * R(W), a differentiable 0-dim tensor."""
@@ -197,7 +207,9 @@ class L1(_WeightRegularizer):
         return w.abs().sum()
 
 
-GROUPING = Choice("grouping", "feature", ("feature", "filter"), "feature: g = W[:, i] (input channel); filter: g = W[o]")
+GROUPING = Choice(
+    "grouping", "feature", ("feature", "filter"), "feature: g = W[:, i] (input channel); filter: g = W[o]"
+)
 
 
 @REGULARIZERS.register("group_lasso")
@@ -286,9 +298,12 @@ class BNL1(_BNRegularizer):
 class Polarization(_BNRegularizer):
     """Zhuang et al. 2020: lam * (t * ||gamma||_1 - ||gamma - mean(gamma)||_1), gamma clamped to [0, 1]."""
 
-    options = (_lam(5e-5, "lambda (ResNet-56: 5e-5; VGG-16: 3e-5)"),
-               Float("t", 1.4, "weight of the L1 term against the spread (ResNet-56: 1.4; VGG-16: 1.5)", lo=0.0),
-               BN_LAYERS_OPTION, INIT_GAMMA)
+    options = (
+        _lam(5e-5, "lambda (ResNet-56: 5e-5; VGG-16: 3e-5)"),
+        Float("t", 1.4, "weight of the L1 term against the spread (ResNet-56: 1.4; VGG-16: 1.5)", lo=0.0),
+        BN_LAYERS_OPTION,
+        INIT_GAMMA,
+    )
 
     def penalty(self):
         g = self.gammas()
@@ -306,6 +321,7 @@ def build_regularizer(cfg, model: nn.Module) -> Regularizer:
         return Regularizer(model)
     try:
         from omegaconf import DictConfig, OmegaConf
+
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
     except ImportError:  # pragma: no cover
@@ -317,6 +333,7 @@ def build_regularizer(cfg, model: nn.Module) -> Regularizer:
 
 
 # --------------------------------------------------------------------------- sparsity statistics
+
 
 def sparsity_stats(model: nn.Module, threshold: float = ZERO_THRESHOLD) -> tuple[dict, list[dict]]:
     """Weight and group sparsity of every Conv2d and Linear layer (a Linear counts as 1x1 kernels).
@@ -334,9 +351,11 @@ def sparsity_stats(model: nn.Module, threshold: float = ZERO_THRESHOLD) -> tuple
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue
             w = _as_4d(m.weight.detach())
-            counts = {"weight": (w.numel(), int((w.abs() < threshold).sum())),
-                      "feature_group": (w.shape[1], int((_l2(w, (0, 2, 3)) < threshold).sum())),
-                      "filter_group": (w.shape[0], int((_l2(w, (1, 2, 3)) < threshold).sum()))}
+            counts = {
+                "weight": (w.numel(), int((w.abs() < threshold).sum())),
+                "feature_group": (w.shape[1], int((_l2(w, (0, 2, 3)) < threshold).sum())),
+                "filter_group": (w.shape[0], int((_l2(w, (1, 2, 3)) < threshold).sum())),
+            }
             kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
             row = {"layer": name, "kind": kind}
             for key, (n, nz) in counts.items():
@@ -354,5 +373,12 @@ def sparsity_stats(model: nn.Module, threshold: float = ZERO_THRESHOLD) -> tuple
     return overall, per_layer
 
 
-__all__ = ["Regularizer", "REGULARIZERS", "build_regularizer", "sparsity_stats", "select_weights",
-           "select_bns", "ZERO_THRESHOLD"]
+__all__ = [
+    "Regularizer",
+    "REGULARIZERS",
+    "build_regularizer",
+    "sparsity_stats",
+    "select_weights",
+    "select_bns",
+    "ZERO_THRESHOLD",
+]

@@ -3,6 +3,7 @@
 ``prune-cli-report DIR`` aggregates any directory of runs (a sweep, or runs
 collected by hand); Hydra calls the same aggregation after every ``-m`` sweep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,15 @@ IDENTITY = ("model", "dataset", "regularizer", "criterion", "target", "ratio", "
 
 def identity(cfg) -> dict:
     """The run's identifying choices, repeated on every row so tables from many runs can be stacked."""
-    return {"model": cfg.model.name, "dataset": cfg.dataset.name, "regularizer": cfg.regularizer.name,
-            "criterion": cfg.criterion.name, "target": cfg.prune.target, "ratio": cfg.prune.ratio, "seed": cfg.seed}
+    return {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "regularizer": cfg.regularizer.name,
+        "criterion": cfg.criterion.name,
+        "target": cfg.prune.target,
+        "ratio": cfg.prune.ratio,
+        "seed": cfg.seed,
+    }
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -66,9 +74,11 @@ def dense_and_final(rows: list[dict]) -> tuple[dict, dict] | None:
 
 
 def deltas(dense: dict, final: dict) -> dict:
-    return {"params_removed_%": 100 * (1 - final["params"] / dense["params"]),
-            "macs_removed_%": 100 * (1 - final["macs"] / dense["macs"]),
-            "top1_change": final["top1"] - dense["top1"]}
+    return {
+        "params_removed_%": 100 * (1 - final["params"] / dense["params"]),
+        "macs_removed_%": 100 * (1 - final["macs"] / dense["macs"]),
+        "top1_change": final["top1"] - dense["top1"],
+    }
 
 
 def summary_markdown(rows: list[dict], ident: dict) -> str:
@@ -80,10 +90,12 @@ def summary_markdown(rows: list[dict], ident: dict) -> str:
     if pair:
         d = deltas(*pair)
         dense, final = pair
-        text += (f"\ndense -> pruned: params {dense['params'] / 1e6:.4f}M -> {final['params'] / 1e6:.4f}M "
-                 f"({d['params_removed_%']:.2f}% removed), MACs {dense['macs'] / 1e6:.2f}M -> {final['macs'] / 1e6:.2f}M "
-                 f"({d['macs_removed_%']:.2f}% removed), top-1 {fmt(dense['top1'])} -> {fmt(final['top1'])} "
-                 f"({d['top1_change']:+.2f})\n")
+        text += (
+            f"\ndense -> pruned: params {dense['params'] / 1e6:.4f}M -> {final['params'] / 1e6:.4f}M "
+            f"({d['params_removed_%']:.2f}% removed), MACs {dense['macs'] / 1e6:.2f}M -> {final['macs'] / 1e6:.2f}M "
+            f"({d['macs_removed_%']:.2f}% removed), top-1 {fmt(dense['top1'])} -> {fmt(final['top1'])} "
+            f"({d['top1_change']:+.2f})\n"
+        )
     return text
 
 
@@ -110,8 +122,16 @@ def job_row(run_dir: Path, root: Path) -> dict:
     rows = df.to_dict("records")
     row.update({k: rows[-1].get(k) for k in IDENTITY})
     final = rows[-1]
-    row.update({"final_stage": final["stage"], "top1": final["top1"], "best_top1": final["best_top1"],
-                "params": final["params"], "macs": final["macs"], "seconds": float(df["seconds"].sum())})
+    row.update(
+        {
+            "final_stage": final["stage"],
+            "top1": final["top1"],
+            "best_top1": final["best_top1"],
+            "params": final["params"],
+            "macs": final["macs"],
+            "seconds": float(df["seconds"].sum()),
+        }
+    )
     pair = dense_and_final(rows)
     if pair:
         row["dense_top1"] = pair[0]["top1"]
@@ -119,8 +139,25 @@ def job_row(run_dir: Path, root: Path) -> dict:
     return row
 
 
-SWEEP_COLUMNS = ["job", "status", "model", "dataset", "regularizer", "criterion", "target", "ratio", "seed",
-                 "dense_top1", "top1", "top1_change", "params", "params_removed_%", "macs", "macs_removed_%", "seconds"]
+SWEEP_COLUMNS = [
+    "job",
+    "status",
+    "model",
+    "dataset",
+    "regularizer",
+    "criterion",
+    "target",
+    "ratio",
+    "seed",
+    "dense_top1",
+    "top1",
+    "top1_change",
+    "params",
+    "params_removed_%",
+    "macs",
+    "macs_removed_%",
+    "seconds",
+]
 
 
 def aggregate(root: Path) -> list[dict]:

@@ -27,8 +27,10 @@ def load_checkpoint(path: Path | str) -> dict:
     ck = torch.load(path, map_location="cpu", weights_only=True)
     schema = ck.get("schema", 1)
     if schema > CHECKPOINT_SCHEMA:
-        raise UserError("init_from", f"{path} was written by a newer prune_cli (checkpoint schema {schema}); "
-                        "upgrade prune_cli to read it")
+        raise UserError(
+            "init_from",
+            f"{path} was written by a newer prune_cli (checkpoint schema {schema}); upgrade prune_cli to read it",
+        )
     return ck
 
 
@@ -49,20 +51,34 @@ class RunDir:
         for path in sorted(self.ckpt_dir.glob("*.pt")):
             diff = config_differences(load_checkpoint(path)["config"], self.config)
             if diff:
-                raise UserError("hydra.run.dir", f"{self.dir} holds a run with a different config "
-                                f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command "
-                                "to resume it")
+                raise UserError(
+                    "hydra.run.dir",
+                    f"{self.dir} holds a run with a different config "
+                    f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command "
+                    "to resume it",
+                )
             return
 
     def save(self, stage: str, models: list, *, done: bool, epoch: int = 0, optimizers=(), extra: dict | None = None):
         """``state_dict`` is the model that continues; ``states`` / ``optimizers`` hold every network of the stage."""
-        save_torch(self.ckpt_dir / f"{stage}.pt", {
-            "schema": CHECKPOINT_SCHEMA, "config": self.config, "stage": stage, "done": done,
-            "arch": models[0].arch, "state_dict": models[0].state_dict(),
-            "states": [m.state_dict() for m in models],
-            "optimizer": optimizers[0].state_dict() if optimizers else None,
-            "optimizers": [o.state_dict() for o in optimizers],
-            "epoch": epoch, "rows": self.rows, "histories": self.histories, **(extra or {})})
+        save_torch(
+            self.ckpt_dir / f"{stage}.pt",
+            {
+                "schema": CHECKPOINT_SCHEMA,
+                "config": self.config,
+                "stage": stage,
+                "done": done,
+                "arch": models[0].arch,
+                "state_dict": models[0].state_dict(),
+                "states": [m.state_dict() for m in models],
+                "optimizer": optimizers[0].state_dict() if optimizers else None,
+                "optimizers": [o.state_dict() for o in optimizers],
+                "epoch": epoch,
+                "rows": self.rows,
+                "histories": self.histories,
+                **(extra or {}),
+            },
+        )
 
     def restore(self, ck: dict) -> None:
         """Take a checkpoint's tables (rows and per-epoch histories) as this run's."""

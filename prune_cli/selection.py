@@ -22,19 +22,40 @@ from .pruning import Structure
 TARGETS = ("channels", "params", "macs")
 
 OPTIONS = (
-    Choice("target", "params", TARGETS, "what `ratio` is a share of: all prunable channels, or the model's params/MACs"),
-    Float("ratio", 0.5, "share of the target quantity to remove; null: the criterion's own threshold",
-          lo=0, hi=1, lo_open=True, hi_open=True, nullable=True),
+    Choice(
+        "target", "params", TARGETS, "what `ratio` is a share of: all prunable channels, or the model's params/MACs"
+    ),
+    Float(
+        "ratio",
+        0.5,
+        "share of the target quantity to remove; null: the criterion's own threshold",
+        lo=0,
+        hi=1,
+        lo_open=True,
+        hi_open=True,
+        nullable=True,
+    ),
     Choice("scope", "layer", ("layer", "global"), "layer: the same share of every layer; global: one ranking"),
-    Choice("granularity", None, ("filter", "feature"), nullable=True,
-           doc="null: the criterion's own; filter: judge a channel by its producer filter; feature: by its consumers"),
-    Choice("normalize", "none", ("none", "max", "l2", "mean"), "global scope: divide each layer's scores by this first"),
+    Choice(
+        "granularity",
+        None,
+        ("filter", "feature"),
+        nullable=True,
+        doc="null: the criterion's own; filter: judge a channel by its producer filter; feature: by its consumers",
+    ),
+    Choice(
+        "normalize", "none", ("none", "max", "l2", "mean"), "global scope: divide each layer's scores by this first"
+    ),
     Int("min_channels", 1, "never leave a layer with fewer channels", lo=1),
     Bool("protect_last", False, "keep the groups that feed the classifier whole (VGG's last conv, as HGSR does)"),
     Float("tolerance", 0.001, "relative error allowed on the target where whole channels allow", lo=0, lo_open=True),
     List("skip", [], "layer-name patterns never pruned, e.g. [layers.0.7] or [conv13]", item=Value("str")),
-    Map("layer_ratios", {}, "{layer-name pattern: share of its channels to remove}; replaces target/ratio",
-        item=Value("float", lo=0, hi=1, hi_open=True)),
+    Map(
+        "layer_ratios",
+        {},
+        "{layer-name pattern: share of its channels to remove}; replaces target/ratio",
+        item=Value("float", lo=0, hi=1, hi_open=True),
+    ),
     Int("steps", 1, "iterative pruning: reach the ratio in this many equal steps", lo=1),
     Int("step_epochs", 2, "finetuning epochs between steps (the schedule's finetune block settings)", lo=0),
     Float("step_lr", 0.01, "constant learning rate of the finetuning between steps", lo=0, lo_open=True),
@@ -46,6 +67,7 @@ def check_config(cfg) -> None:
     p = cfg["prune"]
     if p["steps"] > 1 and p["layer_ratios"]:
         raise UserError("prune.steps", "iterative steps need prune.ratio, not prune.layer_ratios")
+
 
 NORMALIZERS = {
     "none": lambda s: s,
@@ -73,8 +95,9 @@ class Budget:
         return 1.0 - self.amount(widths) / self.total
 
 
-def removable_order(scores: list[torch.Tensor], min_channels: int, protect: set[int], scope: str,
-                    normalize: str) -> list[tuple[int, int, float]]:
+def removable_order(
+    scores: list[torch.Tensor], min_channels: int, protect: set[int], scope: str, normalize: str
+) -> list[tuple[int, int, float]]:
     """(group, channel, rank key) of every channel that may go, lowest key first.
 
     The ``min_channels`` best channels of each group and every channel of a protected group never appear.
@@ -94,9 +117,19 @@ def removable_order(scores: list[torch.Tensor], min_channels: int, protect: set[
     return out
 
 
-def select(scores: list[torch.Tensor], structure: Structure, *, target: str, ratio: float | None,
-           scope: str = "global", normalize: str = "none", min_channels: int = 1, protect: set[int] = frozenset(),
-           tolerance: float = 1e-3, threshold: float | None = None) -> list[torch.Tensor]:
+def select(
+    scores: list[torch.Tensor],
+    structure: Structure,
+    *,
+    target: str,
+    ratio: float | None,
+    scope: str = "global",
+    normalize: str = "none",
+    min_channels: int = 1,
+    protect: set[int] = frozenset(),
+    tolerance: float = 1e-3,
+    threshold: float | None = None,
+) -> list[torch.Tensor]:
     """Keep masks (bool, one per group): remove the lowest-ranked channels until ``ratio`` of ``target`` is gone.
 
     With ``threshold`` (and no ratio) every removable channel scoring below it goes instead.
@@ -111,8 +144,11 @@ def select(scores: list[torch.Tensor], structure: Structure, *, target: str, rat
         return w
 
     if threshold is not None and ratio is None:
-        raw = [(g, c) for g, c, _ in removable_order(scores, min_channels, protect, "global", "none")
-               if float(scores[g][c]) < threshold]
+        raw = [
+            (g, c)
+            for g, c, _ in removable_order(scores, min_channels, protect, "global", "none")
+            if float(scores[g][c]) < threshold
+        ]
         return masks_from(widths, raw)
 
     # largest k whose removal does not exceed the target (removed fraction grows with k)
@@ -150,8 +186,9 @@ def matching(names: list[str], patterns) -> set[int]:
     return {i for i, n in enumerate(names) if any(fnmatchcase(n, p) for p in patterns)}
 
 
-def select_per_layer(scores: list[torch.Tensor], names: list[str], layer_ratios: dict[str, float],
-                     min_channels: int = 1) -> list[torch.Tensor]:
+def select_per_layer(
+    scores: list[torch.Tensor], names: list[str], layer_ratios: dict[str, float], min_channels: int = 1
+) -> list[torch.Tensor]:
     """Remove the given share of channels from each layer matching a pattern (first match wins), none elsewhere.
 
     This states a paper's hand-set configuration exactly, e.g. Li et al.'s VGG-16-A: ``{conv1: 0.5, conv8: 0.5, ...}``.
@@ -161,30 +198,53 @@ def select_per_layer(scores: list[torch.Tensor], names: list[str], layer_ratios:
         ratio = next((r for p, r in layer_ratios.items() if fnmatchcase(name, p)), 0.0)
         # ceil(share x width), as Li et al. count: it reproduces their published params/FLOPs reductions
         n = min(math.ceil(ratio * len(s) - 1e-9), len(s) - min_channels)
-        removed += [(g, int(c)) for c in torch.argsort(s.detach().double().cpu(), stable=True)[:max(n, 0)]]
+        removed += [(g, int(c)) for c in torch.argsort(s.detach().double().cpu(), stable=True)[: max(n, 0)]]
     return masks_from([len(s) for s in scores], removed)
 
 
-def choose_channels(scores: list[torch.Tensor], structure: Structure, names: list[str], prune, ratio: float | None,
-                    protect: set[int], threshold: float | None = None) -> list[torch.Tensor]:
+def choose_channels(
+    scores: list[torch.Tensor],
+    structure: Structure,
+    names: list[str],
+    prune,
+    ratio: float | None,
+    protect: set[int],
+    threshold: float | None = None,
+) -> list[torch.Tensor]:
     """Keep masks from scores under the ``prune.*`` settings: hand-set per-layer shares, a criterion's own
     ``threshold`` (with no ratio), or the target ``ratio`` met by search."""
     if prune["layer_ratios"]:
         return select_per_layer(scores, names, dict(prune["layer_ratios"]), prune["min_channels"])
     if ratio is None and threshold is None:
-        raise UserError("prune.ratio", "this criterion has no threshold of its own; "
-                        "set a ratio in (0, 1) or prune.layer_ratios")
-    return select(scores, structure, target=prune["target"], ratio=ratio, scope=prune["scope"],
-                  normalize=prune["normalize"], min_channels=prune["min_channels"], protect=protect,
-                  tolerance=prune["tolerance"], threshold=threshold)
+        raise UserError(
+            "prune.ratio", "this criterion has no threshold of its own; set a ratio in (0, 1) or prune.layer_ratios"
+        )
+    return select(
+        scores,
+        structure,
+        target=prune["target"],
+        ratio=ratio,
+        scope=prune["scope"],
+        normalize=prune["normalize"],
+        min_channels=prune["min_channels"],
+        protect=protect,
+        tolerance=prune["tolerance"],
+        threshold=threshold,
+    )
 
 
 # ---------------------------------------------------------------- top-k gates to a MACs target (PFS)
 
 
-def select_top_gates(gate_values: list[torch.Tensor], structure, reference_macs: int, target_macs_reduction: float,
-                     min_channels: int = 1, max_steps: int = 30, rel_tol: float = 1e-3
-                     ) -> tuple[list[torch.Tensor], dict]:
+def select_top_gates(
+    gate_values: list[torch.Tensor],
+    structure,
+    reference_macs: int,
+    target_macs_reduction: float,
+    min_channels: int = 1,
+    max_steps: int = 30,
+    rel_tol: float = 1e-3,
+) -> tuple[list[torch.Tensor], dict]:
     """Keep the global top-k gates, k by bisection, so that the MACs reduction meets the target.
 
     ``structure``: ``pruning.structure(gated_model, input_shape)`` of the (possibly expanded) gated model.
@@ -223,8 +283,8 @@ def select_top_gates(gate_values: list[torch.Tensor], structure, reference_macs:
     forced = np.zeros(total, dtype=bool)
     start = 0
     for size in sizes:
-        local = np.lexsort((np.arange(size), -values[start:start + size]))  # value desc, index asc
-        forced[start + local[:min(min_channels, size)]] = True
+        local = np.lexsort((np.arange(size), -values[start : start + size]))  # value desc, index asc
+        forced[start + local[: min(min_channels, size)]] = True
         start += size
     order = np.lexsort((np.arange(total), -values, ~forced))  # forced first, then value desc, index asc
     n_forced = int(forced.sum())
@@ -339,7 +399,16 @@ def select_top_gates(gate_values: list[torch.Tensor], structure, reference_macs:
     keep_t = torch.from_numpy(keep)
     masks = [m.to(device) for m in torch.split(keep_t, sizes)]
     widths = [int(w) for w in widths]
-    info = dict(k=n_kept, steps=steps, macs=int(macs), params=int(structure.count(widths)[0]),
-                reduction=1.0 - macs / reference_macs, target=target, met=bool(met), how=how,
-                out_of_order=out_of_order, widths=widths)
+    info = dict(
+        k=n_kept,
+        steps=steps,
+        macs=int(macs),
+        params=int(structure.count(widths)[0]),
+        reduction=1.0 - macs / reference_macs,
+        target=target,
+        met=bool(met),
+        how=how,
+        out_of_order=out_of_order,
+        widths=widths,
+    )
     return masks, info

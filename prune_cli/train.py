@@ -4,6 +4,7 @@ The loop is a plain PyTorch loop: data is already on the device, the regularizer
 adds one term to the loss, and statistics stay on the device until the epoch ends
 (no per-step host sync), so it costs nothing over a hand-written loop.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,12 +27,13 @@ from .seeds import NETWORK_STRIDE, epoch_generator
 def make_optimizer(params, st) -> torch.optim.Optimizer:
     if st.optimizer == "adam":
         return torch.optim.Adam(params, lr=st.lr, betas=(st.momentum, 0.999), weight_decay=st.weight_decay)
-    return torch.optim.SGD(params, lr=st.lr, momentum=st.momentum, nesterov=st.nesterov,
-                           weight_decay=st.weight_decay)
+    return torch.optim.SGD(params, lr=st.lr, momentum=st.momentum, nesterov=st.nesterov, weight_decay=st.weight_decay)
 
 
 def lr_at(st, epoch: int, epochs: int) -> float:
-    """Learning rate of ``epoch`` (0-based) in a stage of ``epochs`` epochs; a pure function, so resuming needs no state."""
+    """Learning rate of ``epoch`` (0-based) in a stage of ``epochs`` epochs.
+
+    A pure function, so resuming needs no state."""
     if st.lr_schedule == "multistep":
         return st.lr * st.gamma ** sum(epoch >= round(m * epochs) for m in st.milestones)
     if st.lr_schedule == "step":
@@ -52,8 +54,17 @@ def show_progress(setting) -> bool:
     return sys.stderr.isatty() if setting == "auto" else bool(setting)
 
 
-def train_epoch(model, data: Data, batch_size: int, optimizer, regularizer, generator, precision: str,
-                progress: bool, desc: str = "") -> dict:
+def train_epoch(
+    model,
+    data: Data,
+    batch_size: int,
+    optimizer,
+    regularizer,
+    generator,
+    precision: str,
+    progress: bool,
+    desc: str = "",
+) -> dict:
     """One pass over the training split; returns mean train loss, train accuracy and the regularizer's value."""
     model.train()
     device = data.train.x.device
@@ -62,8 +73,14 @@ def train_epoch(model, data: Data, batch_size: int, optimizer, regularizer, gene
     reg_sum = torch.zeros((), device=device)
     steps = math.ceil(len(data.train) / batch_size)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    for x, y in tqdm(batches(data.train, data, batch_size, generator=generator, train=True), total=steps,
-                     desc=desc, disable=not progress, leave=False, file=sys.stderr):
+    for x, y in tqdm(
+        batches(data.train, data, batch_size, generator=generator, train=True),
+        total=steps,
+        desc=desc,
+        disable=not progress,
+        leave=False,
+        file=sys.stderr,
+    ):
         with autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -92,15 +109,33 @@ def graft(models: list, g, epoch: int, generator: torch.Generator) -> None:
     if g.variant == "external":
         graft_ring(models, A=g.A, c=g.c, scope=g.scope)
     elif g.variant == "noise":
-        graft_noise(models[0], epoch, sigma0=g.noise_sigma0, decay=g.noise_decay, threshold=g.noise_threshold,
-                    generator=generator)
+        graft_noise(
+            models[0],
+            epoch,
+            sigma0=g.noise_sigma0,
+            decay=g.noise_decay,
+            threshold=g.noise_threshold,
+            generator=generator,
+        )
     elif g.variant == "internal":
         graft_internal(models[0], share=g.internal_share, A=g.A, c=g.c)
 
 
-def fit(models: list, data: Data, st, *, stage: str, epochs: int, seed: int, trainer, regularizer=None,
-        start_epoch: int = 0, optimizer_states: list | None = None, history: list | None = None,
-        on_epoch_end: Callable[[int, list, list], None] | None = None) -> list[dict]:
+def fit(
+    models: list,
+    data: Data,
+    st,
+    *,
+    stage: str,
+    epochs: int,
+    seed: int,
+    trainer,
+    regularizer=None,
+    start_epoch: int = 0,
+    optimizer_states: list | None = None,
+    history: list | None = None,
+    on_epoch_end: Callable[[int, list, list], None] | None = None,
+) -> list[dict]:
     """Train ``epochs`` epochs (from ``start_epoch`` when resuming); returns the per-epoch history.
 
     Usually ``models`` holds one network. With external grafting it holds N, trained side by side with
@@ -123,11 +158,27 @@ def fit(models: list, data: Data, st, *, stage: str, epochs: int, seed: int, tra
             for group in optimizer.param_groups:
                 group["lr"] = lr
             net = f" net {k}" if len(models) > 1 else ""
-            stats = train_epoch(model, data, st.batch_size, optimizer, reg,
-                                epoch_generator(device, seed + NETWORK_STRIDE * k, stage, epoch), trainer.precision,
-                                progress, desc=f"{stage}{net} {epoch + 1}/{epochs}")
-            rows.append({"stage": stage, "epoch": epoch + 1, **({"net": k} if len(models) > 1 else {}),
-                         "lr": lr, **stats, "seconds": time.perf_counter() - tic})
+            stats = train_epoch(
+                model,
+                data,
+                st.batch_size,
+                optimizer,
+                reg,
+                epoch_generator(device, seed + NETWORK_STRIDE * k, stage, epoch),
+                trainer.precision,
+                progress,
+                desc=f"{stage}{net} {epoch + 1}/{epochs}",
+            )
+            rows.append(
+                {
+                    "stage": stage,
+                    "epoch": epoch + 1,
+                    **({"net": k} if len(models) > 1 else {}),
+                    "lr": lr,
+                    **stats,
+                    "seconds": time.perf_counter() - tic,
+                }
+            )
         if st.graft.variant != "none":
             tic = time.perf_counter()
             graft(models, st.graft, epoch, epoch_generator("cpu", seed, "graft", epoch))

@@ -13,9 +13,15 @@ from .options import Bool, Choice, Int, Str
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
 OPTIONS = (
-    Str("device", "auto", "auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps",
-        rule=lambda v: None if re.fullmatch(DEVICE_PATTERN, v) else f"must be auto, cpu, cuda, cuda:N or mps; got {v!r}",
-        rule_doc="auto, cpu, cuda, cuda:N or mps"),
+    Str(
+        "device",
+        "auto",
+        "auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps",
+        rule=lambda v: (
+            None if re.fullmatch(DEVICE_PATTERN, v) else f"must be auto, cpu, cuda, cuda:N or mps; got {v!r}"
+        ),
+        rule_doc="auto, cpu, cuda, cuda:N or mps",
+    ),
     Int("batch_size", 128, "default batch size of every stage (a stage may set its own)", lo=1),
     Int("eval_batch_size", 1000, "batch size for evaluation", lo=1),
     Int("threads", 0, "CPU threads for torch (0: torch's default)", lo=0),

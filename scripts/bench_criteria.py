@@ -5,6 +5,7 @@ sample sizes (conf/criterion/<name>.yaml). Usage:
 
     python scripts/bench_criteria.py [--threads N] [--only l1 fpgm ...] [--model resnet56]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def main() -> None:
     crits = {n: build_criterion(OmegaConf.load(CONF / f"{n}.yaml")) for n in names}
     n_images = max([c.sample_size for c in crits.values()] + [1])
     sample = Sample(torch.randn(n_images, 3, 32, 32), torch.randint(0, 10, (n_images,)))
-    print(f"model {args.model}, {sum(model.widths)} channels in {len(model.widths)} groups, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"model {args.model}, {sum(model.widths)} channels in {len(model.widths)} groups, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
     print("wall = elapsed seconds; cpu = this process's CPU seconds (wall ~ cpu / threads on an idle machine)")
     print(f"{'criterion':<12} {'images':>6} {'wall_s':>8} {'cpu_s':>8}  options")
     for name, crit in crits.items():

@@ -13,6 +13,7 @@ Target: ratio <= 1.05.
 
     python scripts/bench_grafting.py [--models 2] [--steps 10] [--batch 128] [--repeats 9] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,13 +100,17 @@ def main() -> None:
     tg = statistics.median(timed(lambda: graft_ring(spare)) for _ in range(args.graft_calls))
     t1 = statistics.median(t1s)
     ratio = statistics.median(ratios)
-    print(f"model {args.model}, N={n}, {args.steps} steps x batch {args.batch}, device {dev}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"model {args.model}, N={n}, {args.steps} steps x batch {args.batch}, device {dev}, "
+        f"threads {torch.get_num_threads()}"
+    )
     print(f"median epoch of 1 net: {t1:.3f}s; median {n} nets + grafting: {statistics.median(tns):.3f}s")
     print(f"graft_ring alone: {tg * 1e3:.2f} ms per call ({tg / (n * t1) * 100:.3f}% of {n} epochs here)")
     print(f"at real CIFAR epoch length (391 steps): ratio = {1 + tg / (n * t1 * 391 / args.steps):.5f}")
-    print(f"ratio of the fastest rounds = min({n} nets + graft) / ({n} x min(1 net)) = "
-          f"{min(tns) / (n * min(t1s)):.4f} (the least disturbed by other processes)")
+    print(
+        f"ratio of the fastest rounds = min({n} nets + graft) / ({n} x min(1 net)) = "
+        f"{min(tns) / (n * min(t1s)):.4f} (the least disturbed by other processes)"
+    )
     print(f"ratio = {ratio:.4f}  (median over rounds; target <= {TARGET}: {'OK' if ratio <= TARGET else 'ABOVE'})")
 
 

@@ -9,6 +9,7 @@ other criterion needs on the same model. Usage:
     python scripts/bench_prune.py [--threads 1] [--ratio 0.5] [--target params] [--train-steps 20]
                                   [--images 128] [--set prescreen=16 verify=null ...] [--no-criteria]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "criterion"
 
 def synthetic(n: int, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised 3x32x32 images: a smooth random template per class (the same for every seed) plus noise."""
-    templates = F.interpolate(torch.randn(classes, 3, 8, 8, generator=torch.Generator().manual_seed(1234)),
-                              size=32, mode="bilinear")
+    templates = F.interpolate(
+        torch.randn(classes, 3, 8, 8, generator=torch.Generator().manual_seed(1234)), size=32, mode="bilinear"
+    )
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)
     return templates[y] + 0.7 * torch.randn(n, 3, 32, 32, generator=g), y
@@ -43,7 +45,7 @@ def prepare(name: str, steps: int, seed: int = 0) -> torch.nn.Module:
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model.train()
     for i in range(steps):
-        loss = F.cross_entropy(model(x[64 * i: 64 * (i + 1)]), y[64 * i: 64 * (i + 1)])
+        loss = F.cross_entropy(model(x[64 * i : 64 * (i + 1)]), y[64 * i : 64 * (i + 1)])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -53,7 +55,7 @@ def prepare(name: str, steps: int, seed: int = 0) -> torch.nn.Module:
                 m.reset_running_stats()
                 m.momentum = None
         for i in range(0, 256, 64):
-            model(x[i: i + 64])
+            model(x[i : i + 64])
     return model.eval()
 
 
@@ -66,31 +68,55 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--train-steps", type=int, default=20, help="SGD steps on synthetic data before selecting")
     ap.add_argument("--no-criteria", action="store_true", help="skip timing the other criteria")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="loss_greedy_select keyword overrides, e.g. prescreen=16 verify=null mode=exact")
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="loss_greedy_select keyword overrides, e.g. prescreen=16 verify=null mode=exact",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     t = time.perf_counter()
     model = prepare(args.model, args.train_steps)
     x, y = synthetic(args.images, seed=2)
-    print(f"model {args.model}: {sum(model.widths)} channels in {len(model.widths)} groups; "
-          f"prepared in {time.perf_counter() - t:.1f}s; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"model {args.model}: {sum(model.widths)} channels in {len(model.widths)} groups; "
+        f"prepared in {time.perf_counter() - t:.1f}s; torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
     st = structure(model, (3, 32, 32))
     knobs = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    _, stats = loss_greedy_select(model, x, y, structure=st, target=args.target, ratio=args.ratio, progress=True,
-                                  **knobs)
+    _, stats = loss_greedy_select(
+        model, x, y, structure=st, target=args.target, ratio=args.ratio, progress=True, **knobs
+    )
     fast_passes = stats["image_forward_equivalents"] / args.images
-    print(f"\nloss ({stats['mode']}{', ' + str(knobs) if knobs else ''}) to {args.ratio:.0%} of {args.target}, "
-          f"{args.images} images:")
-    for key in ("seconds", "rounds", "round_sizes", "halvings", "forward_passes", "backward_passes", "images_forwarded",
-                "image_forward_equivalents", "exact_passes_estimate", "channels_removed", "removed_fraction",
-                "loss_original", "loss_masked"):
+    print(
+        f"\nloss ({stats['mode']}{', ' + str(knobs) if knobs else ''}) to {args.ratio:.0%} of {args.target}, "
+        f"{args.images} images:"
+    )
+    for key in (
+        "seconds",
+        "rounds",
+        "round_sizes",
+        "halvings",
+        "forward_passes",
+        "backward_passes",
+        "images_forwarded",
+        "image_forward_equivalents",
+        "exact_passes_estimate",
+        "channels_removed",
+        "removed_fraction",
+        "loss_original",
+        "loss_masked",
+    ):
         v = stats[key]
         print(f"  {key:<26} {v:.4f}" if isinstance(v, float) else f"  {key:<26} {v}")
     print(f"  {'fast pass equivalents':<26} {fast_passes:.1f}  (image_forward_equivalents / {args.images})")
-    print(f"  {'reduction = exact / fast':<26} {stats['exact_passes_estimate'] / fast_passes:.0f}x  "
-          f"(image-forwards; exact = exact_passes_estimate x {args.images} full forwards)")
+    print(
+        f"  {'reduction = exact / fast':<26} {stats['exact_passes_estimate'] / fast_passes:.0f}x  "
+        f"(image-forwards; exact = exact_passes_estimate x {args.images} full forwards)"
+    )
     exact_hours = stats["seconds"] * stats["exact_passes_estimate"] / fast_passes / 3600
     print(f"  {'exact greedy, estimated':<26} {exact_hours:.0f} h at this run's seconds per image-forward")
 
@@ -112,8 +138,12 @@ def main() -> None:
             xs, ys = synthetic(n, seed=2)
             t = time.perf_counter()
             crit.scores(model, "filter", Sample(xs, ys))
-            print(f"  {name:<12} {time.perf_counter() - t:8.2f} s  ({n} images)" if crit.needs_data else
-                  f"  {name:<12} {time.perf_counter() - t:8.2f} s", flush=True)
+            print(
+                f"  {name:<12} {time.perf_counter() - t:8.2f} s  ({n} images)"
+                if crit.needs_data
+                else f"  {name:<12} {time.perf_counter() - t:8.2f} s",
+                flush=True,
+            )
         except Exception as e:  # one broken criterion must not hide the others
             print(f"  {name:<12} failed: {type(e).__name__}: {e}")
 

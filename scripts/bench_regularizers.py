@@ -11,6 +11,7 @@ so slow drifts of the machine's load cancel. Also printed: the ratio of the fast
 
     python scripts/bench_regularizers.py [--batch 64] [--repeats 7] [--steps 3] [--device cpu]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,16 +103,20 @@ def main() -> None:
 
     base = statistics.median(times["none"])
     base_min = min(times["none"])
-    print(f"# {args.model}, batch {args.batch}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"{args.repeats} interleaved repeats x {args.steps} steps (median); none: {1000 * base:.1f} ms/step")
+    print(
+        f"# {args.model}, batch {args.batch}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"{args.repeats} interleaved repeats x {args.steps} steps (median); none: {1000 * base:.1f} ms/step"
+    )
     worst = 0.0
     for name in names:
         ratios = [t / t0 for t, t0 in zip(times[name], times["none"])]
         ratio = statistics.median(ratios)
         worst = max(worst, ratio)
-        print(f"ratio_{name} = {ratio:.2f}    # median step {1000 * statistics.median(times[name]):.1f} ms, "
-              f"per-repeat ratios {min(ratios):.2f}..{max(ratios):.2f}; min/min {min(times[name]) / base_min:.2f}; "
-              f"regularizer alone {1000 * pen[name]:.2f} ms -> implied {1 + pen[name] / base_min:.3f}")
+        print(
+            f"ratio_{name} = {ratio:.2f}    # median step {1000 * statistics.median(times[name]):.1f} ms, "
+            f"per-repeat ratios {min(ratios):.2f}..{max(ratios):.2f}; min/min {min(times[name]) / base_min:.2f}; "
+            f"regularizer alone {1000 * pen[name]:.2f} ms -> implied {1 + pen[name] / base_min:.3f}"
+        )
     print(f"target: every ratio <= {TARGET:.2f}: {'PASS' if worst <= TARGET else 'FAIL'} (worst {worst:.2f})")
 
 

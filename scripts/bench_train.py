@@ -5,6 +5,7 @@ fixed number of steps through ``prune_cli.train.train_epoch`` and through a plai
 loop (same model, batch, optimizer, device), interleaved, and prints
 ``overhead_ratio = pipeline images/s / plain images/s`` (target >= 0.95).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     n = args.steps * args.batch
-    cfg = OmegaConf.create({"name": "synthetic", "channels": 3, "image_size": 32, "num_classes": 10,
-                            "train_size": n, "test_size": args.batch, "pad": 0, "flip": False})
+    cfg = OmegaConf.create(
+        {
+            "name": "synthetic",
+            "channels": 3,
+            "image_size": 32,
+            "num_classes": 10,
+            "train_size": n,
+            "test_size": args.batch,
+            "pad": 0,
+            "flip": False,
+        }
+    )
     data = load_data(cfg, seed=0, device=device)
 
     torch.manual_seed(0)
@@ -50,7 +61,7 @@ def main() -> None:
         model.train()
         order = torch.randperm(n, device=device)
         for i in range(0, n, args.batch):
-            idx = order[i:i + args.batch]
+            idx = order[i : i + args.batch]
             x, y = normalize(data.train.x[idx], data), data.train.y[idx]
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -77,8 +88,11 @@ def main() -> None:
     print(f"device = {device}, threads = {torch.get_num_threads()}, steps = {args.steps}, batch = {args.batch}")
     print(f"pipeline_images_per_s = {statistics.median(pipe):.1f}")
     print(f"plain_images_per_s = {statistics.median(plain):.1f}")
-    print(f"overhead_ratio = {statistics.median(ratios):.3f}  (target >= 0.95; per repeat: "
-          + ", ".join(f"{r:.3f}" for r in ratios) + ")")
+    print(
+        f"overhead_ratio = {statistics.median(ratios):.3f}  (target >= 0.95; per repeat: "
+        + ", ".join(f"{r:.3f}" for r in ratios)
+        + ")"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from helpers import ROOT, TINY, compose_config, run_cli
 
 torch.set_num_threads(1)
 
+
 @pytest.fixture(scope="session")
 def compose():
     return compose_config

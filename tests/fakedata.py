@@ -15,6 +15,7 @@ Formats reproduced:
   JPEG is lossy: the returned arrays are what PIL decodes from the written files.
 - Fashion-MNIST: the four idx-ubyte files in ``<root>/FashionMNIST/raw`` (raw or ``.gz``).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -28,8 +29,14 @@ import numpy as np
 import torch
 
 __all__ = [
-    "Fake", "make_cifar10", "make_cifar100", "make_tinyimagenet", "make_fashion_mnist",
-    "fake_pixels", "fake_labels", "cifar_cfg",
+    "Fake",
+    "make_cifar10",
+    "make_cifar100",
+    "make_tinyimagenet",
+    "make_fashion_mnist",
+    "fake_pixels",
+    "fake_labels",
+    "cifar_cfg",
 ]
 
 
@@ -102,23 +109,32 @@ def make_cifar10(root, n_train: int = 100, n_test: int = 40) -> Fake:
     bounds = np.linspace(0, n_train, 6).astype(int)
     for b in range(5):
         lo, hi = bounds[b], bounds[b + 1]
-        _dump_py2({
-            b"batch_label": f"training batch {b + 1} of 5".encode(),
-            b"labels": [int(v) for v in y_tr[lo:hi]],
-            b"data": _cifar_rows(x_tr[lo:hi]),
-            b"filenames": [f"fake_{i:05d}.png".encode() for i in range(lo, hi)],
-        }, folder / f"data_batch_{b + 1}")
-    _dump_py2({
-        b"batch_label": b"testing batch 1 of 1",
-        b"labels": [int(v) for v in y_te],
-        b"data": _cifar_rows(x_te),
-        b"filenames": [f"fake_test_{i:05d}.png".encode() for i in range(n_test)],
-    }, folder / "test_batch")
-    _dump_py2({
-        b"num_cases_per_batch": int(bounds[1] - bounds[0]),
-        b"label_names": [n.encode() for n in names],
-        b"num_vis": 3072,
-    }, folder / "batches.meta")
+        _dump_py2(
+            {
+                b"batch_label": f"training batch {b + 1} of 5".encode(),
+                b"labels": [int(v) for v in y_tr[lo:hi]],
+                b"data": _cifar_rows(x_tr[lo:hi]),
+                b"filenames": [f"fake_{i:05d}.png".encode() for i in range(lo, hi)],
+            },
+            folder / f"data_batch_{b + 1}",
+        )
+    _dump_py2(
+        {
+            b"batch_label": b"testing batch 1 of 1",
+            b"labels": [int(v) for v in y_te],
+            b"data": _cifar_rows(x_te),
+            b"filenames": [f"fake_test_{i:05d}.png".encode() for i in range(n_test)],
+        },
+        folder / "test_batch",
+    )
+    _dump_py2(
+        {
+            b"num_cases_per_batch": int(bounds[1] - bounds[0]),
+            b"label_names": [n.encode() for n in names],
+            b"num_vis": 3072,
+        },
+        folder / "batches.meta",
+    )
     (folder / "readme.html").write_text("<html>fake CIFAR-10 for tests</html>\n")
     return Fake(torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te), names)
 
@@ -132,24 +148,39 @@ def make_cifar100(root, n_train: int = 300, n_test: int = 200) -> Fake:
     y_tr, y_te = fake_labels(n_train, 100, 3), fake_labels(n_test, 100, 4)
     x_tr, x_te = fake_pixels(y_tr, 3, 32, 32), fake_pixels(y_te, 3, 32, 32, offset=1000)
     for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
-        _dump_py2({
-            b"filenames": [f"fake_{split}_{i:05d}.png".encode() for i in range(len(y))],
-            b"batch_label": f"{'training' if split == 'train' else 'testing'} batch 1 of 1".encode(),
-            b"fine_labels": [int(v) for v in y],
-            b"coarse_labels": [int(v) // 5 for v in y],
-            b"data": _cifar_rows(x),
-        }, folder / split)
-    _dump_py2({
-        b"fine_label_names": [n.encode() for n in fine],
-        b"coarse_label_names": [n.encode() for n in coarse],
-    }, folder / "meta")
+        _dump_py2(
+            {
+                b"filenames": [f"fake_{split}_{i:05d}.png".encode() for i in range(len(y))],
+                b"batch_label": f"{'training' if split == 'train' else 'testing'} batch 1 of 1".encode(),
+                b"fine_labels": [int(v) for v in y],
+                b"coarse_labels": [int(v) // 5 for v in y],
+                b"data": _cifar_rows(x),
+            },
+            folder / split,
+        )
+    _dump_py2(
+        {
+            b"fine_label_names": [n.encode() for n in fine],
+            b"coarse_label_names": [n.encode() for n in coarse],
+        },
+        folder / "meta",
+    )
     return Fake(torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te), fine)
 
 
 def cifar_cfg(name: str, root, **overrides) -> dict:
     """A dataset config for fake CIFAR files (md5 check off: the fakes are not the official files)."""
-    cfg = {"name": name, "root": str(root), "download": False, "subset": None, "test_subset": None,
-           "val_split": 0, "pad": 4, "flip": True, "check_md5": False}
+    cfg = {
+        "name": name,
+        "root": str(root),
+        "download": False,
+        "subset": None,
+        "test_subset": None,
+        "val_split": 0,
+        "pad": 4,
+        "flip": True,
+        "check_md5": False,
+    }
     cfg.update(overrides)
     return cfg
 
@@ -157,8 +188,9 @@ def cifar_cfg(name: str, root, **overrides) -> dict:
 # --------------------------------------------------------------------------- TinyImageNet-200
 
 
-def make_tinyimagenet(root, n_classes: int = 3, n_train_per_class: int = 4, n_val_per_class: int = 2,
-                      size: int = 64) -> Fake:
+def make_tinyimagenet(
+    root, n_classes: int = 3, n_train_per_class: int = 4, n_val_per_class: int = 2, size: int = 64
+) -> Fake:
     """Write ``<root>/tiny-imagenet-200`` in the original layout with real JPEG files.
 
     wnids.txt is written unsorted (as in the original); class index = position in sorted order.
@@ -210,8 +242,13 @@ def make_tinyimagenet(root, n_classes: int = 3, n_train_per_class: int = 4, n_va
     (base / "val" / "val_annotations.txt").write_text("".join(ann))
     save(fake_pixels(np.zeros(1, int), 3, size, size)[0], base / "test" / "images" / "test_0.JPEG")
 
-    return Fake(torch.from_numpy(np.stack(x_tr)), torch.tensor(y_tr, dtype=torch.int64),
-                torch.from_numpy(np.stack(x_te)), torch.tensor(y_te, dtype=torch.int64), sorted_wnids)
+    return Fake(
+        torch.from_numpy(np.stack(x_tr)),
+        torch.tensor(y_tr, dtype=torch.int64),
+        torch.from_numpy(np.stack(x_te)),
+        torch.tensor(y_te, dtype=torch.int64),
+        sorted_wnids,
+    )
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -223,8 +260,7 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
 
 
-def make_fashion_mnist(root, n_train: int = 60, n_test: int = 20, *, compressed: bool = False,
-                       folder=None) -> Fake:
+def make_fashion_mnist(root, n_train: int = 60, n_test: int = 20, *, compressed: bool = False, folder=None) -> Fake:
     """Write the four idx-ubyte files to ``folder`` (default ``<root>/FashionMNIST/raw``).
 
     ``compressed=True`` writes only the ``.gz`` files, as distributed (and as Debian's
@@ -256,6 +292,7 @@ def tree(root) -> list[str]:
 
 if __name__ == "__main__":  # pragma: no cover - manual inspection
     import sys
+
     out = sys.argv[1] if len(sys.argv) > 1 else "fake_data"
     make_cifar10(out), make_cifar100(out), make_tinyimagenet(out), make_fashion_mnist(out)
     print("\n".join(tree(out)))

@@ -17,8 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden"  # results tables captured before the architecture changed
 
 # a tiny synthetic run: the whole pipeline in a second or two
-TINY = ["dataset=synthetic", "dataset.train_size=96", "dataset.test_size=48", "dataset.image_size=16",
-        "trainer.batch_size=32", "trainer.eval_batch_size=48", "trainer.progress=false"]
+TINY = [
+    "dataset=synthetic",
+    "dataset.train_size=96",
+    "dataset.test_size=48",
+    "dataset.image_size=16",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=48",
+    "trainer.progress=false",
+]
 
 
 def compose_config(*overrides):
@@ -30,8 +37,9 @@ def compose_config(*overrides):
 def run_cli(*args, cwd, env=None, timeout=300):
     """``python -m prune_cli ARGS`` as a user runs it."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "prune_cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "prune_cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def make_preset_data(root: Path) -> Path:

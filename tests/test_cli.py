@@ -1,4 +1,5 @@
 """The installed command as a user runs it: help, one-line errors, sweeps and their aggregation."""
+
 import subprocess
 import sys
 
@@ -6,14 +7,29 @@ import pandas as pd
 
 from helpers import run_cli as cli
 
-TINY = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "dataset.image_size=8",
-        "schedule.pretrain.epochs=1", "schedule.finetune.epochs=1", "trainer.progress=false"]
+TINY = [
+    "dataset=synthetic",
+    "dataset.train_size=64",
+    "dataset.test_size=32",
+    "dataset.image_size=8",
+    "schedule.pretrain.epochs=1",
+    "schedule.finetune.epochs=1",
+    "trainer.progress=false",
+]
 
 
 def test_help_lists_groups_and_choices(tmp_path):
     out = cli("--help", cwd=tmp_path).stdout
-    for text in ["model: resnet110, resnet18, resnet20", "vgg16", "dataset: cifar10, cifar100, digits",
-                 "schedule:", "criterion:", "regularizer:", "trainer: default", "debug: smoke"]:
+    for text in [
+        "model: resnet110, resnet18, resnet20",
+        "vgg16",
+        "dataset: cifar10, cifar100, digits",
+        "schedule:",
+        "criterion:",
+        "regularizer:",
+        "trainer: default",
+        "debug: smoke",
+    ]:
         assert text in out
 
 
@@ -53,7 +69,15 @@ def test_sweep_aggregates_and_keeps_jobs_when_one_fails(tmp_path):
 
     # the same aggregation as a command, on any directory of runs
     (tmp_path / "sweep" / "sweep.csv").unlink()
-    r = subprocess.run([sys.executable, "-c", "import sys; from prune_cli.report import main; sys.exit(main())",
-                        str(tmp_path / "sweep")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from prune_cli.report import main; sys.exit(main())",
+            str(tmp_path / "sweep"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "| job |" in r.stdout
     assert pd.read_csv(tmp_path / "sweep" / "sweep.csv").equals(sweep)

@@ -73,8 +73,15 @@ def test_yaml_values_equal_the_declared_defaults():
 
 def bad_values(o):
     """Values the declaration must refuse: a wrong type, and a value just outside its range."""
-    wrong_type = {"int": "abc", "float": "abc", "bool": "maybe", "str": 12, "choice": "nonsense",
-                  "list": "not-a-list", "map": "not-a-map"}[o.kind]
+    wrong_type = {
+        "int": "abc",
+        "float": "abc",
+        "bool": "maybe",
+        "str": 12,
+        "choice": "nonsense",
+        "list": "not-a-list",
+        "map": "not-a-map",
+    }[o.kind]
     out = [wrong_type]
     if o.kind == "int" and o.lo is not None:
         out.append(int(o.lo) - 1)
@@ -98,7 +105,11 @@ def declaration_cases():
         cases += [("model=resnet20", p) for p, _ in walk(options, group)]
     for name, stage in STAGES.items():
         if stage.options:
-            base = "schedule=pfs" if name == "gates" else f"schedule={'sparse' if name == 'sparse_train' else 'scratch' if name == 'scratch' else 'default'}"
+            base = (
+                "schedule=pfs"
+                if name == "gates"
+                else f"schedule={'sparse' if name == 'sparse_train' else 'scratch' if name == 'scratch' else 'default'}"
+            )
             cases += [(base, p) for p, _ in walk(stage.options, f"schedule.{name}")]
     return cases
 
@@ -131,9 +142,11 @@ def test_unknown_key_is_refused_with_its_path(composed):
 
 
 def test_loss_criterion_options_fail_before_training(compose):
-    cases = {"criterion.channels_per_round=0": "criterion.channels_per_round: a share in (0, 1] or a count >= 1 (got 0)",
-             "criterion.verify=abc": "criterion.verify: must be a number > 0 or null; got 'abc'",
-             "prune.ratio=null": "prune.ratio: the loss criterion selects to a target"}
+    cases = {
+        "criterion.channels_per_round=0": "criterion.channels_per_round: a share in (0, 1] or a count >= 1 (got 0)",
+        "criterion.verify=abc": "criterion.verify: must be a number > 0 or null; got 'abc'",
+        "prune.ratio=null": "prune.ratio: the loss criterion selects to a target",
+    }
     for override, message in cases.items():
         with pytest.raises(UserError) as e:
             validate(compose("criterion=loss", override))
@@ -142,11 +155,18 @@ def test_loss_criterion_options_fail_before_training(compose):
 
 def test_loss_criterion_error_through_the_command_before_any_data(cli, tmp_path):
     # CIFAR-10 with no files: reaching the data would fail differently, so this error came first
-    r = cli("criterion=loss", "criterion.channels_per_round=0", "dataset=cifar10", f"dataset.root={tmp_path}/none",
-            f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    r = cli(
+        "criterion=loss",
+        "criterion.channels_per_round=0",
+        "dataset=cifar10",
+        f"dataset.root={tmp_path}/none",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: criterion.channels_per_round: a share in (0, 1] or a count >= 1 (got 0)"]
+        "error: criterion.channels_per_round: a share in (0, 1] or a count >= 1 (got 0)"
+    ]
     assert not (tmp_path / "run" / "results.csv").exists()
 
 

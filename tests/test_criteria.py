@@ -1,4 +1,5 @@
 """Every criterion against an independent (loop / hand / autograd) computation."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ from prune_cli.errors import UserError
 from prune_cli.models import ChannelGroup, Prunable, build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "criterion"
-
 
 
 NAMES = ["l1", "l2", "fpgm", "bn_scale", "group_norm", "apoz", "hrank", "entropy", "taylor", "random"]
@@ -85,6 +85,7 @@ def loop_vectors(model, granularity):
 
 # ---------------------------------------------------------------- norms
 
+
 @pytest.mark.parametrize("make", [resnet20, vgg11])
 @pytest.mark.parametrize("granularity", ["filter", "feature"])
 def test_l1_l2_against_loops(make, granularity):
@@ -137,6 +138,7 @@ def test_group_norm():
 
 # ---------------------------------------------------------------- FPGM
 
+
 def test_fpgm_against_double_loop():
     model = resnet20()
     for granularity in ["filter", "feature"]:
@@ -164,6 +166,7 @@ def test_fpgm_geometric_median_is_lowest_and_mix():
 
 # ---------------------------------------------------------------- entropy
 
+
 def test_entropy_hand_count():
     # min 0, max 1, 10 bins of width 0.1: bins 0, 1, 1, 3, 5, 5, 5, 9 (max goes to the last bin)
     row = torch.tensor([[0.0, 0.12, 0.17, 0.33, 0.55, 0.56, 0.58, 1.0]])
@@ -187,6 +190,7 @@ def test_entropy_criterion_against_numpy_histogram():
 
 
 # ---------------------------------------------------------------- BN scale, polarization
+
 
 def test_bn_scale_and_rules():
     model = resnet20()
@@ -236,24 +240,31 @@ def test_polarization_threshold_rules():
 
 # ---------------------------------------------------------------- data-driven
 
+
 def test_apoz_known_zeros():
     model = Tiny(4)
     x = torch.ones(5, 4, 3, 3)
     x[:, 0] = -1.0  # always zero after ReLU: APoZ 1
     x[:, 1].view(5, -1)[:, :3] = 0.0  # 3 of 9 positions zero: 1/3
     x[:2, 2] = -2.0  # 2 of 5 images entirely zero: 2/5
-    scores = build_criterion({"name": "apoz", "batch_size": 2}).scores(model, sample=Sample(x, torch.zeros(5, dtype=torch.long)))
+    scores = build_criterion({"name": "apoz", "batch_size": 2}).scores(
+        model, sample=Sample(x, torch.zeros(5, dtype=torch.long))
+    )
     assert torch.allclose(scores[0], -torch.tensor([1.0, 1 / 3, 2 / 5, 0.0]))
     # num_images: only the first 2 images
-    scores = build_criterion({"name": "apoz", "num_images": 2}).scores(model, sample=Sample(x, torch.zeros(5, dtype=torch.long)))
+    scores = build_criterion({"name": "apoz", "num_images": 2}).scores(
+        model, sample=Sample(x, torch.zeros(5, dtype=torch.long))
+    )
     assert torch.allclose(scores[0], -torch.tensor([1.0, 1 / 3, 1.0, 0.0]))
 
 
 def bn_outputs(model, x) -> dict:
     """Reference activations: every channel group's BN output on ``x`` (eval mode), by group name."""
     mods, outs = dict(model.named_modules()), {}
-    hooks = [mods[g.bn].register_forward_hook(lambda m, i, o, n=g.name: outs.__setitem__(n, o))
-             for g in model.channel_groups()]
+    hooks = [
+        mods[g.bn].register_forward_hook(lambda m, i, o, n=g.name: outs.__setitem__(n, o))
+        for g in model.channel_groups()
+    ]
     model.eval()
     with torch.no_grad():
         model(x)
@@ -360,6 +371,7 @@ def test_data_criteria_restore_mode_and_hooks_on_error():
 
 # ---------------------------------------------------------------- random
 
+
 def test_random_seeded():
     model = resnet20()
     a = build_criterion({"name": "random", "seed": 3}).scores(model)
@@ -373,20 +385,25 @@ def test_random_seeded():
 
 # ---------------------------------------------------------------- registry, configs
 
+
 def test_registry_and_errors():
     assert set(NAMES) <= set(CRITERIA)
     with pytest.raises(UserError) as e:
         build_criterion({"name": "l3"})
     assert e.value.option == "criterion.name"
-    bad = [({"name": "l1", "p": 2}, "criterion.p"), ({"name": "fpgm", "mix": 1.5}, "criterion.mix"),
-           ({"name": "fpgm", "mix": "x"}, "criterion.mix"), ({"name": "bn_scale", "rule": "otsu"}, "criterion.rule"),
-           ({"name": "bn_scale", "bin_width": 0}, "criterion.bin_width"),
-           ({"name": "apoz", "num_images": 0}, "criterion.num_images"),
-           ({"name": "hrank", "batches": True}, "criterion.batches"),
-           ({"name": "taylor", "batch_size": 2.5}, "criterion.batch_size"),
-           ({"name": "random", "seed": -1}, "criterion.seed"),
-           ({"name": "l2", "granularity": "kernel"}, "criterion.granularity"),
-           ({"name": "apoz", "granularity": "filter"}, "criterion.granularity")]
+    bad = [
+        ({"name": "l1", "p": 2}, "criterion.p"),
+        ({"name": "fpgm", "mix": 1.5}, "criterion.mix"),
+        ({"name": "fpgm", "mix": "x"}, "criterion.mix"),
+        ({"name": "bn_scale", "rule": "otsu"}, "criterion.rule"),
+        ({"name": "bn_scale", "bin_width": 0}, "criterion.bin_width"),
+        ({"name": "apoz", "num_images": 0}, "criterion.num_images"),
+        ({"name": "hrank", "batches": True}, "criterion.batches"),
+        ({"name": "taylor", "batch_size": 2.5}, "criterion.batch_size"),
+        ({"name": "random", "seed": -1}, "criterion.seed"),
+        ({"name": "l2", "granularity": "kernel"}, "criterion.granularity"),
+        ({"name": "apoz", "granularity": "filter"}, "criterion.granularity"),
+    ]
     for cfg, option in bad:
         with pytest.raises(UserError) as e:
             build_criterion(cfg)

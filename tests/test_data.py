@@ -1,4 +1,5 @@
 """prune_cli.data: loaders read exactly what was written, splits, augmentation, batching, errors, declarations."""
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,21 @@ COMMON = ("name", "root", "download", "subset", "test_subset", "val_split", "pad
 
 
 def synth(**kw):
-    cfg = {"name": "synthetic", "root": "unused", "download": False, "channels": 3, "image_size": 8,
-           "num_classes": 4, "train_size": 200, "test_size": 80, "subset": None, "test_subset": None,
-           "val_split": 0, "pad": 0, "flip": False}
+    cfg = {
+        "name": "synthetic",
+        "root": "unused",
+        "download": False,
+        "channels": 3,
+        "image_size": 8,
+        "num_classes": 4,
+        "train_size": 200,
+        "test_size": 80,
+        "subset": None,
+        "test_subset": None,
+        "val_split": 0,
+        "pad": 0,
+        "flip": False,
+    }
     cfg.update(kw)
     return cfg
 
@@ -79,6 +92,7 @@ def test_cifar100_roundtrip(tmp_path):
 
 def test_fake_cifar_is_python2_pickle(cifar10_root):
     import pickle
+
     root, fake = cifar10_root
     with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
         entry = pickle.load(f, encoding="bytes")
@@ -119,12 +133,15 @@ def test_cifar_incomplete_and_malformed(tmp_path):
     assert "data_batch_3" in one_line(e.value) and str(folder) in str(e.value)
 
 
-@pytest.mark.parametrize("name,module,expect", [
-    ("cifar10", "torchvision.datasets.cifar", "cifar-10-python.tar.gz"),
-    ("cifar100", "torchvision.datasets.cifar", "cifar-100-python.tar.gz"),
-    ("fashion_mnist", "torchvision.datasets.mnist", "-ubyte.gz"),
-    ("tinyimagenet200", "torchvision.datasets.utils", "tiny-imagenet-200.zip"),
-])
+@pytest.mark.parametrize(
+    "name,module,expect",
+    [
+        ("cifar10", "torchvision.datasets.cifar", "cifar-10-python.tar.gz"),
+        ("cifar100", "torchvision.datasets.cifar", "cifar-100-python.tar.gz"),
+        ("fashion_mnist", "torchvision.datasets.mnist", "-ubyte.gz"),
+        ("tinyimagenet200", "torchvision.datasets.utils", "tiny-imagenet-200.zip"),
+    ],
+)
 def test_failed_download_is_a_user_error(tmp_path, monkeypatch, name, module, expect):
     import importlib
 
@@ -143,8 +160,16 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch, name, module, ex
 
 
 def tiny_cfg(root, **kw):
-    cfg = {"name": "tinyimagenet200", "root": str(root), "download": False, "subset": None,
-           "test_subset": None, "val_split": 0, "pad": 4, "flip": True}
+    cfg = {
+        "name": "tinyimagenet200",
+        "root": str(root),
+        "download": False,
+        "subset": None,
+        "test_subset": None,
+        "val_split": 0,
+        "pad": 4,
+        "flip": True,
+    }
     cfg.update(kw)
     return cfg
 
@@ -203,8 +228,16 @@ def test_tinyimagenet_missing_and_malformed(tmp_path):
 
 
 def fm_cfg(root, **kw):
-    cfg = {"name": "fashion_mnist", "root": str(root), "download": False, "subset": None,
-           "test_subset": None, "val_split": 0, "pad": 2, "flip": True}
+    cfg = {
+        "name": "fashion_mnist",
+        "root": str(root),
+        "download": False,
+        "subset": None,
+        "test_subset": None,
+        "val_split": 0,
+        "pad": 2,
+        "flip": True,
+    }
     cfg.update(kw)
     return cfg
 
@@ -218,7 +251,8 @@ def test_fashion_mnist_roundtrip(tmp_path, monkeypatch, compressed):
     assert_split(d.train, fake.x_train, fake.y_train)
     assert_split(d.test, fake.x_test, fake.y_test)
     assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == sorted(
-        f + (".gz" if compressed else "") for f in fashion_mnist.FILES)  # nothing written into root
+        f + (".gz" if compressed else "") for f in fashion_mnist.FILES
+    )  # nothing written into root
 
 
 def test_fashion_mnist_debian_fallback_and_missing(tmp_path, monkeypatch):
@@ -258,6 +292,7 @@ def test_digits():
     other = D.load_data({"name": "digits", "root": "unused"}, seed=123, device="cpu")
     assert torch.equal(other.test.x, d.test.x) and torch.equal(other.train.y, d.train.y)
     from sklearn.datasets import load_digits
+
     counts = np.bincount(load_digits().target)
     assert np.all(np.abs(d.test.y.bincount().numpy() - counts * 359 / 1797) < 1)
     assert np.allclose(d.mean.numpy(), d.train.x.float().div(255).mean().item(), atol=1e-6)
@@ -281,7 +316,9 @@ def test_synthetic_defaults_deterministic_and_learnable():
 
 
 def test_stratified_indices_exact_proportional_deterministic():
-    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)[torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 15 + [3] * 5)[
+        torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    ]
     for n in (1, 7, 33, 64, 100):
         idx = D.stratified_indices(y, n, numpy_rng(5, 1))
         assert len(idx) == n and len(set(idx.tolist())) == n and torch.equal(idx, idx.sort().values)
@@ -315,14 +352,17 @@ def test_val_split_disjoint_and_stratified(val_split, n_val):
     assert sorted(train_rows + val_rows) == rows(full.train.x)  # together: exactly the train split
 
 
-@pytest.mark.parametrize("key,value,fragment", [
-    ("subset", 201, "201 is larger than the 200-image train split of synthetic; use at most 200 or null"),
-    ("test_subset", 81, "81 is larger than the 80-image test split of synthetic; use at most 80 or null"),
-    ("val_split", 200, "holding out 200 images leaves none of the 200 train images of synthetic for training"),
-    ("val_split", 0.999, "holding out 200 images leaves none"),
-    ("pad", 8, "8 is not smaller than the 8x8 images of synthetic"),
-    ("name", "imagenet", "unknown dataset 'imagenet'"),
-])
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("subset", 201, "201 is larger than the 200-image train split of synthetic; use at most 200 or null"),
+        ("test_subset", 81, "81 is larger than the 80-image test split of synthetic; use at most 80 or null"),
+        ("val_split", 200, "holding out 200 images leaves none of the 200 train images of synthetic for training"),
+        ("val_split", 0.999, "holding out 200 images leaves none"),
+        ("pad", 8, "8 is not smaller than the 8x8 images of synthetic"),
+        ("name", "imagenet", "unknown dataset 'imagenet'"),
+    ],
+)
 def test_invalid_for_the_data(key, value, fragment):
     """What load_data checks itself: the name, and (after the read) what only the data can tell."""
     with pytest.raises(UserError) as e:
@@ -331,21 +371,37 @@ def test_invalid_for_the_data(key, value, fragment):
     assert fragment in one_line(e.value)
 
 
-@pytest.mark.parametrize("name,key,value,fragment", [
-    ("synthetic", "subset", 0, ">= 1 or null"), ("synthetic", "subset", -5, ">= 1"),
-    ("synthetic", "subset", 1.5, "an integer"), ("synthetic", "subset", True, "an integer"),
-    ("synthetic", "test_subset", 0, ">= 1 or null"),
-    ("synthetic", "val_split", 1.0, "[0, 1)"), ("synthetic", "val_split", -0.1, "[0, 1)"),
-    ("synthetic", "val_split", -3, ">= 0"), ("synthetic", "val_split", "x", "count"),
-    ("synthetic", "val_split", True, "count"), ("synthetic", "val_split", float("nan"), "count"),
-    ("synthetic", "pad", -1, ">= 0"), ("synthetic", "pad", 1.0, "an integer"), ("synthetic", "pad", None, "null"),
-    ("synthetic", "flip", "yes", "true or false"), ("synthetic", "download", 1, "true or false"),
-    ("synthetic", "num_classes", 0, ">= 2"), ("synthetic", "num_classes", 1, ">= 2"),
-    ("synthetic", "channels", 0, ">= 1"), ("synthetic", "image_size", 2.5, "an integer"),
-    ("synthetic", "train_size", 0, ">= 1"), ("synthetic", "test_size", -1, ">= 1"),
-    ("synthetic", "bogus", 1, "unknown option"), ("digits", "channels", 3, "unknown option"),
-    ("cifar10", "check_md5", "no", "true or false"), ("cifar100", "root", 5, "a string"),
-])
+@pytest.mark.parametrize(
+    "name,key,value,fragment",
+    [
+        ("synthetic", "subset", 0, ">= 1 or null"),
+        ("synthetic", "subset", -5, ">= 1"),
+        ("synthetic", "subset", 1.5, "an integer"),
+        ("synthetic", "subset", True, "an integer"),
+        ("synthetic", "test_subset", 0, ">= 1 or null"),
+        ("synthetic", "val_split", 1.0, "[0, 1)"),
+        ("synthetic", "val_split", -0.1, "[0, 1)"),
+        ("synthetic", "val_split", -3, ">= 0"),
+        ("synthetic", "val_split", "x", "count"),
+        ("synthetic", "val_split", True, "count"),
+        ("synthetic", "val_split", float("nan"), "count"),
+        ("synthetic", "pad", -1, ">= 0"),
+        ("synthetic", "pad", 1.0, "an integer"),
+        ("synthetic", "pad", None, "null"),
+        ("synthetic", "flip", "yes", "true or false"),
+        ("synthetic", "download", 1, "true or false"),
+        ("synthetic", "num_classes", 0, ">= 2"),
+        ("synthetic", "num_classes", 1, ">= 2"),
+        ("synthetic", "channels", 0, ">= 1"),
+        ("synthetic", "image_size", 2.5, "an integer"),
+        ("synthetic", "train_size", 0, ">= 1"),
+        ("synthetic", "test_size", -1, ">= 1"),
+        ("synthetic", "bogus", 1, "unknown option"),
+        ("digits", "channels", 3, "unknown option"),
+        ("cifar10", "check_md5", "no", "true or false"),
+        ("cifar100", "root", 5, "a string"),
+    ],
+)
 def test_invalid_values_by_declaration(name, key, value, fragment):
     """Type and range of single values: the declarations say, checked before anything is read."""
     block = {k: v for k, v in synth(**{key: value}).items() if k != "name"} if name == "synthetic" else {key: value}
@@ -402,12 +458,19 @@ def test_augment_matches_per_sample_reference(pad, flip):
     windows_seen = set()
     for i in range(32):
         padded = F.pad(x[i], (pad, pad, pad, pad))
-        ref = padded[:, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        ref = padded[:, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
         ref = ref.flip(-1) if flipped[i] else ref
         assert torch.equal(out[i], ref), i
         # independently: the output is one of the translated windows of the padded image
-        matches = [(oy, ox, f) for oy in range(2 * pad + 1) for ox in range(2 * pad + 1) for f in (False, True)
-                   if torch.equal(out[i], padded[:, oy:oy + h, ox:ox + w].flip(-1) if f else padded[:, oy:oy + h, ox:ox + w])]
+        matches = [
+            (oy, ox, f)
+            for oy in range(2 * pad + 1)
+            for ox in range(2 * pad + 1)
+            for f in (False, True)
+            if torch.equal(
+                out[i], padded[:, oy : oy + h, ox : ox + w].flip(-1) if f else padded[:, oy : oy + h, ox : ox + w]
+            )
+        ]
         assert matches and (flip or not any(f for _, _, f in matches))
         windows_seen.add((int(dy[i]), int(dx[i])))
         # zeros exactly where padding shows
@@ -434,7 +497,9 @@ def test_batches_cover_each_index_once():
     assert torch.allclose(torch.cat([x for x, _ in plain]), D.normalize(split.x, d))
     seen = []
     for epoch in range(2):
-        ys = torch.cat([y for _, y in D.batches(split, d, 8, generator=torch.Generator().manual_seed(epoch), train=True)])
+        ys = torch.cat(
+            [y for _, y in D.batches(split, d, 8, generator=torch.Generator().manual_seed(epoch), train=True)]
+        )
         assert sorted(ys.tolist()) == list(range(n))
         seen.append(ys)
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], torch.arange(n))
@@ -491,8 +556,14 @@ def test_describe_matches_load_data(tmp_path, monkeypatch):
     fakedata.make_cifar100(tmp_path, n_train=10, n_test=10)
     fakedata.make_fashion_mnist(tmp_path, n_train=10, n_test=10)
     fakedata.make_tinyimagenet(tmp_path, n_classes=2, n_train_per_class=2, n_val_per_class=1, size=12)
-    cfgs = [fakedata.cifar_cfg("cifar10", tmp_path), fakedata.cifar_cfg("cifar100", tmp_path),
-            fm_cfg(tmp_path), tiny_cfg(tmp_path), {"name": "digits"}, synth(channels=2, image_size=6, num_classes=3)]
+    cfgs = [
+        fakedata.cifar_cfg("cifar10", tmp_path),
+        fakedata.cifar_cfg("cifar100", tmp_path),
+        fm_cfg(tmp_path),
+        tiny_cfg(tmp_path),
+        {"name": "digits"},
+        synth(channels=2, image_size=6, num_classes=3),
+    ]
     for cfg in cfgs:
         d = D.load_data(cfg, seed=0, device="cpu")
         assert D.describe(cfg) == (d.input_shape, d.num_classes), cfg["name"]

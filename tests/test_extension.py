@@ -24,8 +24,9 @@ class TwoConv(Prunable):
     def __init__(self, name, num_classes, in_channels, widths=None, width_mult=1.0):
         super().__init__()
         widths = widths or [round(8 * width_mult), round(16 * width_mult)]
-        self.arch = dict(name=name, num_classes=num_classes, in_channels=in_channels, widths=list(widths),
-                         width_mult=width_mult)
+        self.arch = dict(
+            name=name, num_classes=num_classes, in_channels=in_channels, widths=list(widths), width_mult=width_mult
+        )
         self.conv1, self.bn1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0])
         self.conv2, self.bn2 = nn.Conv2d(widths[0], widths[1], 3, padding=1, bias=False), nn.BatchNorm2d(widths[1])
         self.fc = nn.Linear(widths[1], num_classes)
@@ -63,8 +64,17 @@ class Note(Stage):
 
 
 def test_registered_parts_run_through_the_command(tmp_path, monkeypatch):
-    argv = ["prune-cli", f"hydra.searchpath=[file://{EXTENSION_CONF}]", "model=twoconv", "criterion=half_l1",
-            "schedule=noted", *TINY, "prune.ratio=0.5", "prune.target=channels", f"hydra.run.dir={tmp_path}"]
+    argv = [
+        "prune-cli",
+        f"hydra.searchpath=[file://{EXTENSION_CONF}]",
+        "model=twoconv",
+        "criterion=half_l1",
+        "schedule=noted",
+        *TINY,
+        "prune.ratio=0.5",
+        "prune.target=channels",
+        f"hydra.run.dir={tmp_path}",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     main()
     results = pd.read_csv(tmp_path / "results.csv")
@@ -76,8 +86,16 @@ def test_registered_parts_run_through_the_command(tmp_path, monkeypatch):
 
 
 def test_a_registered_stage_option_is_checked(tmp_path, monkeypatch):
-    argv = ["prune-cli", f"hydra.searchpath=[file://{EXTENSION_CONF}]", "model=twoconv", "criterion=half_l1",
-            "schedule=noted", *TINY, "schedule.note.text=12", f"hydra.run.dir={tmp_path}"]
+    argv = [
+        "prune-cli",
+        f"hydra.searchpath=[file://{EXTENSION_CONF}]",
+        "model=twoconv",
+        "criterion=half_l1",
+        "schedule=noted",
+        *TINY,
+        "schedule.note.text=12",
+        f"hydra.run.dir={tmp_path}",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:
         main()

@@ -1,4 +1,5 @@
 """Pruning from Scratch: gates, their loss, top-k bisection on MACs, gate training and epoch choice."""
+
 import math
 
 import pytest
@@ -21,6 +22,7 @@ def reference_macs(name):
 
 
 # ------------------------------------------------------------------ gates and their loss
+
 
 def test_gate_loss_value_and_gradient_by_hand():
     model = model_of("resnet20", widths=[2, 3, 1, 1, 1, 1, 1, 1, 1])
@@ -77,6 +79,7 @@ def test_gate_zero_equals_mask_channels(name, mode):
 
 
 # ------------------------------------------------------------------ top-k bisection
+
 
 def resnet_achievable_macs(model, st):
     """All MACs values a ResNet can reach: MACs are linear in the block widths (no products)."""
@@ -170,18 +173,24 @@ def test_bisection_unreachable_target_reports_not_met():
 
 # ------------------------------------------------------------------ gate training
 
+
 def tiny_batches(n_batches=3, batch=8, seed=0, size=8):
     def fn(epoch):
         g = torch.Generator().manual_seed(seed + epoch)
         for _ in range(n_batches):
             yield torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
     return fn
 
 
 def test_select_epoch_scripted_history():
-    hist = [dict(val_acc=0.50, density=0.30, nonzero=0.9), dict(val_acc=0.60, density=0.20, nonzero=0.5),
-            dict(val_acc=0.70, density=0.25, nonzero=0.2), dict(val_acc=0.55, density=0.10, nonzero=0.1),
-            dict(val_acc=0.60, density=0.15, nonzero=0.1)]
+    hist = [
+        dict(val_acc=0.50, density=0.30, nonzero=0.9),
+        dict(val_acc=0.60, density=0.20, nonzero=0.5),
+        dict(val_acc=0.70, density=0.25, nonzero=0.2),
+        dict(val_acc=0.55, density=0.10, nonzero=0.1),
+        dict(val_acc=0.60, density=0.15, nonzero=0.1),
+    ]
     assert select_epoch(hist, 0.2) == (1, True)  # epoch 2 is better but too dense; tie 1 vs 4 -> earliest
     assert select_epoch(hist, 0.2, key="nonzero") == (2, True)
     assert select_epoch(hist, 1.0) == (2, True)
@@ -226,8 +235,9 @@ def test_train_gates_no_qualifying_epoch_keeps_last():
         snaps.append(gates.values())
         return 0.5
 
-    out = train_gates(model, gates, tiny_batches(n_batches=2, size=32), val, epochs=2, lr=0.01, lam=0.5,
-                      target_density=0.0)
+    out = train_gates(
+        model, gates, tiny_batches(n_batches=2, size=32), val, epochs=2, lr=0.01, lam=0.5, target_density=0.0
+    )
     assert out["epoch"] == 1 and not out["qualified"] and "no epoch" in out["note"]
     for p, s in zip(gates.params, snaps[-1]):
         assert torch.equal(p.detach(), s)
@@ -237,6 +247,7 @@ def test_regulariser_drives_density_down():
     model = model_of("resnet20", widths=[4] * 9)
     freeze_weights(model)
     gates = Gates(model)
-    out = train_gates(model, gates, tiny_batches(n_batches=4), lambda m: 0.0, epochs=2, lr=0.05, lam=50.0,
-                      target_density=0.2)
+    out = train_gates(
+        model, gates, tiny_batches(n_batches=4), lambda m: 0.0, epochs=2, lr=0.05, lam=50.0, target_density=0.2
+    )
     assert out["history"][0]["density"] < 0.9 and out["history"][-1]["density"] < 0.75

@@ -1,4 +1,5 @@
 """Filter grafting: entropy, alpha, the external ring, the noise and internal variants, lr schedules."""
+
 import copy
 import math
 
@@ -31,6 +32,7 @@ def model_of(name, seed, **kw):
 
 
 # ------------------------------------------------------------------ entropy and alpha
+
 
 def test_entropy_hand_count():
     # 10 distinct values spread over 10 bins: one per bin -> ln 10
@@ -72,6 +74,7 @@ def test_alpha_formula():
 
 # ------------------------------------------------------------------ the ring
 
+
 def test_graft_layers_pairs_convs_with_their_bn():
     layers = dict(graft_layers(model_of("resnet20", 0)))
     assert layers["conv1"] == "bn1" and layers["layers.0.0.conv2"] == "layers.0.0.bn2"
@@ -108,8 +111,9 @@ def reference_ring(models, scope, A=0.4, c=500.0):
             if isinstance(u, (nn.Conv2d, nn.Linear)):
                 alpha = None
                 if isinstance(u, kinds):
-                    alpha = (A / math.pi) * math.atan(c * (float(layer_entropy(u.weight))
-                                                           - float(layer_entropy(v.weight)))) + 0.5
+                    alpha = (A / math.pi) * math.atan(
+                        c * (float(layer_entropy(u.weight)) - float(layer_entropy(v.weight)))
+                    ) + 0.5
                     names = ["weight"] + (["bias"] if u.bias is not None else [])
                 else:
                     continue
@@ -146,8 +150,13 @@ def test_ring_of_three_matches_reference(name, kw, scope):
 
 def test_ring_alpha_per_layer_and_rounding():
     a, b = model_of("resnet20", 0), model_of("resnet20", 1)
-    h = {n: (float(layer_entropy(dict(a.named_modules())[n].weight)),
-             float(layer_entropy(dict(b.named_modules())[n].weight))) for n, _ in graft_layers(a)}
+    h = {
+        n: (
+            float(layer_entropy(dict(a.named_modules())[n].weight)),
+            float(layer_entropy(dict(b.named_modules())[n].weight)),
+        )
+        for n, _ in graft_layers(a)
+    }
     alphas = graft_ring([copy.deepcopy(a), copy.deepcopy(b)])
     for n, (ha, hb) in h.items():
         assert alphas[0][n] == pytest.approx(graft_alpha(ha, hb))  # model 0 takes from model 1
@@ -159,6 +168,7 @@ def test_ring_alpha_per_layer_and_rounding():
 
 # ------------------------------------------------------------------ noise and internal variants
 
+
 def test_noise_only_touches_small_filters():
     conv = nn.Conv2d(2, 6, 3, bias=False)
     with torch.no_grad():
@@ -167,8 +177,9 @@ def test_noise_only_touches_small_filters():
         conv.weight[4] = 0.0
     model = nn.Sequential(conv)
     before = conv.weight.detach().clone()
-    touched = graft_noise(model, epoch=3, sigma0=0.5, decay=0.5, threshold=0.1,
-                          generator=torch.Generator().manual_seed(0))
+    touched = graft_noise(
+        model, epoch=3, sigma0=0.5, decay=0.5, threshold=0.1, generator=torch.Generator().manual_seed(0)
+    )
     assert touched == {"0": 2}
     diff = (conv.weight - before).flatten(1)
     assert torch.equal(diff[[0, 2, 3, 5]], torch.zeros(4, 18))
@@ -224,18 +235,21 @@ def test_internal_share_rounding_and_blend():
 
 # ------------------------------------------------------------------ lr schedules
 
+
 def test_lr_schedules():
     same = lr_schedules(2, "same", 0.1, 200)
     assert [f(0) for f in same] == [0.1, 0.1]
     assert same[0](100) == pytest.approx(0.05) and same[1](200) == pytest.approx(0.0)
     slr = lr_schedules(2, "slr", 0.1, 200)
     assert [slr[0](e) for e in (0, 59, 60, 119.5, 120, 180, 199)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.001, 1e-4, 1e-4])
+        [0.1, 0.1, 0.01, 0.01, 0.001, 1e-4, 1e-4]
+    )
     assert slr[1](70) == slr[0](70)
     dlr = lr_schedules(2, "dlr", 0.1, 200)
     assert [f(0) for f in dlr] == pytest.approx([0.05, 0.1])
     assert dlr[0](100) == pytest.approx(0.025) and dlr[1](50.5) == pytest.approx(
-        0.1 * (1 + math.cos(math.pi * 50.5 / 200)) / 2)
+        0.1 * (1 + math.cos(math.pi * 50.5 / 200)) / 2
+    )
     assert [f(0) for f in lr_schedules(3, "dlr", 1.0, 10)] == pytest.approx([0.25, 0.75, 1.0])
     with pytest.raises(ValueError):
         lr_schedules(2, "nope", 0.1, 10)

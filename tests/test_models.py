@@ -1,4 +1,5 @@
 """Models: reference params/MACs (docs/methods.md), counting from widths, and exact physical pruning."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Whole runs through the real config (Hydra's compose API): tables, checkpoints, resume, init_from, budgets."""
+
 from pathlib import Path
 
 import pandas as pd
@@ -21,8 +22,23 @@ def test_default_run_writes_every_table(tmp_path):
     rows = pipeline.run(fast(), tmp_path)
     results = pd.read_csv(tmp_path / "results.csv")
     assert list(results["stage"]) == ["init", "pretrain", "prune", "finetune"]
-    for col in ["stage", "top1", "best_top1", "loss", "params", "macs", "epochs", "seconds",
-                "model", "dataset", "regularizer", "criterion", "target", "ratio", "seed"]:
+    for col in [
+        "stage",
+        "top1",
+        "best_top1",
+        "loss",
+        "params",
+        "macs",
+        "epochs",
+        "seconds",
+        "model",
+        "dataset",
+        "regularizer",
+        "criterion",
+        "target",
+        "ratio",
+        "seed",
+    ]:
         assert col in results.columns
     # the prune stage removed half of the params (within one channel's granularity)
     dense, pruned = results.iloc[1], results.iloc[2]
@@ -95,14 +111,22 @@ def test_init_from_skips_the_stages_it_covers(tmp_path, monkeypatch):
 
 
 def test_measure_needs_no_data(tmp_path):
-    rows = pipeline.run(config("schedule=measure", "model=resnet56", "dataset=cifar10",
-                               "dataset.root=/nonexistent"), tmp_path)
+    rows = pipeline.run(
+        config("schedule=measure", "model=resnet56", "dataset=cifar10", "dataset.root=/nonexistent"), tmp_path
+    )
     assert len(rows) == 1 and rows[0]["params"] == 853_018 and rows[0]["macs"] == 125_485_696
 
 
 def test_scratch_reinitialises_and_budget_b_scales_epochs(tmp_path):
-    cfg = config(*TINY, "schedule=scratch", "schedule.pretrain.epochs=1", "schedule.scratch.epochs=2",
-               "schedule.scratch.budget=B", "prune.target=macs", "prune.ratio=0.5")
+    cfg = config(
+        *TINY,
+        "schedule=scratch",
+        "schedule.pretrain.epochs=1",
+        "schedule.scratch.epochs=2",
+        "schedule.scratch.budget=B",
+        "prune.target=macs",
+        "prune.ratio=0.5",
+    )
     pipeline.run(cfg, tmp_path)
     results = pd.read_csv(tmp_path / "results.csv")
     scratch = results.iloc[-1]
@@ -111,11 +135,17 @@ def test_scratch_reinitialises_and_budget_b_scales_epochs(tmp_path):
     assert scratch["epochs"] >= 3
 
 
-@pytest.mark.parametrize("override,option", [
-    ("prune.ratio=1.5", "prune.ratio"), ("schedule.pretrain.epochs=-1", "schedule.pretrain.epochs"),
-    ("trainer.device=tpu", "trainer.device"), ("schedule.stages=[pretrain,sleep]", "schedule.stages"),
-    ("dataset.subset=0", "dataset.subset"), ("model.width_mult=0", "model.width_mult"),
-])
+@pytest.mark.parametrize(
+    "override,option",
+    [
+        ("prune.ratio=1.5", "prune.ratio"),
+        ("schedule.pretrain.epochs=-1", "schedule.pretrain.epochs"),
+        ("trainer.device=tpu", "trainer.device"),
+        ("schedule.stages=[pretrain,sleep]", "schedule.stages"),
+        ("dataset.subset=0", "dataset.subset"),
+        ("model.width_mult=0", "model.width_mult"),
+    ],
+)
 def test_bad_values_fail_before_training(tmp_path, override, option, monkeypatch):
     monkeypatch.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("trained despite a bad option"))
     with pytest.raises(UserError) as err:
@@ -125,16 +155,31 @@ def test_bad_values_fail_before_training(tmp_path, override, option, monkeypatch
 
 def test_real_cifar_format_through_the_pipeline(tmp_path):
     fakedata.make_cifar10(tmp_path / "data", n_train=100, n_test=80)
-    cfg = config("dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.check_md5=false",
-                 "debug=smoke", "trainer.progress=false", "model=vgg11")
+    cfg = config(
+        "dataset=cifar10",
+        f"dataset.root={tmp_path / 'data'}",
+        "dataset.check_md5=false",
+        "debug=smoke",
+        "trainer.progress=false",
+        "model=vgg11",
+    )
     rows = pipeline.run(cfg, tmp_path / "run")
     assert [r["stage"] for r in rows] == ["init", "pretrain", "prune", "finetune"]
     assert rows[-1]["params"] < rows[0]["params"]
 
 
 def test_gates_stage_prunes_to_the_macs_target_against_the_standard_model(tmp_path):
-    cfg = config(*TINY, "schedule=pfs", "schedule.gates.epochs=2", "schedule.scratch.epochs=1",
-                 "dataset.val_split=16", "model=vgg11", "model.width_mult=1.25", "prune.target=macs", "prune.ratio=0.5")
+    cfg = config(
+        *TINY,
+        "schedule=pfs",
+        "schedule.gates.epochs=2",
+        "schedule.scratch.epochs=1",
+        "dataset.val_split=16",
+        "model=vgg11",
+        "model.width_mult=1.25",
+        "prune.target=macs",
+        "prune.ratio=0.5",
+    )
     rows = pipeline.run(cfg, tmp_path)
     assert [r["stage"] for r in rows] == ["init", "gates", "scratch"]
     standard = config(*TINY, "schedule=measure", "model=vgg11")
@@ -147,8 +192,15 @@ def test_gates_stage_prunes_to_the_macs_target_against_the_standard_model(tmp_pa
 
 
 def test_grafting_trains_two_networks_and_reports_both(tmp_path):
-    cfg = config("dataset=digits", "dataset.subset=200", "dataset.test_subset=100", "trainer.progress=false",
-                 "schedule=pretrain", "schedule.pretrain.epochs=2", "schedule.pretrain.graft.variant=external")
+    cfg = config(
+        "dataset=digits",
+        "dataset.subset=200",
+        "dataset.test_subset=100",
+        "trainer.progress=false",
+        "schedule=pretrain",
+        "schedule.pretrain.epochs=2",
+        "schedule.pretrain.graft.variant=external",
+    )
     rows = pipeline.run(cfg, tmp_path)
     row = rows[-1]
     assert {"top1_net0", "top1_net1", "continued"} <= set(row)
@@ -159,10 +211,19 @@ def test_grafting_trains_two_networks_and_reports_both(tmp_path):
 
 
 def test_slimming_threshold_removes_exactly_the_requested_share(tmp_path):
-    cfg = config(*TINY, "schedule=sparse_finetune", "schedule.sparse_train.epochs=1", "schedule.finetune.epochs=1",
-                 "regularizer=bn_l1",
-               "criterion=bn_scale", "criterion.rule=slimming", "prune.target=channels", "prune.ratio=0.3",
-               "prune.scope=global", "model=vgg11")
+    cfg = config(
+        *TINY,
+        "schedule=sparse_finetune",
+        "schedule.sparse_train.epochs=1",
+        "schedule.finetune.epochs=1",
+        "regularizer=bn_l1",
+        "criterion=bn_scale",
+        "criterion.rule=slimming",
+        "prune.target=channels",
+        "prune.ratio=0.3",
+        "prune.scope=global",
+        "model=vgg11",
+    )
     pipeline.run(cfg, tmp_path)
     layers = pd.read_csv(tmp_path / "layers.csv")
     # Network Slimming's code prunes int(total * percent) channels
@@ -179,6 +240,7 @@ def test_slimming_threshold_removes_exactly_the_requested_share(tmp_path):
 
 def test_zero_groups_counts_zeroed_consumer_kernels():
     from prune_cli.models import build_model
+
     model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3})
     group = model.channel_groups()[0]
     with torch.no_grad():
@@ -207,8 +269,13 @@ def test_init_from_a_file_that_is_no_checkpoint(tmp_path):
 
 
 def test_loss_criterion_in_the_prune_stage(tmp_path):
-    cfg = fast("criterion=loss", "criterion.num_images=16", "prune.target=params", "prune.ratio=0.3",
-               "schedule.finetune.epochs=0")
+    cfg = fast(
+        "criterion=loss",
+        "criterion.num_images=16",
+        "prune.target=params",
+        "prune.ratio=0.3",
+        "schedule.finetune.epochs=0",
+    )
     rows = pipeline.run(cfg, tmp_path)
     prune = rows[2]
     assert abs(1 - prune["params"] / rows[1]["params"] - 0.3) < 0.005

@@ -1,5 +1,6 @@
 """Every paper preset runs end to end as a smoke test (debug=smoke) on small files in the real data formats,
 and gives exactly the results table captured before the architecture changed (tests/golden/, timing aside)."""
+
 import pytest
 
 from helpers import GOLDEN_DIR, make_preset_data, results_table, smoke_overrides

@@ -1,6 +1,7 @@
 """Regularizers: values and gradients against independent loop implementations, hand-computed
 numbers, zero-kernel safety, polarization, layer selection, configs, sparsity statistics and
 two short training runs on sklearn's digits (CPU, a few seconds each)."""
+
 from __future__ import annotations
 
 import itertools
@@ -22,6 +23,7 @@ HGSR_COMBOS = list(itertools.product(("feature", "filter"), ("squared", "sqrt"),
 
 
 # --------------------------------------------------------------------------- fixtures / helpers
+
 
 def small_resnet(seed: int = 0) -> nn.Module:
     """ResNet-20 at 1/8 width (2/4/8 channels) with option-B 1x1 shortcut convs, float64, random BN."""
@@ -56,6 +58,7 @@ def grads(value: torch.Tensor, params):
 # Independent reference implementations: explicit Python loops over groups and kernels,
 # using only scalar-level ops (sqrt of sum of squares, abs), float64.
 
+
 def ref_kernel_norm(w: torch.Tensor, kernel_norm: str) -> torch.Tensor:
     if kernel_norm == "l2":
         return torch.sqrt((w * w).sum())
@@ -73,7 +76,7 @@ def ref_group_lasso(ws, grouping):
         n_groups = w4.shape[1] if grouping == "feature" else w4.shape[0]
         for g in range(n_groups):
             block = w4[:, g] if grouping == "feature" else w4[g]
-            total = total + torch.sqrt((block ** 2).sum())
+            total = total + torch.sqrt((block**2).sum())
     return total
 
 
@@ -81,21 +84,22 @@ def ref_hgsr(ws, grouping, form, kernel_norm, mix):
     total = 0.0
     for w in ws:
         w4 = w if w.dim() == 4 else w[:, :, None, None]
-        O, I = w4.shape[:2]
-        groups = range(I) if grouping == "feature" else range(O)
+        n_out, n_in = w4.shape[:2]
+        groups = range(n_in) if grouping == "feature" else range(n_out)
         r = 0.0
         for g in groups:
-            members = [(o, g) for o in range(O)] if grouping == "feature" else [(g, i) for i in range(I)]
+            members = [(o, g) for o in range(n_out)] if grouping == "feature" else [(g, i) for i in range(n_in)]
             s = 0.0
             for o, i in members:
                 s = s + ref_kernel_norm(w4[o, i], kernel_norm)
-            r = r + (s ** 2 if form == "squared" else torch.sqrt(s))
+            r = r + (s**2 if form == "squared" else torch.sqrt(s))
         l1 = w4.abs().sum()
         total = total + mix * r + (1 - mix) * l1
     return total
 
 
 # --------------------------------------------------------------------------- none / layer selection
+
 
 def test_none_is_free_and_zero():
     m = small_resnet()
@@ -127,10 +131,12 @@ def test_layer_selection():
     bns = [n for n, x in m.named_modules() if isinstance(x, nn.BatchNorm2d)]
     assert build_regularizer({"name": "bn_l1"}, m).layer_names == bns
     assert build_regularizer({"name": "polarization", "layers": "prunable"}, m).layer_names == [
-        f"layers.{s}.{b}.bn1" for s in range(3) for b in range(3)]
+        f"layers.{s}.{b}.bn1" for s in range(3) for b in range(3)
+    ]
 
 
 # --------------------------------------------------------------------------- values and gradients vs. loops
+
 
 def check_against(reg, ref_value, params, rtol=1e-6):
     v = reg.penalty()
@@ -188,10 +194,11 @@ def test_hgsr_gradcheck_finite_differences():
     model = nn.Sequential(conv)
     w0 = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     for grouping, form, kernel_norm in HGSR_COMBOS:
-        reg = build_regularizer({"name": "hgsr", "grouping": grouping, "form": form, "kernel_norm": kernel_norm,
-                                 "lam": 1.0}, model)
+        reg = build_regularizer(
+            {"name": "hgsr", "grouping": grouping, "form": form, "kernel_norm": kernel_norm, "lam": 1.0}, model
+        )
 
-        def f(w):
+        def f(w, reg=reg):
             del conv.weight
             conv.weight = w  # a plain tensor attribute: the regularizer reads module.weight on every call
             return reg.penalty()
@@ -222,15 +229,15 @@ def test_hgsr_default_hand_computed():
     model = nn.Sequential(conv)
     assert math.isclose(float(build_regularizer({"name": "hgsr"}, model).value()), 0.036, rel_tol=1e-12)
     one = {"name": "hgsr", "mix": 1.0}
-    assert math.isclose(float(build_regularizer({**one, "grouping": "filter"}, model).value()), 0.068,
-                        rel_tol=1e-12)
-    assert math.isclose(float(build_regularizer({**one, "form": "sqrt"}, model).value()), 0.004377802118,
-                        rel_tol=1e-9)
-    assert math.isclose(float(build_regularizer({**one, "kernel_norm": "l1half"}, model).value()),
-                        0.021483314774, rel_tol=1e-9)
+    assert math.isclose(float(build_regularizer({**one, "grouping": "filter"}, model).value()), 0.068, rel_tol=1e-12)
+    assert math.isclose(float(build_regularizer({**one, "form": "sqrt"}, model).value()), 0.004377802118, rel_tol=1e-9)
+    assert math.isclose(
+        float(build_regularizer({**one, "kernel_norm": "l1half"}, model).value()), 0.021483314774, rel_tol=1e-9
+    )
 
 
 # --------------------------------------------------------------------------- zero kernels: no NaN
+
 
 def zeroed_model():
     torch.manual_seed(0)
@@ -242,9 +249,12 @@ def zeroed_model():
     return nn.Sequential(conv), conv
 
 
-@pytest.mark.parametrize("cfg", [{"name": "hgsr", "grouping": g, "form": f, "kernel_norm": k} for g, f, k in HGSR_COMBOS]
-                         + [{"name": "group_lasso", "grouping": g} for g in ("feature", "filter")]
-                         + [{"name": "l1"}])
+@pytest.mark.parametrize(
+    "cfg",
+    [{"name": "hgsr", "grouping": g, "form": f, "kernel_norm": k} for g, f, k in HGSR_COMBOS]
+    + [{"name": "group_lasso", "grouping": g} for g in ("feature", "filter")]
+    + [{"name": "l1"}],
+)
 def test_no_nan_gradient_with_zero_kernels(cfg):
     model, conv = zeroed_model()
     reg = build_regularizer(cfg, model)
@@ -262,6 +272,7 @@ def test_no_nan_gradient_with_zero_kernels(cfg):
 
 
 # --------------------------------------------------------------------------- BN regularizers
+
 
 def test_bn_l1_matches_loops_and_init_gamma():
     m = small_resnet(4)
@@ -311,19 +322,26 @@ def test_regularizer_follows_dtype_change():
 
 # --------------------------------------------------------------------------- config and errors
 
+
 def test_errors_are_user_errors():
     m = small_resnet()
-    cases = [({"name": "nope"}, "regularizer.name"), ({}, "regularizer.name"),
-             ({"name": "hgsr", "lambda": 1}, "regularizer.lambda"), ({"name": "l1", "lam": -1}, "regularizer.lam"),
-             ({"name": "l1", "lam": "abc"}, "regularizer.lam"), ({"name": "l1", "lam": True}, "regularizer.lam"),
-             ({"name": "hgsr", "mix": 1.5}, "regularizer.mix"), ({"name": "hgsr", "form": "cube"}, "regularizer.form"),
-             ({"name": "hgsr", "kernel_norm": "l3"}, "regularizer.kernel_norm"),
-             ({"name": "group_lasso", "grouping": "kernel"}, "regularizer.grouping"),
-             ({"name": "hgsr", "layers": "some"}, "regularizer.layers"),
-             ({"name": "bn_l1", "layers": "all_convs"}, "regularizer.layers"),
-             ({"name": "polarization", "t": "x"}, "regularizer.t"),
-             ({"name": "polarization", "init_gamma": "big"}, "regularizer.init_gamma"),
-             ({"name": "none", "lam": 1}, "regularizer.lam")]
+    cases = [
+        ({"name": "nope"}, "regularizer.name"),
+        ({}, "regularizer.name"),
+        ({"name": "hgsr", "lambda": 1}, "regularizer.lambda"),
+        ({"name": "l1", "lam": -1}, "regularizer.lam"),
+        ({"name": "l1", "lam": "abc"}, "regularizer.lam"),
+        ({"name": "l1", "lam": True}, "regularizer.lam"),
+        ({"name": "hgsr", "mix": 1.5}, "regularizer.mix"),
+        ({"name": "hgsr", "form": "cube"}, "regularizer.form"),
+        ({"name": "hgsr", "kernel_norm": "l3"}, "regularizer.kernel_norm"),
+        ({"name": "group_lasso", "grouping": "kernel"}, "regularizer.grouping"),
+        ({"name": "hgsr", "layers": "some"}, "regularizer.layers"),
+        ({"name": "bn_l1", "layers": "all_convs"}, "regularizer.layers"),
+        ({"name": "polarization", "t": "x"}, "regularizer.t"),
+        ({"name": "polarization", "init_gamma": "big"}, "regularizer.init_gamma"),
+        ({"name": "none", "lam": 1}, "regularizer.lam"),
+    ]
     for cfg, option in cases:
         with pytest.raises(UserError) as e:
             build_regularizer(cfg, m)
@@ -336,6 +354,7 @@ def test_errors_are_user_errors():
 
 def test_yaml_configs_match_registry_and_defaults():
     from omegaconf import OmegaConf
+
     files = sorted(CONF.glob("*.yaml"))
     assert {f.stem for f in files} == set(REGULARIZERS)
     m = small_resnet()
@@ -354,25 +373,27 @@ def test_yaml_configs_match_registry_and_defaults():
 
 # --------------------------------------------------------------------------- sparsity statistics
 
+
 def test_sparsity_stats_hand_made():
     conv = nn.Conv2d(3, 2, 1, bias=False)
     fc = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         # W[o, i] (1x1 kernels): rows o, columns i
-        conv.weight.copy_(torch.tensor([[0.5, 0.0, 5e-4],
-                                        [1e-4, 0.0, 2e-4]]).reshape(2, 3, 1, 1))
+        conv.weight.copy_(torch.tensor([[0.5, 0.0, 5e-4], [1e-4, 0.0, 2e-4]]).reshape(2, 3, 1, 1))
         fc.weight.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
     overall, per_layer = sparsity_stats(nn.Sequential(conv, nn.Flatten(), fc))
-    c, l = per_layer
-    assert c["layer"] == "0" and c["kind"] == "conv" and l["layer"] == "2" and l["kind"] == "linear"
+    c, lin = per_layer
+    assert c["layer"] == "0" and c["kind"] == "conv" and lin["layer"] == "2" and lin["kind"] == "linear"
     # conv: |w| < 1e-3 for 5 of 6; feature groups (columns): ||.|| = 0.50000001, 0, 5.39e-4 -> 2 of 3 zero;
     # filter groups (rows): 0.50000025, 2.24e-4 -> 1 of 2 zero
     assert c["n_weights"] == 6 and c["weight_sparsity"] == pytest.approx(5 / 6)
     assert c["n_feature_groups"] == 3 and c["feature_group_sparsity"] == pytest.approx(2 / 3)
     assert c["n_filter_groups"] == 2 and c["filter_group_sparsity"] == pytest.approx(1 / 2)
     # linear: 3 of 4 zero; columns (2, 0) -> 1 of 2; rows (0, 2) -> 1 of 2
-    assert l["weight_sparsity"] == pytest.approx(3 / 4)
-    assert l["feature_group_sparsity"] == pytest.approx(1 / 2) and l["filter_group_sparsity"] == pytest.approx(1 / 2)
+    assert lin["weight_sparsity"] == pytest.approx(3 / 4)
+    assert lin["feature_group_sparsity"] == pytest.approx(1 / 2) and lin["filter_group_sparsity"] == pytest.approx(
+        1 / 2
+    )
     assert overall["n_weights"] == 10 and overall["weight_sparsity"] == pytest.approx(8 / 10)
     assert overall["n_feature_groups"] == 5 and overall["feature_group_sparsity"] == pytest.approx(3 / 5)
     assert overall["n_filter_groups"] == 4 and overall["filter_group_sparsity"] == pytest.approx(2 / 4)
@@ -386,6 +407,7 @@ def test_sparsity_stats_hand_made():
 
 
 # --------------------------------------------------------------------------- short training runs (digits)
+
 
 class TinyNet(nn.Module):
     """3 convs + linear on 8x8 digits. ``bn=False``: conv+bias+ReLU (used for the HGSR run, see below)."""
@@ -413,6 +435,7 @@ class TinyNet(nn.Module):
 @pytest.fixture(scope="module")
 def digits():
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # 8x8, scaled to [0, 1]
     return x, torch.tensor(d.target)
@@ -435,7 +458,7 @@ def train(model, reg_cfg, data, epochs, lr, seed, on_epoch, batch=64):
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=g)
         for s in range(0, len(x), batch):
-            idx = perm[s:s + batch]
+            idx = perm[s : s + batch]
             loss = F.cross_entropy(model(x[idx]), y[idx]) + reg.penalty()
             opt.zero_grad()
             loss.backward()
@@ -470,14 +493,31 @@ def test_hgsr_training_drives_feature_groups_to_zero(digits, one_thread):
         torch.manual_seed(0)
         model = TinyNet(24, bn=False)
         cfg = {"name": "hgsr", "lam": 1e-3} if name == "hgsr" else {"name": "none"}
-        _, fracs[name] = train(model, cfg, digits, epochs=10, lr=0.05, seed=0,
-                               on_epoch=lambda m: (small_group_fraction(m, 0.05), small_group_fraction(m, 0.01)))
+        _, fracs[name] = train(
+            model,
+            cfg,
+            digits,
+            epochs=10,
+            lr=0.05,
+            seed=0,
+            on_epoch=lambda m: (small_group_fraction(m, 0.05), small_group_fraction(m, 0.01)),
+        )
         with torch.no_grad():
             fracs[name + "_acc"] = float((model(digits[0]).argmax(1) == digits[1]).float().mean())
     h5 = [f[0] for f in fracs["hgsr"]]
     n5 = [f[0] for f in fracs["none"]]
-    print("fraction of feature groups < 5% of the layer max, per epoch: hgsr", h5, "none", n5,
-          "| < 1%:", fracs["hgsr"][-1][1], fracs["none"][-1][1], "| train acc", fracs["hgsr_acc"], fracs["none_acc"])
+    print(
+        "fraction of feature groups < 5% of the layer max, per epoch: hgsr",
+        h5,
+        "none",
+        n5,
+        "| < 1%:",
+        fracs["hgsr"][-1][1],
+        fracs["none"][-1][1],
+        "| train acc",
+        fracs["hgsr_acc"],
+        fracs["none_acc"],
+    )
     assert max(n5) == 0.0  # the unregularized run never has such a group
     assert h5[0] == 0.0 and h5[-1] >= 0.2  # grows from none to a large fraction
     assert h5[-1] >= max(h5[:5]) + 0.15  # ... over the epochs
@@ -492,8 +532,7 @@ def test_polarization_training_is_bimodal(digits, one_thread):
     def gammas(m):
         return torch.cat([b.weight.detach() for b in m.modules() if isinstance(b, nn.BatchNorm2d)])
 
-    reg, hist = train(model, {"name": "polarization", "lam": 2e-2}, digits, epochs=6, lr=0.05, seed=0,
-                      on_epoch=gammas)
+    reg, hist = train(model, {"name": "polarization", "lam": 2e-2}, digits, epochs=6, lr=0.05, seed=0, on_epoch=gammas)
     assert reg.hparams["init_gamma"] == 0.5  # all gammas started at 0.5: a single mode
     g = hist[-1]
     n = g.numel()

@@ -5,15 +5,24 @@ import shutil
 from pathlib import Path
 
 import torch
-from helpers import compose_config, results_table
 
+from helpers import compose_config, results_table
 from prune_cli import pipeline
 from prune_cli.rundir import CHECKPOINT_SCHEMA
 
 OLD_RUN = Path(__file__).resolve().parent / "data" / "run_schema1"  # pretrain + prune done, finetune not run
-OVERRIDES = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "dataset.image_size=8",
-             "trainer.batch_size=32", "trainer.eval_batch_size=32", "trainer.progress=false", "model.width_mult=0.25",
-             "schedule.pretrain.epochs=1", "schedule.finetune.epochs=1"]
+OVERRIDES = [
+    "dataset=synthetic",
+    "dataset.train_size=64",
+    "dataset.test_size=32",
+    "dataset.image_size=8",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=32",
+    "trainer.progress=false",
+    "model.width_mult=0.25",
+    "schedule.pretrain.epochs=1",
+    "schedule.finetune.epochs=1",
+]
 
 
 def test_an_old_run_directory_resumes_to_the_old_table(tmp_path):

@@ -1,4 +1,5 @@
 """Selection to a target: met within tolerance, minimum channels, protected layers, thresholds."""
+
 import pytest
 import torch
 

@@ -5,9 +5,21 @@ per family: cifar, tinyimagenet, fashion_mnist, digits, synthetic); ``spec`` hol
 and split rules, ``container`` the loaded tensors and their batching and augmentation.
 Bad input raises ``UserError`` naming the option and saying where we looked and how to fix it.
 """
+
 from . import cifar, digits, fashion_mnist, synthetic, tinyimagenet  # noqa: F401  (each registers its specs)
 from .container import Data, Split, augment, batches, normalize
 from .spec import DATASETS, DatasetSpec, Raw, describe, load_data, stratified_indices
 
-__all__ = ["DATASETS", "Data", "DatasetSpec", "Raw", "Split", "augment", "batches", "describe", "load_data",
-           "normalize", "stratified_indices"]
+__all__ = [
+    "DATASETS",
+    "Data",
+    "DatasetSpec",
+    "Raw",
+    "Split",
+    "augment",
+    "batches",
+    "describe",
+    "load_data",
+    "normalize",
+    "stratified_indices",
+]

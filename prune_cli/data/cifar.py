@@ -3,6 +3,7 @@
 50,000 train / 10,000 test RGB images of 32x32 with 10 or 100 (fine) classes. torchvision checks
 the files against the official md5 sums unless ``dataset.check_md5=false`` (re-packed copies).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ from ..options import Bool
 from .files import brief, data_root, download_error
 from .spec import DATASETS, DatasetSpec, Raw, dataset_options
 
-CHECK_MD5 = Bool("check_md5", True, "verify the batch files against torchvision's md5 sums; "
-                 "false loads re-packed copies as they are")
+CHECK_MD5 = Bool(
+    "check_md5", True, "verify the batch files against torchvision's md5 sums; false loads re-packed copies as they are"
+)
 
 
 def _without_md5(base: type) -> type:
@@ -62,11 +64,15 @@ class _Cifar(DatasetSpec):
             missing = [f for f in files if not os.path.isfile(os.path.join(base, f))]
         if missing:
             if len(missing) == len(files):
-                why = (f"no {title} batches in {base}; put the python version of {title} there "
-                       f"(extract {tv.filename} into {root}) or run with dataset.download=true")
+                why = (
+                    f"no {title} batches in {base}; put the python version of {title} there "
+                    f"(extract {tv.filename} into {root}) or run with dataset.download=true"
+                )
             else:
-                why = (f"{title} folder {base} is incomplete (missing {', '.join(missing)}); "
-                       f"extract {tv.filename} into {root} again or run with dataset.download=true")
+                why = (
+                    f"{title} folder {base} is incomplete (missing {', '.join(missing)}); "
+                    f"extract {tv.filename} into {root} again or run with dataset.download=true"
+                )
             raise UserError("dataset.root", why)
 
         try:
@@ -74,12 +80,17 @@ class _Cifar(DatasetSpec):
             test = tv(root, train=False, download=False)
         except Exception as e:
             if cfg["check_md5"] and isinstance(e, RuntimeError) and "corrupted" in str(e):
-                raise UserError("dataset.root", f"the {title} files in {base} do not match torchvision's md5 sums "
-                                f"(corrupted or not the official python version); extract {tv.filename} into {root} "
-                                "again, or set dataset.check_md5=false to load them as they are") from None
+                raise UserError(
+                    "dataset.root",
+                    f"the {title} files in {base} do not match torchvision's md5 sums "
+                    f"(corrupted or not the official python version); extract {tv.filename} into {root} "
+                    "again, or set dataset.check_md5=false to load them as they are",
+                ) from None
             # unpickling / reshape errors of a malformed file
-            raise UserError("dataset.root", f"cannot read the {title} batches in {base} ({brief(e)}); "
-                            f"extract {tv.filename} into {root} again") from None
+            raise UserError(
+                "dataset.root",
+                f"cannot read the {title} batches in {base} ({brief(e)}); extract {tv.filename} into {root} again",
+            ) from None
 
         def tensors(ds):
             x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
@@ -94,9 +105,15 @@ class _Cifar(DatasetSpec):
 class Cifar10(_Cifar):
     """CIFAR-10: 10 classes."""
 
-    options = dataset_options(CHECK_MD5, pad=4, flip=True, docs={
-        "root": "folder that holds cifar-10-batches-py/ (env PRUNE_CLI_DATA, else ./data)",
-        "download": "fetch cifar-10-python.tar.gz into root when the batches are missing (needs the network)"})
+    options = dataset_options(
+        CHECK_MD5,
+        pad=4,
+        flip=True,
+        docs={
+            "root": "folder that holds cifar-10-batches-py/ (env PRUNE_CLI_DATA, else ./data)",
+            "download": "fetch cifar-10-python.tar.gz into root when the batches are missing (needs the network)",
+        },
+    )
     torchvision_class, title, num_classes = "CIFAR10", "CIFAR-10", 10
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -105,8 +122,14 @@ class Cifar10(_Cifar):
 class Cifar100(_Cifar):
     """CIFAR-100: 100 fine classes (train, test and meta files)."""
 
-    options = dataset_options(CHECK_MD5, pad=4, flip=True, docs={
-        "root": "folder that holds cifar-100-python/ (env PRUNE_CLI_DATA, else ./data)",
-        "download": "fetch cifar-100-python.tar.gz into root when the files are missing (needs the network)"})
+    options = dataset_options(
+        CHECK_MD5,
+        pad=4,
+        flip=True,
+        docs={
+            "root": "folder that holds cifar-100-python/ (env PRUNE_CLI_DATA, else ./data)",
+            "download": "fetch cifar-100-python.tar.gz into root when the files are missing (needs the network)",
+        },
+    )
     torchvision_class, title, num_classes = "CIFAR100", "CIFAR-100", 100
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

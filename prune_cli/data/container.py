@@ -4,6 +4,7 @@ Every dataset ends up as ``uint8 [N, C, H, W]`` images and ``int64 [N]`` labels 
 device, and is then only indexed: no DataLoader, no workers, no per-sample Python. Random crop
 (zero padding) and horizontal flip run on whole batches with advanced indexing, on the device.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -67,10 +68,10 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | 
         return torch.where(flipped[:, None, None, None], x.flip(-1), x)
     hp, wp = h + 2 * pad, w + 2 * pad
     padded = x.new_zeros(b, c, hp, wp)  # (faster than F.pad for uint8 on CPU)
-    padded[:, :, pad:pad + h, pad:pad + w] = x
+    padded[:, :, pad : pad + h, pad : pad + w] = x
     ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
-    rows = ar_h[None, :] + dy[:, None]                                                    # [B, H]
+    rows = ar_h[None, :] + dy[:, None]  # [B, H]
     cols = torch.where(flipped[:, None], (w - 1 - ar_w)[None, :], ar_w[None, :]) + dx[:, None]  # [B, W]
     idx = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
     return padded.view(b, c, hp * wp).gather(2, idx).view(b, c, h, w)
@@ -113,9 +114,9 @@ def batches(
     do_aug = train and (data.pad > 0 or data.flip)
     for start in range(0, n, batch_size):
         if order is None:
-            xb, yb = split.x[start:start + batch_size], split.y[start:start + batch_size]
+            xb, yb = split.x[start : start + batch_size], split.y[start : start + batch_size]
         else:
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             xb, yb = split.x[idx], split.y[idx]
         if do_aug:
             xb = augment(xb, data.pad, data.flip, generator)

@@ -3,6 +3,7 @@
 No files and no download. Pixels 0..16 are scaled to 0..255; a fixed stratified 80/20 split
 (the same for every run seed) gives 1,438 train / 359 test images.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,10 +26,15 @@ TEST_SHARE = 0.2
 class Digits(DatasetSpec):
     """scikit-learn's digits with its fixed split; statistics of the train split."""
 
-    options = dataset_options(pad=1, flip=False, docs={
-        "root": "unused by digits (kept so every dataset has the same keys)",
-        "download": "unused by digits (the data ships with scikit-learn)",
-        "flip": "random horizontal flip of training images (off: digits are not mirror-symmetric)"})
+    options = dataset_options(
+        pad=1,
+        flip=False,
+        docs={
+            "root": "unused by digits (kept so every dataset has the same keys)",
+            "download": "unused by digits (the data ships with scikit-learn)",
+            "flip": "random horizontal flip of training images (off: digits are not mirror-symmetric)",
+        },
+    )
     shape, num_classes = (1, 8, 8), 10
 
     @classmethod

@@ -4,6 +4,7 @@
 ``root/FashionMNIST/raw``, then in the folder of Debian's ``dataset-fashion-mnist`` package.
 Compressed or borrowed files are unpacked into a temporary folder: the data folders stay untouched.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -41,10 +42,15 @@ def _sources(folder: str) -> dict[str, str] | None:
 class FashionMNIST(DatasetSpec):
     """Fashion-MNIST from root/FashionMNIST/raw or Debian's copy; published statistics."""
 
-    options = dataset_options(pad=2, flip=True, docs={
-        "root": "folder that holds FashionMNIST/raw/ (env PRUNE_CLI_DATA, else ./data); "
-                f"falls back to {DEBIAN_FASHION_MNIST}",
-        "download": "fetch the four .gz files into root/FashionMNIST/raw when missing (needs the network)"})
+    options = dataset_options(
+        pad=2,
+        flip=True,
+        docs={
+            "root": "folder that holds FashionMNIST/raw/ (env PRUNE_CLI_DATA, else ./data); "
+            f"falls back to {DEBIAN_FASHION_MNIST}",
+            "download": "fetch the four .gz files into root/FashionMNIST/raw when missing (needs the network)",
+        },
+    )
     shape, num_classes = (1, 28, 28), 10
     mean, std = (0.2860,), (0.3530,)
 
@@ -63,13 +69,17 @@ class FashionMNIST(DatasetSpec):
             try:
                 tvd.FashionMNIST(root, train=True, download=True)
             except Exception as e:
-                raise download_error("Fashion-MNIST", root, e,
-                                     f"put the four *-ubyte.gz files of Fashion-MNIST into {raw_folder}") from None
+                raise download_error(
+                    "Fashion-MNIST", root, e, f"put the four *-ubyte.gz files of Fashion-MNIST into {raw_folder}"
+                ) from None
             sources = _sources(raw_folder)
         if sources is None:
-            raise UserError("dataset.root", f"no Fashion-MNIST in {raw_folder}; put {', '.join(f + '[.gz]' for f in FILES)} "
-                            f"there, install Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST}), "
-                            "or run with dataset.download=true")
+            raise UserError(
+                "dataset.root",
+                f"no Fashion-MNIST in {raw_folder}; put {', '.join(f + '[.gz]' for f in FILES)} "
+                f"there, install Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST}), "
+                "or run with dataset.download=true",
+            )
 
         def load(tv_root: str):
             try:
@@ -77,8 +87,11 @@ class FashionMNIST(DatasetSpec):
                 te = tvd.FashionMNIST(tv_root, train=False, download=False)
             except Exception as e:
                 folder = os.path.dirname(next(iter(sources.values())))
-                raise UserError("dataset.root", f"cannot read the Fashion-MNIST files in {folder} ({brief(e)}); "
-                                "replace them with the original idx-ubyte files") from None
+                raise UserError(
+                    "dataset.root",
+                    f"cannot read the Fashion-MNIST files in {folder} ({brief(e)}); "
+                    "replace them with the original idx-ubyte files",
+                ) from None
             return tr, te
 
         if all(not p.endswith(".gz") for p in sources.values()) and os.path.dirname(sources[FILES[0]]) == raw_folder:
@@ -96,9 +109,17 @@ class FashionMNIST(DatasetSpec):
                         else:
                             os.symlink(src, dst)
                     except (OSError, EOFError) as e:
-                        raise UserError("dataset.root", f"cannot decompress {src} ({brief(e)}); "
-                                        "replace it with the original file") from None
+                        raise UserError(
+                            "dataset.root", f"cannot decompress {src} ({brief(e)}); replace it with the original file"
+                        ) from None
                 tr, te = load(tmp)
 
-        return Raw(tr.data.unsqueeze(1).contiguous(), tr.targets.long(), te.data.unsqueeze(1).contiguous(),
-                   te.targets.long(), cls.num_classes, cls.mean, cls.std)
+        return Raw(
+            tr.data.unsqueeze(1).contiguous(),
+            tr.targets.long(),
+            te.data.unsqueeze(1).contiguous(),
+            te.targets.long(),
+            cls.num_classes,
+            cls.mean,
+            cls.std,
+        )

@@ -3,6 +3,7 @@
 Errors about files name ``dataset.root`` (or ``dataset.download`` for a failed download), say where
 we looked, and say how to fix it, on one line.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,11 +15,14 @@ def data_root(cfg: dict) -> str:
     """``dataset.root`` as an absolute path: relative to where the user started the command."""
     root = cfg.get("root")
     if root is None or str(root).strip() == "":
-        raise UserError("dataset.root", "is empty; give the folder that holds the datasets "
-                        "(or set the PRUNE_CLI_DATA environment variable)")
+        raise UserError(
+            "dataset.root",
+            "is empty; give the folder that holds the datasets (or set the PRUNE_CLI_DATA environment variable)",
+        )
     root = os.path.expanduser(str(root))
     try:  # Hydra knows the start folder also when the run has changed into its run dir
         from hydra.utils import to_absolute_path
+
         return to_absolute_path(root)
     except Exception:  # pragma: no cover - hydra missing or unusual state
         return os.path.abspath(root)
@@ -35,5 +39,7 @@ def brief(err: BaseException) -> str:
 
 def download_error(what: str, root: str, err: BaseException, how: str) -> UserError:
     """The UserError for a failed download of ``what``; ``how`` says how to get the files by hand."""
-    return UserError("dataset.download", f"could not download {what} into {root} ({brief(err)}); "
-                     f"{how}, then run with dataset.download=false")
+    return UserError(
+        "dataset.download",
+        f"could not download {what} into {root} ({brief(err)}); {how}, then run with dataset.download=false",
+    )

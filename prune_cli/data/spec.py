@@ -10,6 +10,7 @@ config checker and again in ``load_data`` for direct callers); what can only be 
 read data (sizes, padding against the image size) is checked here after the read, still naming the
 option in a ``UserError``.
 """
+
 from __future__ import annotations
 
 import abc
@@ -41,13 +42,29 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     # the YAML files say ${oc.env:PRUNE_CLI_DATA,data}; the declared default is what that gives without the variable
     Str("root", "data", "folder that holds the dataset's files (env PRUNE_CLI_DATA, else ./data)"),
     Bool("download", False, "fetch the dataset into root when its files are missing (needs the network)"),
-    Int("subset", None, "use a stratified subset of this many TRAIN images (drawn with the run seed); null = all",
-        lo=1, nullable=True),
-    Int("test_subset", None, "evaluate on a stratified subset of this many test images (same for every seed); "
-        "null = all", lo=1, nullable=True),
+    Int(
+        "subset",
+        None,
+        "use a stratified subset of this many TRAIN images (drawn with the run seed); null = all",
+        lo=1,
+        nullable=True,
+    ),
+    Int(
+        "test_subset",
+        None,
+        "evaluate on a stratified subset of this many test images (same for every seed); null = all",
+        lo=1,
+        nullable=True,
+    ),
     # null was always read as 0, so it stays valid
-    Float("val_split", 0, "held out of train (after subset), stratified: int count or fraction in [0, 1); "
-          "0 = no val split", nullable=True, rule=_val_split_rule, rule_doc="an int count >= 0 or a fraction in [0, 1)"),
+    Float(
+        "val_split",
+        0,
+        "held out of train (after subset), stratified: int count or fraction in [0, 1); 0 = no val split",
+        nullable=True,
+        rule=_val_split_rule,
+        rule_doc="an int count >= 0 or a fraction in [0, 1)",
+    ),
     Int("pad", 0, "random-crop zero padding in pixels (0 = no random crop)", lo=0),
     Bool("flip", False, "random horizontal flip of training images"),
 )
@@ -58,8 +75,9 @@ _SOURCE_KEYS = ("root", "download")  # a dataset's own options go after these (t
 def dataset_options(*own: Option, docs: Mapping[str, str] | None = None, **defaults) -> tuple[Option, ...]:
     """``COMMON_OPTIONS`` with this dataset's ``defaults`` (pad, flip) and ``docs``, and its ``own`` options
     after root and download."""
-    common = tuple(replace(o, doc=docs[o.name]) if docs and o.name in docs else o
-                   for o in with_default(COMMON_OPTIONS, **defaults))
+    common = tuple(
+        replace(o, doc=docs[o.name]) if docs and o.name in docs else o for o in with_default(COMMON_OPTIONS, **defaults)
+    )
     source = tuple(o for o in common if o.name in _SOURCE_KEYS)
     return (*source, *own, *(o for o in common if o.name not in _SOURCE_KEYS))
 
@@ -210,8 +228,11 @@ def _val_count(value: float | None, n_train: int, name: str) -> int:
         return 0
     count = max(1, int(round(value * n_train))) if isinstance(value, float) else value
     if count >= n_train:
-        raise UserError("dataset.val_split", f"holding out {count} images leaves none of the "
-                        f"{n_train} train images of {name} for training; use a smaller value")
+        raise UserError(
+            "dataset.val_split",
+            f"holding out {count} images leaves none of the "
+            f"{n_train} train images of {name} for training; use a smaller value",
+        )
     return count
 
 
@@ -220,8 +241,14 @@ def _check_raw(raw: Raw, name: str) -> None:
         assert x.dtype == torch.uint8 and x.ndim == 4, (name, split, x.dtype, x.shape)
         assert y.dtype == torch.int64 and y.shape == (x.shape[0],), (name, split, y.shape)
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= raw.num_classes):
-            raise UserError("dataset.root", f"{name} {split} labels fall outside 0..{raw.num_classes - 1}; "
-                            "the files are malformed, replace them with the original ones")
+            raise UserError(
+                "dataset.root",
+                f"{name} {split} labels fall outside 0..{raw.num_classes - 1}; "
+                "the files are malformed, replace them with the original ones",
+            )
     if raw.x_train.shape[1:] != raw.x_test.shape[1:]:
-        raise UserError("dataset.root", f"{name} train and test images differ in shape "
-                        f"({tuple(raw.x_train.shape[1:])} vs {tuple(raw.x_test.shape[1:])})")
+        raise UserError(
+            "dataset.root",
+            f"{name} train and test images differ in shape "
+            f"({tuple(raw.x_train.shape[1:])} vs {tuple(raw.x_test.shape[1:])})",
+        )

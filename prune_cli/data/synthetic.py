@@ -4,6 +4,7 @@ Each class is one smooth random pattern (a coarse grid upsampled) in 48..207; ea
 Gaussian noise to its class's pattern. Everything comes from ``SYNTHETIC_SEED``, never from the run
 seed, so every run sees the same images.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,13 @@ class Synthetic(DatasetSpec):
         Int("num_classes", 10, "number of classes (>= 2), balanced", lo=2),
         Int("train_size", 512, "train images", lo=1),
         Int("test_size", 256, "test images", lo=1),
-        pad=0, flip=False, docs={"root": "unused by synthetic (kept so every dataset has the same keys)",
-                                 "download": "unused by synthetic"})
+        pad=0,
+        flip=False,
+        docs={
+            "root": "unused by synthetic (kept so every dataset has the same keys)",
+            "download": "unused by synthetic",
+        },
+    )
 
     @classmethod
     def describe(cls, cfg: dict) -> tuple[tuple[int, int, int], int]:

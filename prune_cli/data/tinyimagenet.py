@@ -5,6 +5,7 @@ Classes are the sorted wnids. The decoded tensors are saved to ``tiny-imagenet-2
 together with a signature of the folder's file lists and annotations; a cache whose signature no
 longer matches is rebuilt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +31,11 @@ TINY_CACHE_VERSION = 1  # part of the signature: raise it when the cache's conte
 
 def _index(base: str):
     """(sorted wnids, train files per class, val (file, class) list, signature) of the folder."""
+
     def malformed(why: str) -> UserError:
-        return UserError("dataset.root", f"malformed TinyImageNet-200 folder {base}: {why}; "
-                         "unzip tiny-imagenet-200.zip there again")
+        return UserError(
+            "dataset.root", f"malformed TinyImageNet-200 folder {base}: {why}; unzip tiny-imagenet-200.zip there again"
+        )
 
     wnids_path = os.path.join(base, "wnids.txt")
     if not os.path.isfile(wnids_path):
@@ -87,8 +90,11 @@ def decode_images(paths: list[str]) -> np.ndarray:
             with Image.open(path) as img:
                 return np.asarray(img.convert("RGB"))
         except (OSError, UnidentifiedImageError) as e:
-            raise UserError("dataset.root", f"cannot decode {path} ({brief(e)}); replace it with the original file "
-                            "(unzip tiny-imagenet-200.zip again)") from None
+            raise UserError(
+                "dataset.root",
+                f"cannot decode {path} ({brief(e)}); replace it with the original file "
+                "(unzip tiny-imagenet-200.zip again)",
+            ) from None
 
     first = decode(paths[0])
     out = np.empty((len(paths), 3, *first.shape[:2]), dtype=np.uint8)
@@ -96,8 +102,11 @@ def decode_images(paths: list[str]) -> np.ndarray:
     def fill(i: int) -> None:
         arr = first if i == 0 else decode(paths[i])
         if arr.shape != first.shape:
-            raise UserError("dataset.root", f"{paths[i]} is {arr.shape[1]}x{arr.shape[0]}, not "
-                            f"{first.shape[1]}x{first.shape[0]} like the other TinyImageNet images")
+            raise UserError(
+                "dataset.root",
+                f"{paths[i]} is {arr.shape[1]}x{arr.shape[0]}, not "
+                f"{first.shape[1]}x{first.shape[0]} like the other TinyImageNet images",
+            )
         out[i] = arr.transpose(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -109,10 +118,15 @@ def decode_images(paths: list[str]) -> np.ndarray:
 class TinyImageNet200(DatasetSpec):
     """TinyImageNet-200 through its cache; classes and image size come from the folder."""
 
-    options = dataset_options(pad=4, flip=True, docs={
-        "root": "folder that holds tiny-imagenet-200/ (env PRUNE_CLI_DATA, else ./data); "
-                "decoded once into tiny-imagenet-200/prune_cli_cache.pt",
-        "download": "fetch and unzip tiny-imagenet-200.zip (~240 MB) into root when missing (needs the network)"})
+    options = dataset_options(
+        pad=4,
+        flip=True,
+        docs={
+            "root": "folder that holds tiny-imagenet-200/ (env PRUNE_CLI_DATA, else ./data); "
+            "decoded once into tiny-imagenet-200/prune_cli_cache.pt",
+            "download": "fetch and unzip tiny-imagenet-200.zip (~240 MB) into root when missing (needs the network)",
+        },
+    )
     shape, num_classes = (3, 64, 64), 200  # the official files; describe() looks at the folder when present
     mean, std = (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)
 
@@ -126,6 +140,7 @@ class TinyImageNet200(DatasetSpec):
             folder = os.path.join(base, "train", wnids[0], "images")
             first = min(f for f in os.listdir(folder) if f.lower().endswith((".jpeg", ".jpg")))
             from PIL import Image
+
             with Image.open(os.path.join(folder, first)) as img:
                 w, h = img.size
             return (3, h, w), len(wnids)
@@ -138,14 +153,19 @@ class TinyImageNet200(DatasetSpec):
         base = os.path.join(root, TINY_FOLDER)
         if not os.path.isdir(base) and cfg["download"]:
             from torchvision.datasets.utils import download_and_extract_archive
+
             try:
                 download_and_extract_archive(TINY_URL, download_root=root, md5=TINY_ZIP_MD5)
             except Exception as e:
-                raise download_error("TinyImageNet-200", root, e,
-                                     f"fetch {TINY_URL} yourself and unzip it into {root}") from None
+                raise download_error(
+                    "TinyImageNet-200", root, e, f"fetch {TINY_URL} yourself and unzip it into {root}"
+                ) from None
         if not os.path.isdir(base):
-            raise UserError("dataset.root", f"no TinyImageNet-200 folder {base}; unzip tiny-imagenet-200.zip "
-                            f"({TINY_URL}) into {root} or run with dataset.download=true")
+            raise UserError(
+                "dataset.root",
+                f"no TinyImageNet-200 folder {base}; unzip tiny-imagenet-200.zip "
+                f"({TINY_URL}) into {root} or run with dataset.download=true",
+            )
 
         wnids, train, val, signature = _index(base)
         cache = os.path.join(base, TINY_CACHE)
@@ -173,8 +193,9 @@ class TinyImageNet200(DatasetSpec):
             torch.save(blob, tmp)
             os.replace(tmp, cache)
         except OSError as e:  # read-only data folder: work without a cache
-            log.warning("TinyImageNet: could not write the cache %s (%s); the JPEGs will be decoded again next time",
-                        cache, e)
+            log.warning(
+                "TinyImageNet: could not write the cache %s (%s); the JPEGs will be decoded again next time", cache, e
+            )
             try:
                 os.remove(tmp)
             except OSError:

@@ -22,8 +22,13 @@ from ..registry import Registry
 
 MODELS = Registry("model", "model.name")
 
-WIDTH_MULT = Float("width_mult", 1.0, "multiplies every width (channel expansion, e.g. 1.25 for Pruning from Scratch)",
-                   lo=0.0, lo_open=True)
+WIDTH_MULT = Float(
+    "width_mult",
+    1.0,
+    "multiplies every width (channel expansion, e.g. 1.25 for Pruning from Scratch)",
+    lo=0.0,
+    lo_open=True,
+)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ TinyImageNet (4 stages of 64..512, option-B 1x1 shortcuts). Only the internal
 channels of a BasicBlock (conv1 out = conv2 in) are prunable: the block outputs
 are tied to the residual stream of the stage.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -60,8 +61,12 @@ VARIANTS = {
 
 
 SHORTCUT_DOC = "A: stride-2 subsample + zero-pad channels (the CIFAR papers' choice); B: 1x1 conv + BN"
-STEM = Choice("stem", "cifar", ("cifar", "imagenet"),
-              "cifar: 3x3/1 conv, no pooling (usual for 64x64 inputs); imagenet: 7x7/2 conv + max-pool")
+STEM = Choice(
+    "stem",
+    "cifar",
+    ("cifar", "imagenet"),
+    "cifar: 3x3/1 conv, no pooling (usual for 64x64 inputs); imagenet: 7x7/2 conv + max-pool",
+)
 
 
 @MODELS.register(*VARIANTS)
@@ -76,16 +81,31 @@ class ResNet(Prunable):
             options += (STEM,)
         return (*options, WIDTH_MULT)
 
-    def __init__(self, name: str, num_classes: int, in_channels: int, widths: list[int] | None = None,
-                 width_mult: float = 1.0, shortcut: str | None = None, stem: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        in_channels: int,
+        widths: list[int] | None = None,
+        width_mult: float = 1.0,
+        shortcut: str | None = None,
+        stem: str | None = None,
+    ):
         super().__init__()
         blocks, base, default_shortcut, default_stem = VARIANTS[name]
         stage_widths = [max(1, round(w * width_mult)) for w in base]
         shortcut, stem = shortcut or default_shortcut, stem or default_stem
         if widths is None:
             widths = [w for n, w in zip(blocks, stage_widths) for _ in range(n)]
-        self.arch = dict(name=name, num_classes=num_classes, in_channels=in_channels, widths=list(widths),
-                         width_mult=width_mult, shortcut=shortcut, stem=stem)
+        self.arch = dict(
+            name=name,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            widths=list(widths),
+            width_mult=width_mult,
+            shortcut=shortcut,
+            stem=stem,
+        )
         if stem == "imagenet":  # 7x7/2 conv + 3x3/2 max-pool, as torchvision's ImageNet ResNets
             self.conv1 = nn.Conv2d(in_channels, stage_widths[0], 7, 2, 3, bias=False)
             self.pool = nn.MaxPool2d(3, 2, 1)
@@ -110,13 +130,18 @@ class ResNet(Prunable):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
     def channel_groups(self) -> list[ChannelGroup]:
-        return [ChannelGroup(f"layers.{s}.{b}", f"layers.{s}.{b}.conv1", f"layers.{s}.{b}.bn1",
-                             (f"layers.{s}.{b}.conv2",))
-                for s, layer in enumerate(self.layers) for b in range(len(layer))]
+        return [
+            ChannelGroup(f"layers.{s}.{b}", f"layers.{s}.{b}.conv1", f"layers.{s}.{b}.bn1", (f"layers.{s}.{b}.conv2",))
+            for s, layer in enumerate(self.layers)
+            for b in range(len(layer))
+        ]
 
     def shortcut_convs(self) -> list[str]:
-        return [f"{name}.0" for name, m in self.named_modules()
-                if name.endswith("shortcut") and isinstance(m, nn.Sequential)]
+        return [
+            f"{name}.0"
+            for name, m in self.named_modules()
+            if name.endswith("shortcut") and isinstance(m, nn.Sequential)
+        ]
 
     def segments(self):
         """Stem, every BasicBlock ``layers.s.b``, head."""
@@ -129,8 +154,9 @@ def init_weights(model: nn.Module) -> None:
     """Kaiming-normal convs and linears, BN gamma=1 beta=0 (He et al.)."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
-                                    nonlinearity="relu")
+            nn.init.kaiming_normal_(
+                m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in", nonlinearity="relu"
+            )
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):

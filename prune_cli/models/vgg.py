@@ -5,6 +5,7 @@ input shrinks with them. Heads: ``linear`` (one 512->classes layer, as in
 Network Slimming and HGSR's "VGG14") or ``li`` (512-512-classes with BN, the
 CIFAR VGG-16 of Li et al., ICLR 2017).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -26,18 +27,35 @@ CONFIGS = {
 class VGG(Prunable):
     @classmethod
     def options_for(cls, name: str):
-        head = Choice("head", "linear", ("linear", "li"),
-                      "linear: one 512->classes layer; li: 512-512-classes with BN (Li et al. ICLR 2017)")
+        head = Choice(
+            "head",
+            "linear",
+            ("linear", "li"),
+            "linear: one 512->classes layer; li: 512-512-classes with BN (Li et al. ICLR 2017)",
+        )
         return (head, WIDTH_MULT)
 
-    def __init__(self, name: str, num_classes: int, in_channels: int, widths: list[int] | None = None,
-                 width_mult: float = 1.0, head: str = "linear"):
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        in_channels: int,
+        widths: list[int] | None = None,
+        width_mult: float = 1.0,
+        head: str = "linear",
+    ):
         super().__init__()
         layout = CONFIGS[name]
         if widths is None:
             widths = [max(1, round(w * width_mult)) for w in layout if w != M]
-        self.arch = dict(name=name, num_classes=num_classes, in_channels=in_channels, widths=list(widths),
-                         width_mult=width_mult, head=head)
+        self.arch = dict(
+            name=name,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            widths=list(widths),
+            width_mult=width_mult,
+            head=head,
+        )
         layers, it, cin = [], iter(widths), in_channels
         self._convs: list[int] = []  # index in `features` of every conv
         for item in layout:
@@ -51,8 +69,9 @@ class VGG(Prunable):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)  # a no-op at 32x32 (1x1 left); pools 64x64 inputs
         if head == "li":
-            self.classifier = nn.Sequential(nn.Linear(cin, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                                            nn.Linear(512, num_classes))
+            self.classifier = nn.Sequential(
+                nn.Linear(cin, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)
+            )
         else:
             self.classifier = nn.Sequential(nn.Linear(cin, num_classes))
         init_weights(self)
@@ -64,8 +83,10 @@ class VGG(Prunable):
         convs = [f"features.{i}" for i in self._convs]
         consumers = convs[1:] + ["classifier.0"]
         # named conv1..convN as in the papers ("conv1 and conv8-13 pruned 50%")
-        return [ChannelGroup(f"conv{k + 1}", c, f"features.{i + 1}", (nxt,))
-                for k, (i, c, nxt) in enumerate(zip(self._convs, convs, consumers))]
+        return [
+            ChannelGroup(f"conv{k + 1}", c, f"features.{i + 1}", (nxt,))
+            for k, (i, c, nxt) in enumerate(zip(self._convs, convs, consumers))
+        ]
 
     def last_groups(self) -> set[int]:
         return {len(self._convs) - 1}

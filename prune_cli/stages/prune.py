@@ -34,8 +34,10 @@ class Prune(Stage):
         CRITERIA.get(cfg["criterion"]["name"]).check_config(cfg)
         p = cfg["prune"]
         if p["steps"] > 1 and not any(s in cfg["schedule"] for s in STEP_SETTINGS_FROM):
-            raise UserError("prune.steps", "iterative steps finetune with a training stage's settings; "
-                            "the schedule has no training block")
+            raise UserError(
+                "prune.steps",
+                "iterative steps finetune with a training stage's settings; the schedule has no training block",
+            )
 
     def prepare(self, ctx) -> None:
         build_criterion(ctx.cfg.criterion)
@@ -57,16 +59,29 @@ class Prune(Stage):
                 model = prune_channels(model, keep)
                 st = step_finetune_settings(cfg)
                 ctx.run.histories[f"prune_step{step}"] = fit(
-                    [model], ctx.data, st, stage=f"prune_step{step}", epochs=st.epochs, seed=cfg.seed,
-                    trainer=cfg.trainer)
+                    [model],
+                    ctx.data,
+                    st,
+                    stage=f"prune_step{step}",
+                    epochs=st.epochs,
+                    seed=cfg.seed,
+                    trainer=cfg.trainer,
+                )
         return finish_pruning(model, keep, scores, ctx, self.name, time.perf_counter() - tic, extra, dense_widths)
 
 
 def step_finetune_settings(cfg):
     """Iterative pruning's short finetune: the schedule's finetune (or first training) block, with prune.step_*."""
     base = next(cfg.schedule[s] for s in STEP_SETTINGS_FROM if s in cfg.schedule)
-    return OmegaConf.merge(base, {"epochs": cfg.prune.step_epochs, "lr": cfg.prune.step_lr,
-                                  "lr_schedule": "constant", "graft": {"variant": "none"}})
+    return OmegaConf.merge(
+        base,
+        {
+            "epochs": cfg.prune.step_epochs,
+            "lr": cfg.prune.step_lr,
+            "lr_schedule": "constant",
+            "graft": {"variant": "none"},
+        },
+    )
 
 
 def choose(model, ctx, ratio: float | None):
@@ -80,22 +95,46 @@ def choose(model, ctx, ratio: float | None):
     criterion = build_criterion(cfg.criterion)
     sample = ctx.sample(criterion.sample_size) if criterion.needs_data else None
     prune = OmegaConf.to_container(p, resolve=True)
-    return criterion.choose(model, structure(model, ctx.input_shape), sample, prune, ratio, protect,
-                            progress=show_progress(cfg.trainer.progress))
+    return criterion.choose(
+        model,
+        structure(model, ctx.input_shape),
+        sample,
+        prune,
+        ratio,
+        protect,
+        progress=show_progress(cfg.trainer.progress),
+    )
 
 
-def finish_pruning(model, keep, scores, ctx, stage: str, seconds: float, extra: dict | None = None,
-                   dense_widths: list[int] | None = None):
+def finish_pruning(
+    model,
+    keep,
+    scores,
+    ctx,
+    stage: str,
+    seconds: float,
+    extra: dict | None = None,
+    dense_widths: list[int] | None = None,
+):
     """Remove the channels physically, write scores.csv / layers.csv, test, and checkpoint the stage."""
     run = ctx.run
     groups = model.channel_groups()
     pruned = prune_channels(model, keep)
-    run.write_csv("scores.csv", [
-        {"layer": g.name, "channel": c, "score": float(s[c]), "kept": bool(k[c])}
-        for g, s, k in zip(groups, scores, keep) for c in range(len(s))])
-    run.write_csv("layers.csv", [
-        {"layer": g.name, "before": before, "after": int(k.sum()), **zero_groups(model, g)}
-        for g, k, before in zip(groups, keep, dense_widths or [len(k) for k in keep])])
+    run.write_csv(
+        "scores.csv",
+        [
+            {"layer": g.name, "channel": c, "score": float(s[c]), "kept": bool(k[c])}
+            for g, s, k in zip(groups, scores, keep)
+            for c in range(len(s))
+        ],
+    )
+    run.write_csv(
+        "layers.csv",
+        [
+            {"layer": g.name, "before": before, "after": int(k.sum()), **zero_groups(model, g)}
+            for g, k, before in zip(groups, keep, dense_widths or [len(k) for k in keep])
+        ],
+    )
     top1, loss = ctx.test(pruned)
     run.rows.append({**ctx.measure(stage, pruned, top1, loss, top1, 0, seconds), **(extra or {})})
     run.save(stage, [pruned], done=True, extra={"keep": keep})
@@ -105,7 +144,10 @@ def finish_pruning(model, keep, scores, ctx, stage: str, seconds: float, extra: 
 def zero_groups(model, group) -> dict:
     """Share of the group's channels whose filter / feature-wise group (all consumers' W[:, c]) is zero (< 1e-3)."""
     filters = model.get_submodule(group.conv).weight.detach().flatten(1).norm(dim=1)
-    features = sum(model.get_submodule(c).weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1)
-                   for c in group.consumers).sqrt()
-    return {"zero_filters": float((filters < ZERO_THRESHOLD).float().mean()),
-            "zero_feature_groups": float((features < ZERO_THRESHOLD).float().mean())}
+    features = sum(
+        model.get_submodule(c).weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1) for c in group.consumers
+    ).sqrt()
+    return {
+        "zero_filters": float((filters < ZERO_THRESHOLD).float().mean()),
+        "zero_feature_groups": float((features < ZERO_THRESHOLD).float().mean()),
+    }

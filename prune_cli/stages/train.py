@@ -20,21 +20,41 @@ from ..seeds import derived
 from ..train import fit
 from .base import STAGES, Stage
 
-GRAFT = Section("graft", (
-    Choice("variant", "none", ("none", "external", "noise", "internal"),
-           "filter grafting: none | external (N networks, ring) | noise | internal"),
-    Int("networks", 2, "external: networks trained side by side, each with its own data order", lo=2),
-    Choice("lr_schedules", "stage", ("stage", "slr", "dlr"),
-           "stage: every network uses the stage's schedule | slr: shared step | dlr: per-network cosine"),
-    Float("A", 0.4, "alpha = (A / pi) * arctan(c * (H_m - H_(m-1))) + 0.5", lo=0.0),
-    Float("c", 500.0, "the entropy-difference scale c of alpha", lo=0.0),
-    Choice("scope", "all", ("all", "conv_bn", "conv"), "layers grafted: all (conv + linear, with BN) | conv_bn | conv"),
-    Float("noise_sigma0", 0.01, "noise: std of the noise at epoch 0 ...", lo=0.0),
-    Float("noise_decay", 0.95, "... times decay**epoch", lo=0.0, hi=1.0),
-    Float("noise_threshold", 0.1, "noise: filters with L1 norm below this x the layer mean get noise", lo=0.0),
-    Float("internal_share", 0.1, "internal: share of each layer's filters overwritten by its highest-entropy ones",
-          lo=0.0, hi=0.5, lo_open=True),
-), "filter grafting (Meng et al., CVPR 2020); variant none = off")
+GRAFT = Section(
+    "graft",
+    (
+        Choice(
+            "variant",
+            "none",
+            ("none", "external", "noise", "internal"),
+            "filter grafting: none | external (N networks, ring) | noise | internal",
+        ),
+        Int("networks", 2, "external: networks trained side by side, each with its own data order", lo=2),
+        Choice(
+            "lr_schedules",
+            "stage",
+            ("stage", "slr", "dlr"),
+            "stage: every network uses the stage's schedule | slr: shared step | dlr: per-network cosine",
+        ),
+        Float("A", 0.4, "alpha = (A / pi) * arctan(c * (H_m - H_(m-1))) + 0.5", lo=0.0),
+        Float("c", 500.0, "the entropy-difference scale c of alpha", lo=0.0),
+        Choice(
+            "scope", "all", ("all", "conv_bn", "conv"), "layers grafted: all (conv + linear, with BN) | conv_bn | conv"
+        ),
+        Float("noise_sigma0", 0.01, "noise: std of the noise at epoch 0 ...", lo=0.0),
+        Float("noise_decay", 0.95, "... times decay**epoch", lo=0.0, hi=1.0),
+        Float("noise_threshold", 0.1, "noise: filters with L1 norm below this x the layer mean get noise", lo=0.0),
+        Float(
+            "internal_share",
+            0.1,
+            "internal: share of each layer's filters overwritten by its highest-entropy ones",
+            lo=0.0,
+            hi=0.5,
+            lo_open=True,
+        ),
+    ),
+    "filter grafting (Meng et al., CVPR 2020); variant none = off",
+)
 
 OPTIONS = (
     Int("epochs", 30, "epochs of this stage (scratch with budget B scales it)", lo=0),
@@ -44,8 +64,12 @@ OPTIONS = (
     Bool("nesterov", False, "SGD Nesterov momentum"),
     Float("weight_decay", 5.0e-4, "L2 weight decay", lo=0.0),
     Choice("lr_schedule", "multistep", ("multistep", "step", "cosine", "constant"), "the learning-rate schedule"),
-    List("milestones", [0.5, 0.75], "multistep: decay points as fractions of the epochs",
-         item=Value("float", lo=0.0, hi=1.0, lo_open=True)),
+    List(
+        "milestones",
+        [0.5, 0.75],
+        "multistep: decay points as fractions of the epochs",
+        item=Value("float", lo=0.0, hi=1.0, lo_open=True),
+    ),
     Float("step_size", 0.3333, "step: decay every this fraction of the epochs", lo=0.0, hi=1.0, lo_open=True),
     Float("gamma", 0.1, "lr decay factor of multistep / step", lo=0.0, lo_open=True),
     Int("batch_size", 128, "training batch size (default: trainer.batch_size)", lo=1),
@@ -94,9 +118,20 @@ class TrainStage(Stage):
             run.save(self.name, models, done=False, epoch=epoch, optimizers=optimizers)
             run.write_tables()
 
-        history = fit(models, ctx.data, st, stage=self.name, epochs=epochs, seed=cfg.seed, trainer=cfg.trainer,
-                      regularizer=regularizer, start_epoch=start, optimizer_states=optimizer_states,
-                      history=history, on_epoch_end=save_epoch)
+        history = fit(
+            models,
+            ctx.data,
+            st,
+            stage=self.name,
+            epochs=epochs,
+            seed=cfg.seed,
+            trainer=cfg.trainer,
+            regularizer=regularizer,
+            start_epoch=start,
+            optimizer_states=optimizer_states,
+            history=history,
+            on_epoch_end=save_epoch,
+        )
         run.histories[self.name] = history
         row = finished_row(self.name, models, history, epochs, ctx)
         model = models[row.get("continued", 0)]
@@ -158,4 +193,3 @@ class Scratch(TrainStage):
     """Re-initialises the pruned architecture and trains it (Liu et al. 2019, Scratch-E / Scratch-B)."""
 
     fresh_init = True
-
