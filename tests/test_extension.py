@@ -2,6 +2,7 @@
 ``prune-cli``: the hub resolves them by name like the built-in ones."""
 
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,7 +17,7 @@ from prune_cli.models.base import WIDTH_MULT
 from prune_cli.options import Str
 from prune_cli.stages import STAGES, Stage
 
-EXTENSION_CONF = __import__("pathlib").Path(__file__).resolve().parent / "extension_conf"
+EXTENSION_CONF = Path(__file__).resolve().parent / "extension_conf"  # the YAML of the parts registered here
 
 
 @MODELS.register("twoconv")
@@ -63,18 +64,14 @@ class Note(Stage):
         return model
 
 
+def command(*overrides):
+    """``prune-cli`` with the test's config folder on Hydra's search path and the registered parts chosen."""
+    parts = ["model=twoconv", "criterion=half_l1", "schedule=noted"]
+    return ["prune-cli", f"hydra.searchpath=[file://{EXTENSION_CONF}]", *parts, *TINY, *overrides]
+
+
 def test_registered_parts_run_through_the_command(tmp_path, monkeypatch):
-    argv = [
-        "prune-cli",
-        f"hydra.searchpath=[file://{EXTENSION_CONF}]",
-        "model=twoconv",
-        "criterion=half_l1",
-        "schedule=noted",
-        *TINY,
-        "prune.ratio=0.5",
-        "prune.target=channels",
-        f"hydra.run.dir={tmp_path}",
-    ]
+    argv = command("prune.ratio=0.5", "prune.target=channels", f"hydra.run.dir={tmp_path}")
     monkeypatch.setattr(sys, "argv", argv)
     main()
     results = pd.read_csv(tmp_path / "results.csv")
@@ -86,17 +83,7 @@ def test_registered_parts_run_through_the_command(tmp_path, monkeypatch):
 
 
 def test_a_registered_stage_option_is_checked(tmp_path, monkeypatch):
-    argv = [
-        "prune-cli",
-        f"hydra.searchpath=[file://{EXTENSION_CONF}]",
-        "model=twoconv",
-        "criterion=half_l1",
-        "schedule=noted",
-        *TINY,
-        "schedule.note.text=12",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "argv", command("schedule.note.text=12", f"hydra.run.dir={tmp_path}"))
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 2
