@@ -71,11 +71,9 @@ def validate(cfg) -> dict:
         if key not in expected:
             raise UserError(key, f"unknown option (valid at the top level: {', '.join(sorted(expected))})")
     check_block({k: plain[k] for k in plain if k in {o.name for o in RUN_OPTIONS}}, RUN_OPTIONS, "", fill=False)
-    for group, registry in NAMED_GROUPS.items():
+    for group in NAMED_GROUPS:
         block = dict(plain[group])
         name = block.pop("name", None)
-        if name not in registry:
-            registry.get(name)  # raises naming <group>.name and the choices
         check_block(block, part_options(group, name), group, fill=False)
     for group, options in FIXED_GROUPS.items():
         check_block(plain[group], options, group, fill=False)

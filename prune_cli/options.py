@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import UserError
 
-KINDS = ("int", "float", "bool", "str", "choice", "list", "map", "section")
-
 
 @dataclass(frozen=True)
 class Option:
-    """One option. ``kind`` is one of ``KINDS``; numbers may carry a range, ``choice`` its choices.
+    """One option of kind int, float, bool, str, choice, list, map or section.
+
+    Numbers may carry a range, ``choice`` its choices.
 
     ``item`` types the entries of a ``list`` (and the values of a ``map``); ``fields`` are the options
     of a nested ``section``; ``rule`` is an extra check returning why a value is wrong (or None), and
@@ -41,8 +41,6 @@ class Option:
     fields: tuple[Option, ...] = ()
     rule: Callable[[Any], str | None] | None = None
     rule_doc: str = ""
-    free_keys: bool = False  # a map whose keys are the user's (patterns, keyword arguments)
-    extra: dict = field(default_factory=dict, compare=False)
 
     def expects(self) -> str:
         """What a valid value is, in words (the README's 'type and range' column and error messages)."""
@@ -150,7 +148,7 @@ def List(name: str, default, doc: str, item: Option | None = None, **kw) -> Opti
 
 
 def Map(name: str, default, doc: str, item: Option | None = None, **kw) -> Option:  # noqa: N802
-    return Option(name, "map", default, doc, item=item, free_keys=True, **kw)
+    return Option(name, "map", default, doc, item=item, **kw)
 
 
 def Section(name: str, fields: Sequence[Option], doc: str) -> Option:  # noqa: N802

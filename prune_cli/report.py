@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from .atomic import write_text
+from .stages import pruning_stages  # the stage registry says which stages prune
 
 IDENTITY = ("model", "dataset", "regularizer", "criterion", "target", "ratio", "seed")
 
@@ -64,8 +65,6 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def dense_and_final(rows: list[dict]) -> tuple[dict, dict] | None:
     """The dense model (the row before pruning) and the final one; None if nothing was pruned."""
-    from .stages import pruning_stages  # the stage registry says which stages prune
-
     pruning = pruning_stages()
     i = next((i for i, r in enumerate(rows) if r["stage"] in pruning), None)
     if i is None:

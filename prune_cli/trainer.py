@@ -10,17 +10,22 @@ import torch
 from .errors import UserError
 from .options import Bool, Choice, Int, Str
 
-DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def device_name_error(name) -> str | None:
+    """Why ``name`` is not a device name prune_cli understands (None when it is one)."""
+    ok = re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(name))
+    return None if ok else f"must be {DEVICES}; got {name!r}"
+
 
 OPTIONS = (
     Str(
         "device",
         "auto",
         "auto (cuda if available, else cpu) | cpu | cuda | cuda:N | mps",
-        rule=lambda v: (
-            None if re.fullmatch(DEVICE_PATTERN, v) else f"must be auto, cpu, cuda, cuda:N or mps; got {v!r}"
-        ),
-        rule_doc="auto, cpu, cuda, cuda:N or mps",
+        rule=device_name_error,
+        rule_doc=DEVICES,
     ),
     Int("batch_size", 128, "default batch size of every stage (a stage may set its own)", lo=1),
     Int("eval_batch_size", 1000, "batch size for evaluation", lo=1),
@@ -37,8 +42,9 @@ def resolve_device(name: str) -> torch.device:
     """The torch device ``trainer.device`` names, refused in one line when this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(DEVICE_PATTERN, str(name)):
-        raise UserError("trainer.device", f"must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
+    why = device_name_error(name)
+    if why:
+        raise UserError("trainer.device", why)
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError("trainer.device", "CUDA is not available on this machine; use trainer.device=cpu")

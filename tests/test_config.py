@@ -94,6 +94,10 @@ def bad_values(o):
     return out
 
 
+# a schedule whose composed config holds the stage's block (the default one holds pretrain and finetune)
+SCHEDULE_WITH = {"gates": "pfs", "sparse_train": "sparse", "scratch": "scratch"}
+
+
 def declaration_cases():
     """(base config key, full option path) of every declared option of every part."""
     cases = [("model=resnet20", "seed"), ("model=resnet20", "init_from")]
@@ -103,13 +107,9 @@ def declaration_cases():
             cases += [(f"{group}={choice}", p) for p, _ in walk(config.part_options(group, name), group)]
     for group, options in config.FIXED_GROUPS.items():
         cases += [("model=resnet20", p) for p, _ in walk(options, group)]
-    for name, stage in STAGES.items():
+    for name, stage in config.builtin_parts(STAGES):
         if stage.options:
-            base = (
-                "schedule=pfs"
-                if name == "gates"
-                else f"schedule={'sparse' if name == 'sparse_train' else 'scratch' if name == 'scratch' else 'default'}"
-            )
+            base = f"schedule={SCHEDULE_WITH.get(name, 'default')}"
             cases += [(base, p) for p, _ in walk(stage.options, f"schedule.{name}")]
     return cases
 
@@ -117,7 +117,7 @@ def declaration_cases():
 @pytest.mark.parametrize("base,path", declaration_cases(), ids=lambda v: v)
 def test_every_declared_option_refuses_bad_values(composed, base, path):
     cfg = composed[base]
-    options = {**{"seed": config.RUN_OPTIONS[0], "init_from": config.RUN_OPTIONS[1]}}
+    options = dict(walk(config.RUN_OPTIONS))
     for prefix, declared_options in declared(cfg).items():
         options.update(dict(walk(declared_options, prefix)))
     o = options[path]

@@ -53,7 +53,7 @@ def test_a_crash_mid_stage_is_failed_and_the_rerun_resumes(tmp_path, monkeypatch
 
 
 def test_sigterm_leaves_interrupted_and_the_rerun_resumes(tmp_path):
-    args = [sys.executable, "-m", "prune_cli", *RUN, "schedule.pretrain.epochs=40", f"hydra.run.dir={tmp_path}"]
+    args = [sys.executable, "-m", "prune_cli", *RUN, "schedule.pretrain.epochs=15", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = tmp_path / "checkpoints" / "pretrain.pt"
     deadline = time.monotonic() + 120
@@ -65,9 +65,21 @@ def test_sigterm_leaves_interrupted_and_the_rerun_resumes(tmp_path):
     assert err.strip().splitlines()[-1].startswith("interrupted: ")
     assert status(tmp_path)["status"] == "interrupted"
     done_epochs = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 1 <= done_epochs < 40
+    assert 1 <= done_epochs < 15
     rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert status(tmp_path)["status"] == "done"
     metrics = pd.read_csv(tmp_path / "metrics.csv")
-    assert list(metrics[metrics["stage"] == "pretrain"]["epoch"]) == list(range(1, 41))  # no epoch twice
+    assert list(metrics[metrics["stage"] == "pretrain"]["epoch"]) == list(range(1, 16))  # no epoch twice
+
+
+def test_ctrl_c_is_interrupted_with_exit_130(tmp_path, monkeypatch):
+    def interrupted_epoch(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_epoch)
+    monkeypatch.setattr(sys, "argv", ["prune-cli", *RUN, f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 130
+    assert status(tmp_path) == {"status": "interrupted", "error": "SIGINT"}

@@ -8,13 +8,15 @@ run before anything is read) and what it builds in advance so a bad setting fail
 
 from __future__ import annotations
 
+import abc
+
 from ..options import Option
 from ..registry import Registry
 
 STAGES = Registry("stage", "schedule.stages")
 
 
-class Stage:
+class Stage(abc.ABC):
     name: str = ""
     options: tuple[Option, ...] | None = None
     prunes: bool = False
@@ -26,9 +28,9 @@ class Stage:
     def prepare(self, ctx) -> None:
         """Build what the stage needs from the model as configured, so it fails before any training."""
 
+    @abc.abstractmethod
     def run(self, model, ctx, checkpoint: dict | None):
         """Run the stage (``checkpoint``: its unfinished checkpoint, to resume from); return the model."""
-        raise NotImplementedError
 
 
 def pruning_stages() -> list[str]:
