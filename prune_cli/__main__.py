@@ -39,37 +39,44 @@ def _on_sigterm(signum, frame):
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg) -> None:
-    from . import pipeline, report  # imported here so that --help and --cfg stay fast
+    from . import pipeline, report, rundir  # imported here so that --help and --cfg stay fast
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+    def record(status: str, why: str) -> None:
+        if rundir.owns(run_dir):  # a directory refused because another run owns it is left as it is
+            report.write_status(run_dir, status, why)
+
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         pipeline.run(cfg, run_dir)
     except UserError as e:
         if full_error:
             raise
-        report.write_status(run_dir, "failed", str(e))
+        record("failed", str(e))
         print(f"error: {e}", file=sys.stderr)
         if not sweeping:
             sys.exit(2)
     except (KeyboardInterrupt, Terminated) as e:
-        report.write_status(run_dir, "interrupted", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+        record("interrupted", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
         print(f"interrupted: {run_dir} keeps its finished stages; run the same command to resume", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception as e:  # a bug, not bad input: one line here, the traceback beside the run
         if full_error:
             raise
         why = f"{type(e).__name__}: {e}".splitlines()[0]
-        report.write_status(run_dir, "failed", why)
-        (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        record("failed", why)
+        if rundir.owns(run_dir):
+            (run_dir / "traceback.txt").write_text(traceback.format_exc())
         print(f"error: {why} (traceback in {run_dir / 'traceback.txt'})", file=sys.stderr)
         if not sweeping:
             sys.exit(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        rundir.release(run_dir)
 
 
 def main() -> None:

@@ -60,12 +60,17 @@ def declared(cfg: dict) -> dict[str, tuple[Option, ...]]:
     return out
 
 
-def validate(cfg) -> dict:
-    """The composed config as a plain dict, once every option and every rule across options holds."""
+def resolve(cfg) -> dict:
+    """The composed config as a plain dict with every interpolation resolved (or one line saying which fails)."""
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise UserError(getattr(e, "full_key", None) or "config", f"cannot be resolved ({e.msg})") from None
+
+
+def validate(cfg) -> dict:
+    """The composed config as a plain dict, once every option and every rule across options holds."""
+    plain = resolve(cfg)
     expected = {o.name for o in RUN_OPTIONS} | set(NAMED_GROUPS) | set(FIXED_GROUPS) | {"schedule"}
     for key in plain:
         if key not in expected:

@@ -13,6 +13,7 @@ from . import report, trainer
 from .atomic import write_text
 from .config import validate
 from .context import Context
+from .data import describe
 from .errors import UserError
 from .models import build_model
 from .rundir import RunDir, load_checkpoint
@@ -21,20 +22,22 @@ from .stages import STAGES
 
 def run(cfg, run_dir: Path) -> list[dict]:
     """Run (or resume) the whole schedule of ``cfg`` in ``run_dir``; returns the results rows."""
+    run_ = RunDir(cfg, run_dir)
+    run_.claim()  # before anything else: a directory another run owns or holds is never written
     validate(cfg)
     trainer.apply(cfg.trainer)
-    run_ = RunDir(cfg, run_dir)
-    run_.guard()
     ctx = Context(cfg, run_)
     names = list(cfg.schedule.stages)
     stages = [STAGES.get(name)() for name in names]
-    for stage in stages:  # build every component first, so a bad option fails before any training
-        stage.prepare(ctx)
-
     model = ctx.build(seed_salt="init")
-    start = 0
+    ck = None
     if cfg.init_from is not None:
-        ck, model = read_init_from(cfg.init_from, ctx.device)
+        ck, model = read_init_from(cfg.init_from, ctx)
+    for stage in stages:  # build and check every component on the starting model, before any data is read
+        stage.prepare(ctx, model)
+
+    start = 0
+    if ck is not None:
         run_.restore(ck)
         start = names.index(ck["stage"]) + 1 if ck["stage"] in names else 0
     else:
@@ -58,15 +61,45 @@ def run(cfg, run_dir: Path) -> list[dict]:
     return run_.rows
 
 
-def read_init_from(path: str, device) -> tuple[dict, object]:
-    """The checkpoint ``init_from`` names and its model, or a UserError naming the file."""
+def read_init_from(path: str, ctx: Context) -> tuple[dict, object]:
+    """The checkpoint ``init_from`` names and its model, refused in one line when it is unreadable,
+    unfinished, of another model or data than this run's, or does not rebuild."""
     try:
         ck = load_checkpoint(path)
-        return ck, load_model(ck, device)
     except UserError:
         raise
     except Exception as e:
         raise UserError("init_from", f"{path} is not a prune_cli checkpoint ({type(e).__name__}: {e})") from None
+    if not ck.get("done"):
+        raise UserError(
+            "init_from",
+            f"{path} is unfinished (its {ck.get('stage')} stage stopped after epoch {ck.get('epoch')}): "
+            "resume that run first, or start from a finished stage's checkpoint",
+        )
+    for what, theirs, ours in init_from_identity(ck, ctx):
+        if theirs != ours:
+            raise UserError("init_from", f"{path} holds {what} {theirs}; this run has {ours}")
+    try:
+        return ck, load_model(ck, ctx.device)
+    except Exception as e:
+        raise UserError("init_from", f"{path} does not rebuild ({type(e).__name__}: {e})") from None
+
+
+def init_from_identity(ck: dict, ctx: Context) -> list[tuple[str, object, object]]:
+    """(what, the checkpoint's, this run's) for what must match: model, input channels, classes, dataset, images."""
+    arch, ours = ck["arch"], ctx.arch()
+    theirs_data = ck["config"]["dataset"]
+    try:
+        theirs_shape = describe(theirs_data)[0]
+    except UserError:  # its files may live elsewhere: compare what the checkpoint itself says
+        theirs_shape = (arch["in_channels"], *ctx.input_shape[1:])
+    return [
+        ("the model", arch["name"], ours["name"]),
+        ("input channels", arch["in_channels"], ours["in_channels"]),
+        ("classes", arch["num_classes"], ours["num_classes"]),
+        ("the dataset", theirs_data["name"], ctx.cfg.dataset.name),
+        ("images of", "x".join(map(str, theirs_shape[1:])), "x".join(map(str, ctx.input_shape[1:]))),
+    ]
 
 
 def load_model(ck: dict, device):

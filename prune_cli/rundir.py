@@ -1,18 +1,28 @@
-"""One run directory: its checkpoints (with a schema version), its tables and its status.
+"""One run directory: its checkpoints (with a schema version), its tables, its status and its owner.
 
 Every finished stage leaves ``checkpoints/<stage>.pt``; a training stage also rewrites its checkpoint
-after every epoch, so re-running the same command into the same directory resumes.
+after every epoch, so re-running the same command into the same directory resumes. A directory is
+owned by one run at a time (an OS lock on ``run.lock``, released when the process ends, so a dead
+run's lock is never in the way) and never takes a run with another config. ``RunDirGuard`` checks
+both before Hydra writes anything into the directory.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import socket
+import sys
 from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from . import report
 from .atomic import save_torch
+from .config import resolve
 from .errors import UserError
 
 # 1: the first format (no "schema" key); 2: adds "schema". Both load the same way.
@@ -34,30 +44,128 @@ def load_checkpoint(path: Path | str) -> dict:
     return ck
 
 
+REQUIRED_KEYS = ("config", "stage", "done", "arch", "state_dict", "rows", "histories")
+_held_locks: dict[Path, int] = {}  # run directory -> the open, locked run.lock of this process
+
+
+def read_run_checkpoint(path: Path) -> dict:
+    """A checkpoint of the run directory, or one line naming it and what to do when it is damaged."""
+    stage = path.stem
+    try:
+        ck = load_checkpoint(path)
+    except UserError:
+        raise
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise UserError(
+            "hydra.run.dir", f"{path} cannot be read ({why}); delete it to recompute the {stage} stage"
+        ) from None
+    missing = [k for k in REQUIRED_KEYS if k not in ck]
+    if missing:
+        raise UserError(
+            "hydra.run.dir", f"{path} is incomplete (no {', '.join(missing)}); delete it to recompute the {stage} stage"
+        )
+    return ck
+
+
+def check_directory(run_dir: Path, config: dict) -> None:
+    """Refuse a directory that another live run owns or that holds a run with a different config."""
+    run_dir = Path(run_dir)
+    owner = lock_owner(run_dir)
+    if owner is not None:
+        raise UserError("hydra.run.dir", f"{run_dir} is in use by another run ({owner}); wait for it or choose another")
+    for path in sorted((run_dir / "checkpoints").glob("*.pt")):
+        diff = config_differences(read_run_checkpoint(path)["config"], config)
+        if diff:
+            raise UserError(
+                "hydra.run.dir",
+                f"{run_dir} holds a run with a different config "
+                f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command "
+                "to resume it",
+            )
+        return
+
+
+def lock_owner(run_dir: Path) -> str | None:
+    """Who holds the directory's lock ("host pid N"), or None when it is free or held by this process."""
+    path = Path(run_dir) / "run.lock"
+    if Path(run_dir).resolve() in _held_locks or not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                who = json.loads(f.read().decode() or "{}")
+                return f"{who.get('host', '?')} pid {who.get('pid', '?')}"
+            except ValueError:
+                return "unknown process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def acquire(run_dir: Path) -> None:
+    """Own ``run_dir`` until this process ends (a second call in the same process is a no-op)."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError("hydra.run.dir", f"{run_dir} is in use by another run ({lock_owner(run_dir)})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+    _held_locks[run_dir] = fd
+
+
+def owns(run_dir: Path) -> bool:
+    """Whether this process holds ``run_dir``'s lock (only then may it write the directory's status)."""
+    return Path(run_dir).resolve() in _held_locks
+
+
+def release(run_dir: Path) -> None:
+    fd = _held_locks.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: before Hydra writes ``.hydra/`` and its log, refuse a run directory that is locked by
+    another run or holds a different run, and take the lock. A refused command writes nothing there."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        task = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
+        try:
+            task = OmegaConf.to_container(OmegaConf.create(task), resolve=True)
+            check_directory(run_dir, task)
+            acquire(run_dir)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Exception:  # the config cannot be resolved here: the app itself will say so
+            acquire(run_dir)
+
+
 class RunDir:
     def __init__(self, cfg, path: Path):
         self.cfg, self.dir = cfg, Path(path)
         self.ckpt_dir = self.dir / "checkpoints"
-        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.config = resolve(cfg)
         self.rows: list[dict] = []
         self.histories: dict[str, list[dict]] = {}
 
     def checkpoint(self, stage: str) -> dict | None:
         path = self.ckpt_dir / f"{stage}.pt"
-        return load_checkpoint(path) if path.is_file() else None
+        return read_run_checkpoint(path) if path.is_file() else None
 
-    def guard(self) -> None:
-        """Refuse a directory that holds checkpoints of a different config: never overwrite other results."""
-        for path in sorted(self.ckpt_dir.glob("*.pt")):
-            diff = config_differences(load_checkpoint(path)["config"], self.config)
-            if diff:
-                raise UserError(
-                    "hydra.run.dir",
-                    f"{self.dir} holds a run with a different config "
-                    f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command "
-                    "to resume it",
-                )
-            return
+    def claim(self) -> None:
+        """Own the directory for this run (refused while another run owns it or it holds another run)."""
+        check_directory(self.dir, self.config)
+        acquire(self.dir)
 
     def save(self, stage: str, models: list, *, done: bool, epoch: int = 0, optimizers=(), extra: dict | None = None):
         """``state_dict`` is the model that continues; ``states`` / ``optimizers`` hold every network of the stage."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import Data, batches
+from .errors import UserError
 from .grafting import graft_internal, graft_noise, graft_ring, lr_schedules
 from .measure import evaluate
 from .regularizers import Regularizer
@@ -97,6 +98,27 @@ def train_epoch(
     return {"train_loss": loss_sum.item() / n, "train_acc": 100.0 * correct.item() / n, "reg": reg_sum.item() / steps}
 
 
+def check_finite(model, stats: dict, stage: str, epoch: int, lr: float, lr_option: str | None) -> None:
+    """Stop a diverged stage: the epoch's mean loss, or a weight or BN statistic, is not finite.
+
+    One device-side reduction and one host read per epoch (no per-batch sync).
+    """
+    loss = stats["train_loss"] + stats["reg"]
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    finite_state = bool(torch.stack([t.isfinite().all() for t in tensors]).all()) if tensors else True
+    if not (math.isfinite(loss) and finite_state):
+        what = f"the training loss became {loss}" if not math.isfinite(loss) else "the weights became non-finite"
+        raise diverged(what, stage, epoch, lr, lr_option)
+
+
+def diverged(what: str, stage: str, epoch: int, lr: float, lr_option: str | None) -> UserError:
+    return UserError(
+        lr_option or f"schedule.{stage}.lr",
+        f"{what} in epoch {epoch + 1} of {stage} at lr {lr:g}; the stage stopped there "
+        "(nothing was pruned on it): lower the learning rate",
+    )
+
+
 def lr_functions(st, n_models: int, epochs: int) -> list[Callable[[int], float]]:
     """One epoch -> lr function per network: the stage's schedule, or grafting's slr / dlr schedules."""
     if n_models > 1 and st.graft.lr_schedules != "stage":
@@ -135,11 +157,14 @@ def fit(
     optimizer_states: list | None = None,
     history: list | None = None,
     on_epoch_end: Callable[[int, list, list], None] | None = None,
+    lr_option: str | None = None,
 ) -> list[dict]:
     """Train ``epochs`` epochs (from ``start_epoch`` when resuming); returns the per-epoch history.
 
     Usually ``models`` holds one network. With external grafting it holds N, trained side by side with
     their own data order (seed offset per network) and grafted after every epoch; history rows carry ``net``.
+    A non-finite training loss ends the stage with a UserError naming ``lr_option`` (default
+    ``schedule.<stage>.lr``), before the epoch is checkpointed: nothing downstream sees NaN weights.
     """
     device = data.train.x.device
     regularizers = [regularizer or Regularizer(models[0])] + [Regularizer(m) for m in models[1:]]
@@ -169,6 +194,7 @@ def fit(
                 progress,
                 desc=f"{stage}{net} {epoch + 1}/{epochs}",
             )
+            check_finite(model, stats, stage, epoch, lr, lr_option)
             rows.append(
                 {
                     "stage": stage,
@@ -188,6 +214,8 @@ def fit(
             tic = time.perf_counter()
             if last or (epoch + 1) % trainer.eval_every == 0:
                 top1, loss = evaluate(model, batches(data.test, data, trainer.eval_batch_size))
+                if not math.isfinite(loss):  # the outputs overflow although the weights are still finite
+                    raise diverged(f"the test loss became {loss}", stage, epoch, row["lr"], lr_option)
             else:
                 top1, loss = float("nan"), float("nan")
             row.update(test_loss=loss, test_acc=top1)

@@ -3,7 +3,7 @@
 A stage declares its ``options`` (the ``schedule.<name>`` block; None when it has none), whether it
 ``prunes`` (its row is the pruned model in the tables), its rules across options (``check_config``,
 run before anything is read) and what it builds in advance so a bad setting fails before training
-(``prepare``). ``run`` takes the model and returns the model that continues.
+(``prepare``, with the run's starting model). ``run`` takes the model and returns the model that continues.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ class Stage(abc.ABC):
     def check_config(cls, cfg: dict) -> None:
         """Rules across options for a schedule that lists this stage (``cfg``: the checked, plain config)."""
 
-    def prepare(self, ctx) -> None:
-        """Build what the stage needs from the model as configured, so it fails before any training."""
+    def prepare(self, ctx, model) -> None:
+        """Build and check what the stage needs against the run's starting model (built or loaded), so a
+        setting that cannot work fails before any data is read or any training runs."""
 
     @abc.abstractmethod
     def run(self, model, ctx, checkpoint: dict | None):

@@ -39,8 +39,9 @@ class Prune(Stage):
                 "iterative steps finetune with a training stage's settings; the schedule has no training block",
             )
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx, model) -> None:
         build_criterion(ctx.cfg.criterion)
+        check_selection(ctx, model)
 
     def run(self, model, ctx, checkpoint):
         cfg, p = ctx.cfg, ctx.cfg.prune
@@ -66,8 +67,38 @@ class Prune(Stage):
                     epochs=st.epochs,
                     seed=cfg.seed,
                     trainer=cfg.trainer,
+                    lr_option="prune.step_lr",
                 )
         return finish_pruning(model, keep, scores, ctx, self.name, time.perf_counter() - tic, extra, dense_widths)
+
+
+def check_selection(ctx, model) -> None:
+    """Refuse ``prune.*`` settings that can do nothing on this model: patterns that match no layer, a
+    ``min_channels`` above a layer's width, a ratio that no selection can reach."""
+    p = ctx.cfg.prune
+    names, widths = [g.name for g in model.channel_groups()], model.widths
+    for option, patterns in (("prune.skip", list(p.skip)), ("prune.layer_ratios", list(p.layer_ratios))):
+        for pattern in patterns:
+            if not matching(names, [pattern]):
+                raise UserError(
+                    option, f"{pattern!r} matches no layer of {model.arch['name']} (its layers: {', '.join(names)})"
+                )
+    narrow = [(n, w) for n, w in zip(names, widths) if w < p.min_channels]
+    if narrow:
+        raise UserError(
+            "prune.min_channels", f"{p.min_channels} is above the width of {narrow[0][0]} ({narrow[0][1]} channels)"
+        )
+    if p.ratio is None or p.layer_ratios:
+        return
+    protect = matching(names, p.skip) | (model.last_groups() if p.protect_last else set())
+    least = [w if g in protect else p.min_channels for g, w in enumerate(widths)]
+    most = Budget(structure(model, ctx.input_shape), widths, p.target).removed(least)
+    if most < p.ratio * (1 - p.tolerance):
+        raise UserError(
+            "prune.ratio",
+            f"{p.ratio} of the {p.target} cannot be removed: with prune.min_channels, skip and protect_last as set "
+            f"at most {most:.4f} can go",
+        )
 
 
 def step_finetune_settings(cfg):

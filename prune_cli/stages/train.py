@@ -84,9 +84,9 @@ class TrainStage(Stage):
     fresh_init = False
     copy_partners = False
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx, model) -> None:
         if self.regularized:  # a regularizer that selects no layer of this model fails now, not after pretraining
-            build_regularizer(ctx.cfg.regularizer, build_model(ctx.arch()))
+            build_regularizer(ctx.cfg.regularizer, copy.deepcopy(model))  # a copy: it may set BN scales
 
     def run(self, model, ctx, checkpoint):
         cfg, run = ctx.cfg, ctx.run
