@@ -27,6 +27,7 @@ def run(cfg, run_dir: Path) -> list[dict]:
     validate(cfg)
     trainer.apply(cfg.trainer)
     ctx = Context(cfg, run_)
+    run_.record_provenance(ctx.device)
     names = list(cfg.schedule.stages)
     stages = [STAGES.get(name)() for name in names]
     model = ctx.build(seed_salt="init")

@@ -106,7 +106,16 @@ def run_dirs(root: Path) -> list[Path]:
 
 
 def job_row(run_dir: Path, root: Path) -> dict:
+    """One run's row: its status and error, identity, final and dense results, and where it ran; a run whose
+    files cannot be read is listed as ``unreadable`` with the reason, never dropped."""
     row = {"job": str(run_dir.relative_to(root)) or "."}
+    try:
+        return read_job(run_dir, row)
+    except (OSError, ValueError, KeyError, IndexError, pd.errors.ParserError) as e:
+        return {**row, "status": "unreadable", "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+
+
+def read_job(run_dir: Path, row: dict) -> dict:
     overrides = run_dir / ".hydra" / "overrides.yaml"
     if overrides.is_file():
         row["overrides"] = " ".join(OmegaConf.load(overrides))
@@ -115,10 +124,18 @@ def job_row(run_dir: Path, root: Path) -> dict:
     row["status"] = status["status"] if results.is_file() or status["status"] == "failed" else "failed"
     if status.get("error"):
         row["error"] = status["error"]
+    provenance = run_dir / "run.json"
+    if provenance.is_file():
+        where = json.loads(provenance.read_text())
+        row.update({k: where.get(k) for k in PROVENANCE_COLUMNS})
     if not results.is_file():
         return row
+    if results.stat().st_size == 0:
+        raise ValueError("results.csv is empty")
     df = pd.read_csv(results)
     rows = df.to_dict("records")
+    if not rows:
+        raise ValueError("results.csv has no rows")
     row.update({k: rows[-1].get(k) for k in IDENTITY})
     final = rows[-1]
     row.update(
@@ -138,6 +155,10 @@ def job_row(run_dir: Path, root: Path) -> dict:
     return row
 
 
+# where a run ran (from its run.json): shown in sweep tables so runs of different setups are told apart
+PROVENANCE_COLUMNS = ("prune_cli", "torch", "device")
+NOT_DONE = ("failed", "unreadable", "interrupted")  # a sweep or report with such a job exits non-zero
+
 SWEEP_COLUMNS = [
     "job",
     "status",
@@ -156,6 +177,7 @@ SWEEP_COLUMNS = [
     "macs",
     "macs_removed_%",
     "seconds",
+    *PROVENANCE_COLUMNS,
 ]
 
 
@@ -166,15 +188,16 @@ def aggregate(root: Path) -> list[dict]:
     write_csv(root / "sweep.csv", rows)
     columns = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)]
     text = markdown_table(rows, columns) + "\n"
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        text += "\nfailed: " + "; ".join(f"{r['job']}: {r.get('error', 'no results')}" for r in failed) + "\n"
+    not_done = [r for r in rows if r["status"] in NOT_DONE]
+    if not_done:
+        listed = "; ".join(f"{r['job']} ({r['status']}): {r.get('error', 'no results')}" for r in not_done)
+        text += f"\nnot done: {listed}\n"
     write_text(root / "sweep.md", text)
     return rows
 
 
 class SweepTable(Callback):
-    """After a multirun, aggregate its jobs; exit non-zero if any of them failed."""
+    """After a multirun, aggregate its jobs; exit non-zero if any of them did not finish."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         root = Path(config.hydra.sweep.dir)
@@ -182,7 +205,7 @@ class SweepTable(Callback):
             return
         rows = aggregate(root)
         print((root / "sweep.md").read_text())
-        if any(r["status"] == "failed" for r in rows):
+        if any(r["status"] in NOT_DONE for r in rows):
             sys.exit(1)
 
 
@@ -198,4 +221,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: dir: no runs found below {args.dir}", file=sys.stderr)
         return 2
     print((args.dir / "sweep.md").read_text(), end="")
-    return 0
+    return 1 if any(r["status"] in NOT_DONE for r in rows) else 0

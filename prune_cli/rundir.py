@@ -12,7 +12,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,8 +22,8 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from . import report
-from .atomic import save_torch
+from . import __version__, report
+from .atomic import save_torch, write_text
 from .config import resolve
 from .errors import UserError
 
@@ -150,6 +152,37 @@ class RunDirGuard(Callback):
             acquire(run_dir)
 
 
+def git_commit() -> str | None:
+    """The commit of the prune_cli checkout that runs (an editable install), or None (an installed wheel)."""
+    source = Path(__file__).resolve().parent.parent
+    if not (source / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(trainer_cfg, device: torch.device) -> dict:
+    """What produced a run's numbers: versions, device, threads, precision and determinism settings."""
+    import torchvision
+
+    return {
+        "prune_cli": __version__,
+        "git_commit": git_commit(),
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
+        "threads": torch.get_num_threads(),
+        "precision": trainer_cfg.precision,
+        "deterministic": bool(trainer_cfg.deterministic),
+        "host": socket.gethostname(),
+    }
+
+
 class RunDir:
     def __init__(self, cfg, path: Path):
         self.cfg, self.dir = cfg, Path(path)
@@ -157,6 +190,12 @@ class RunDir:
         self.config = resolve(cfg)
         self.rows: list[dict] = []
         self.histories: dict[str, list[dict]] = {}
+        self.provenance: dict = {}
+
+    def record_provenance(self, device: torch.device) -> None:
+        """Write run.json (what this process runs with); every checkpoint it writes carries the same."""
+        self.provenance = provenance(self.cfg.trainer, device)
+        write_text(self.dir / "run.json", json.dumps(self.provenance, indent=2) + "\n")
 
     def checkpoint(self, stage: str) -> dict | None:
         path = self.ckpt_dir / f"{stage}.pt"
@@ -173,6 +212,7 @@ class RunDir:
             self.ckpt_dir / f"{stage}.pt",
             {
                 "schema": CHECKPOINT_SCHEMA,
+                "provenance": self.provenance,
                 "config": self.config,
                 "stage": stage,
                 "done": done,

@@ -79,5 +79,5 @@ def test_sweep_aggregates_and_keeps_jobs_when_one_fails(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert r.returncode == 0 and "| job |" in r.stdout
+    assert r.returncode == 1 and "| job |" in r.stdout  # non-zero: a job failed
     assert pd.read_csv(tmp_path / "sweep" / "sweep.csv").equals(sweep)
