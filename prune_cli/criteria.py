@@ -436,6 +436,16 @@ class BNScale(Criterion):
     def own_threshold(cls, options):
         return options["rule"] == "polarization"
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if cfg["criterion"]["rule"] == "polarization" and cfg["prune"]["ratio"] is not None:
+            raise UserError(
+                "prune.ratio",
+                "criterion.rule=polarization sets its own threshold (the first local minimum of the |gamma| "
+                "histogram); set prune.ratio=null, or use criterion.rule=ratio to meet a ratio",
+            )
+
     def _scores(self, model, granularity, sample):
         modules = _modules(model)
         return [modules[g.bn].weight.abs() for g in model.channel_groups()]

@@ -65,6 +65,7 @@ def command(monkeypatch, capsys, *args) -> tuple[int, str]:
         ),
         (["prune.skip=[layers.*]"], "prune.ratio", "0.5 of the params cannot be removed"),
         (["prune.ratio=null"], "prune.ratio", "criterion l1 has no threshold of its own"),
+        (["criterion=bn_scale", "criterion.rule=polarization"], "prune.ratio", "sets its own threshold"),
         (["+unknown=1"], "unknown", "unknown option"),
         (["+criterion.granularty=filter"], "criterion.granularty", "unknown option"),
         (["schedule.pretrain.momentum=high"], "schedule.pretrain.momentum", "must be a number in [0, 1)"),
