@@ -111,8 +111,11 @@ def acquire(run_dir: Path) -> None:
     run_dir = Path(run_dir).resolve()
     if run_dir in _held_locks:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / "run.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise UserError("hydra.run.dir", f"cannot write {run_dir} ({e.strerror or type(e).__name__})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -142,14 +145,16 @@ class RunDirGuard(Callback):
         run_dir = Path(config.hydra.run.dir)
         task = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
         try:
-            task = OmegaConf.to_container(OmegaConf.create(task), resolve=True)
-            check_directory(run_dir, task)
+            try:
+                task = resolve(OmegaConf.create(task))
+            except UserError:  # not resolvable: the app itself says so, once it owns the directory
+                task = None
+            if task is not None:
+                check_directory(run_dir, task)
             acquire(run_dir)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except Exception:  # the config cannot be resolved here: the app itself will say so
-            acquire(run_dir)
 
 
 def git_commit() -> str | None:

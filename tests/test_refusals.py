@@ -135,6 +135,13 @@ def test_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_not(tmp_path, mon
     assert code == 0
 
 
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    code, line = command(monkeypatch, capsys, *TINY, f"hydra.run.dir={tmp_path / 'a_file' / 'run'}")
+    assert code == 2
+    assert line == f"error: hydra.run.dir: cannot write {tmp_path / 'a_file' / 'run'} (Not a directory)"
+
+
 @pytest.mark.parametrize(
     "overrides,why",
     [
