@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import TINY
-from prune_cli import train
+from helpers import TINY, compose_config, results_table
+from prune_cli import pipeline, train
 from prune_cli.__main__ import main
 
 RUN = [*TINY, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=2"]
@@ -53,9 +53,13 @@ def test_a_crash_mid_stage_is_failed_and_the_rerun_resumes(tmp_path, monkeypatch
 
 
 def test_sigterm_leaves_interrupted_and_the_rerun_resumes(tmp_path):
-    args = [sys.executable, "-m", "prune_cli", *RUN, "schedule.pretrain.epochs=15", f"hydra.run.dir={tmp_path}"]
+    """SIGTERM mid-pretrain: interrupted, exit 143; the rerun gives the uninterrupted run's table."""
+    overrides = [*RUN, "schedule.pretrain.epochs=15", "trainer.threads=1"]
+    pipeline.run(compose_config(*overrides), tmp_path / "uninterrupted")
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "prune_cli", *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = tmp_path / "checkpoints" / "pretrain.pt"
+    checkpoint = run_dir / "checkpoints" / "pretrain.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -63,14 +67,15 @@ def test_sigterm_leaves_interrupted_and_the_rerun_resumes(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1].startswith("interrupted: ")
-    assert status(tmp_path)["status"] == "interrupted"
+    assert status(run_dir)["status"] == "interrupted"
     done_epochs = torch.load(checkpoint, weights_only=True)["epoch"]
     assert 1 <= done_epochs < 15
     rerun = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert status(tmp_path)["status"] == "done"
-    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert status(run_dir)["status"] == "done"
+    metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics[metrics["stage"] == "pretrain"]["epoch"]) == list(range(1, 16))  # no epoch twice
+    assert results_table(run_dir) == results_table(tmp_path / "uninterrupted")
 
 
 def test_ctrl_c_is_interrupted_with_exit_130(tmp_path, monkeypatch):
