@@ -28,6 +28,23 @@ TINY = [
 ]
 
 
+# a run directory written by prune_cli before checkpoints had a schema version (pretrain and prune done,
+# finetune not run), and the overrides of the command that wrote it
+SCHEMA1_RUN = ROOT / "tests" / "data" / "run_schema1"
+SCHEMA1_OVERRIDES = [
+    "dataset=synthetic",
+    "dataset.train_size=64",
+    "dataset.test_size=32",
+    "dataset.image_size=8",
+    "trainer.batch_size=32",
+    "trainer.eval_batch_size=32",
+    "trainer.progress=false",
+    "model.width_mult=0.25",
+    "schedule.pretrain.epochs=1",
+    "schedule.finetune.epochs=1",
+]
+
+
 def compose_config(*overrides):
     """The config ``prune-cli`` composes for these overrides (Hydra's compose API, in-process)."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -13,24 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import TINY, compose_config
+from helpers import SCHEMA1_OVERRIDES, SCHEMA1_RUN, TINY, compose_config
 from prune_cli import pipeline, report
 from prune_cli.__main__ import main
 from prune_cli.errors import UserError
 
-OLD_RUN = Path(__file__).resolve().parent / "data" / "run_schema1"
-OLD_OVERRIDES = [
-    "dataset=synthetic",
-    "dataset.train_size=64",
-    "dataset.test_size=32",
-    "dataset.image_size=8",
-    "trainer.batch_size=32",
-    "trainer.eval_batch_size=32",
-    "trainer.progress=false",
-    "model.width_mult=0.25",
-    "schedule.pretrain.epochs=1",
-    "schedule.finetune.epochs=1",
-]
 NO_DATA = ["dataset=cifar10", "dataset.root=/nonexistent/prune_cli_data"]  # reading it would fail otherwise
 
 
@@ -152,36 +139,36 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, monkeypatc
     ],
 )
 def test_init_from_another_model_or_data_is_refused(tmp_path, overrides, why):
-    init = f"init_from={OLD_RUN / 'checkpoints' / 'pretrain.pt'}"
+    init = f"init_from={SCHEMA1_RUN / 'checkpoints' / 'pretrain.pt'}"
     other_data = overrides[0].startswith("dataset=")  # then the synthetic data's own settings do not apply
-    base = [o for o in OLD_OVERRIDES if not (other_data and o.startswith("dataset."))]
+    base = [o for o in SCHEMA1_OVERRIDES if not (other_data and o.startswith("dataset."))]
     with pytest.raises(UserError) as e:
         pipeline.run(compose_config(*base, *overrides, init), tmp_path)
     assert e.value.option == "init_from" and why in e.value.why, str(e.value)
 
 
 def test_init_from_an_unfinished_checkpoint_is_refused(tmp_path):
-    ck = torch.load(OLD_RUN / "checkpoints" / "pretrain.pt", weights_only=True)
+    ck = torch.load(SCHEMA1_RUN / "checkpoints" / "pretrain.pt", weights_only=True)
     torch.save({**ck, "done": False, "epoch": 3}, tmp_path / "half.pt")
     with pytest.raises(UserError) as e:
-        pipeline.run(compose_config(*OLD_OVERRIDES, f"init_from={tmp_path / 'half.pt'}"), tmp_path / "run")
+        pipeline.run(compose_config(*SCHEMA1_OVERRIDES, f"init_from={tmp_path / 'half.pt'}"), tmp_path / "run")
     assert e.value.option == "init_from"
     assert "is unfinished (its pretrain stage stopped after epoch 3)" in e.value.why
 
 
 def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(OLD_RUN / "checkpoints", run / "checkpoints")
+    shutil.copytree(SCHEMA1_RUN / "checkpoints", run / "checkpoints")
     damaged = run / "checkpoints" / "prune.pt"
     damaged.write_bytes(damaged.read_bytes()[:1000])
     with pytest.raises(UserError) as e:
-        pipeline.run(compose_config(*OLD_OVERRIDES), run)
+        pipeline.run(compose_config(*SCHEMA1_OVERRIDES), run)
     assert e.value.option == "hydra.run.dir"
     assert (
         e.value.why.startswith(f"{damaged} cannot be read (")
         and "delete it to recompute the prune stage" in e.value.why
     )
-    assert damaged.read_bytes() == (OLD_RUN / "checkpoints" / "prune.pt").read_bytes()[:1000]
+    assert damaged.read_bytes() == (SCHEMA1_RUN / "checkpoints" / "prune.pt").read_bytes()[:1000]
 
 
 def test_the_report_lists_unreadable_runs_and_exits_non_zero(tmp_path, capsys):
