@@ -1,4 +1,4 @@
 """Importing this module registers every built-in part: model families, datasets, regularizers,
-criteria and stages. The registries then resolve them by name."""
+criteria, stages and the methods that bring several of them. The registries then resolve them by name."""
 
-from . import criteria, data, loss_selection, models, regularizers, stages  # noqa: F401
+from . import criteria, data, loss_selection, methods, models, regularizers, stages  # noqa: F401

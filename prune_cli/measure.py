@@ -15,14 +15,21 @@ from torch import nn
 
 
 def count_params(model: torch.nn.Module) -> int:
-    """Every element of model.parameters(): BN affine and biases included, buffers excluded."""
-    return sum(p.numel() for p in model.parameters())
+    """Every element of model.parameters(): BN affine and biases included, buffers excluded.
+
+    Training-time factors that fold exactly into the weights they scale (a layer's ``folded_params``: SWP's
+    filter skeletons, channel factors) are not counted: they are not part of the network the run delivers."""
+    folded = {
+        f"{name}.{p}" if name else p for name, m in model.named_modules() for p in getattr(m, "folded_params", ())
+    }
+    return sum(p.numel() for name, p in model.named_parameters() if name not in folded)
 
 
 def layer_pixels(
     model: nn.Module, input_shape: tuple[int, int, int], run: Callable[[torch.Tensor], object] | None = None
 ) -> dict[str, int]:
-    """{module name: output pixels per image} of every conv (H_out x W_out) and linear layer (1).
+    """{module name: output pixels per image} of every conv (H_out x W_out) and linear layer (1), and of
+    every module that declares ``counted_layer`` (a conv in another form, e.g. stripes).
 
     One forward of a zero image in eval mode (``run(x)`` instead of ``model(x)`` when given); the
     model's training flags are restored.
@@ -31,7 +38,7 @@ def layer_pixels(
     hooks = [
         m.register_forward_hook(lambda m, i, o, name=name: pixels.__setitem__(name, o[0, 0].numel()))
         for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
+        if isinstance(m, (nn.Conv2d, nn.Linear)) or getattr(m, "counted_layer", False)
     ]
     was_training = model.training
     model.eval()

@@ -15,7 +15,8 @@ import torch
 from .measure import layer_pixels
 from .models import ChannelGroup, Prunable, build_model
 
-BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+BN_KEYS = ("weight", "bias", "running_mean", "running_var", "factor")
+PRODUCER_KEYS = ("weight", "bias", "skeleton")
 
 
 @dataclass
@@ -35,22 +36,27 @@ class Structure:
         return int(round(elems.sum())), int(round((elems * self.macs_per_elem).sum()))
 
 
-def group_dims(groups: list[ChannelGroup]) -> dict[str, dict[int, int]]:
-    """state_dict key -> {dim: index of the channel group that owns that dim}."""
+def group_dims(model: Prunable, groups: list[ChannelGroup]) -> dict[str, dict[int, int]]:
+    """state_dict key -> {dim: index of the channel group that owns that dim}.
+
+    The producer's weight, bias and filter skeleton (dim 0), every per-channel tensor of the BatchNorm
+    (dim 0) and the consumers' weights (dim 1)."""
+    keys = model.state_dict().keys()
     dims: dict[str, dict[int, int]] = {}
     for g, group in enumerate(groups):
-        dims.setdefault(f"{group.conv}.weight", {})[0] = g
+        for key in PRODUCER_KEYS:
+            dims.setdefault(f"{group.conv}.{key}", {})[0] = g
         for key in BN_KEYS:
             dims.setdefault(f"{group.bn}.{key}", {})[0] = g
         for consumer in group.consumers:
             dims.setdefault(f"{consumer}.weight", {})[1] = g
-    return dims
+    return {k: v for k, v in dims.items() if k in keys}
 
 
 def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
     """Trace ``model`` once on one ``input_shape`` (C, H, W) image to learn its output sizes."""
     groups = model.channel_groups()
-    tensor_dims = group_dims(groups)
+    tensor_dims = group_dims(model, groups)
 
     pixels = layer_pixels(model, input_shape)
 
@@ -71,24 +77,25 @@ def mask_channels(model: Prunable, keep: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for group, k in zip(model.channel_groups(), keep):
             drop = ~k.to(torch.bool)
-            modules[group.conv].weight[drop] = 0
-            modules[group.bn].weight[drop] = 0
-            modules[group.bn].bias[drop] = 0
+            for tensor in (modules[group.conv].weight, modules[group.bn].weight, modules[group.bn].bias):
+                tensor[drop.to(tensor.device)] = 0
 
 
 def prune_channels(model: Prunable, keep: list[torch.Tensor]) -> Prunable:
     """A new, smaller dense model holding only the kept channels (``keep``: a bool mask per group)."""
     groups = model.channel_groups()
     index = [torch.nonzero(k.to(torch.bool).cpu()).flatten() for k in keep]
-    if any(len(i) == 0 for i in index):
+    removable = model.removable_groups()
+    if any(len(i) == 0 and g not in removable for g, i in enumerate(index)):
         raise ValueError("surgery would empty a layer")
     state = model.state_dict()
-    for key, dims in group_dims(groups).items():
+    for key, dims in group_dims(model, groups).items():
         t = state[key]
         for dim, g in dims.items():
             t = t.index_select(dim, index[g].to(t.device))
         state[key] = t
-    pruned = build_model({**model.arch, "widths": [len(i) for i in index]})
-    pruned.load_state_dict(state)
+    pruned = build_model(model.arch_with_widths([len(i) for i in index]))
+    modules = dict(pruned.named_modules())  # a removed group's layers are gone, and their tensors with them
+    pruned.load_state_dict({k: v for k, v in state.items() if k.rpartition(".")[0] in modules})
     p = next(model.parameters())
     return pruned.to(p.device).train(model.training)

@@ -3,7 +3,8 @@
 The training loop does, per step::
 
     loss = F.cross_entropy(model(x), y) + reg.penalty()   # lambda included; a 0-dim tensor
-    loss.backward(); optimizer.step(); reg.after_step()    # e.g. clamp gammas (polarization)
+    loss.backward(); reg.before_step()                      # e.g. L1 subgradient on a skeleton (SWP)
+    optimizer.step(); reg.after_step()                     # e.g. clamp gammas (polarization)
 
 and logs ``reg.value()`` (the penalty recomputed under ``no_grad``, a float).
 
@@ -158,6 +159,11 @@ class Regularizer:
     def penalty(self) -> torch.Tensor:
         """lambda * R(W), a differentiable 0-dim tensor."""
         return self._zero
+
+    edits_gradients = False  # True: ``before_step`` runs between ``backward()`` and ``optimizer.step()``
+
+    def before_step(self) -> None:
+        """Called after ``backward()``, before ``optimizer.step()`` (when ``edits_gradients``): edit the gradients."""
 
     def after_step(self) -> None:
         """Called after ``optimizer.step()``."""

@@ -24,14 +24,20 @@ IDENTITY = ("model", "dataset", "regularizer", "criterion", "target", "ratio", "
 
 
 def identity(cfg) -> dict:
-    """The run's identifying choices, repeated on every row so tables from many runs can be stacked."""
+    """The run's identifying choices, repeated on every row so tables from many runs can be stacked.
+
+    A group no listed stage reads (``Stage.reads``) shows "-" (the regularizer: "none"): a table never names a
+    criterion or a regularizer that did not act."""
+    from .stages import STAGES  # the stages import this module's helpers
+
+    reads = {group for name in cfg.schedule.stages if name in STAGES for group in STAGES.get(name).reads}
     return {
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
-        "regularizer": cfg.regularizer.name,
-        "criterion": cfg.criterion.name,
-        "target": cfg.prune.target,
-        "ratio": cfg.prune.ratio,
+        "regularizer": cfg.regularizer.name if "regularizer" in reads else "none",
+        "criterion": cfg.criterion.name if "criterion" in reads else "-",
+        "target": cfg.prune.target if "prune" in reads else "-",
+        "ratio": cfg.prune.ratio if "prune" in reads else "-",
         "seed": cfg.seed,
     }
 

@@ -88,6 +88,9 @@ def train_epoch(
         reg = regularizer.penalty()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss + reg).backward()
+        if regularizer.edits_gradients:  # it edits true gradients: undo fp16 loss scaling first
+            scaler.unscale_(optimizer)
+            regularizer.before_step()
         scaler.step(optimizer)
         scaler.update()
         regularizer.after_step()

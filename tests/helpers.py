@@ -86,6 +86,14 @@ def smoke_overrides(preset: str, root) -> list[str]:
         # the paper's lambda (5e-5) needs many epochs to polarize the gammas; four steps at lambda 1.0 do it, so
         # the smoke run exercises the histogram rule itself (its first local minimum sets the threshold)
         out += ["regularizer.lam=1.0", "schedule.sparse_train.batch_size=16"]
+    if preset.startswith("swp"):
+        # the paper's alpha (1e-5) kills stripes over many epochs; in four steps only a threshold just below the
+        # skeleton's starting value 1 does, so the smoke run removes dead filters and stripes for real
+        out += [
+            "schedule.sparse_train.batch_size=16",
+            "regularizer.threshold=0.99995",
+            "schedule.stripe.threshold=0.99995",
+        ]
     return out
 
 

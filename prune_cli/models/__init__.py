@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from . import resnet, vgg  # noqa: F401  (importing registers the built-in families)
 from .base import MODELS, ChannelGroup, Prunable
+from .layers import KINDS, apply_layers
 
 
 def build_model(arch: dict) -> Prunable:
-    """``arch`` = the model's ``arch`` dict (name, num_classes, in_channels, widths, ...)."""
-    return MODELS.get(arch["name"])(**arch)
+    """``arch`` = the model's ``arch`` dict (name, num_classes, in_channels, widths, ...), including the
+    layer changes methods recorded in it (``layers.KINDS``: skeletons, factors, stripes)."""
+    model = MODELS.get(arch["name"])(**{k: v for k, v in arch.items() if k not in KINDS})
+    return apply_layers(model, arch)
 
 
 __all__ = ["MODELS", "ChannelGroup", "Prunable", "build_model"]

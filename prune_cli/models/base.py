@@ -57,6 +57,11 @@ class Prunable(nn.Module, abc.ABC):
         """Groups whose channels feed the classifier directly: what ``prune.protect_last`` keeps whole."""
         return set()
 
+    def removable_groups(self) -> set[int]:
+        """Groups that may lose every channel (width 0): the model then computes without them, e.g. a
+        residual block reduced to its shortcut. Other groups keep at least one channel."""
+        return set()
+
     def shortcut_convs(self) -> list[str]:
         """Module names of residual projection convs (regularizers may leave them out)."""
         return []
@@ -71,4 +76,10 @@ class Prunable(nn.Module, abc.ABC):
 
     @property
     def widths(self) -> list[int]:
-        return list(self.arch["widths"])
+        """The width of every channel group, in ``channel_groups()`` order (removed groups, width 0, excluded)."""
+        return [w for w in self.arch["widths"] if w]
+
+    def arch_with_widths(self, widths: list[int]) -> dict:
+        """This model's ``arch`` with new group widths (``widths`` in ``channel_groups()`` order; 0 removes one)."""
+        it = iter(widths)
+        return {**self.arch, "widths": [next(it) if w else 0 for w in self.arch["widths"]]}

@@ -9,6 +9,7 @@ are tied to the residual stream of the stage.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -33,10 +34,17 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``. With ``mid`` = 0 every internal channel is gone:
+    the residual branch then adds ``bn2`` of zeros, the constant it computes with no channel left (exactly the
+    masked block's), and the block costs no MACs."""
+
     def __init__(self, cin: int, mid: int, cout: int, stride: int, shortcut: str):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(cin, mid, stride), nn.BatchNorm2d(mid)
-        self.conv2, self.bn2 = conv3x3(mid, cout), nn.BatchNorm2d(cout)
+        self.mid = mid
+        if mid:
+            self.conv1, self.bn1 = conv3x3(cin, mid, stride), nn.BatchNorm2d(mid)
+            self.conv2 = conv3x3(mid, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
         if stride == 1 and cin == cout:
             self.shortcut = nn.Identity()
         elif shortcut == "A":
@@ -45,6 +53,9 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
+        if not self.mid:
+            residual = self.shortcut(x)
+            return F.relu(self.bn2(torch.zeros_like(residual)) + residual)
         out = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
@@ -130,11 +141,16 @@ class ResNet(Prunable):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
     def channel_groups(self) -> list[ChannelGroup]:
+        """One group per block with internal channels (a block of width 0 is its shortcut plus a constant)."""
         return [
             ChannelGroup(f"layers.{s}.{b}", f"layers.{s}.{b}.conv1", f"layers.{s}.{b}.bn1", (f"layers.{s}.{b}.conv2",))
             for s, layer in enumerate(self.layers)
-            for b in range(len(layer))
+            for b, block in enumerate(layer)
+            if block.mid
         ]
+
+    def removable_groups(self) -> set[int]:
+        return set(range(len(self.widths)))
 
     def shortcut_convs(self) -> list[str]:
         return [

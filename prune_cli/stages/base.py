@@ -1,7 +1,8 @@
 """The stage interface and registry: a schedule lists stage names, the pipeline resolves them here.
 
 A stage declares its ``options`` (the ``schedule.<name>`` block; None when it has none), whether it
-``prunes`` (its row is the pruned model in the tables), its rules across options (``check_config``,
+``prunes`` (its row is the pruned model in the tables), which other config groups it ``reads`` (what the
+tables name), its rules across options (``check_config``,
 run before anything is read) and what it builds in advance so a bad setting fails before training
 (``prepare``, with the run's starting model). ``run`` takes the model and returns the model that continues.
 """
@@ -20,6 +21,7 @@ class Stage(abc.ABC):
     name: str = ""
     options: tuple[Option, ...] | None = None
     prunes: bool = False
+    reads: tuple[str, ...] = ()  # config groups it acts on besides its block ("criterion", "prune", "regularizer")
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:

@@ -24,6 +24,7 @@ class GatesStage(Stage):
     """Pruning from Scratch: trains channel gates on the frozen random init and prunes by them."""
 
     prunes = True
+    reads = ("prune",)
     options = (
         Int("epochs", 10, "epochs of gate training (10 in the paper)", lo=1),
         Float("lr", 0.01, "Adam learning rate of the gates", lo=0.0, lo_open=True),

@@ -28,6 +28,7 @@ class Prune(Stage):
     """Scores channels with the criterion, selects them to meet the target, removes them physically."""
 
     prunes = True
+    reads = ("criterion", "prune")
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
@@ -146,11 +147,15 @@ def finish_pruning(
     seconds: float,
     extra: dict | None = None,
     dense_widths: list[int] | None = None,
+    reshape=None,
 ):
-    """Remove the channels physically, write scores.csv / layers.csv, test, and checkpoint the stage."""
+    """Remove the channels physically (then ``reshape(pruned)`` when given: a method's own structural change),
+    write scores.csv / layers.csv, test, and checkpoint the stage."""
     run = ctx.run
     groups = model.channel_groups()
     pruned = prune_channels(model, keep)
+    if reshape is not None:
+        pruned = reshape(pruned)
     run.write_csv(
         "scores.csv",
         [

@@ -179,6 +179,7 @@ class SparseTrain(TrainStage):
     """Trains with the configured regularizer added to the loss."""
 
     regularized = True
+    reads = ("regularizer",)
 
 
 @STAGES.register("finetune")

@@ -1,0 +1,214 @@
+"""Layers that methods put into any model, named in its ``arch`` so that ``build_model(arch)`` rebuilds them.
+
+- ``skeleton`` (stripe-wise pruning's filter skeleton, training form): a k x k conv whose weight is
+  multiplied by a trainable ``S[o, kh, kw]`` (``SkeletonConv``).
+- ``stripes`` (stripe-wise pruning's pruned form): a conv reduced to the kept stripes ``W[o, :, i, j]``, run as
+  one 1x1 conv whose outputs are shifted and added into place (``StripeConv``).
+- ``factors`` (a learned per-channel scale after a BatchNorm, RMNet's channel masks): ``ScaledBN``.
+
+``convert(model, kind, spec)`` swaps the named modules of a live model in place (weights kept) and records
+the change in ``model.arch[kind]``; ``build_model`` replays ``arch[kind]`` on a freshly built model.
+``fold(model)`` multiplies training-time factors into the weights they scale and drops them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("skeleton", "factors", "stripes")  # the arch keys this module owns, in the order they are applied
+
+
+class SkeletonConv(nn.Conv2d):
+    """A conv computing with ``W[o, i, kh, kw] * S[o, kh, kw]``; ``S`` (``skeleton``) starts at 1."""
+
+    folded_params = ("skeleton",)  # measure.count_params leaves it out: it folds into the weight
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skeleton = nn.Parameter(torch.ones(self.out_channels, *self.kernel_size))
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * self.skeleton.unsqueeze(1), self.bias)
+
+    def folded_weight(self) -> torch.Tensor:
+        return self.weight * self.skeleton.unsqueeze(1)
+
+
+class ScaledBN(nn.BatchNorm2d):
+    """BatchNorm whose output channel c is multiplied by a trainable ``factor[c]`` (starts at 1)."""
+
+    folded_params = ("factor",)  # measure.count_params leaves it out: it folds into gamma and beta
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.factor = nn.Parameter(torch.ones(self.num_features))
+
+    def forward(self, x):
+        return super().forward(x) * self.factor.view(1, -1, 1, 1)
+
+
+class StripeConv(nn.Module):
+    """The stripes ``W[o, :, i, j]`` kept of a k x k conv, computed as one 1x1 conv and shifted into place.
+
+    ``positions``: the kept (o, i, j) as ``(i * k + j) * out_channels + o``, sorted, so stripes of one kernel
+    position are contiguous. ``forward`` equals the k x k conv whose other stripes are zero: for each
+    position (i, j), the 1x1 outputs of its stripes, padded like the conv, are read at rows
+    ``p * stride + i`` and columns ``q * stride + j`` and added into output channels ``o``.
+    Counted as ``n * C_in`` weights at ``H_out * W_out`` output positions (``counted_layer``).
+    """
+
+    counted_layer = True  # measure.layer_pixels counts it like a conv: weight elements x output pixels
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        positions: list[int],
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels, self.k = in_channels, out_channels, kernel_size
+        self.stride, self.padding = stride, padding
+        positions = sorted(positions)
+        self.positions = positions
+        self.weight = nn.Parameter(torch.empty(len(positions), in_channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        # per kernel position: (i, j, first stripe, end, output channels); plain ints, never device tensors
+        self._slices, start = [], 0
+        for ij in range(kernel_size * kernel_size):
+            outs = [p - ij * out_channels for p in positions if ij * out_channels <= p < (ij + 1) * out_channels]
+            if outs:
+                self._slices.append((ij // kernel_size, ij % kernel_size, start, start + len(outs)))
+                self.register_buffer(f"out_index_{ij}", torch.tensor(outs, dtype=torch.long), persistent=False)
+                start += len(outs)
+
+    def output_size(self, size: int) -> int:
+        return (size + 2 * self.padding - self.k) // self.stride + 1
+
+    def forward(self, x):
+        y = F.conv2d(x, self.weight)
+        h, w = self.output_size(x.shape[2]), self.output_size(x.shape[3])
+        out = x.new_zeros(x.shape[0], self.out_channels, h, w)
+        if self.padding:
+            y = F.pad(y, (self.padding,) * 4)
+        s = self.stride
+        for i, j, a, b in self._slices:
+            part = y[:, a:b, i : i + s * (h - 1) + 1 : s, j : j + s * (w - 1) + 1 : s]
+            out = out.index_add(1, getattr(self, f"out_index_{i * self.k + j}"), part)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        dense = self.out_channels * self.k * self.k
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.k}, stride={self.stride}, "
+            f"padding={self.padding}, stripes={len(self.positions)}/{dense}"
+        )
+
+
+def stripe_positions(mask: torch.Tensor) -> list[int]:
+    """The kept stripes of a boolean ``mask[o, i, j]`` in ``StripeConv`` order."""
+    o, i, j = torch.nonzero(mask.cpu(), as_tuple=True)
+    k, out = mask.shape[1], mask.shape[0]
+    return sorted(((i * k + j) * out + o).tolist())
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+    )
+
+
+def _as_stripes(conv: nn.Conv2d, positions: list[int]) -> StripeConv:
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    if conv.kernel_size[1] != k or conv.stride[1] != s or conv.padding[1] != p or conv.groups != 1:
+        raise ValueError("stripes need a square, ungrouped conv with equal strides and paddings")
+    new = StripeConv(conv.in_channels, conv.out_channels, k, positions, s, p, bias=conv.bias is not None)
+    w = conv.folded_weight() if isinstance(conv, SkeletonConv) else conv.weight
+    with torch.no_grad():  # rows W[o, :, i, j] in the order of `positions`
+        flat = w.detach().permute(2, 3, 0, 1).reshape(-1, conv.in_channels)
+        new.weight.copy_(flat[torch.tensor(new.positions, dtype=torch.long, device=flat.device)].view_as(new.weight))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def convert(model: nn.Module, kind: str, spec) -> None:
+    """Swap modules of ``model`` in place, keeping their weights, and record it in ``model.arch[kind]``.
+
+    ``skeleton``: conv names; ``factors``: BatchNorm names; ``stripes``: {conv name: stripe positions}.
+    """
+    modules = dict(model.named_modules())
+    for name in spec:
+        old = modules[name]
+        if kind == "skeleton":
+            new = SkeletonConv(**_conv_args(old))
+        elif kind == "factors":
+            new = ScaledBN(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats)
+        elif kind == "stripes":
+            new = _as_stripes(old, spec[name])
+        else:
+            raise ValueError(f"unknown layer kind {kind!r}")
+        if kind != "stripes":
+            new.load_state_dict(old.state_dict(), strict=False)  # the new factor keeps its initial value
+        _swap(model, name, new.to(next(old.parameters()).device))
+    arch = getattr(model, "arch", None)
+    if arch is not None:
+        previous = arch.get(kind) or ({} if kind == "stripes" else [])
+        if kind == "stripes":
+            arch[kind] = {**previous, **{n: list(p) for n, p in spec.items()}}
+            arch["skeleton"] = [n for n in arch.get("skeleton") or [] if n not in spec]
+        else:
+            arch[kind] = [*previous, *[n for n in spec if n not in previous]]
+
+
+def apply_layers(model: nn.Module, arch: dict) -> nn.Module:
+    """Replay the layer changes ``arch`` records on a freshly built model (``build_model`` does this)."""
+    modules = dict(model.named_modules())
+    for kind in KINDS:
+        if arch.get(kind):  # layers of a removed group (e.g. a block reduced to its shortcut) are gone
+            spec = arch[kind]
+            kept = [n for n in spec if n in modules]
+            convert(model, kind, {n: spec[n] for n in kept} if isinstance(spec, dict) else kept)
+    return model
+
+
+@torch.no_grad()
+def fold(model: nn.Module) -> nn.Module:
+    """Multiply skeletons into their conv weights and factors into their BatchNorm's gamma and beta, in place;
+    the model then holds plain convs and BatchNorms and computes the same function."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SkeletonConv):
+            plain = nn.Conv2d(**_conv_args(m)).to(m.weight.device)
+            plain.weight.copy_(m.folded_weight())
+            if m.bias is not None:
+                plain.bias.copy_(m.bias)
+            _swap(model, name, plain)
+        elif isinstance(m, ScaledBN):
+            plain = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            state = {k: v for k, v in m.state_dict().items() if k != "factor"}
+            state["weight"], state["bias"] = m.weight * m.factor, m.bias * m.factor
+            plain.load_state_dict(state)
+            _swap(model, name, plain.to(m.weight.device))
+    arch = getattr(model, "arch", None)
+    if arch is not None:
+        arch.pop("skeleton", None), arch.pop("factors", None)
+    return model
+
+
+__all__ = ["KINDS", "ScaledBN", "SkeletonConv", "StripeConv", "apply_layers", "convert", "fold", "stripe_positions"]
