@@ -423,34 +423,43 @@ class BNScale(Criterion):
         Choice(
             "rule",
             "ratio",
-            ("ratio", "slimming", "polarization"),
+            ("ratio", "slimming", "polarization", "nonzero"),
             "ratio | slimming: one global |gamma| threshold meets the target; polarization: the first local "
-            "minimum of the |gamma| histogram (needs prune.ratio=null)",
+            "minimum of the |gamma| histogram; nonzero: exactly the channels with gamma = 0 go (RMNet's learned "
+            "factors); the last two need prune.ratio=null",
         ),
         Float("bin_width", 0.01, "histogram bin width of the polarization rule", lo=0.0, lo_open=True),
     )
     rule: str
     bin_width: float
 
+    OWN_RULES = {"polarization": "the first local minimum of the |gamma| histogram", "nonzero": "gamma = 0"}
+
     @classmethod
     def own_threshold(cls, options):
-        return options["rule"] == "polarization"
+        return options["rule"] in cls.OWN_RULES
 
     @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
-        if cfg["criterion"]["rule"] == "polarization" and cfg["prune"]["ratio"] is not None:
+        rule = cfg["criterion"]["rule"]
+        if rule in cls.OWN_RULES and cfg["prune"]["ratio"] is not None:
             raise UserError(
                 "prune.ratio",
-                "criterion.rule=polarization sets its own threshold (the first local minimum of the |gamma| "
-                "histogram); set prune.ratio=null, or use criterion.rule=ratio to meet a ratio",
+                f"criterion.rule={rule} sets its own threshold ({cls.OWN_RULES[rule]}); set prune.ratio=null, "
+                "or use criterion.rule=ratio to meet a ratio",
             )
 
     def _scores(self, model, granularity, sample):
         modules = _modules(model)
-        return [modules[g.bn].weight.abs() for g in model.channel_groups()]
+        groups = model.channel_groups()
+        if not all(isinstance(modules[g.bn], nn.BatchNorm2d) for g in groups):
+            raise UserError("criterion.name", "bn_scale needs a BatchNorm after every pruned conv; this model has none")
+        return [modules[g.bn].weight.abs() for g in groups]
 
     def auto_threshold(self, scores):
+        if self.rule == "nonzero":  # only exact zeros score below the smallest positive float
+            return float(torch.finfo(torch.float32).tiny)
         if self.rule != "polarization":
             return None
         try:

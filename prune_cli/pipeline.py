@@ -34,8 +34,9 @@ def run(cfg, run_dir: Path) -> list[dict]:
     ck = None
     if cfg.init_from is not None:
         ck, model = read_init_from(cfg.init_from, ctx)
-    for stage in stages:  # build and check every component on the starting model, before any data is read
-        stage.prepare(ctx, model)
+    view = model  # build and check every component before any data is read, each on the model it will get
+    for stage in stages:
+        view = stage.prepare(ctx, view) or view
 
     start = 0
     if ck is not None:

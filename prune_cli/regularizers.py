@@ -63,6 +63,20 @@ def _stack(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_as_4d(p) for p in params])
 
 
+@torch.no_grad()
+def l1_subgradient_(tensors: list[torch.Tensor], alpha: float, threshold: float) -> None:
+    """The per-step rule of learned factors (SWP's skeleton, RMNet's channel factors), in place:
+    ``grad += alpha * sign(t)``, then ``t`` and its gradient zeroed where ``|t| <= threshold``."""
+    with_grad = [t for t in tensors if t.grad is not None]
+    if with_grad and alpha:
+        torch._foreach_add_([t.grad for t in with_grad], torch._foreach_sign(with_grad), alpha=alpha)
+    for t in tensors:
+        alive = t.abs() > threshold
+        t.mul_(alive)
+        if t.grad is not None:
+            t.grad.mul_(alive)
+
+
 # --------------------------------------------------------------------------- layer selection
 
 WEIGHT_LAYERS = ("all_convs_except_shortcut", "prunable", "all_convs", "all")
@@ -107,12 +121,12 @@ def select_weights(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]
 
 def select_bns(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
     """``all``: every BatchNorm2d; ``prunable``: the BNs of the channel groups."""
-    if layers == "prunable":
-        wanted = {g.bn for g in _groups(model)}
-        picked = [(n, m) for n, m in model.named_modules() if n in wanted]
-    else:
-        picked = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    picked = [(n, m) for n, m in picked if getattr(m, "weight", None) is not None]
+    wanted = {g.bn for g in _groups(model)} if layers == "prunable" else None
+    picked = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and m.weight is not None and (wanted is None or n in wanted)
+    ]
     if not picked:
         raise UserError("regularizer.layers", f"{layers!r} selects no BatchNorm with affine scale in this model")
     return picked

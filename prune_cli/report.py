@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from .atomic import write_text
-from .stages import pruning_stages  # the stage registry says which stages prune
+from .stages import STAGES, pruning_stages  # the stage registry says which stages prune and re-form
 
 IDENTITY = ("model", "dataset", "regularizer", "criterion", "target", "ratio", "seed")
 
@@ -28,8 +28,6 @@ def identity(cfg) -> dict:
 
     A group no listed stage reads (``Stage.reads``) shows "-" (the regularizer: "none"): a table never names a
     criterion or a regularizer that did not act."""
-    from .stages import STAGES  # the stages import this module's helpers
-
     reads = {group for name in cfg.schedule.stages if name in STAGES for group in STAGES.get(name).reads}
     return {
         "model": cfg.model.name,
@@ -70,11 +68,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def dense_and_final(rows: list[dict]) -> tuple[dict, dict] | None:
-    """The dense model (the row before pruning) and the final one; None if nothing was pruned."""
+    """The dense model and the final one; None if nothing was pruned. The dense model is the row before pruning,
+    or before the first stage that re-formed the network on the way (``Stage.reforms``, e.g. RMNet's rm): what
+    the method started from."""
     pruning = pruning_stages()
     i = next((i for i, r in enumerate(rows) if r["stage"] in pruning), None)
     if i is None:
         return None
+    reforming = {name for name, stage in STAGES.items() if stage.reforms}
+    i = next((j for j in range(i) if rows[j]["stage"] in reforming), i)
     return rows[max(i - 1, 0)], rows[-1]
 
 

@@ -62,7 +62,9 @@ def test_yaml_values_equal_the_declared_defaults():
         assert raw == {o.name: o.default for o in options}, group
     for stage_file in (CONF_DIR / "stage").glob("*.yaml"):
         raw = yaml.safe_load(stage_file.read_text())
-        stage = STAGES.get(stage_file.stem if stage_file.stem in STAGES else "pretrain")  # sgd.yaml: every training stage
+        stage = STAGES.get(
+            stage_file.stem if stage_file.stem in STAGES else "pretrain"
+        )  # sgd.yaml: every training stage
         for full, o in walk(stage.options):
             value = raw
             for part in full.split("."):
@@ -95,7 +97,7 @@ def bad_values(o):
 
 
 # a schedule whose composed config holds the stage's block (the default one holds pretrain and finetune)
-SCHEDULE_WITH = {"gates": "pfs", "sparse_train": "sparse", "scratch": "scratch", "stripe": "swp"}
+SCHEDULE_WITH = {"gates": "pfs", "sparse_train": "sparse", "scratch": "scratch", "stripe": "swp", "rm": "rmnet"}
 
 
 def declaration_cases():

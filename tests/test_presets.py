@@ -17,7 +17,18 @@ def data_root(tmp_path_factory):
 
 
 def test_there_are_presets_for_every_paper():
-    for prefix in ["hgsr_", "slimming_", "polarization_", "l1norm_", "fpgm_", "hrank_", "pfs_", "grafting_", "swp_"]:
+    for prefix in [
+        "hgsr_",
+        "slimming_",
+        "polarization_",
+        "l1norm_",
+        "fpgm_",
+        "hrank_",
+        "pfs_",
+        "grafting_",
+        "swp_",
+        "rmnet_",
+    ]:
         assert any(p.startswith(prefix) for p in PRESETS), prefix
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import UserError
 from ..models.layers import SkeletonConv, convert, fold, stripe_positions
 from ..options import Bool, Float
-from ..regularizers import REGULARIZERS, Regularizer
+from ..regularizers import REGULARIZERS, Regularizer, l1_subgradient_
 from ..stages.base import STAGES, Stage
 from ..stages.prune import finish_pruning
 
@@ -88,15 +88,7 @@ class FilterSkeleton(Regularizer):
 
     @torch.no_grad()
     def before_step(self) -> None:
-        skeletons = [c.skeleton for c in self._convs]
-        with_grad = [s for s in skeletons if s.grad is not None]
-        if with_grad and self.alpha:
-            torch._foreach_add_([s.grad for s in with_grad], torch._foreach_sign(with_grad), alpha=self.alpha)
-        for s in skeletons:
-            alive = s.abs() > self.threshold
-            s.mul_(alive)
-            if s.grad is not None:
-                s.grad.mul_(alive)
+        l1_subgradient_([c.skeleton for c in self._convs], self.alpha, self.threshold)
         if self.hparams["zero_dead_bn"]:
             for conv, bn in self._bns:
                 alive = (conv.skeleton != 0).flatten(1).any(1).to(bn.weight.dtype)

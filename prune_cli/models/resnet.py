@@ -52,6 +52,22 @@ class BasicBlock(nn.Module):
         else:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
+    def shortcut_as_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shortcut in eval mode as a 1x1 conv on the block input subsampled by the block's stride:
+        (weight [cout, cin, 1, 1], bias [cout]). Identity and option A are 0/1 matrices, option B its conv with
+        the BatchNorm folded in."""
+        cout = self.bn2.num_features
+        if isinstance(self.shortcut, nn.Sequential):
+            conv, bn = self.shortcut
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+        pad = isinstance(self.shortcut, PadShortcut)
+        left, right = (self.shortcut.left, self.shortcut.right) if pad else (0, 0)
+        cin = cout - left - right
+        weight = torch.zeros(cout, cin, 1, 1, device=self.bn2.weight.device)
+        weight[torch.arange(cin) + left, torch.arange(cin)] = 1.0
+        return weight, torch.zeros(cout, device=weight.device)
+
     def forward(self, x):
         if not self.mid:
             residual = self.shortcut(x)
@@ -151,6 +167,13 @@ class ResNet(Prunable):
 
     def removable_groups(self) -> set[int]:
         return set(range(len(self.widths)))
+
+    def residual_layout(self):
+        """(stem conv, stem BN, every BasicBlock in order, fc): what RMNet's RM operation turns into a plain
+        network; None when the stem max-pools (a plain network has no pooling layer)."""
+        if not isinstance(self.pool, nn.Identity):
+            return None
+        return self.conv1, self.bn1, [block for layer in self.layers for block in layer], self.fc
 
     def shortcut_convs(self) -> list[str]:
         return [

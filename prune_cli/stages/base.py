@@ -21,15 +21,18 @@ class Stage(abc.ABC):
     name: str = ""
     options: tuple[Option, ...] | None = None
     prunes: bool = False
+    reforms: bool = False  # it changes the network's form, not its function (the tables' dense row precedes it)
     reads: tuple[str, ...] = ()  # config groups it acts on besides its block ("criterion", "prune", "regularizer")
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
         """Rules across options for a schedule that lists this stage (``cfg``: the checked, plain config)."""
 
-    def prepare(self, ctx, model) -> None:
-        """Build and check what the stage needs against the run's starting model (built or loaded), so a
-        setting that cannot work fails before any data is read or any training runs."""
+    def prepare(self, ctx, model):
+        """Build and check what the stage needs against the model it will get (the run's starting model, or what
+        an earlier stage's ``prepare`` returned), so a setting that cannot work fails before any data is read or
+        any training runs. A stage that changes the model's structure returns the model the next stages get
+        (its structure is what matters; it must not read data); others return None."""
 
     @abc.abstractmethod
     def run(self, model, ctx, checkpoint: dict | None):

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from ..criteria import CRITERIA, build_criterion
 from ..errors import UserError
+from ..models.layers import fold
 from ..pruning import prune_channels, structure
 from ..regularizers import ZERO_THRESHOLD
 from ..selection import Budget, matching
@@ -47,6 +48,7 @@ class Prune(Stage):
     def run(self, model, ctx, checkpoint):
         cfg, p = ctx.cfg, ctx.cfg.prune
         tic = time.perf_counter()
+        model = fold(model)  # learned factors (e.g. RMNet's) into the weights: the criteria judge the real network
         dense_widths = model.widths
         dense_amount = Budget(structure(model, ctx.input_shape), dense_widths, p.target).total
         extra = {}
