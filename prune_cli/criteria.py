@@ -186,6 +186,8 @@ def channel_vectors(
     if granularity == "filter":
         w = modules[group.conv].weight
         return w.reshape(w.shape[0], -1)
+    if not group.consumers:
+        raise UserError("prune.granularity", f"{group.name} has no consumer layer to judge its channels by; use filter")
     parts = []
     width = modules[group.conv].weight.shape[0]
     for name in group.consumers:

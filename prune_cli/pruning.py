@@ -94,7 +94,7 @@ def prune_channels(model: Prunable, keep: list[torch.Tensor]) -> Prunable:
         for dim, g in dims.items():
             t = t.index_select(dim, index[g].to(t.device))
         state[key] = t
-    pruned = build_model(model.arch_with_widths([len(i) for i in index]))
+    pruned = build_model(model.pruned_arch(index))
     modules = dict(pruned.named_modules())  # a removed group's layers are gone, and their tensors with them
     pruned.load_state_dict({k: v for k, v in state.items() if k.rpartition(".")[0] in modules})
     p = next(model.parameters())

@@ -32,6 +32,8 @@ CHECKPOINT_SCHEMA = 2
 
 # options that may change between a run and its resumption without changing its results
 RESUMABLE_DIFFERENCES = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.eval_batch_size")
+# options added after runs were written, with the behaviour those runs had: absent from an old config means this
+ADDED_OPTIONS = {"model.prune_outputs": False}
 
 
 def load_checkpoint(path: Path | str) -> dict:
@@ -252,7 +254,7 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         name = f"{prefix}{k}"
         if name in RESUMABLE_DIFFERENCES:
             continue
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, ADDED_OPTIONS.get(name)), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, f"{name}.")
         elif a != b:

@@ -296,3 +296,14 @@ if __name__ == "__main__":  # pragma: no cover - manual inspection
     out = sys.argv[1] if len(sys.argv) > 1 else "fake_data"
     make_cifar10(out), make_cifar100(out), make_tinyimagenet(out), make_fashion_mnist(out)
     print("\n".join(tree(out)))
+
+
+def make_knockoff_generator(path, seed: int = 0) -> Path:
+    """A file in the format of SCOP's official ``netG_cifar.pth`` (``module.``-prefixed keys, as saved from
+    DataParallel), holding random weights: a stand-in generator for the smoke runs."""
+    from prune_cli.methods.knockoff import CifarKnockoffGenerator
+
+    torch.manual_seed(seed)
+    state = {f"module.{k}": v for k, v in CifarKnockoffGenerator().state_dict().items()}
+    torch.save(state, path)
+    return Path(path)

@@ -64,6 +64,7 @@ def make_preset_data(root: Path) -> Path:
     fakedata.make_cifar10(root, n_train=120, n_test=64)
     fakedata.make_cifar100(root, n_train=200, n_test=100)
     fakedata.make_tinyimagenet(root, n_classes=3, n_train_per_class=4, n_val_per_class=2)
+    fakedata.make_knockoff_generator(root / "netG_cifar.pth")
     return root
 
 
@@ -94,6 +95,8 @@ def smoke_overrides(preset: str, root) -> list[str]:
             "regularizer.threshold=0.99995",
             "schedule.stripe.threshold=0.99995",
         ]
+    if preset.startswith("scop"):  # the generator's file in the official format, random weights (a stand-in)
+        out += [f"schedule.scop.generator_path={Path(root) / 'netG_cifar.pth'}"]
     if preset.startswith("rmnet"):  # as for swp: the learned factors die in four steps only near their start, 1
         out += ["schedule.sparse_train.batch_size=16", "regularizer.threshold=0.9999"]
     return out

@@ -97,7 +97,14 @@ def bad_values(o):
 
 
 # a schedule whose composed config holds the stage's block (the default one holds pretrain and finetune)
-SCHEDULE_WITH = {"gates": "pfs", "sparse_train": "sparse", "scratch": "scratch", "stripe": "swp", "rm": "rmnet"}
+SCHEDULE_WITH = {
+    "gates": "pfs",
+    "sparse_train": "sparse",
+    "scratch": "scratch",
+    "stripe": "swp",
+    "rm": "rmnet",
+    "scop": "scop",
+}
 
 
 def declaration_cases():

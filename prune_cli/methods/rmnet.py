@@ -51,6 +51,8 @@ def check_convertible(model) -> list:
         raise UserError("schedule.stages", f"the rm stage converts residual networks; {model.arch['name']} is not one")
     if layout is None:
         raise UserError("model.stem", "the rm stage needs a stem without pooling (model.stem=cifar)")
+    if any(block.outputs is not None for block in layout[2]):
+        raise UserError("model.prune_outputs", "the rm stage needs full residual-branch outputs (none pruned)")
     if any(not block.mid for block in layout[2]):
         raise UserError("schedule.stages", "the rm stage needs every block's residual branch (a block was removed)")
     return layout

@@ -79,7 +79,8 @@ class Prunable(nn.Module, abc.ABC):
         """The width of every channel group, in ``channel_groups()`` order (removed groups, width 0, excluded)."""
         return [w for w in self.arch["widths"] if w]
 
-    def arch_with_widths(self, widths: list[int]) -> dict:
-        """This model's ``arch`` with new group widths (``widths`` in ``channel_groups()`` order; 0 removes one)."""
-        it = iter(widths)
+    def pruned_arch(self, index: list) -> dict:
+        """The ``arch`` of this model keeping, of every channel group (``channel_groups()`` order), the channels
+        ``index[g]`` (a 1-D tensor of kept positions; empty removes a group ``removable_groups`` allows)."""
+        it = iter(len(i) for i in index)
         return {**self.arch, "widths": [next(it) if w else 0 for w in self.arch["widths"]]}

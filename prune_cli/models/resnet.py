@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..options import Choice
+from ..options import Bool, Choice
 from .base import MODELS, WIDTH_MULT, ChannelGroup, Prunable
 
 
@@ -34,17 +34,23 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``. With ``mid`` = 0 every internal channel is gone:
-    the residual branch then adds ``bn2`` of zeros, the constant it computes with no channel left (exactly the
-    masked block's), and the block costs no MACs."""
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``.
 
-    def __init__(self, cin: int, mid: int, cout: int, stride: int, shortcut: str):
+    With ``mid`` = 0 every internal channel is gone: the residual branch then adds ``bn2`` of zeros, the constant
+    it computes with no channel left (exactly the masked block's), and the block costs no MACs. With ``outputs``
+    (residual-branch output pruning, SCOP) conv2 computes only those stream channels and adds them in by index.
+    """
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int, shortcut: str, outputs: list[int] | None = None):
         super().__init__()
-        self.mid = mid
+        self.mid, self.cout, self.outputs = mid, cout, outputs
+        branch = cout if outputs is None else len(outputs)
         if mid:
             self.conv1, self.bn1 = conv3x3(cin, mid, stride), nn.BatchNorm2d(mid)
-            self.conv2 = conv3x3(mid, cout)
-        self.bn2 = nn.BatchNorm2d(cout)
+            self.conv2 = conv3x3(mid, branch)
+        self.bn2 = nn.BatchNorm2d(branch)
+        if outputs is not None:
+            self.register_buffer("out_index", torch.tensor(outputs, dtype=torch.long), persistent=False)
         if stride == 1 and cin == cout:
             self.shortcut = nn.Identity()
         elif shortcut == "A":
@@ -56,24 +62,27 @@ class BasicBlock(nn.Module):
         """The shortcut in eval mode as a 1x1 conv on the block input subsampled by the block's stride:
         (weight [cout, cin, 1, 1], bias [cout]). Identity and option A are 0/1 matrices, option B its conv with
         the BatchNorm folded in."""
-        cout = self.bn2.num_features
         if isinstance(self.shortcut, nn.Sequential):
             conv, bn = self.shortcut
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
         pad = isinstance(self.shortcut, PadShortcut)
         left, right = (self.shortcut.left, self.shortcut.right) if pad else (0, 0)
-        cin = cout - left - right
-        weight = torch.zeros(cout, cin, 1, 1, device=self.bn2.weight.device)
+        cin = self.cout - left - right
+        weight = torch.zeros(self.cout, cin, 1, 1, device=self.bn2.weight.device)
         weight[torch.arange(cin) + left, torch.arange(cin)] = 1.0
-        return weight, torch.zeros(cout, device=weight.device)
+        return weight, torch.zeros(self.cout, device=weight.device)
 
     def forward(self, x):
-        if not self.mid:
-            residual = self.shortcut(x)
-            return F.relu(self.bn2(torch.zeros_like(residual)) + residual)
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        residual = self.shortcut(x)
+        if self.mid:
+            branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        else:
+            shape = (residual.shape[0], self.bn2.num_features, *residual.shape[2:])
+            branch = self.bn2(residual.new_zeros(shape))
+        if self.outputs is None:
+            return F.relu(residual + branch)
+        return F.relu(residual.index_add(1, self.out_index, branch))
 
 
 # name -> (blocks per stage, stage widths, shortcut, stem)
@@ -87,6 +96,12 @@ VARIANTS = {
 }
 
 
+PRUNE_OUTPUTS = Bool(
+    "prune_outputs",
+    False,
+    "residual-branch outputs are channel groups too: conv2 computes only the kept ones, added into the stream by "
+    "index (SCOP)",
+)
 SHORTCUT_DOC = "A: stride-2 subsample + zero-pad channels (the CIFAR papers' choice); B: 1x1 conv + BN"
 STEM = Choice(
     "stem",
@@ -106,7 +121,7 @@ class ResNet(Prunable):
         options = (Choice("shortcut", shortcut, ("A", "B"), SHORTCUT_DOC),)
         if shortcut == "B":  # the TinyImageNet ResNets also choose their stem
             options += (STEM,)
-        return (*options, WIDTH_MULT)
+        return (*options, PRUNE_OUTPUTS, WIDTH_MULT)
 
     def __init__(
         self,
@@ -117,6 +132,8 @@ class ResNet(Prunable):
         width_mult: float = 1.0,
         shortcut: str | None = None,
         stem: str | None = None,
+        prune_outputs: bool = False,
+        outputs: list[list[int] | None] | None = None,
     ):
         super().__init__()
         blocks, base, default_shortcut, default_stem = VARIANTS[name]
@@ -132,6 +149,8 @@ class ResNet(Prunable):
             width_mult=width_mult,
             shortcut=shortcut,
             stem=stem,
+            prune_outputs=prune_outputs,
+            outputs=outputs,
         )
         if stem == "imagenet":  # 7x7/2 conv + 3x3/2 max-pool, as torchvision's ImageNet ResNets
             self.conv1 = nn.Conv2d(in_channels, stage_widths[0], 7, 2, 3, bias=False)
@@ -139,11 +158,12 @@ class ResNet(Prunable):
         else:  # 3x3/1 conv, no pooling: the CIFAR stem, also the usual one for 64x64 TinyImageNet
             self.conv1, self.pool = conv3x3(in_channels, stage_widths[0]), nn.Identity()
         self.bn1 = nn.BatchNorm2d(stage_widths[0])
-        it, cin, stages = iter(widths), stage_widths[0], []
+        it, kept, cin, stages = iter(widths), iter(outputs or [None] * len(widths)), stage_widths[0], []
         for s, (n, cout) in enumerate(zip(blocks, stage_widths)):
             layer = []
             for b in range(n):
-                layer.append(BasicBlock(cin, next(it), cout, 2 if (s > 0 and b == 0) else 1, shortcut))
+                stride = 2 if (s > 0 and b == 0) else 1
+                layer.append(BasicBlock(cin, next(it), cout, stride, shortcut, next(kept)))
                 cin = cout
             stages.append(nn.Sequential(*layer))
         self.layers = nn.ModuleList(stages)
@@ -156,17 +176,42 @@ class ResNet(Prunable):
             x = layer(x)
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
+    def blocks(self) -> list[tuple[str, BasicBlock]]:
+        return [(f"layers.{s}.{b}", block) for s, layer in enumerate(self.layers) for b, block in enumerate(layer)]
+
     def channel_groups(self) -> list[ChannelGroup]:
-        """One group per block with internal channels (a block of width 0 is its shortcut plus a constant)."""
-        return [
-            ChannelGroup(f"layers.{s}.{b}", f"layers.{s}.{b}.conv1", f"layers.{s}.{b}.bn1", (f"layers.{s}.{b}.conv2",))
-            for s, layer in enumerate(self.layers)
-            for b, block in enumerate(layer)
-            if block.mid
-        ]
+        """One group per block with internal channels (a block of width 0 is its shortcut plus a constant); with
+        ``prune_outputs``, after it the block's residual-branch outputs (``<block>.out``: conv2's filters and bn2,
+        no consumer: they are added into the stream by index)."""
+        groups = []
+        for name, block in self.blocks():
+            if block.mid:
+                groups.append(ChannelGroup(name, f"{name}.conv1", f"{name}.bn1", (f"{name}.conv2",)))
+                if self.arch["prune_outputs"]:
+                    groups.append(ChannelGroup(f"{name}.out", f"{name}.conv2", f"{name}.bn2", ()))
+        return groups
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.get_submodule(g.conv).out_channels for g in self.channel_groups()]
 
     def removable_groups(self) -> set[int]:
-        return set(range(len(self.widths)))
+        """Every block's internal channels: a block without them keeps its shortcut (and bn2's constant)."""
+        return {g for g, group in enumerate(self.channel_groups()) if not group.name.endswith(".out")}
+
+    def pruned_arch(self, index) -> dict:
+        widths, outputs, it = [], [], iter(index)
+        for _, block in self.blocks():
+            kept = block.outputs
+            if block.mid:
+                widths.append(len(next(it)))
+                if self.arch["prune_outputs"]:
+                    old = block.outputs if block.outputs is not None else list(range(block.cout))
+                    kept = [old[i] for i in next(it).tolist()]
+            else:
+                widths.append(0)
+            outputs.append(kept)
+        return {**self.arch, "widths": widths, "outputs": outputs if any(o is not None for o in outputs) else None}
 
     def residual_layout(self):
         """(stem conv, stem BN, every BasicBlock in order, fc): what RMNet's RM operation turns into a plain
@@ -185,8 +230,7 @@ class ResNet(Prunable):
     def segments(self):
         """Stem, every BasicBlock ``layers.s.b``, head."""
         stem = [("conv1", lambda x: self.pool(F.relu(self.bn1(self.conv1(x)))))]
-        blocks = [(f"layers.{s}.{b}", block) for s, layer in enumerate(self.layers) for b, block in enumerate(layer)]
-        return stem + blocks + [("fc", lambda x: self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)))]
+        return stem + self.blocks() + [("fc", lambda x: self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1)))]
 
 
 def init_weights(model: nn.Module) -> None:

@@ -182,10 +182,10 @@ def finish_pruning(
 def zero_groups(model, group) -> dict:
     """Share of the group's channels whose filter / feature-wise group (all consumers' W[:, c]) is zero (< 1e-3)."""
     filters = model.get_submodule(group.conv).weight.detach().flatten(1).norm(dim=1)
-    features = sum(
-        model.get_submodule(c).weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1) for c in group.consumers
-    ).sqrt()
-    return {
-        "zero_filters": float((filters < ZERO_THRESHOLD).float().mean()),
-        "zero_feature_groups": float((features < ZERO_THRESHOLD).float().mean()),
-    }
+    out = {"zero_filters": float((filters < ZERO_THRESHOLD).float().mean()), "zero_feature_groups": float("nan")}
+    if group.consumers:  # residual-branch outputs have none: they are added into the stream
+        features = sum(
+            model.get_submodule(c).weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1) for c in group.consumers
+        ).sqrt()
+        out["zero_feature_groups"] = float((features < ZERO_THRESHOLD).float().mean())
+    return out
