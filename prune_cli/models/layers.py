@@ -79,14 +79,15 @@ class StripeConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(len(positions), in_channels, 1, 1))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        # per kernel position: (i, j, first stripe, end, output channels); plain ints, never device tensors
+        # per kernel position with stripes: (i, j, first stripe, end); plain ints, never device tensors
         self._slices, start = [], 0
         for ij in range(kernel_size * kernel_size):
-            outs = [p - ij * out_channels for p in positions if ij * out_channels <= p < (ij + 1) * out_channels]
-            if outs:
-                self._slices.append((ij // kernel_size, ij % kernel_size, start, start + len(outs)))
-                self.register_buffer(f"out_index_{ij}", torch.tensor(outs, dtype=torch.long), persistent=False)
-                start += len(outs)
+            count = sum(ij * out_channels <= p < (ij + 1) * out_channels for p in positions)
+            if count:
+                self._slices.append((ij // kernel_size, ij % kernel_size, start, start + count))
+                start += count
+        # the output channel o of every stripe, in stored order: one index_add places them all
+        self.register_buffer("out_index", torch.tensor([p % out_channels for p in positions], dtype=torch.long), False)
 
     def output_size(self, size: int) -> int:
         return (size + 2 * self.padding - self.k) // self.stride + 1
@@ -98,9 +99,9 @@ class StripeConv(nn.Module):
         if self.padding:
             y = F.pad(y, (self.padding,) * 4)
         s = self.stride
-        for i, j, a, b in self._slices:
-            part = y[:, a:b, i : i + s * (h - 1) + 1 : s, j : j + s * (w - 1) + 1 : s]
-            out = out.index_add(1, getattr(self, f"out_index_{i * self.k + j}"), part)
+        shifted = [y[:, a:b, i : i + s * (h - 1) + 1 : s, j : j + s * (w - 1) + 1 : s] for i, j, a, b in self._slices]
+        if shifted:
+            out.index_add_(1, self.out_index, torch.cat(shifted, 1) if len(shifted) > 1 else shifted[0])
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:

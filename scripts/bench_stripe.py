@@ -1,0 +1,81 @@
+"""CPU latency of a stripe-wise pruned network (SWP's stripe form) against the dense network and against the
+channel-pruned dense network with the same filters, on random weights with a random share of stripes kept.
+
+Prints milliseconds per batch (median of repeats) and the ratios stripe / dense and stripe / channel-pruned; a
+ratio above 1 means the stripe form is slower. Usage:
+
+    python scripts/bench_stripe.py [--model vgg16] [--keep 0.3] [--batch 1 64] [--threads N] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from prune_cli.measure import count_macs, count_params
+from prune_cli.methods.swp import FilterSkeleton, alive_stripes, break_into_stripes, dead_filter_keep
+from prune_cli.models import build_model
+from prune_cli.models.layers import SkeletonConv, fold
+from prune_cli.pruning import prune_channels
+
+
+def latency_ms(model, x, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - tic)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vgg16")
+    ap.add_argument("--keep", type=float, default=0.3, help="share of stripes kept (random; whole filters may die)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    arch = {"name": args.model, "num_classes": 10, "in_channels": 3}
+    dense = build_model(arch).eval()
+    skeleton = build_model(arch)
+    FilterSkeleton(skeleton, alpha=0.0, threshold=0.0, zero_dead_bn=True, init_gamma=None, init_linear_std=None)
+    with torch.no_grad():
+        for m in skeleton.modules():
+            if isinstance(m, SkeletonConv):
+                m.skeleton.copy_((torch.rand_like(m.skeleton) < args.keep).float())
+                m.skeleton.flatten(1)[:, 4] = 1.0  # every filter keeps its centre stripe: no conv dies whole
+    keep, _ = dead_filter_keep(skeleton, alive_stripes(skeleton, 0.0))
+    channel_pruned = fold(prune_channels(skeleton, keep)).eval()
+    stripe = break_into_stripes(prune_channels(skeleton, keep), 0.0).eval()
+    shape = (3, 32, 32)
+    print(
+        f"{args.model}, {args.keep:.0%} of stripes kept, torch {torch.__version__}, {args.threads} thread(s); "
+        f"MACs dense {count_macs(dense, shape) / 1e6:.2f}M, channel-pruned "
+        f"{count_macs(channel_pruned, shape) / 1e6:.2f}M, stripe {count_macs(stripe, shape) / 1e6:.2f}M; params "
+        f"{count_params(dense) / 1e6:.4f}M / {count_params(channel_pruned) / 1e6:.4f}M / "
+        f"{count_params(stripe) / 1e6:.4f}M"
+    )
+    print(f"{'batch':>5} {'dense_ms':>9} {'chan_ms':>9} {'stripe_ms':>9} {'stripe/dense':>12} {'stripe/chan':>11}")
+    for b in args.batch:
+        x = torch.randn(b, *shape)
+        t_dense = latency_ms(dense, x, args.repeats)
+        t_chan = latency_ms(channel_pruned, x, args.repeats)
+        t_stripe = latency_ms(stripe, x, args.repeats)
+        print(
+            f"{b:>5} {t_dense:>9.2f} {t_chan:>9.2f} {t_stripe:>9.2f} {t_stripe / t_dense:>12.2f} "
+            f"{t_stripe / t_chan:>11.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
