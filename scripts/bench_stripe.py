@@ -1,8 +1,10 @@
 """CPU latency of a stripe-wise pruned network (SWP's stripe form) against the dense network and against the
 channel-pruned dense network with the same filters, on random weights with a random share of stripes kept.
 
-Prints milliseconds per batch (median of repeats) and the ratios stripe / dense and stripe / channel-pruned; a
-ratio above 1 means the stripe form is slower. Usage:
+Two executions of the stripe form: ``shift`` (prune_cli's: one 1x1 conv over the kept stripes, shifted into place
+by one index_add) and ``unfold`` (the official branch's grouped form: unfold the input into k*k groups of C
+channels, one matmul per kernel position with its kept stripes, scatter-added), timed here to choose between
+them. Prints milliseconds per batch (median of repeats) and ratios; above 1 means slower. Usage:
 
     python scripts/bench_stripe.py [--model vgg16] [--keep 0.3] [--batch 1 64] [--threads N] [--repeats 20]
 """
@@ -18,8 +20,22 @@ import torch
 from prune_cli.measure import count_macs, count_params
 from prune_cli.methods.swp import FilterSkeleton, alive_stripes, break_into_stripes, dead_filter_keep
 from prune_cli.models import build_model
-from prune_cli.models.layers import SkeletonConv, fold
+from prune_cli.models.layers import SkeletonConv, StripeConv, fold
 from prune_cli.pruning import prune_channels
+
+
+def unfold_forward(self, x):
+    """The grouped (unfold) form of a StripeConv: the same output as its shift form."""
+    k, s, p = self.k, self.stride, self.padding
+    h, w = self.output_size(x.shape[2]), self.output_size(x.shape[3])
+    cols = torch.nn.functional.unfold(x, k, padding=p, stride=s)  # (B, C*k*k, L), channel-major
+    cols = cols.view(x.shape[0], self.in_channels, k * k, h * w)
+    out = x.new_zeros(x.shape[0], self.out_channels, h * w)
+    weight = self.weight.view(len(self.positions), self.in_channels)
+    for i, j, a, b in self._slices:
+        part = torch.matmul(weight[a:b], cols[:, :, i * k + j])  # (B, n_ij, L)
+        out.index_add_(1, self.out_index[a:b], part)
+    return out.view(x.shape[0], self.out_channels, h, w)
 
 
 def latency_ms(model, x, repeats: int) -> float:
@@ -64,15 +80,27 @@ def main() -> None:
         f"{count_params(dense) / 1e6:.4f}M / {count_params(channel_pruned) / 1e6:.4f}M / "
         f"{count_params(stripe) / 1e6:.4f}M"
     )
-    print(f"{'batch':>5} {'dense_ms':>9} {'chan_ms':>9} {'stripe_ms':>9} {'stripe/dense':>12} {'stripe/chan':>11}")
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        shift_out = stripe(x)
+        StripeConv.forward, shift_forward = unfold_forward, StripeConv.forward
+        assert torch.allclose(stripe(x), shift_out, rtol=1e-4, atol=1e-4 * shift_out.abs().max().item())
+        StripeConv.forward = shift_forward
+    print(
+        f"{'batch':>5} {'dense_ms':>9} {'chan_ms':>9} {'shift_ms':>9} {'unfold_ms':>9} {'shift/dense':>11} "
+        f"{'shift/chan':>10} {'unfold/shift':>12}"
+    )
     for b in args.batch:
         x = torch.randn(b, *shape)
         t_dense = latency_ms(dense, x, args.repeats)
         t_chan = latency_ms(channel_pruned, x, args.repeats)
-        t_stripe = latency_ms(stripe, x, args.repeats)
+        t_shift = latency_ms(stripe, x, args.repeats)
+        StripeConv.forward = unfold_forward
+        t_unfold = latency_ms(stripe, x, args.repeats)
+        StripeConv.forward = shift_forward
         print(
-            f"{b:>5} {t_dense:>9.2f} {t_chan:>9.2f} {t_stripe:>9.2f} {t_stripe / t_dense:>12.2f} "
-            f"{t_stripe / t_chan:>11.2f}",
+            f"{b:>5} {t_dense:>9.2f} {t_chan:>9.2f} {t_shift:>9.2f} {t_unfold:>9.2f} {t_shift / t_dense:>11.2f} "
+            f"{t_shift / t_chan:>10.2f} {t_unfold / t_shift:>12.2f}",
             flush=True,
         )
 

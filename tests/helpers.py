@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
@@ -43,6 +44,21 @@ SCHEMA1_OVERRIDES = [
     "schedule.pretrain.epochs=1",
     "schedule.finetune.epochs=1",
 ]
+
+
+def calibrated(model, shape, seed=0):
+    """Random weights with realistic BN statistics (a few batches in training mode), returned in eval mode, so
+    logits are of ordinary size and masked-versus-pruned comparisons mean something."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        model.train()
+        for _ in range(3):
+            model(torch.randn(16, *shape))
+    return model.eval()
 
 
 def compose_config(*overrides):

@@ -4,6 +4,7 @@ merged layers' (counted by hand), the factor rule against explicit loops, and pr
 import pytest
 import torch
 
+from helpers import calibrated
 from prune_cli.criteria import build_criterion
 from prune_cli.measure import count_macs
 from prune_cli.methods.rmnet import ChannelFactors, block_statistics, rm_convert
@@ -12,18 +13,9 @@ from prune_cli.models.layers import fold
 from prune_cli.pruning import prune_channels
 
 
-def calibrated_resnet(name, shortcut, seed=0, size=16):
-    """Random weights, BN statistics from a few batches: the residual network in eval mode, outputs of usual size."""
-    torch.manual_seed(seed)
-    model = build_model({"name": name, "num_classes": 7, "in_channels": 3, "shortcut": shortcut, "width_mult": 0.5})
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.3, 0.3)
-        model.train()
-        for _ in range(3):
-            model(torch.randn(16, 3, size, size))
-    return model.eval()
+def calibrated_resnet(name, shortcut, seed=0):
+    arch = {"name": name, "num_classes": 7, "in_channels": 3, "shortcut": shortcut, "width_mult": 0.5}
+    return calibrated(build_model(arch), (3, 16, 16), seed)
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])

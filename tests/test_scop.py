@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import calibrated
 from prune_cli.errors import UserError
 from prune_cli.measure import count_macs, count_params
 from prune_cli.methods.scop import lowest_per_layer, mix, scop_scores, train_factors
@@ -12,22 +13,10 @@ from prune_cli.models import build_model
 from prune_cli.pruning import mask_channels, prune_channels, structure
 
 
-def calibrated(model, size=16, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.3, 0.3)
-        model.train()
-        for _ in range(3):
-            model(torch.randn(16, 3, size, size))
-    return model.eval()
-
-
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_branch_output_pruning_is_exact_and_counted(shortcut):
     arch = {"name": "resnet20", "num_classes": 5, "in_channels": 3, "width_mult": 0.5, "shortcut": shortcut}
-    model = calibrated(build_model({**arch, "prune_outputs": True}))
+    model = calibrated(build_model({**arch, "prune_outputs": True}), (3, 16, 16))
     groups = model.channel_groups()
     assert [g.name for g in groups[:2]] == ["layers.0.0", "layers.0.0.out"]
     g = torch.Generator().manual_seed(2)
