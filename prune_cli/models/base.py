@@ -51,7 +51,7 @@ class Prunable(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def channel_groups(self) -> list[ChannelGroup]:
-        """The prunable channel groups, in forward order; one per entry of ``arch['widths']``."""
+        """The prunable channel groups, in forward order; one per entry of ``widths``."""
 
     def last_groups(self) -> set[int]:
         """Groups whose channels feed the classifier directly: what ``prune.protect_last`` keeps whole."""
