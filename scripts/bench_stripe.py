@@ -24,6 +24,17 @@ from prune_cli.models.layers import SkeletonConv, StripeConv, fold
 from prune_cli.pruning import prune_channels
 
 
+def slices(conv: StripeConv) -> list[tuple[int, int, int, int]]:
+    """(i, j, first stripe, end) per kernel position with stripes (they are stored by position)."""
+    out, start = [], 0
+    for ij in range(conv.k * conv.k):
+        count = int(((conv._row * conv.k + conv._col) == ij).sum())
+        if count:
+            out.append((ij // conv.k, ij % conv.k, start, start + count))
+            start += count
+    return out
+
+
 def unfold_forward(self, x):
     """The grouped (unfold) form of a StripeConv: the same output as its shift form."""
     k, s, p = self.k, self.stride, self.padding
@@ -32,7 +43,7 @@ def unfold_forward(self, x):
     cols = cols.view(x.shape[0], self.in_channels, k * k, h * w)
     out = x.new_zeros(x.shape[0], self.out_channels, h * w)
     weight = self.weight.view(len(self.positions), self.in_channels)
-    for i, j, a, b in self._slices:
+    for i, j, a, b in slices(self):
         part = torch.matmul(weight[a:b], cols[:, :, i * k + j])  # (B, n_ij, L)
         out.index_add_(1, self.out_index[a:b], part)
     return out.view(x.shape[0], self.out_channels, h, w)

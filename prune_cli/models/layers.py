@@ -79,29 +79,37 @@ class StripeConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(len(positions), in_channels, 1, 1))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
-        # per kernel position with stripes: (i, j, first stripe, end); plain ints, never device tensors
-        self._slices, start = [], 0
-        for ij in range(kernel_size * kernel_size):
-            count = sum(ij * out_channels <= p < (ij + 1) * out_channels for p in positions)
-            if count:
-                self._slices.append((ij // kernel_size, ij % kernel_size, start, start + count))
-                start += count
-        # the output channel o of every stripe, in stored order: one index_add places them all
+        k = kernel_size
+        rows = [(p // out_channels) // k for p in positions]
+        cols = [(p // out_channels) % k for p in positions]
+        # every stripe's kernel position and output channel; one gather and one index_add place them all
+        self.register_buffer("_row", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.register_buffer("_col", torch.tensor(cols, dtype=torch.long), persistent=False)
         self.register_buffer("out_index", torch.tensor([p % out_channels for p in positions], dtype=torch.long), False)
+        self._gather: dict = {}  # (H, W, device) -> index into the padded 1x1 outputs, built once per input size
 
     def output_size(self, size: int) -> int:
         return (size + 2 * self.padding - self.k) // self.stride + 1
 
+    def gather_index(self, height: int, width: int) -> torch.Tensor:
+        """[n, H_out * W_out]: where stripe n's value for each output position lies in its padded 1x1 output,
+        ``(p * stride + i) * W_padded + q * stride + j`` for a stripe at kernel position (i, j)."""
+        key = (height, width, self._row.device)
+        if key not in self._gather:
+            h, w, s = self.output_size(height), self.output_size(width), self.stride
+            padded_width = width + 2 * self.padding
+            r = torch.arange(h, device=self._row.device).view(1, h, 1) * s + self._row.view(-1, 1, 1)
+            c = torch.arange(w, device=self._row.device).view(1, 1, w) * s + self._col.view(-1, 1, 1)
+            self._gather = {key: (r * padded_width + c).view(len(self.positions), h * w)}
+        return self._gather[key]
+
     def forward(self, x):
-        y = F.conv2d(x, self.weight)
-        h, w = self.output_size(x.shape[2]), self.output_size(x.shape[3])
-        out = x.new_zeros(x.shape[0], self.out_channels, h, w)
-        if self.padding:
-            y = F.pad(y, (self.padding,) * 4)
-        s = self.stride
-        shifted = [y[:, a:b, i : i + s * (h - 1) + 1 : s, j : j + s * (w - 1) + 1 : s] for i, j, a, b in self._slices]
-        if shifted:
-            out.index_add_(1, self.out_index, torch.cat(shifted, 1) if len(shifted) > 1 else shifted[0])
+        # every kept stripe at every input position, zero-padded like the conv (a 1x1 conv pads with zeros)
+        y = F.conv2d(x, self.weight, padding=self.padding)
+        index = self.gather_index(x.shape[2], x.shape[3])
+        shifted = y.flatten(2).gather(2, index.unsqueeze(0).expand(x.shape[0], -1, -1))
+        out = x.new_zeros(x.shape[0], self.out_channels, index.shape[1]).index_add_(1, self.out_index, shifted)
+        out = out.view(x.shape[0], self.out_channels, self.output_size(x.shape[2]), self.output_size(x.shape[3]))
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
