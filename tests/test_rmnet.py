@@ -6,6 +6,7 @@ import torch
 
 from helpers import calibrated
 from prune_cli.criteria import build_criterion
+from prune_cli.errors import UserError
 from prune_cli.measure import count_macs
 from prune_cli.methods.rmnet import ChannelFactors, block_statistics, rm_convert
 from prune_cli.models import build_model
@@ -98,3 +99,21 @@ def test_pruning_the_zero_factors_is_exact():
     with torch.no_grad():
         out = pruned(x)
     assert (out - expected).abs().max() / expected.abs().max() <= 1e-4
+
+
+def test_a_criterion_that_needs_batchnorm_refuses_the_fused_form():
+    plain = rm_convert(calibrated_resnet("resnet20", "A"), fuse_bn=True)
+    with pytest.raises(UserError) as e:
+        build_criterion({"name": "bn_scale", "rule": "ratio", "bin_width": 0.01}).scores(plain)
+    assert e.value.option == "criterion.name"
+    with pytest.raises(UserError) as e:
+        ChannelFactors(plain, alpha=1e-4, threshold=0.01)
+    assert e.value.option == "regularizer.name"
+
+
+def test_rm_refuses_a_network_without_residual_blocks(compose, tmp_path):
+    from prune_cli import pipeline
+
+    with pytest.raises(UserError) as e:
+        pipeline.run(compose("schedule=rmnet", "model=vgg11", "regularizer=factor_l1"), tmp_path)
+    assert e.value.option == "schedule.stages" and "vgg11" in e.value.why

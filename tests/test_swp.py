@@ -122,3 +122,13 @@ def test_stripe_network_equals_masked_network(name, extra):
     dense = sum(m.weight.numel() * pixels[m] for m in pixels if not isinstance(m, StripeConv))
     assert count_macs(pruned, (3, 16, 16)) == stripes + dense
     assert stripes < sum(mask.sum() for mask in alive_stripes(model, 0.01).values()) * 3 * 16 * 16
+
+
+def test_refusals(compose, tmp_path):
+    """The stripe stage without skeletons to break, in one line before anything runs."""
+    from prune_cli import pipeline
+    from prune_cli.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        pipeline.run(compose("schedule=swp"), tmp_path / "a")  # regularizer none: no skeleton is trained
+    assert e.value.option == "schedule.stages" and "regularizer=swp" in e.value.why
