@@ -3,10 +3,11 @@
 The training loop does, per step::
 
     loss = F.cross_entropy(model(x), y) + reg.penalty()   # lambda included; a 0-dim tensor
-    loss.backward(); reg.before_step()                      # e.g. L1 subgradient on a skeleton (SWP)
-    optimizer.step(); reg.after_step()                     # e.g. clamp gammas (polarization)
+    loss.backward(); reg.before_step()                    # if reg.edits_gradients: e.g. SWP's L1 subgradient
+    optimizer.step(); reg.after_step()                    # e.g. clamp gammas (polarization)
 
-and logs ``reg.value()`` (the penalty recomputed under ``no_grad``, a float).
+and logs the penalty's mean per epoch (``metrics.csv`` column ``reg``; 0 for regularizers that only edit
+gradients).
 
 Formulas are the ones of docs/methods.md, section "Regularizers". A conv weight is
 ``W[o, i, kh, kw]``; a kernel ``W[o, i]``; a filter group ``W[o]``; a feature group

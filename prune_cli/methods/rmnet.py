@@ -256,8 +256,3 @@ class ChannelFactors(Regularizer):
         dead channel's factor is exactly 0 whenever the network is used or saved (the prune stage removes those)."""
         for f in self._factors:
             f.mul_(f.abs() > self.hparams["threshold"])
-
-    def value(self) -> float:
-        """alpha * sum |m|: the L1 term whose subgradient is applied (not added to the loss)."""
-        with torch.no_grad():
-            return float(self.hparams["alpha"] * sum(f.abs().sum() for f in self._factors))

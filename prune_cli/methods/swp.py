@@ -97,11 +97,6 @@ class FilterSkeleton(Regularizer):
                     if t.grad is not None:
                         t.grad.mul_(alive)
 
-    def value(self) -> float:
-        """alpha * sum |S|: the L1 term whose subgradient is applied (not added to the loss)."""
-        with torch.no_grad():
-            return float(self.alpha * sum(c.skeleton.abs().sum() for c in self._convs))
-
 
 def alive_stripes(model: nn.Module, threshold: float) -> dict[str, torch.Tensor]:
     """{conv name: bool mask[o, i, j] of the stripes whose |S| > threshold} of every skeleton conv."""
