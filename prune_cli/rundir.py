@@ -10,6 +10,7 @@ both before Hydra writes anything into the directory.
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import json
 import os
 import platform
@@ -33,7 +34,12 @@ CHECKPOINT_SCHEMA = 2
 # options that may change between a run and its resumption without changing its results
 RESUMABLE_DIFFERENCES = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.eval_batch_size")
 # options added after runs were written, with the behaviour those runs had: absent from an old config means this
-ADDED_OPTIONS = {"model.prune_outputs": False}
+# (keys are patterns: a stage block's option is added to every stage)
+ADDED_OPTIONS = {"model.prune_outputs": False, "schedule.*.grda": {"c": 0.005, "mu": 0.51}}
+
+
+def added_option(name: str):
+    return next((value for pattern, value in ADDED_OPTIONS.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
 
 def load_checkpoint(path: Path | str) -> dict:
@@ -254,7 +260,7 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         name = f"{prefix}{k}"
         if name in RESUMABLE_DIFFERENCES:
             continue
-        a, b = old.get(k, ADDED_OPTIONS.get(name)), new.get(k)
+        a, b = old.get(k, added_option(name)), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, f"{name}.")
         elif a != b:

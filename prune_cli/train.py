@@ -20,12 +20,15 @@ from tqdm import tqdm
 from .data import Data, batches
 from .errors import UserError
 from .grafting import graft_internal, graft_noise, graft_ring, lr_schedules
+from .grda import GRDA
 from .measure import evaluate
 from .regularizers import Regularizer
 from .seeds import NETWORK_STRIDE, epoch_generator
 
 
 def make_optimizer(params, st) -> torch.optim.Optimizer:
+    if st.optimizer == "grda":  # no momentum and no weight decay: the threshold is its regularization
+        return GRDA(params, lr=st.lr, c=st.grda.c, mu=st.grda.mu)
     if st.optimizer == "adam":
         return torch.optim.Adam(params, lr=st.lr, betas=(st.momentum, 0.999), weight_decay=st.weight_decay)
     return torch.optim.SGD(params, lr=st.lr, momentum=st.momentum, nesterov=st.nesterov, weight_decay=st.weight_decay)
@@ -41,6 +44,10 @@ def lr_at(st, epoch: int, epochs: int) -> float:
         return st.lr * st.gamma ** (epoch // max(1, round(st.step_size * epochs)))
     if st.lr_schedule == "cosine":
         return 0.5 * st.lr * (1 + math.cos(math.pi * epoch / epochs))
+    if st.lr_schedule == "linear":  # held, then a straight ramp to lr * gamma, then held (gRDA's schedule)
+        start, end = round(st.milestones[0] * epochs), round(st.milestones[1] * epochs)
+        share = min(max((epoch - start) / max(end - start, 1), 0.0), 1.0)
+        return st.lr + (st.lr * st.gamma - st.lr) * share
     return st.lr
 
 

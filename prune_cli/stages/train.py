@@ -12,6 +12,7 @@ import copy
 
 import torch
 
+from ..errors import UserError
 from ..measure import count_macs
 from ..models import build_model
 from ..options import Bool, Choice, Float, Int, List, Section, Value
@@ -56,25 +57,42 @@ GRAFT = Section(
     "filter grafting (Meng et al., CVPR 2020); variant none = off",
 )
 
+GRDA = Section(
+    "grda",
+    (
+        Float("c", 0.005, "the threshold's scale c (the authors advise 0 < c < 0.005)", lo=0.0),
+        Float("mu", 0.51, "the threshold's growth exponent mu (advised: 0.501, 0.51, 0.55)", lo=0.0, lo_open=True),
+    ),
+    "optimizer=grda (Chao et al., NeurIPS 2020): threshold c * lr^(1/2 + mu) * n^mu; no momentum, no weight decay",
+)
+
 OPTIONS = (
     Int("epochs", 30, "epochs of this stage (scratch with budget B scales it)", lo=0),
-    Choice("optimizer", "sgd", ("sgd", "adam"), "the optimizer"),
+    Choice("optimizer", "sgd", ("sgd", "adam", "grda"), "the optimizer (grda: see the grda block)"),
     Float("lr", 0.1, "initial learning rate", lo=0.0, lo_open=True),
     Float("momentum", 0.9, "SGD momentum (adam: beta1)", lo=0.0, hi=1.0, hi_open=True),
     Bool("nesterov", False, "SGD Nesterov momentum"),
     Float("weight_decay", 5.0e-4, "L2 weight decay", lo=0.0),
-    Choice("lr_schedule", "multistep", ("multistep", "step", "cosine", "constant"), "the learning-rate schedule"),
+    Choice(
+        "lr_schedule",
+        "multistep",
+        ("multistep", "step", "cosine", "constant", "linear"),
+        "the learning-rate schedule (linear: lr until milestones[0], then linearly to lr * gamma at milestones[1])",
+    ),
     List(
         "milestones",
         [0.5, 0.75],
-        "multistep: decay points as fractions of the epochs",
+        "multistep: decay points as fractions of the epochs; linear: where the ramp starts and ends",
         item=Value("float", lo=0.0, hi=1.0, lo_open=True),
     ),
     Float("step_size", 0.3333, "step: decay every this fraction of the epochs", lo=0.0, hi=1.0, lo_open=True),
-    Float("gamma", 0.1, "lr decay factor of multistep / step", lo=0.0, lo_open=True),
+    Float(
+        "gamma", 0.1, "lr decay factor of multistep / step; linear: the final lr is lr * gamma", lo=0.0, lo_open=True
+    ),
     Int("batch_size", 128, "training batch size (default: trainer.batch_size)", lo=1),
     Choice("budget", "E", ("E", "B"), "scratch only: E keeps the epochs; B scales them by MACs_dense / MACs_pruned"),
     GRAFT,
+    GRDA,
 )
 
 
@@ -83,6 +101,17 @@ class TrainStage(Stage):
     regularized = False
     fresh_init = False
     copy_partners = False
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        st = cfg["schedule"][cls.name]
+        if st["lr_schedule"] == "linear" and not (
+            len(st["milestones"]) == 2 and st["milestones"][0] < st["milestones"][1]
+        ):
+            raise UserError(
+                f"schedule.{cls.name}.milestones",
+                f"lr_schedule=linear needs two increasing fractions [start, end] of the ramp; got {st['milestones']}",
+            )
 
     def prepare(self, ctx, model) -> None:
         if self.regularized:  # a regularizer that selects no layer of this model fails now, not after pretraining
@@ -137,7 +166,7 @@ class TrainStage(Stage):
         model = models[row.get("continued", 0)]
         if self.regularized:
             overall, per_layer = sparsity_stats(model)
-            row.update(overall)
+            row.update(overall, removable_channels=removable_channels(model))
             run.write_csv("sparsity.csv", per_layer)
         run.rows.append(row)
         run.save(self.name, [model], done=True, epoch=epochs)
@@ -153,6 +182,17 @@ class TrainStage(Stage):
             partner = copy.deepcopy(model) if self.copy_partners else build_model(model.arch)
             partners.append(partner.to(next(model.parameters()).device))
         return partners
+
+
+def removable_channels(model) -> int:
+    """Channels whose whole filter is exactly zero: removable without changing the producer conv's output."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        return sum(
+            int((modules[g.conv].weight.flatten(1) == 0).all(1).sum())
+            for g in model.channel_groups()
+            if hasattr(modules[g.conv], "weight") and modules[g.conv].weight.dim() == 4
+        )
 
 
 def finished_row(stage: str, models: list, history: list[dict], epochs: int, ctx) -> dict:
