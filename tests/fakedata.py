@@ -168,8 +168,8 @@ def make_cifar100(root, n_train: int = 300, n_test: int = 200) -> Fake:
     return Fake(torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te), fine)
 
 
-def cifar_cfg(name: str, root, **overrides) -> dict:
-    """A dataset config for fake CIFAR files (md5 check off: the fakes are not the official files)."""
+def dataset_cfg(name: str, root, **overrides) -> dict:
+    """A dataset config for fake files under ``root``: all of them, no split, pad 4 and flip, ``overrides`` on top."""
     cfg = {
         "name": name,
         "root": str(root),
@@ -179,10 +179,14 @@ def cifar_cfg(name: str, root, **overrides) -> dict:
         "val_split": 0,
         "pad": 4,
         "flip": True,
-        "check_md5": False,
     }
     cfg.update(overrides)
     return cfg
+
+
+def cifar_cfg(name: str, root, **overrides) -> dict:
+    """A dataset config for fake CIFAR files (md5 check off: the fakes are not the official files)."""
+    return dataset_cfg(name, root, **{"check_md5": False, **overrides})
 
 
 # --------------------------------------------------------------------------- TinyImageNet-200

@@ -160,18 +160,7 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch, name, module, ex
 
 
 def tiny_cfg(root, **kw):
-    cfg = {
-        "name": "tinyimagenet200",
-        "root": str(root),
-        "download": False,
-        "subset": None,
-        "test_subset": None,
-        "val_split": 0,
-        "pad": 4,
-        "flip": True,
-    }
-    cfg.update(kw)
-    return cfg
+    return fakedata.dataset_cfg("tinyimagenet200", root, **kw)
 
 
 def test_tinyimagenet_roundtrip_and_cache(tmp_path, monkeypatch):

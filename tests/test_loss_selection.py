@@ -199,32 +199,13 @@ def test_min_channels_and_protect(small_resnet, data3, mode):
     x, y = data3
     st = structure(small_resnet, (3, 8, 8))
     protect = {0, 5}
-    keep, stats = loss_greedy_select(
-        small_resnet,
-        x[:16],
-        y[:16],
-        structure=st,
-        target="channels",
-        ratio=0.5,
-        min_channels=3,
-        protect=protect,
-        mode=mode,
-    )
+    settings = dict(structure=st, target="channels", min_channels=3, protect=protect, mode=mode)
+    keep, stats = loss_greedy_select(small_resnet, x[:16], y[:16], ratio=0.5, **settings)
     assert all(int(k.sum()) >= 3 for k in keep)
     assert all(keep[g].all() for g in protect)
     assert stats["channels_removed"] == round(0.5 * 84)
     with pytest.raises(ValueError, match="cannot remove"):
-        loss_greedy_select(
-            small_resnet,
-            x[:16],
-            y[:16],
-            structure=st,
-            target="channels",
-            ratio=0.8,
-            min_channels=3,
-            protect=protect,
-            mode=mode,
-        )
+        loss_greedy_select(small_resnet, x[:16], y[:16], ratio=0.8, **settings)
 
 
 def test_bad_arguments(small_resnet, data3):

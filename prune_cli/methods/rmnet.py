@@ -25,16 +25,10 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import build_model
-from ..models.layers import ScaledBN, convert
+from ..models.layers import ScaledBN, bn_affine, convert
 from ..options import Bool, Float, Int
 from ..regularizers import REGULARIZERS, Regularizer, l1_subgradient_
 from ..stages.base import STAGES, Stage
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) of a BatchNorm in eval mode: ``bn(z) = scale * z + shift`` per channel."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
 
 
 def dirac(channels: int, inputs: int, offset: int = 0, device=None) -> torch.Tensor:

@@ -20,6 +20,12 @@ from torch import nn
 KINDS = ("skeleton", "factors", "stripes")  # the arch keys this module owns, in the order they are applied
 
 
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of a BatchNorm in eval mode: ``bn(z) = scale * z + shift`` per channel."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 class SkeletonConv(nn.Conv2d):
     """A conv computing with ``W[o, i, kh, kw] * S[o, kh, kw]``; ``S`` (``skeleton``) starts at 1."""
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..options import Bool, Choice
 from .base import MODELS, WIDTH_MULT, ChannelGroup, Prunable
+from .layers import bn_affine
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -64,8 +65,8 @@ class BasicBlock(nn.Module):
         the BatchNorm folded in."""
         if isinstance(self.shortcut, nn.Sequential):
             conv, bn = self.shortcut
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            return conv.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+            scale, shift = bn_affine(bn)
+            return conv.weight * scale.view(-1, 1, 1, 1), shift
         pad = isinstance(self.shortcut, PadShortcut)
         left, right = (self.shortcut.left, self.shortcut.right) if pad else (0, 0)
         cin = self.cout - left - right
