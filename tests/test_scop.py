@@ -133,3 +133,20 @@ def test_refusals(compose, tmp_path):
     with pytest.raises(UserError) as e:
         pipeline.run(cfg, tmp_path / "c")
     assert e.value.option == "schedule.scop.generator_path"
+
+
+def test_bn_recalibration_is_one_training_pass():
+    """Each batch moves the running statistics by the BN momentum towards the batch's own, as in training."""
+    from prune_cli.methods.scop import recalibrate_bn
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).eval()
+    model = torch.nn.Sequential(bn)
+    batches = [(torch.randn(4, 3, 5, 5) * 2 + 1, None), (torch.randn(4, 3, 5, 5) - 3, None)]
+    mean, var = torch.zeros(3), torch.ones(3)
+    for x, _ in batches:
+        mean = 0.9 * mean + 0.1 * x.mean((0, 2, 3))
+        var = 0.9 * var + 0.1 * x.var((0, 2, 3), unbiased=True)
+    recalibrate_bn(model, batches)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-6) and torch.allclose(bn.running_var, var, atol=1e-6)
+    assert not model.training  # the mode it came in
