@@ -140,8 +140,8 @@ def test_bn_recalibration_is_one_training_pass():
     from prune_cli.methods.scop import recalibrate_bn
 
     torch.manual_seed(0)
-    bn = torch.nn.BatchNorm2d(3).eval()
-    model = torch.nn.Sequential(bn)
+    bn = torch.nn.BatchNorm2d(3)
+    model = torch.nn.Sequential(bn).eval()
     batches = [(torch.randn(4, 3, 5, 5) * 2 + 1, None), (torch.randn(4, 3, 5, 5) - 3, None)]
     mean, var = torch.zeros(3), torch.ones(3)
     for x, _ in batches:
