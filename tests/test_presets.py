@@ -28,6 +28,9 @@ def test_there_are_presets_for_every_paper():
         "grafting_",
         "swp_",
         "rmnet_",
+        "scop_",
+        "grda_",
+        "merging_",
     ]:
         assert any(p.startswith(prefix) for p in PRESETS), prefix
 

@@ -3,14 +3,16 @@
 Every conv is prunable; the last conv's channels feed the classifier, whose
 input shrinks with them. Heads: ``linear`` (one 512->classes layer, as in
 Network Slimming and HGSR's "VGG14") or ``li`` (512-512-classes with BN, the
-CIFAR VGG-16 of Li et al., ICLR 2017).
+CIFAR VGG-16 of Li et al., ICLR 2017). ``last_maxpool: false`` drops the
+max-pool after the last conv block (Neuron Merging's VGG-16: the global average
+pool then takes the 2x2 map of a 32x32 image); the MACs are the same.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..options import Choice
+from ..options import Bool, Choice
 from .base import MODELS, WIDTH_MULT, ChannelGroup, Prunable
 from .resnet import init_weights
 
@@ -33,7 +35,12 @@ class VGG(Prunable):
             ("linear", "li"),
             "linear: one 512->classes layer; li: 512-512-classes with BN (Li et al. ICLR 2017)",
         )
-        return (head, WIDTH_MULT)
+        last_maxpool = Bool(
+            "last_maxpool",
+            True,
+            "false: no max-pool after the last conv block, the average pool takes its map (Neuron Merging's VGG-16)",
+        )
+        return (head, last_maxpool, WIDTH_MULT)
 
     def __init__(
         self,
@@ -43,9 +50,10 @@ class VGG(Prunable):
         widths: list[int] | None = None,
         width_mult: float = 1.0,
         head: str = "linear",
+        last_maxpool: bool = True,
     ):
         super().__init__()
-        layout = CONFIGS[name]
+        layout = CONFIGS[name] if last_maxpool else CONFIGS[name][:-1]
         if widths is None:
             widths = [max(1, round(w * width_mult)) for w in layout if w != M]
         self.arch = dict(
@@ -55,6 +63,7 @@ class VGG(Prunable):
             widths=list(widths),
             width_mult=width_mult,
             head=head,
+            last_maxpool=last_maxpool,
         )
         layers, it, cin = [], iter(widths), in_channels
         self._convs: list[int] = []  # index in `features` of every conv

@@ -58,7 +58,8 @@ class Prune(Stage):
                 current = Budget(structure(model, ctx.input_shape), model.widths, p.target).total
                 ratio = 1 - dense_amount * (1 - p.ratio * step / p.steps) / current
             keep, scores, stats = choose(model, ctx, ratio)
-            extra.update(stats)
+            model, compensation = self.compensate(model, keep, ctx)
+            extra.update(stats, **compensation)
             if step < p.steps:
                 model = prune_channels(model, keep)
                 st = step_finetune_settings(cfg)
@@ -73,6 +74,11 @@ class Prune(Stage):
                     lr_option="prune.step_lr",
                 )
         return finish_pruning(model, keep, scores, ctx, self.name, time.perf_counter() - tic, extra, dense_widths)
+
+    def compensate(self, model, keep, ctx) -> tuple:
+        """(the model to remove the channels from, columns for the row): a stage that adjusts the kept weights
+        for the channels about to go (Neuron Merging) overrides it; plain pruning removes them as they are."""
+        return model, {}
 
 
 def check_selection(ctx, model) -> None:
