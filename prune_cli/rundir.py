@@ -35,7 +35,12 @@ CHECKPOINT_SCHEMA = 2
 RESUMABLE_DIFFERENCES = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.eval_batch_size")
 # options added after runs were written, with the behaviour those runs had: absent from an old config means this
 # (keys are patterns: a stage block's option is added to every stage)
-ADDED_OPTIONS = {"model.prune_outputs": False, "model.last_maxpool": True, "schedule.*.grda": {"c": 0.005, "mu": 0.51}}
+ADDED_OPTIONS = {
+    "model.prune_outputs": False,
+    "model.last_maxpool": True,
+    "prune.step_grid": "linear",
+    "schedule.*.grda": {"c": 0.005, "mu": 0.51},
+}
 
 
 def added_option(name: str):

@@ -56,9 +56,28 @@ OPTIONS = (
         "{layer-name pattern: share of its channels to remove}; replaces target/ratio",
         item=Value("float", lo=0, hi=1, hi_open=True),
     ),
-    Int("steps", 1, "iterative pruning: reach the ratio in this many equal steps", lo=1),
-    Int("step_epochs", 2, "finetuning epochs between steps (the schedule's finetune block settings)", lo=0),
-    Float("step_lr", 0.01, "constant learning rate of the finetuning between steps", lo=0, lo_open=True),
+    Int("steps", 1, "iterative pruning: reach the ratio in this many steps", lo=1),
+    Choice(
+        "step_grid",
+        "linear",
+        ("linear", "geometric"),
+        "the share kept after step k of n: linear 1 - ratio * k / n | geometric (1 - ratio)^(k / n) (PFP's cascade)",
+    ),
+    Int(
+        "step_epochs",
+        2,
+        "finetuning epochs between steps (the schedule's finetune block settings); null: that block's epochs",
+        lo=0,
+        nullable=True,
+    ),
+    Float(
+        "step_lr",
+        0.01,
+        "constant learning rate of the finetuning between steps; null: the block's own lr and lr schedule",
+        lo=0,
+        lo_open=True,
+        nullable=True,
+    ),
 )
 
 

@@ -113,6 +113,8 @@ def smoke_overrides(preset: str, root) -> list[str]:
         ]
     if preset.startswith("scop"):  # the generator's file in the official format, random weights (a stand-in)
         out += [f"schedule.scop.generator_path={Path(root) / 'netG_cifar.pth'}"]
+    if preset.startswith("pfp"):  # sensitivities of one image (full VGG-16 widths: 0.4 s an image and step)
+        out += ["schedule.pfp.sample_size=1"]
     if preset.startswith("rmnet"):  # as for swp: in one step the learned factors die only near their start, 1
         out += ["regularizer.threshold=0.9999"]
     return out

@@ -105,6 +105,7 @@ SCHEDULE_WITH = {
     "rm": "rmnet",
     "scop": "scop",
     "merge": "merge",
+    "pfp": "pfp",
 }
 
 

@@ -31,6 +31,7 @@ def test_there_are_presets_for_every_paper():
         "scop_",
         "grda_",
         "merging_",
+        "pfp_",
     ]:
         assert any(p.startswith(prefix) for p in PRESETS), prefix
 

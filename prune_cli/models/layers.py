@@ -5,10 +5,14 @@
 - ``stripes`` (stripe-wise pruning's pruned form): a conv reduced to the kept stripes ``W[o, :, i, j]``, run as
   one 1x1 conv whose outputs are shifted and added into place (``StripeConv``).
 - ``factors`` (a learned per-channel scale after a BatchNorm, RMNet's channel masks): ``ScaledBN``.
+- ``gather`` (input-channel pruning where the producer keeps its width, e.g. a residual block's first conv
+  reading the residual stream under PFP): a conv or linear layer that reads only the listed input channels
+  (``GatherConv``, ``GatherLinear``); counted as the smaller layer it is.
 
 ``convert(model, kind, spec)`` swaps the named modules of a live model in place (weights kept) and records
 the change in ``model.arch[kind]``; ``build_model`` replays ``arch[kind]`` on a freshly built model.
 ``fold(model)`` multiplies training-time factors into the weights they scale and drops them.
+A method module may add its own kind with ``register_kind`` (channel gating's ``gated`` convs).
 """
 
 from __future__ import annotations
@@ -17,7 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KINDS = ("skeleton", "factors", "stripes")  # the arch keys this module owns, in the order they are applied
+KINDS = ["skeleton", "factors", "stripes", "gather"]  # the arch keys of layer changes, in the order they are applied
+_REGISTERED: dict = {}  # kinds a method adds with register_kind: kind -> make(old module, spec entry)
+
+
+def register_kind(kind: str, make) -> None:
+    """A method's own layer kind, recorded as ``arch[kind] = {module name: entry}`` (plain data):
+    ``convert(model, kind, spec)`` swaps each named module for ``make(old, entry)``, which carries the old
+    weights over, and ``build_model`` replays it after the built-in kinds."""
+    if kind in KINDS and _REGISTERED.get(kind) is not make:
+        raise ValueError(f"layer kind {kind!r} is registered twice")
+    if kind not in KINDS:
+        KINDS.append(kind)
+    _REGISTERED[kind] = make
 
 
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +142,45 @@ class StripeConv(nn.Module):
         )
 
 
+class _Gather:
+    """Reads only the input channels ``inputs`` (a buffer, rebuilt from ``arch``) of what it is given."""
+
+    def _set_inputs(self, inputs: list[int]) -> None:
+        self.register_buffer("inputs", torch.tensor(inputs, dtype=torch.long), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x.index_select(1, self.inputs))
+
+
+class GatherConv(_Gather, nn.Conv2d):
+    def __init__(self, inputs: list[int], **conv_args):
+        super().__init__(**{**conv_args, "in_channels": len(inputs)})
+        self._set_inputs(inputs)
+
+
+class GatherLinear(_Gather, nn.Linear):
+    def __init__(self, inputs: list[int], out_features: int, bias: bool = True):
+        super().__init__(len(inputs), out_features, bias=bias)
+        self._set_inputs(inputs)
+
+
+def _gathered(layer: nn.Module, positions: list[int]) -> nn.Module:
+    """``layer`` reading only ``positions`` of its current inputs (composed with an earlier gather)."""
+    index = torch.tensor(positions, dtype=torch.long)
+    inputs = layer.inputs.cpu()[index] if isinstance(layer, _Gather) else index
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        new = GatherConv(inputs.tolist(), **_conv_args(layer))
+    elif isinstance(layer, nn.Linear):
+        new = GatherLinear(inputs.tolist(), layer.out_features, bias=layer.bias is not None)
+    else:
+        raise ValueError(f"cannot gather the inputs of {type(layer).__name__}")
+    with torch.no_grad():
+        new.weight.copy_(layer.weight.detach()[:, index.to(layer.weight.device)])
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    return new
+
+
 def stripe_positions(mask: torch.Tensor) -> list[int]:
     """The kept stripes of a boolean ``mask[o, i, j]`` in ``StripeConv`` order."""
     o, i, j = torch.nonzero(mask.cpu(), as_tuple=True)
@@ -166,7 +221,9 @@ def _as_stripes(conv: nn.Conv2d, positions: list[int]) -> StripeConv:
 def convert(model: nn.Module, kind: str, spec) -> None:
     """Swap modules of ``model`` in place, keeping their weights, and record it in ``model.arch[kind]``.
 
-    ``skeleton``: conv names; ``factors``: BatchNorm names; ``stripes``: {conv name: stripe positions}.
+    ``skeleton``: conv names; ``factors``: BatchNorm names; ``stripes``: {conv name: stripe positions};
+    ``gather``: {conv or linear name: the positions kept among its current inputs} (recorded as the channels it
+    reads of its input).
     """
     modules = dict(model.named_modules())
     for name in spec:
@@ -177,9 +234,13 @@ def convert(model: nn.Module, kind: str, spec) -> None:
             new = ScaledBN(old.num_features, old.eps, old.momentum, old.affine, old.track_running_stats)
         elif kind == "stripes":
             new = _as_stripes(old, spec[name])
+        elif kind == "gather":
+            new = _gathered(old, spec[name])
+        elif kind in _REGISTERED:
+            new = _REGISTERED[kind](old, spec[name])
         else:
             raise ValueError(f"unknown layer kind {kind!r}")
-        if kind != "stripes":
+        if kind in ("skeleton", "factors"):
             new.load_state_dict(old.state_dict(), strict=False)  # the new factor keeps its initial value
         _swap(model, name, new.to(next(old.parameters()).device))
     arch = getattr(model, "arch", None)
@@ -188,6 +249,11 @@ def convert(model: nn.Module, kind: str, spec) -> None:
         if kind == "stripes":
             arch[kind] = {**previous, **{n: list(p) for n, p in spec.items()}}
             arch["skeleton"] = [n for n in arch.get("skeleton") or [] if n not in spec]
+        elif kind == "gather":
+            modules = dict(model.named_modules())
+            arch[kind] = {**(arch.get(kind) or {}), **{n: modules[n].inputs.tolist() for n in spec}}
+        elif kind in _REGISTERED:
+            arch[kind] = {**(arch.get(kind) or {}), **spec}
         else:
             arch[kind] = [*previous, *[n for n in spec if n not in previous]]
 
@@ -226,4 +292,16 @@ def fold(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["KINDS", "ScaledBN", "SkeletonConv", "StripeConv", "apply_layers", "convert", "fold", "stripe_positions"]
+__all__ = [
+    "KINDS",
+    "GatherConv",
+    "GatherLinear",
+    "ScaledBN",
+    "SkeletonConv",
+    "StripeConv",
+    "apply_layers",
+    "convert",
+    "fold",
+    "register_kind",
+    "stripe_positions",
+]

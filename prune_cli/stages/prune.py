@@ -34,12 +34,7 @@ class Prune(Stage):
     @classmethod
     def check_config(cls, cfg: dict) -> None:
         CRITERIA.get(cfg["criterion"]["name"]).check_config(cfg)
-        p = cfg["prune"]
-        if p["steps"] > 1 and not any(s in cfg["schedule"] for s in STEP_SETTINGS_FROM):
-            raise UserError(
-                "prune.steps",
-                "iterative steps finetune with a training stage's settings; the schedule has no training block",
-            )
+        check_steps(cfg)
 
     def prepare(self, ctx, model) -> None:
         build_criterion(ctx.cfg.criterion)
@@ -56,29 +51,52 @@ class Prune(Stage):
             ratio = p.ratio
             if ratio is not None and p.steps > 1:  # cumulative share of the DENSE amount, as a share of the current one
                 current = Budget(structure(model, ctx.input_shape), model.widths, p.target).total
-                ratio = 1 - dense_amount * (1 - p.ratio * step / p.steps) / current
-            keep, scores, stats = choose(model, ctx, ratio)
+                ratio = 1 - dense_amount * kept_share(p.ratio, step, p.steps, p.step_grid) / current
+            keep, scores, stats = self.select(model, ctx, ratio)
             model, compensation = self.compensate(model, keep, ctx)
             extra.update(stats, **compensation)
             if step < p.steps:
-                model = prune_channels(model, keep)
+                model = self.reshape(prune_channels(model, keep))
                 st = step_finetune_settings(cfg)
-                ctx.run.histories[f"prune_step{step}"] = fit(
+                ctx.run.histories[f"{self.name}_step{step}"] = fit(
                     [model],
                     ctx.data,
                     st,
-                    stage=f"prune_step{step}",
-                    epochs=st.epochs,
+                    stage=f"{self.name}_step{step}",
+                    epochs=min(st.epochs, cfg.trainer.max_epochs or st.epochs),
                     seed=cfg.seed,
                     trainer=cfg.trainer,
-                    lr_option="prune.step_lr",
+                    lr_option="prune.step_lr" if p.step_lr is not None else f"schedule.{step_block(cfg)}.lr",
                 )
-        return finish_pruning(model, keep, scores, ctx, self.name, time.perf_counter() - tic, extra, dense_widths)
+        seconds = time.perf_counter() - tic
+        return finish_pruning(model, keep, scores, ctx, self.name, seconds, extra, dense_widths, self.reshape)
+
+    # A method that prunes through this loop (steps, finetunes between them, the row) overrides these:
+    def select(self, model, ctx, ratio: float | None) -> tuple:
+        """(keep masks, scores, columns for the row) of one step: here the criterion and the selection."""
+        return choose(model, ctx, ratio)
 
     def compensate(self, model, keep, ctx) -> tuple:
         """(the model to remove the channels from, columns for the row): a stage that adjusts the kept weights
         for the channels about to go (Neuron Merging) overrides it; plain pruning removes them as they are."""
         return model, {}
+
+    def reshape(self, pruned):
+        """The pruned model after a method's own structural change of the step (PFP's input gathers)."""
+        return pruned
+
+
+def kept_share(ratio: float, step: int, steps: int, grid: str) -> float:
+    """The share of the dense amount left after ``step`` of ``steps``: equal removals (linear) or equal ratios
+    between steps (geometric, PFP's cascade)."""
+    return 1 - ratio * step / steps if grid == "linear" else (1 - ratio) ** (step / steps)
+
+
+def check_steps(cfg: dict) -> None:
+    if cfg["prune"]["steps"] > 1 and not any(s in cfg["schedule"] for s in STEP_SETTINGS_FROM):
+        raise UserError(
+            "prune.steps", "iterative steps finetune with a training stage's settings; the schedule has no training block"
+        )
 
 
 def check_selection(ctx, model) -> None:
@@ -110,18 +128,20 @@ def check_selection(ctx, model) -> None:
         )
 
 
+def step_block(cfg) -> str:
+    return next(s for s in STEP_SETTINGS_FROM if s in cfg.schedule)
+
+
 def step_finetune_settings(cfg):
-    """Iterative pruning's short finetune: the schedule's finetune (or first training) block, with prune.step_*."""
-    base = next(cfg.schedule[s] for s in STEP_SETTINGS_FROM if s in cfg.schedule)
-    return OmegaConf.merge(
-        base,
-        {
-            "epochs": cfg.prune.step_epochs,
-            "lr": cfg.prune.step_lr,
-            "lr_schedule": "constant",
-            "graft": {"variant": "none"},
-        },
-    )
+    """Iterative pruning's finetune: the schedule's finetune (or first training) block, with prune.step_* (a null
+    step_epochs keeps the block's epochs, a null step_lr its lr and lr schedule)."""
+    base = cfg.schedule[step_block(cfg)]
+    p, changes = cfg.prune, {"graft": {"variant": "none"}}
+    if p.step_epochs is not None:
+        changes["epochs"] = p.step_epochs
+    if p.step_lr is not None:
+        changes.update(lr=p.step_lr, lr_schedule="constant")
+    return OmegaConf.merge(base, changes)
 
 
 def choose(model, ctx, ratio: float | None):
