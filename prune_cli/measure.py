@@ -2,7 +2,8 @@
 
 MACs are those of conv and linear layers for one image: ``weight.numel() x output pixels`` per layer
 (grouped convs included, since their weight holds ``C_in / groups`` inputs), measured by one traced
-forward; bias, BN, activations, pooling and residual additions are not counted.
+forward; bias, BN, activations, pooling and residual additions are not counted. ``mean_dynamic_macs``: the same
+count, per image and averaged, for networks whose layers skip work depending on the input (channel gating).
 """
 
 from __future__ import annotations
@@ -66,6 +67,34 @@ def layer_macs(
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     """MACs of conv + linear layers for one image."""
     return sum(layer_macs(model, input_shape).values())
+
+
+@torch.no_grad()
+def mean_dynamic_macs(model: nn.Module, input_shape: tuple[int, int, int], batches) -> float:
+    """Mean over the images of ``batches`` of the conv + linear MACs the model needs for each one (eval mode).
+
+    Every layer counts statically (``layer_macs``) except one whose work depends on its input: a module with a
+    ``per_image_macs`` attribute (channel gating's gated conv) gets a list there while the images run, and its
+    forward appends the MACs it needed for each image of the batch (a tensor [N], same convention)."""
+    dynamic = {name: m for name, m in model.named_modules() if hasattr(m, "per_image_macs")}
+    fixed = sum(v for name, v in layer_macs(model, input_shape).items() if name not in dynamic)
+    was_training = model.training
+    model.eval()
+    for m in dynamic.values():
+        m.per_image_macs = []
+    try:
+        images = 0
+        for x, _ in batches:
+            model(x)
+            images += len(x)
+        used = sum(float(torch.cat(m.per_image_macs).sum()) for m in dynamic.values() if m.per_image_macs)
+    finally:
+        for m in dynamic.values():
+            m.per_image_macs = None
+        model.train(was_training)
+    if images == 0:
+        return float("nan")
+    return fixed + used / images
 
 
 @torch.no_grad()

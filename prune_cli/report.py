@@ -88,11 +88,28 @@ def deltas(dense: dict, final: dict) -> dict:
     }
 
 
+def dynamic(row: dict) -> float | None:
+    """A row's ``dynamic_macs`` (the test-set mean of an input-dependent network's MACs), None where it has none."""
+    value = row.get("dynamic_macs")
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
 def summary_markdown(rows: list[dict], ident: dict) -> str:
     title = ", ".join(f"{k}={v}" for k, v in ident.items())
     shown = [{**r, "params (M)": r["params"] / 1e6, "MACs (M)": r["macs"] / 1e6} for r in rows]
-    table = markdown_table(shown, ["stage", "top1", "best_top1", "loss", "params (M)", "MACs (M)", "epochs", "seconds"])
+    macs = ["MACs (M)"]
+    if any(dynamic(r) is not None for r in rows):  # input-dependent networks (channel gating): only on their rows
+        macs.append("dynamic MACs (M)")
+        shown = [{**r, "dynamic MACs (M)": None if dynamic(r) is None else dynamic(r) / 1e6} for r in shown]
+    table = markdown_table(shown, ["stage", "top1", "best_top1", "loss", "params (M)", *macs, "epochs", "seconds"])
     text = f"## {title}\n\n{table}\n"
+    final = rows[-1] if rows else {}
+    if dynamic(final) is not None:
+        text += (
+            f"\nstatic -> dynamic (mean over the test images): MACs {final['macs'] / 1e6:.2f}M -> "
+            f"{dynamic(final) / 1e6:.2f}M ({100 * (1 - dynamic(final) / final['macs']):.2f}% fewer), "
+            f"top-1 {fmt(final['top1'])}\n"
+        )
     pair = dense_and_final(rows)
     if pair:
         d = deltas(*pair)
@@ -153,6 +170,7 @@ def read_job(run_dir: Path, row: dict) -> dict:
             "best_top1": final["best_top1"],
             "params": final["params"],
             "macs": final["macs"],
+            **({"dynamic_macs": dynamic(final)} if dynamic(final) is not None else {}),
             "seconds": float(df["seconds"].sum()),
         }
     )
@@ -178,6 +196,7 @@ SWEEP_COLUMNS = [
     "params_removed_%",
     "macs",
     "macs_removed_%",
+    "dynamic_macs",
     "seconds",
     *PROVENANCE_COLUMNS,
 ]

@@ -104,6 +104,7 @@ SCHEDULE_WITH = {
     "stripe": "swp",
     "rm": "rmnet",
     "scop": "scop",
+    "cg": "cg",
     "merge": "merge",
     "pfp": "pfp",
 }

@@ -28,6 +28,7 @@ def test_there_are_presets_for_every_paper():
         "grafting_",
         "swp_",
         "rmnet_",
+        "cg_",
         "scop_",
         "grda_",
         "merging_",

@@ -95,7 +95,8 @@ def kept_share(ratio: float, step: int, steps: int, grid: str) -> float:
 def check_steps(cfg: dict) -> None:
     if cfg["prune"]["steps"] > 1 and not any(s in cfg["schedule"] for s in STEP_SETTINGS_FROM):
         raise UserError(
-            "prune.steps", "iterative steps finetune with a training stage's settings; the schedule has no training block"
+            "prune.steps",
+            "iterative steps finetune with a training stage's settings; the schedule has no training block",
         )
 
 

@@ -119,7 +119,7 @@ class TrainStage(Stage):
 
     def run(self, model, ctx, checkpoint):
         cfg, run = ctx.cfg, ctx.run
-        st = cfg.schedule[self.name]
+        st = self.settings(cfg.schedule[self.name])
         epochs = st.epochs
         if self.fresh_init:
             model = ctx.build(model.arch, seed_salt=self.name)
@@ -127,13 +127,15 @@ class TrainStage(Stage):
                 epochs = round(epochs * ctx.reference_macs() / count_macs(model, ctx.input_shape))
         if cfg.trainer.max_epochs is not None:
             epochs = min(epochs, cfg.trainer.max_epochs)
+        if checkpoint is None:
+            model = self.transform(model, ctx)
         for p in model.parameters():  # a model coming from the gates stage was frozen
             p.requires_grad_(True)
         models = [model] + self.grafting_partners(model, st, cfg.seed)
         if checkpoint is not None:
             models = [build_model(checkpoint["arch"]).to(ctx.device) for _ in models]
         # built before a resumed state is loaded: a regularizer may initialise weights (e.g. BN gamma = 0.5)
-        regularizer = build_regularizer(cfg.regularizer, models[0]) if self.regularized else None
+        regularizer = self.loss_terms(models[0], ctx)
         start, optimizer_states, history = 0, None, []
         if checkpoint is not None:  # an interrupted stage: continue after its last finished epoch
             for m, state in zip(models, checkpoint["states"]):
@@ -164,13 +166,31 @@ class TrainStage(Stage):
         run.histories[self.name] = history
         row = finished_row(self.name, models, history, epochs, ctx)
         model = models[row.get("continued", 0)]
-        if self.regularized:
-            overall, per_layer = sparsity_stats(model)
-            row.update(overall, removable_channels=removable_channels(model))
-            run.write_csv("sparsity.csv", per_layer)
+        row.update(self.row_extras(model, ctx))
         run.rows.append(row)
         run.save(self.name, [model], done=True, epoch=epochs)
         return model
+
+    # A method that trains through this loop (resume, grafting, the row) overrides these:
+    def settings(self, st):
+        """The training settings ``fit`` gets, from the stage's block."""
+        return st
+
+    def transform(self, model, ctx):
+        """The model to train, made from the one that comes in (not on resumption: the checkpoint holds it)."""
+        return model
+
+    def loss_terms(self, model, ctx):
+        """What ``fit`` adds to the loss and the gradients (a ``Regularizer``), or None."""
+        return build_regularizer(ctx.cfg.regularizer, model) if self.regularized else None
+
+    def row_extras(self, model, ctx) -> dict:
+        """Columns the stage adds to its row (and files it writes) once trained."""
+        if not self.regularized:
+            return {}
+        overall, per_layer = sparsity_stats(model)
+        ctx.run.write_csv("sparsity.csv", per_layer)
+        return {**overall, "removable_channels": removable_channels(model)}
 
     def grafting_partners(self, model, st, seed: int) -> list:
         """The other networks of external grafting: fresh initialisations, or copies when finetuning."""
