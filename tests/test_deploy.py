@@ -1,0 +1,273 @@
+"""Deployable models: TorchScript's and onnxruntime's outputs equal PyTorch's (1e-4) on pruned ResNets (options A
+and B, a block reduced to its shortcut, scattered branch outputs), a pruned VGG and every layer kind methods put
+into models; ``load`` from a run directory and from a checkpoint; the exporter's refusals and ``prune-cli-export``'s
+one-line errors."""
+
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+from helpers import TINY, calibrated, compose_config
+from prune_cli import deploy, load, pipeline, rundir
+from prune_cli.errors import UserError
+from prune_cli.models import build_model
+from prune_cli.models.layers import GatherConv, GatherLinear, StripeConv, convert, stripe_positions
+from prune_cli.pruning import prune_channels
+
+SHAPE = (3, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished tiny run: pretrain, prune (half the params, L1), finetune."""
+    path = tmp_path_factory.mktemp("run")
+    extra = [
+        "dataset.image_size=8",
+        "model.width_mult=0.25",
+        "schedule.pretrain.epochs=1",
+        "schedule.finetune.epochs=1",
+    ]
+    pipeline.run(compose_config(*TINY, *extra), path)
+    rundir.release(path)
+    return path
+
+
+def pruned(name, seed=0, empty=None, **arch):
+    """A tiny model with realistic BN statistics, 60% of every group's channels kept at random (group ``empty``:
+    none, a block reduced to its shortcut)."""
+    model = build_model({"name": name, "num_classes": 5, "in_channels": 3, "width_mult": 0.25, **arch})
+    model = calibrated(model, SHAPE, seed)
+    g = torch.Generator().manual_seed(seed)
+    keep = [torch.rand(w, generator=g) < 0.6 for w in model.widths]
+    for k in keep:
+        k[0] = True
+    if empty is not None:
+        keep[empty][:] = False
+    return calibrated(prune_channels(model, keep), SHAPE, seed)
+
+
+def with_stripes():
+    model = pruned("vgg11", seed=1)
+    g = torch.Generator().manual_seed(1)
+    spec = {}
+    for name in ("features.4", "features.8"):
+        mask = torch.rand(model.get_submodule(name).out_channels, 3, 3, generator=g) < 0.4
+        mask[0] = False  # a filter without stripes
+        spec[name] = stripe_positions(mask)
+    convert(model, "stripes", spec)
+    assert isinstance(model.features[4], StripeConv)
+    return model.eval()
+
+
+def with_gathers():
+    model = pruned("resnet20", seed=2, shortcut="B")
+    stream = model.layers[1][1].conv1.in_channels
+    convert(
+        model, "gather", {"layers.1.1.conv1": list(range(0, stream, 2)), "fc": list(range(1, model.fc.in_features, 3))}
+    )
+    assert isinstance(model.layers[1][1].conv1, GatherConv) and isinstance(model.fc, GatherLinear)
+    return model.eval()
+
+
+def with_factors():
+    """Training forms (SWP's skeletons, RMNet's factors): folded into the weights by the exporter."""
+    model = pruned("vgg11", seed=3)
+    convert(model, "skeleton", ["features.0", "features.4"])
+    convert(model, "factors", ["features.1", "features.5"])
+    with torch.no_grad():
+        model.features[0].skeleton.uniform_(0.5, 1.5)
+        model.features[5].factor.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def with_gates():
+    from prune_cli.methods.gating import GatedConv  # channel gating's layer kind
+
+    model = pruned("vgg11", seed=4)
+    entry = {"p": 2, "group": False, "alpha": 2.0, "sparse_bp": True, "init": 0.0}
+    convert(model, "gated", {"features.4": entry, "features.8": entry})
+    assert isinstance(model.features[4], GatedConv)
+    torch.manual_seed(4)  # the gates' own BatchNorms (no affine parameters) get statistics from a few batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, *SHAPE))
+    return model.eval()
+
+
+def plain():
+    """RMNet's result: a plain network with BatchNorm fused into the conv biases."""
+    arch = {"name": "plain", "num_classes": 5, "in_channels": 3, "widths": [4, 6, 8], "strides": [1, 2, 1], "bn": False}
+    return calibrated(build_model(arch), SHAPE, 5)
+
+
+MODELS = {
+    "resnet20_A_block_removed": lambda: pruned("resnet20", empty=1),
+    "resnet20_B": lambda: pruned("resnet20", shortcut="B"),
+    "resnet20_scattered_outputs": lambda: pruned("resnet20", prune_outputs=True),
+    "vgg11_li_head": lambda: pruned("vgg11", head="li"),
+    "vgg11_stripes": with_stripes,
+    "resnet20_B_gathers": with_gathers,
+    "vgg11_skeleton_factors": with_factors,
+    "vgg11_gated": with_gates,
+    "plain_fused": plain,
+}
+
+
+def run_file(path, fmt, x):
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still what TorchScript means
+        return torch.jit.load(str(path))(x)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_exported_outputs_equal_pytorch(kind, fmt, tmp_path):
+    model = MODELS[kind]()
+    if kind == "resnet20_scattered_outputs":
+        assert any(o is not None for o in model.arch["outputs"])  # conv2 adds into the stream by index
+    x = torch.randn(5, *SHAPE, generator=torch.Generator().manual_seed(7))  # traced at batch 2: the batch is dynamic
+    with torch.no_grad():
+        expected = model(x)
+    path = tmp_path / f"model{deploy.FORMATS[fmt]}"
+    deploy.export(model, path, fmt, SHAPE, metadata={"stage": kind})
+    torch.testing.assert_close(run_file(path, fmt, x), expected, rtol=1e-4, atol=1e-4)
+    assert deploy.embedded(path)["stage"] == kind
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+class Cumulative(nn.Module):
+    def forward(self, x):
+        return torch.cummax(x, 1)[0]  # no ONNX mapping
+
+
+class Peek(nn.Module):
+    def forward(self, x):
+        return x * float(x.abs().max())  # a trace records the Python float as a constant
+
+
+@pytest.mark.parametrize(
+    "layer,fmt,why",
+    [
+        (Cumulative(), "onnx", "UnsupportedOperatorError: Exporting the operator 'aten::cummax' to ONNX"),
+        (Peek(), "torchscript", "the written model's outputs differ from PyTorch's by "),
+    ],
+)
+def test_a_layer_that_does_not_export_is_refused_in_one_line(layer, fmt, why, tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), layer, nn.Flatten(), nn.Linear(36 * 4, 2))
+    with pytest.raises(UserError) as e:
+        deploy.export(model, tmp_path / "m", fmt, SHAPE)
+    message = str(e.value)
+    assert message.startswith(f"--format: cannot export {type(layer).__name__} (1) as {fmt}: {why}"), message
+    assert "\n" not in message and list(tmp_path.iterdir()) == []
+
+
+def test_load_a_run_directory_and_a_checkpoint(run_dir):
+    model, meta = load(run_dir)  # the last finished stage
+    assert meta["stage"] == "finetune" and meta["status"] == "done" and not model.training
+    assert meta["results"]["stage"] == "finetune" and meta["results"]["model"] == "resnet20"
+    assert (meta["params"], meta["macs"]) == (meta["results"]["params"], meta["results"]["macs"])
+    assert meta["input_shape"] == SHAPE and meta["dataset"] == "synthetic" and meta["mean"] is None
+    assert meta["arch"]["widths"] == model.arch["widths"] and meta["config"]["seed"] == 0
+    ck = torch.load(run_dir / "checkpoints" / "finetune.pt", weights_only=True)
+    assert all(torch.equal(v, ck["state_dict"][k]) for k, v in model.state_dict().items())
+
+    _, meta = load(run_dir / "checkpoints" / "pretrain.pt")
+    assert meta["stage"] == "pretrain" and meta["run_dir"] == str(run_dir) and meta["results"]["stage"] == "pretrain"
+    _, pruned_meta = load(run_dir, stage="prune")
+    assert meta["params"] > pruned_meta["params"] == pruned_meta["results"]["params"]
+
+
+def test_a_run_still_training_gives_its_last_finished_stage(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    lines = (copy / "results.csv").read_text().splitlines(keepends=True)
+    (copy / "results.csv").write_text("".join(lines[:-1]))  # finetune has not finished: no row yet
+    (copy / "status.json").write_text('{"status": "running", "error": ""}\n')
+    _, meta = load(copy)
+    assert meta["stage"] == "prune" and meta["status"] == "running"
+    ck = torch.load(copy / "checkpoints" / "finetune.pt", weights_only=True)
+    torch.save({**ck, "done": False, "epoch": 0}, tmp_path / "unfinished.pt")
+    with pytest.raises(UserError, match="unfinished.pt is unfinished"):
+        load(tmp_path / "unfinished.pt")
+
+
+def test_prune_cli_export_writes_a_verified_file(run_dir):
+    """The command as a user runs it, in its own process: the run's last finished stage, TorchScript by default."""
+    command = Path(sys.executable).parent / "prune-cli-export"  # the installed entry point
+    r = subprocess.run([str(command), str(run_dir)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    out = run_dir / "model.pt"
+    assert r.stdout.startswith(f"wrote {out} (torchscript; stage finetune of {run_dir}; params ")
+    assert len(r.stdout.splitlines()) == 1 and "outputs equal PyTorch's" in r.stdout
+    model, meta = load(run_dir)
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(run_file(out, "torchscript", x), model(x), rtol=1e-4, atol=1e-4)
+    assert deploy.embedded(out)["params"] == meta["params"]
+    # importing prune_cli (and so `load`) imports neither Hydra nor torch
+    code = "import sys; from prune_cli import load; print(sorted({'hydra', 'torch'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
+
+
+def test_export_stage_and_output_rules(run_dir, tmp_path, capsys):
+    assert deploy.main([str(run_dir), "--stage", "prune", "--format", "onnx"]) == 0  # another stage: its own name
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {run_dir / 'model_prune.onnx'} (onnx opset 17; stage prune of {run_dir}; params ")
+    model, _ = load(run_dir, stage="prune")
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(run_file(run_dir / "model_prune.onnx", "onnx", x), model(x), rtol=1e-4, atol=1e-4)
+    assert deploy.embedded(run_dir / "model_prune.onnx")["stage"] == "prune"
+
+    target = tmp_path / "exports" / "m.pt"
+    assert deploy.main([str(run_dir), "--output", str(target)]) == 0
+    assert deploy.main([str(run_dir), "--output", str(target)]) == 0  # the same run's export: written again
+    other = tmp_path / "other.pt"  # a checkpoint outside its run directory: another source
+    shutil.copy(run_dir / "checkpoints" / "prune.pt", other)
+    capsys.readouterr()
+    assert deploy.main([str(other), "--output", str(target)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --output: {target} holds an export of another run ({run_dir.resolve()}); "
+        "choose another path or pass --force\n"
+    )
+    assert deploy.main([str(other), "--output", str(target), "--force"]) == 0
+    assert deploy.embedded(target)["source"] == str(other.resolve())
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["{tmp}/missing"], "error: run: {tmp}/missing does not exist"),
+        (["{tmp}"], "error: run: {tmp} is not a run directory or a checkpoint (no checkpoints/)"),
+        (["{tmp}/junk.pt"], "error: run: {tmp}/junk.pt is not a prune_cli checkpoint ("),
+        (["{run}", "--format", "tflite"], "error: --format: unknown format 'tflite'; choose torchscript or onnx"),
+        (
+            ["{run}", "--stage", "sparse_train"],
+            "error: --stage: {run} has no checkpoint of stage 'sparse_train'; it has pretrain, prune, finetune",
+        ),
+        (["{run}", "--input-shape", "3,8"], "error: --input-shape: expected C,H,W (three positive integers)"),
+        (["{run}", "--output", "{tmp}/junk.pt"], "error: --output: {tmp}/junk.pt exists and is not a prune_cli export"),
+        ([], "error: prune-cli-export: the following arguments are required: run"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, run_dir, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    fill = lambda s: s.format(tmp=tmp_path, run=run_dir)
+    try:
+        code = deploy.main([fill(a) for a in args])
+    except SystemExit as e:  # argparse's own errors leave through sys.exit, still one line
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith(fill(message)) and captured.err.count("\n") == 1, captured.err
