@@ -22,8 +22,9 @@ from . import (
 from .criteria import CRITERIA
 from .data import DATASETS
 from .errors import UserError
+from .logger import LOGGERS
 from .models import MODELS
-from .options import Int, List, Option, Str, Value, check_block, markdown_table
+from .options import Choice, Int, List, Option, Str, Value, check_block, markdown_table
 from .regularizers import REGULARIZERS
 from .stages import STAGES
 
@@ -34,6 +35,14 @@ RUN_OPTIONS = (
         None,
         "a checkpoints/<stage>.pt to start from; the schedule's stages up to it are skipped",
         nullable=True,
+    ),
+    Choice(
+        "latency",
+        "on",
+        ("on", "off", True, False),
+        "a run that prunes times the dense and the pruned model on its device (batch 1 and trainer.eval_batch_size): "
+        "latency and speed-up columns; off under debug=smoke",
+        rule_doc="on or off (true / false)",
     ),
 )
 STAGE_LIST = List("stages", [], "the stages to run, in order", item=Value("str"))
@@ -46,7 +55,13 @@ def part_options(group: str, name: str) -> tuple[Option, ...]:
     return NAMED_GROUPS[group].get(name).options
 
 
-NAMED_GROUPS = {"model": MODELS, "dataset": DATASETS, "regularizer": REGULARIZERS, "criterion": CRITERIA}
+NAMED_GROUPS = {
+    "model": MODELS,
+    "dataset": DATASETS,
+    "regularizer": REGULARIZERS,
+    "criterion": CRITERIA,
+    "logger": LOGGERS,
+}
 FIXED_GROUPS = {"trainer": trainer.OPTIONS, "prune": selection.OPTIONS}
 
 
@@ -86,6 +101,7 @@ def validate(cfg) -> dict:
 
     trainer.check_config(plain)
     selection.check_config(plain)
+    LOGGERS.get(plain["logger"]["name"]).check_config(plain)
     for name in plain["schedule"]["stages"]:
         STAGES.get(name).check_config(plain)
     if plain["init_from"] is not None and not Path(plain["init_from"]).is_file():

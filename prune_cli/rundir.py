@@ -27,12 +27,21 @@ from . import __version__, report
 from .atomic import save_torch, write_text
 from .config import resolve
 from .errors import UserError
+from .logger import build_logger
 
 # 1: the first format (no "schema" key); 2: adds "schema". Both load the same way.
 CHECKPOINT_SCHEMA = 2
 
 # options that may change between a run and its resumption without changing its results
-RESUMABLE_DIFFERENCES = ("trainer.device", "trainer.progress", "trainer.threads", "trainer.eval_batch_size")
+RESUMABLE_DIFFERENCES = (
+    "trainer.device",
+    "trainer.progress",
+    "trainer.threads",
+    "trainer.eval_batch_size",
+    "logger.name",
+    "logger.dir",
+    "latency",
+)
 # options added after runs were written, with the behaviour those runs had: absent from an old config means this
 # (keys are patterns: a stage block's option is added to every stage)
 ADDED_OPTIONS = {
@@ -40,6 +49,8 @@ ADDED_OPTIONS = {
     "model.last_maxpool": True,
     "prune.step_grid": "linear",
     "schedule.*.grda": {"c": 0.005, "mu": 0.51},
+    "logger": {"name": "none"},
+    "latency": "off",
 }
 
 
@@ -209,6 +220,7 @@ class RunDir:
         self.rows: list[dict] = []
         self.histories: dict[str, list[dict]] = {}
         self.provenance: dict = {}
+        self.logger = build_logger(cfg.logger, self.dir)
 
     def record_provenance(self, device: torch.device) -> None:
         """Write run.json (what this process runs with); every checkpoint it writes carries the same."""
@@ -249,11 +261,13 @@ class RunDir:
     def restore(self, ck: dict) -> None:
         """Take a checkpoint's tables (rows and per-epoch histories) as this run's."""
         self.rows, self.histories = list(ck["rows"]), dict(ck["histories"])
+        self.logger.skip(self.histories)  # logged by the process that wrote them
 
     def write_tables(self) -> None:
         identity = report.identity(self.cfg)
         report.write_csv(self.dir / "results.csv", [{**row, **identity} for row in self.rows])
         report.write_csv(self.dir / "metrics.csv", [h for hist in self.histories.values() for h in hist])
+        self.logger.log(self.histories)
 
     def write_csv(self, name: str, rows: list[dict]) -> None:
         report.write_csv(self.dir / name, rows)

@@ -1,0 +1,50 @@
+"""Optional extras around runs: a sweep through Hydra's submitit launcher (local executor) aggregates like any
+sweep, and logger=tensorboard mirrors metrics.csv as scalars (read back with TensorBoard's own reader)."""
+
+import pandas as pd
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import TINY, compose_config, run_cli
+from prune_cli import pipeline
+
+# the smallest sweep that still prunes: one epoch of each training stage at a quarter of ResNet-20's width
+SMALL = [*TINY, "dataset.image_size=8", "model.width_mult=0.25", "schedule.pretrain.epochs=1"]
+
+
+def test_submitit_local_sweep_is_aggregated(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        *SMALL,
+        "schedule.finetune.epochs=1",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    jobs = pd.read_csv(sweep / "sweep.csv")
+    assert list(jobs["job"].astype(str)) == ["0", "1"] and list(jobs["status"]) == ["done", "done"]
+    assert list(jobs["seed"]) == [0, 1]
+    for k in (0, 1):  # each job's row is its own results.csv's final row
+        final = pd.read_csv(sweep / str(k) / "results.csv").iloc[-1]
+        assert jobs.loc[k, "top1"] == final["top1"] and jobs.loc[k, "params"] == final["params"]
+
+
+def test_tensorboard_scalars_are_the_metrics(tmp_path):
+    cfg = compose_config(*SMALL, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=1", "logger=tensorboard")
+    pipeline.run(cfg, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert len(metrics) == 3  # two pretrain epochs, one finetune epoch
+    for _, row in metrics.iterrows():
+        for name in ("train_loss", "test_acc", "lr"):
+            logged = {e.step: e.value for e in events.Scalars(f"{row['stage']}/{name}")}
+            assert abs(logged[row["epoch"]] - row[name]) <= 1e-6 * max(1.0, abs(row[name]))
+    assert sorted(events.Tags()["scalars"]) == sorted(
+        f"{stage}/{name}"
+        for stage in ("pretrain", "finetune")
+        for name in metrics.columns
+        if name not in ("stage", "epoch") and metrics[name].notna().any()
+    )
