@@ -3,7 +3,7 @@
 ``python scripts/golden.py capture OUTDIR [NAME ...]`` runs, in this process on one torch thread (as the
 test suite does), the plain digits demo (``digits_demo``: the default config, as a plain ``prune-cli``
 runs it) and the smoke run of every preset in ``conf/experiment`` (the overrides and fake data of the
-suite's preset tests), and writes each run's ``results.csv`` without its wall-clock columns to
+suite's preset tests), and writes each run's ``results.csv`` without its timing columns (``report.timing_column``) to
 ``OUTDIR/<name>.csv``. ``tests/golden/`` holds the tables captured before the registered-parts redesign (and
 each later preset's first table; the identity columns since they name only the parts a schedule uses);
 ``tests/test_presets.py`` compares every run with them. Re-capture only for an intended change of results.

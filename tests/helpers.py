@@ -13,6 +13,7 @@ from hydra import initialize_config_dir
 
 import fakedata
 from prune_cli.__main__ import CONF_DIR
+from prune_cli.report import timing_column
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden"  # results tables captured before the architecture changed
@@ -26,6 +27,8 @@ TINY = [
     "trainer.batch_size=32",
     "trainer.eval_batch_size=48",
     "trainer.progress=false",
+    "trainer.threads=1",  # two test workers on two cores: more threads per run would oversubscribe them
+    "latency=off",  # timing is tested on its own (test_latency.py); elsewhere it only costs seconds
 ]
 
 
@@ -121,7 +124,7 @@ def smoke_overrides(preset: str, root) -> list[str]:
 
 
 def results_table(run_dir: Path) -> str:
-    """A run's results.csv as text, every cell as written, without its wall-clock columns."""
+    """A run's results.csv as text, every cell as written, without its timing columns (``report.timing_column``:
+    wall-clock seconds, latency, speed-up)."""
     df = pd.read_csv(Path(run_dir) / "results.csv", dtype=str, keep_default_na=False)
-    timing = [c for c in df.columns if c == "seconds" or c.endswith("_seconds")]
-    return df.drop(columns=timing).to_csv(index=False)
+    return df.drop(columns=[c for c in df.columns if timing_column(c)]).to_csv(index=False)

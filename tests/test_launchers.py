@@ -26,9 +26,12 @@ def test_submitit_local_sweep_is_aggregated(tmp_path):
     jobs = pd.read_csv(sweep / "sweep.csv")
     assert list(jobs["job"].astype(str)) == ["0", "1"] and list(jobs["status"]) == ["done", "done"]
     assert list(jobs["seed"]) == [0, 1]
-    for k in (0, 1):  # each job's row is its own results.csv's final row
-        final = pd.read_csv(sweep / str(k) / "results.csv").iloc[-1]
+    finals = [pd.read_csv(sweep / str(k) / "results.csv").iloc[-1] for k in (0, 1)]
+    for k, final in enumerate(finals):  # each job's row is its own results.csv's final row
         assert jobs.loc[k, "top1"] == final["top1"] and jobs.loc[k, "params"] == final["params"]
+    groups = pd.read_csv(sweep / "sweep_summary.csv")  # the two seeds are one group
+    assert len(groups) == 1 and groups.loc[0, "n"] == 2
+    assert abs(groups.loc[0, "top1_mean"] - (finals[0]["top1"] + finals[1]["top1"]) / 2) < 1e-9
 
 
 def test_tensorboard_scalars_are_the_metrics(tmp_path):

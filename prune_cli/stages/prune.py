@@ -11,6 +11,7 @@ import time
 
 from omegaconf import OmegaConf
 
+from .. import latency
 from ..criteria import CRITERIA, build_criterion
 from ..errors import UserError
 from ..models.layers import fold
@@ -179,7 +180,8 @@ def finish_pruning(
     reshape=None,
 ):
     """Remove the channels physically (then ``reshape(pruned)`` when given: a method's own structural change),
-    write scores.csv / layers.csv, test, and checkpoint the stage."""
+    write scores.csv / layers.csv, test, time the dense and the pruned model (``latency: on``: their rows get the
+    latency columns, the pruned row the speed-ups), and checkpoint the stage."""
     run = ctx.run
     groups = model.channel_groups()
     pruned = prune_channels(model, keep)
@@ -202,6 +204,8 @@ def finish_pruning(
     )
     top1, loss = ctx.test(pruned)
     run.rows.append({**ctx.measure(stage, pruned, top1, loss, top1, 0, seconds), **(extra or {})})
+    if latency.enabled(ctx.cfg):
+        latency.time_pruning(ctx, model, pruned)
     run.save(stage, [pruned], done=True, extra={"keep": keep})
     return pruned
 
