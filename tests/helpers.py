@@ -128,3 +128,23 @@ def results_table(run_dir: Path) -> str:
     wall-clock seconds, latency, speed-up)."""
     df = pd.read_csv(Path(run_dir) / "results.csv", dtype=str, keep_default_na=False)
     return df.drop(columns=[c for c in df.columns if timing_column(c)]).to_csv(index=False)
+
+
+def run_interrupted(cfg, run_dir: Path, monkeypatch, at_epoch: int) -> None:
+    """Run ``cfg`` into ``run_dir`` and interrupt it (Ctrl-C) as its ``at_epoch``-th training epoch starts."""
+    import pytest
+
+    from prune_cli import pipeline, train
+
+    real_epoch, calls = train.train_epoch, {"n": 0}
+
+    def dying_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_epoch:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", dying_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg, run_dir)
+    monkeypatch.setattr(train, "train_epoch", real_epoch)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from helpers import TINY
-from prune_cli import pipeline, train
+from helpers import TINY, run_interrupted
+from prune_cli import pipeline
 from prune_cli.errors import UserError
 from prune_cli.measure import count_macs, mean_dynamic_macs
 from prune_cli.methods.gating import ChannelGating, GatedConv, ThresholdLoss, gated_convs
@@ -182,18 +182,7 @@ def test_a_run_writes_dynamic_macs_and_resumes(compose, tmp_path, monkeypatch):
     assert "| dynamic MACs (M) |" in (tmp_path / "a" / "summary.md").read_text()
     assert len(torch.load(tmp_path / "a" / "checkpoints" / "cg.pt", weights_only=True)["arch"]["gated"]) == 9
     # interrupted in its second epoch, the stage resumes from its epoch checkpoint to the same row
-    real_epoch, calls = train.train_epoch, {"n": 0}
-
-    def dying_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_epoch", dying_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run(cfg, tmp_path / "b")
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    run_interrupted(cfg, tmp_path / "b", monkeypatch, at_epoch=2)
     resumed = pipeline.run(cfg, tmp_path / "b")
 
     def untimed(r):

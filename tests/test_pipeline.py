@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fakedata
-from helpers import TINY
+from helpers import TINY, run_interrupted
 from helpers import compose_config as config
 from prune_cli import pipeline, train
 from prune_cli.errors import UserError
@@ -66,19 +66,7 @@ def test_resume_after_interruption_gives_the_same_table(tmp_path, monkeypatch):
     cfg = fast("schedule.pretrain.epochs=3", "schedule.finetune.epochs=2")
     full = pd.read_csv(Path(tmp_path / "a") / "results.csv") if pipeline.run(cfg, tmp_path / "a") else None
 
-    calls = {"n": 0}
-    real_epoch = train.train_epoch
-
-    def dying_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # the second finetune epoch
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_epoch", dying_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run(cfg, tmp_path / "b")
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    run_interrupted(cfg, tmp_path / "b", monkeypatch, at_epoch=5)  # the second finetune epoch
     assert not torch.load(tmp_path / "b" / "checkpoints" / "finetune.pt", weights_only=True)["done"]
     pipeline.run(cfg, tmp_path / "b")
     resumed = pd.read_csv(tmp_path / "b" / "results.csv")
