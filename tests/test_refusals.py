@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import SCHEMA1_OVERRIDES, SCHEMA1_RUN, TINY, compose_config
-from prune_cli import pipeline, report
+from prune_cli import pipeline, sweeps
 from prune_cli.__main__ import main
 from prune_cli.errors import UserError
 
@@ -175,7 +175,7 @@ def test_the_report_lists_unreadable_runs_and_exits_non_zero(tmp_path, capsys):
     pipeline.run(compose_config(*TINY, "schedule=measure"), tmp_path / "good")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "results.csv").write_text("")
-    assert report.main([str(tmp_path)]) == 1
+    assert sweeps.main([str(tmp_path)]) == 1
     sweep = pd.read_csv(tmp_path / "sweep.csv")
     assert dict(zip(sweep["job"], sweep["status"])) == {"empty": "unreadable", "good": "done"}
     assert "results.csv is empty" in (tmp_path / "sweep.md").read_text()
@@ -188,7 +188,7 @@ def test_every_run_records_what_produced_it(tmp_path, capsys):
     assert {"prune_cli", "git_commit", "torchvision", "python", "precision", "deterministic"} <= set(run)
     ck = torch.load(tmp_path / "r" / "checkpoints" / "finetune.pt", weights_only=True)
     assert ck["provenance"] == run
-    report.main([str(tmp_path)])
+    sweeps.main([str(tmp_path)])
     assert "| torch |" in capsys.readouterr().out.replace(" device |", "").replace("| prune_cli ", "")
 
 
