@@ -7,8 +7,8 @@ Which checkpoint is "the pruned model" of a run directory: that of its last fini
 ``stage=`` / ``--stage`` picks another one. A checkpoint file is taken as it is.
 
 Exports are traced on the CPU at the run's input shape with a dynamic batch dimension. The layer kinds methods put
-into models export in both formats but a gated conv, which TorchScript refuses (README, "Using a pruned model");
-a model that does not export is refused in one line naming its smallest layer that fails, and why. A written file
+into models export in both formats (README, "Using a pruned model"); a model that does not export is refused in
+one line naming its smallest layer that fails, and why. A written file
 is read back and its outputs compared with PyTorch's on a random batch of another size before it replaces anything.
 """
 
