@@ -97,9 +97,11 @@ def mean_dynamic_macs(model: nn.Module, input_shape: tuple[int, int, int], batch
     return fixed + used / images
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches) -> tuple[float, float]:
-    """(top-1 accuracy in percent, mean cross-entropy) over an iterable of (x, y) batches."""
+    """(top-1 accuracy in percent, mean cross-entropy) over an iterable of (x, y) batches.
+
+    Under ``torch.inference_mode`` (no autograd bookkeeping at all); nothing it computes outlives the call."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long)

@@ -51,6 +51,8 @@ ADDED_OPTIONS = {
     "schedule.*.grda": {"c": 0.005, "mu": 0.51},
     "logger": {"name": "none"},
     "latency": "off",
+    # "auto" keeps a resumed run's recorded format, and a run recorded before the option existed trained contiguous
+    "trainer.memory_format": "auto",
 }
 
 
@@ -193,9 +195,13 @@ def git_commit() -> str | None:
         return None
 
 
-def provenance(trainer_cfg, device: torch.device) -> dict:
-    """What produced a run's numbers: versions, device, threads, precision and determinism settings."""
+def provenance(trainer_cfg, device: torch.device, recorded: dict | None = None) -> dict:
+    """What produced a run's numbers: versions, device, threads, memory format, precision and determinism settings.
+
+    ``recorded``: the provenance of the run being resumed (None: a new run), whose memory format ``auto`` keeps."""
     import torchvision
+
+    from .trainer import resolve_memory_format
 
     return {
         "prune_cli": __version__,
@@ -206,6 +212,7 @@ def provenance(trainer_cfg, device: torch.device) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
         "threads": torch.get_num_threads(),
+        "memory_format": resolve_memory_format(trainer_cfg.get("memory_format", "auto"), device, recorded),
         "precision": trainer_cfg.precision,
         "deterministic": bool(trainer_cfg.deterministic),
         "host": socket.gethostname(),
@@ -223,8 +230,14 @@ class RunDir:
         self.logger = build_logger(cfg.logger, self.dir)
 
     def record_provenance(self, device: torch.device) -> None:
-        """Write run.json (what this process runs with); every checkpoint it writes carries the same."""
-        self.provenance = provenance(self.cfg.trainer, device)
+        """Write run.json (what this process runs with); every checkpoint it writes carries the same.
+
+        The resolved memory format replaces ``auto`` in ``cfg.trainer``: every stage trains in it (a resumed run in
+        the format its checkpoints record)."""
+        resumed = sorted(self.ckpt_dir.glob("*.pt"))
+        recorded = (read_run_checkpoint(resumed[0]).get("provenance") or {}) if resumed else None
+        self.provenance = provenance(self.cfg.trainer, device, recorded)
+        self.cfg.trainer.memory_format = self.provenance["memory_format"]
         write_text(self.dir / "run.json", json.dumps(self.provenance, indent=2) + "\n")
 
     def checkpoint(self, stage: str) -> dict | None:

@@ -24,6 +24,7 @@ from .grda import GRDA
 from .measure import evaluate
 from .regularizers import Regularizer
 from .seeds import NETWORK_STRIDE, epoch_generator
+from .trainer import MEMORY_FORMATS, resolve_memory_format
 
 
 def make_optimizer(params, st) -> torch.optim.Optimizer:
@@ -72,8 +73,11 @@ def train_epoch(
     precision: str,
     progress: bool,
     desc: str = "",
+    memory_format: str = "contiguous",
 ) -> dict:
-    """One pass over the training split; returns mean train loss, train accuracy and the regularizer's value."""
+    """One pass over the training split; returns mean train loss, train accuracy and the regularizer's value.
+
+    ``memory_format`` (channels_last | contiguous): the batches' layout, the one the model was put in."""
     model.train()
     device = data.train.x.device
     loss_sum = torch.zeros((), device=device)
@@ -82,7 +86,9 @@ def train_epoch(
     steps = math.ceil(len(data.train) / batch_size)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
     for x, y in tqdm(
-        batches(data.train, data, batch_size, generator=generator, train=True),
+        batches(
+            data.train, data, batch_size, generator=generator, train=True, memory_format=MEMORY_FORMATS[memory_format]
+        ),
         total=steps,
         desc=desc,
         disable=not progress,
@@ -175,8 +181,14 @@ def fit(
     their own data order (seed offset per network) and grafted after every epoch; history rows carry ``net``.
     A non-finite training loss ends the stage with a UserError naming ``lr_option`` (default
     ``schedule.<stage>.lr``), before the epoch is checkpointed: nothing downstream sees NaN weights.
+
+    The networks train in ``trainer.memory_format`` and are returned contiguous, as a network rebuilt from a
+    checkpoint is: what a later stage computes on them does not depend on whether the run was resumed.
     """
     device = data.train.x.device
+    layout = resolve_memory_format(trainer.get("memory_format", "auto"), device)
+    for model in models:
+        model.to(memory_format=MEMORY_FORMATS[layout])
     regularizers = [regularizer or Regularizer(models[0])] + [Regularizer(m) for m in models[1:]]
     optimizers = [make_optimizer([p for p in m.parameters() if p.requires_grad], st) for m in models]
     for opt, state in zip(optimizers, optimizer_states or []):
@@ -203,6 +215,7 @@ def fit(
                 trainer.precision,
                 progress,
                 desc=f"{stage}{net} {epoch + 1}/{epochs}",
+                memory_format=layout,
             )
             check_finite(model, stats, stage, epoch, lr, lr_option)
             rows.append(
@@ -223,7 +236,9 @@ def fit(
         for model, row in zip(models, rows):
             tic = time.perf_counter()
             if last or (epoch + 1) % trainer.eval_every == 0:
-                top1, loss = evaluate(model, batches(data.test, data, trainer.eval_batch_size))
+                top1, loss = evaluate(
+                    model, batches(data.test, data, trainer.eval_batch_size, memory_format=MEMORY_FORMATS[layout])
+                )
                 if not math.isfinite(loss):  # the outputs overflow although the weights are still finite
                     raise diverged(f"the test loss became {loss}", stage, epoch, row["lr"], lr_option)
             else:
@@ -233,4 +248,6 @@ def fit(
         history += rows
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, optimizers, history)
+    for model in models:
+        model.to(memory_format=torch.contiguous_format)
     return history

@@ -30,6 +30,14 @@ OPTIONS = (
     Int("batch_size", 128, "default batch size of every stage (a stage may set its own)", lo=1),
     Int("eval_batch_size", 1000, "batch size for evaluation", lo=1),
     Int("threads", 0, "CPU threads for torch (0: torch's default)", lo=0),
+    Choice(
+        "memory_format",
+        "auto",
+        ("auto", "channels_last", "contiguous"),
+        "layout of conv weights and batches while training; auto: when resuming, the run's recorded one (runs "
+        "older than the option: contiguous), else channels_last on cuda, contiguous on cpu and mps (CPU results "
+        "stay those of earlier versions; channels_last trains ResNet-20 15-30% faster on a 2-core CPU: set it)",
+    ),
     Choice("precision", "fp32", ("fp32", "bf16", "fp16"), "autocast precision (fp16 needs cuda)"),
     Bool("deterministic", False, "deterministic kernels (slower on GPU); CPU runs are reproducible anyway"),
     Int("max_epochs", None, "cap every stage's epochs (smoke runs)", lo=1, nullable=True),
@@ -54,6 +62,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("trainer.device", "MPS is not available on this machine")
     return torch.device(name)
+
+
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def resolve_memory_format(name: str, device: torch.device, recorded: dict | None = None) -> str:
+    """The layout ``trainer.memory_format`` means on ``device``: channels_last or contiguous.
+
+    ``recorded``: the provenance of the run being resumed (None: a new run); ``auto`` keeps its format, so a
+    resumed run trains exactly as it began (a run recorded before the option existed trained contiguous)."""
+    if name != "auto":
+        return name
+    if recorded is not None:
+        return recorded.get("memory_format", "contiguous")
+    # CPU: contiguous keeps every CPU result (and the golden tables) bit for bit as earlier versions computed them
+    return "channels_last" if torch.device(device).type == "cuda" else "contiguous"
 
 
 def check_config(cfg) -> None:

@@ -2,8 +2,10 @@
 
 Trains ResNet-20 on synthetic CIFAR-shaped data (3x32x32, on the device) for a
 fixed number of steps through ``prune_cli.train.train_epoch`` and through a plain
-loop (same model, batch, optimizer, device), interleaved, and prints
-``overhead_ratio = pipeline images/s / plain images/s`` (target >= 0.95).
+loop (same model, batch, optimizer, device), each in both memory formats (contiguous
+and channels_last), interleaved; prints every variant's images/s (what the layout buys
+on this machine), pipeline / plain per layout, and ``overhead_ratio`` = the pipeline in
+its faster layout / the fastest plain loop (target >= 0.95).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prune_cli.data import load_data, normalize
 from prune_cli.models import build_model
 from prune_cli.regularizers import Regularizer
 from prune_cli.train import train_epoch
+from prune_cli.trainer import resolve_memory_format
 
 
 def main() -> None:
@@ -48,25 +51,45 @@ def main() -> None:
     )
     data = load_data(cfg, seed=0, device=device)
 
-    torch.manual_seed(0)
-    model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3}).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    none = Regularizer(model)
+    layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    nets = {}  # per layout: a model (the same initial weights) and its optimizer, so no state changes layout
+    for name, fmt in layouts.items():
+        torch.manual_seed(0)
+        model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3}).to(device, memory_format=fmt)
+        nets[name] = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
-    def pipeline_loop() -> None:
-        g = torch.Generator(device=device).manual_seed(0)
-        train_epoch(model, data, args.batch, optimizer, none, g, "fp32", progress=False)
+    def pipeline_loop(layout: str):
+        model, optimizer = nets[layout]
+        none = Regularizer(model)
 
-    def plain_loop() -> None:
-        model.train()
-        order = torch.randperm(n, device=device)
-        for i in range(0, n, args.batch):
-            idx = order[i : i + args.batch]
-            x, y = normalize(data.train.x[idx], data), data.train.y[idx]
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def run() -> None:
+            g = torch.Generator(device=device).manual_seed(0)
+            train_epoch(model, data, args.batch, optimizer, none, g, "fp32", progress=False, memory_format=layout)
+
+        return run
+
+    def plain_loop(layout: str):
+        model, optimizer = nets[layout]
+
+        def run() -> None:
+            model.train()
+            order = torch.randperm(n, device=device)
+            for i in range(0, n, args.batch):
+                idx = order[i : i + args.batch]
+                x = normalize(data.train.x[idx].contiguous(memory_format=layouts[layout]), data)
+                loss = F.cross_entropy(model(x), data.train.y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+        return run
+
+    variants = {
+        "plain contiguous": plain_loop("contiguous"),
+        "plain channels_last": plain_loop("channels_last"),
+        "pipeline memory_format=contiguous": pipeline_loop("contiguous"),
+        "pipeline memory_format=channels_last": pipeline_loop("channels_last"),
+    }
 
     def timed(fn) -> float:
         if device.type == "cuda":
@@ -77,22 +100,31 @@ def main() -> None:
             torch.cuda.synchronize()
         return n / (time.perf_counter() - tic)
 
-    timed(plain_loop), timed(pipeline_loop)  # warm-up
-    pipe, plain = [], []
-    for r in range(args.repeats):  # alternate which goes first, so drifts in machine load hit both
-        first, second = (pipeline_loop, plain_loop) if r % 2 == 0 else (plain_loop, pipeline_loop)
-        a, b = timed(first), timed(second)
-        (pipe if first is pipeline_loop else plain).append(a)
-        (plain if first is pipeline_loop else pipe).append(b)
-    ratios = [p / q for p, q in zip(pipe, plain)]
+    for fn in variants.values():  # warm-up
+        timed(fn)
+    speeds = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(args.repeats):  # rotate the order, so drifts in machine load hit every variant alike
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            speeds[name].append(timed(variants[name]))
     print(f"device = {device}, threads = {torch.get_num_threads()}, steps = {args.steps}, batch = {args.batch}")
-    print(f"pipeline_images_per_s = {statistics.median(pipe):.1f}")
-    print(f"plain_images_per_s = {statistics.median(plain):.1f}")
+    for name, s in speeds.items():
+        print(f"{name:38s} {statistics.median(s):8.1f} images/s")
+    for layout in layouts:  # the pipeline against the plain loop in the same layout, repeat by repeat
+        r = [p / q for p, q in zip(speeds[f"pipeline memory_format={layout}"], speeds[f"plain {layout}"])]
+        print(f"ratio {layout:13s} = {statistics.median(r):.3f}  (pipeline / plain, same layout)")
+    # the pipeline's fastest setting against the fastest hand-written loop
+    best = {
+        kind: max(layouts, key=lambda k: statistics.median(speeds[f"{kind}{k}"]))
+        for kind in ("plain ", "pipeline memory_format=")
+    }
+    pipe, plain = speeds[f"pipeline memory_format={best['pipeline memory_format=']}"], speeds[f"plain {best['plain ']}"]
+    ratios = [p / q for p, q in zip(pipe, plain)]
     print(
-        f"overhead_ratio = {statistics.median(ratios):.3f}  (target >= 0.95; per repeat: "
-        + ", ".join(f"{r:.3f}" for r in ratios)
-        + ")"
+        f"overhead_ratio = {statistics.median(ratios):.3f}  (pipeline memory_format={best['pipeline memory_format=']} "
+        f"/ plain {best['plain ']}; target >= 0.95; per repeat: " + ", ".join(f"{r:.3f}" for r in ratios) + ")"
     )
+    print(f"(trainer.memory_format=auto is {resolve_memory_format('auto', device)} on {device.type})")
 
 
 if __name__ == "__main__":

@@ -99,11 +99,13 @@ def batches(
     *,
     generator: torch.Generator | None = None,
     train: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(normalised float x, y)`` batches covering the split once (last batch may be short).
 
     With ``generator`` the order is ``torch.randperm`` drawn from it; ``train=True`` augments
-    (when ``data.pad`` or ``data.flip``) with the same generator.
+    (when ``data.pad`` or ``data.flip``) with the same generator. ``x`` is laid out in ``memory_format``
+    (the uint8 batch is rearranged, then normalised: the cheaper copy).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -120,4 +122,4 @@ def batches(
             xb, yb = split.x[idx], split.y[idx]
         if do_aug:
             xb = augment(xb, data.pad, data.flip, generator)
-        yield normalize(xb, data), yb
+        yield normalize(xb.contiguous(memory_format=memory_format), data), yb

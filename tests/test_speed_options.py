@@ -1,0 +1,57 @@
+"""trainer.memory_format: the layout changes speed, not results; a resumed run keeps the layout it began with."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from helpers import TINY, results_table, run_interrupted
+from helpers import compose_config as config
+from prune_cli import pipeline
+from prune_cli.errors import UserError
+from prune_cli.trainer import resolve_memory_format
+
+
+def fast(*overrides):
+    return config(*TINY, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=1", *overrides)
+
+
+def test_channels_last_gives_the_contiguous_table_to_float_noise(tmp_path):
+    # a small lr: at the default one, two epochs on random labels are chaotic and amplify the layouts' rounding
+    calm = ["schedule.pretrain.lr=0.001", "schedule.finetune.lr=0.001"]
+    for fmt in ("contiguous", "channels_last"):
+        pipeline.run(fast(f"trainer.memory_format={fmt}", *calm), tmp_path / fmt)
+        assert json.loads((tmp_path / fmt / "run.json").read_text())["memory_format"] == fmt
+    a, b = (pd.read_csv(tmp_path / fmt / "results.csv") for fmt in ("contiguous", "channels_last"))
+    assert list(a["top1"]) == list(b["top1"]) and list(a["params"]) == list(b["params"])
+    assert list(a["stage"]) == list(b["stage"])
+    pd.testing.assert_series_equal(a["loss"], b["loss"], rtol=1e-4)
+
+
+def test_resume_under_channels_last_gives_the_uninterrupted_table(tmp_path, monkeypatch):
+    cfg = fast("trainer.memory_format=channels_last")
+    pipeline.run(cfg, tmp_path / "a")
+    run_interrupted(cfg, tmp_path / "b", monkeypatch, at_epoch=2)  # the second pretrain epoch
+    half = torch.load(tmp_path / "b" / "checkpoints" / "pretrain.pt", weights_only=True)
+    assert half["provenance"]["memory_format"] == "channels_last" and not half["done"]
+    conv = next(t for t in half["state_dict"].values() if t.ndim == 4 and t.shape[2] > 1 and t.shape[1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # it really trained in channels_last
+    pipeline.run(cfg, tmp_path / "b")
+    assert results_table(tmp_path / "a") == results_table(tmp_path / "b")
+
+
+def test_auto_keeps_the_recorded_format_of_a_resumed_run():
+    cpu = torch.device("cpu")
+    assert resolve_memory_format("auto", torch.device("cuda")) == "channels_last"
+    assert resolve_memory_format("auto", cpu) == "contiguous"
+    assert resolve_memory_format("auto", torch.device("mps")) == "contiguous"
+    assert resolve_memory_format("auto", cpu, {"memory_format": "channels_last"}) == "channels_last"
+    assert resolve_memory_format("auto", cpu, {}) == "contiguous"  # recorded before the option existed
+    assert resolve_memory_format("contiguous", cpu) == "contiguous"
+
+
+def test_a_bad_memory_format_is_refused(tmp_path):
+    with pytest.raises(UserError) as e:
+        pipeline.run(fast("trainer.memory_format=nhwc"), tmp_path)
+    assert e.value.option == "trainer.memory_format" and "channels_last" in e.value.why
