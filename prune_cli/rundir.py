@@ -234,8 +234,10 @@ class RunDir:
 
         The resolved memory format replaces ``auto`` in ``cfg.trainer``: every stage trains in it (a resumed run in
         the format its checkpoints record)."""
-        resumed = sorted(self.ckpt_dir.glob("*.pt"))
-        recorded = (read_run_checkpoint(resumed[0]).get("provenance") or {}) if resumed else None
+        recorded = None  # a new run: auto resolves for the device
+        if any(self.ckpt_dir.glob("*.pt")):  # resumed: as its checkpoints were written (run.json says how)
+            previous = self.dir / "run.json"
+            recorded = json.loads(previous.read_text()) if previous.is_file() else {}
         self.provenance = provenance(self.cfg.trainer, device, recorded)
         self.cfg.trainer.memory_format = self.provenance["memory_format"]
         write_text(self.dir / "run.json", json.dumps(self.provenance, indent=2) + "\n")

@@ -80,6 +80,11 @@ def resolve_memory_format(name: str, device: torch.device, recorded: dict | None
     return "channels_last" if torch.device(device).type == "cuda" else "contiguous"
 
 
+def capped_epochs(epochs: int, trainer) -> int:
+    """A stage's epochs under ``trainer.max_epochs`` (smoke runs cap every stage)."""
+    return epochs if trainer.max_epochs is None else min(epochs, trainer.max_epochs)
+
+
 def check_config(cfg) -> None:
     t = cfg["trainer"]
     device = resolve_device(t["device"])

@@ -181,12 +181,6 @@ def test_output_units_of_the_models():
         assert sorted(pfp.output_units(model, torch.zeros(2, 3, 32, 32))) == sorted(hand)
 
 
-def test_output_positions():
-    assert pfp.output_positions(nn.Conv2d(3, 4, 3, stride=2, padding=1), (32, 32)) == 256
-    assert pfp.output_positions(nn.Conv2d(3, 4, 3, padding=2, dilation=2), (5, 7)) == 35
-    assert pfp.output_positions(nn.Linear(3, 4)) == 1
-
-
 # ------------------------------------------------------------------------------------------- allocation
 
 POSITIONS, KERNELS, CIN, COUT = [64, 64, 16, 1], [9, 9, 9, 1], [3, 8, 8, 16], [8, 8, 16, 5]

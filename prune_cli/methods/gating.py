@@ -279,9 +279,7 @@ class ChannelGating(TrainStage):
                         f"{name} has {width} {what} channels, not a multiple of p={st.p}"
                         + (" (group splits outputs too)" if what == "output" else ""),
                     )
-        gated = copy.deepcopy(model)
-        convert(gated, KIND, {n: gate_entry(st) for n in names})
-        return gated
+        return self.transform(copy.deepcopy(model), ctx)
 
     def settings(self, st):
         # SGD with its own decay off: ThresholdLoss applies the decay to the conv and linear weights only

@@ -120,20 +120,6 @@ def output_units(model: nn.Module, x: torch.Tensor) -> list[int]:
     return [units[m] for m in layers]
 
 
-def output_positions(layer: nn.Conv2d | nn.Linear, input_hw: tuple[int, int] | None = None) -> int:
-    """P_l, the output positions of one image: ``H_out W_out`` of a conv for an input of ``input_hw``, 1 for a
-    linear layer."""
-    if isinstance(layer, nn.Linear):
-        return 1
-    _check_conv(layer)
-    if input_hw is None:
-        raise ValueError("a conv needs the input's (H, W) for its output positions")
-    size = 1
-    for n, k, s, p, d in zip(input_hw, layer.kernel_size, layer.stride, layer.padding, layer.dilation):
-        size *= (n + 2 * p - d * (k - 1) - 1) // s + 1
-    return size
-
-
 # ----------------------------------------------------------------------------------------- sensitivity
 
 

@@ -27,6 +27,7 @@ from ..options import Float, Int, Str
 from ..seeds import derived, epoch_generator
 from ..stages.base import STAGES, Stage
 from ..stages.prune import finish_pruning
+from ..trainer import capped_epochs
 from .knockoff import knockoffs, load_generator
 
 
@@ -197,7 +198,7 @@ class ScopStage(Stage):
             gen = epoch_generator(ctx.device, cfg.seed, self.name, epoch)
             return batches(data.train, data, st.batch_size, train=True, generator=gen)
 
-        epochs = min(st.epochs, cfg.trainer.max_epochs or st.epochs)
+        epochs = capped_epochs(st.epochs, cfg.trainer)
         betas, history = train_factors(
             model, real_batches, lambda n: knockoffs(generator, n, rng), epochs, st.lr, (st.beta1, st.beta2)
         )

@@ -15,6 +15,7 @@ from ..options import Choice, Float, Int
 from ..pruning import structure
 from ..seeds import epoch_generator
 from ..selection import select_top_gates
+from ..trainer import capped_epochs
 from .base import STAGES, Stage
 from .prune import finish_pruning
 
@@ -69,7 +70,7 @@ class GatesStage(Stage):
         def val_accuracy(m):
             return evaluate(m, batches(data.val, data, cfg.trainer.eval_batch_size))[0]
 
-        epochs = min(st.epochs, cfg.trainer.max_epochs or st.epochs)
+        epochs = capped_epochs(st.epochs, cfg.trainer)
         result = train_gates(
             model,
             gates,

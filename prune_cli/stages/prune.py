@@ -19,6 +19,7 @@ from ..pruning import prune_channels, structure
 from ..regularizers import ZERO_THRESHOLD
 from ..selection import Budget, matching
 from ..train import fit, show_progress
+from ..trainer import capped_epochs
 from .base import STAGES, Stage
 
 # the block whose settings the finetune between iterative steps takes (with prune.step_*), first found
@@ -64,7 +65,7 @@ class Prune(Stage):
                     ctx.data,
                     st,
                     stage=f"{self.name}_step{step}",
-                    epochs=min(st.epochs, cfg.trainer.max_epochs or st.epochs),
+                    epochs=capped_epochs(st.epochs, cfg.trainer),
                     seed=cfg.seed,
                     trainer=cfg.trainer,
                     lr_option="prune.step_lr" if p.step_lr is not None else f"schedule.{step_block(cfg)}.lr",

@@ -19,6 +19,7 @@ from ..options import Bool, Choice, Float, Int, List, Section, Value
 from ..regularizers import build_regularizer, sparsity_stats
 from ..seeds import derived
 from ..train import fit
+from ..trainer import capped_epochs
 from .base import STAGES, Stage
 
 GRAFT = Section(
@@ -125,8 +126,7 @@ class TrainStage(Stage):
             model = ctx.build(model.arch, seed_salt=self.name)
             if st.budget == "B":  # same compute as the dense model: scale epochs by MACs_dense / MACs_pruned
                 epochs = round(epochs * ctx.reference_macs() / count_macs(model, ctx.input_shape))
-        if cfg.trainer.max_epochs is not None:
-            epochs = min(epochs, cfg.trainer.max_epochs)
+        epochs = capped_epochs(epochs, cfg.trainer)
         if checkpoint is None:
             model = self.transform(model, ctx)
         for p in model.parameters():  # a model coming from the gates stage was frozen
