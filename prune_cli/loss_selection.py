@@ -23,7 +23,11 @@ Two modes, the same selection rule:
   the measured loss misses the additive prediction by more than a step AND ends further from L0 than
   before by more than a step (the channels interact: on trained networks the loss change of many
   channels removed together is far from the sum of their single changes), the round is halved and
-  re-checked, and later rounds are capped to that size (doubling again while the checks pass).
+  re-checked, and later rounds are capped to that size (doubling again while the checks pass); the first
+  round is capped at ``prescreen / prescreen_factor`` channels, so it measures no more than later ones.
+
+Both modes run their passes on a working copy rebuilt without the removed channels whenever they hold
+``COMPACT`` of its MACs (masked == physically pruned), so a pass costs what the network pruned so far costs.
 
 Cost accounting (``stats``): a "pass" is the N-image sample through (part of) the network, the
 unit of the exact greedy: ``forward_passes`` counts trunk passes and candidate evaluations, and
@@ -51,12 +55,13 @@ from .errors import UserError
 from .measure import layer_macs
 from .models import Prunable
 from .options import Choice, Float, Int, Option
-from .pruning import Structure
+from .pruning import Structure, prune_channels
 from .selection import Budget
 
 TARGETS = ("channels", "params", "macs")
 MODES = ("exact", "fast")
 TOLERANCE = 1e-3  # params/macs: land within 0.1% (relative) of the target amount where granularity allows
+COMPACT = 0.1  # rebuild the working copy without its masked channels once they hold this share of its MACs
 
 
 # ------------------------------------------------------------------ running a model by segments
@@ -174,31 +179,77 @@ class _Counter:
 
 
 class _Evaluator:
-    """Masks BN outputs with hooks; trunk pass with stage caching; batched masked variants of one group."""
+    """Masked passes on a working copy of the model (the caller's model is never touched).
 
-    def __init__(self, model: Prunable, x: torch.Tensor, y: torch.Tensor, cache: bool, batch_variants: int):
-        self.model, self.x, self.y, self.n = model, x, y, len(x)
+    Masks multiply BN outputs (forward hooks); a trunk pass caches every stage's input; masked variants of
+    one group run as one batch. Once the masked channels hold ``COMPACT`` of the working copy's MACs, the copy
+    is rebuilt without them (masked == physically pruned), so a pass costs what the network pruned so far
+    costs, not the dense network. Channels are named by their index in the caller's model throughout."""
+
+    def __init__(
+        self, model: Prunable, x: torch.Tensor, y: torch.Tensor, structure: Structure, cache: bool, batch_variants: int
+    ):
+        self.x, self.y, self.n = x, y, len(x)
+        self.cache, self.batch_variants = cache, max(1, batch_variants)
+        self.structure = structure
         self.groups = model.channel_groups()
-        modules = dict(model.named_modules())
-        self.stages = model.segments() if cache else [("", model)]
+        self.full_macs = float(structure.count(model.widths)[1]) or 1.0
+        self.width0 = list(model.widths)
+        self.index = [torch.arange(w) for w in self.width0]  # caller's channel ids the working copy holds
+        self.hooks: list = []
+        self._adopt(prune_channels(model, [torch.ones(w, dtype=torch.bool) for w in model.widths]).eval())
+        self.committed = [torch.zeros(w, dtype=torch.bool) for w in self.width0]  # masked for good (caller's ids)
+        self.graph = None  # (loss, saved BN outputs) of the last trunk pass, for the Taylor estimate
+        self.count = _Counter()
+
+    def _adopt(self, net: Prunable, keep: list[torch.Tensor] | None = None) -> None:
+        """Make ``net`` (holding the channels ``self.index`` names) the working copy, its masks ``keep`` (None:
+        nothing masked): hooks, stages, costs."""
+        self.close()
+        self.net = net
+        modules = dict(net.named_modules())
+        dev = self.x.device
+        self.keep = keep or [torch.ones(len(i), device=dev) for i in self.index]  # 0 = masked in the working copy
+        self.pos = []  # caller's channel id -> position in the working copy (-1: gone)
+        for w, i in zip(self.width0, self.index):
+            p = torch.full((w,), -1, dtype=torch.long)
+            p[i] = torch.arange(len(i))
+            self.pos.append(p)
+        self.stages = net.segments() if self.cache else [("", net)]
         prefixes = [p for p, _ in self.stages]
-        self.group_stage = [_stage_of(prefixes, g.conv) for g in self.groups]
-        macs = _stage_macs(model, self.stages, x[:1])
-        total = sum(macs) or 1.0
-        self.frac_from = [sum(macs[s:]) / total for s in range(len(macs))]
-        self.batch_variants = max(1, batch_variants)
-        dev = x.device
-        self.keep = [torch.ones(modules[g.bn].num_features, device=dev) for g in self.groups]
+        groups = net.channel_groups()
+        self.group_stage = [_stage_of(prefixes, g.conv) for g in groups]
+        macs = _stage_macs(net, self.stages, self.x[:1])
+        self.frac_from = [sum(macs[s:]) / self.full_macs for s in range(len(macs))]
         self.variant: tuple[int, torch.Tensor] | None = None  # (group, [K, C] keep masks of the batched variants)
         self.saved: dict[int, torch.Tensor] | None = None  # BN outputs kept for the Taylor pre-screen
         self.cached: list[torch.Tensor] = []
-        self.graph = None  # (loss, saved BN outputs) of the last trunk pass, for the Taylor estimate
-        self.count = _Counter()
-        self.hooks = [modules[g.bn].register_forward_hook(self._hook(i)) for i, g in enumerate(self.groups)]
+        self.hooks = [modules[g.bn].register_forward_hook(self._hook(i)) for i, g in enumerate(groups)]
 
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
+        self.hooks = []
+
+    def mask(self, g: int, c: int, masked: bool = True) -> None:
+        """Mask (or unmask) channel c of group g, c indexing the caller's model."""
+        self.keep[g][self.pos[g][c]] = 0.0 if masked else 1.0
+
+    def commit(self) -> None:
+        """The channels masked now stay masked: a later rebuild of the working copy may drop them."""
+        for committed, index, keep in zip(self.committed, self.index, self.keep):
+            committed[index] |= (keep == 0).cpu()
+
+    def _compact(self) -> None:
+        """Rebuild the working copy without its committed channels once they hold ``COMPACT`` of its MACs
+        (channels masked but not committed, a round on trial, stay in it, masked)."""
+        kept = [~c[i] for c, i in zip(self.committed, self.index)]  # per position in the working copy
+        held = self.structure.count([len(i) for i in self.index])[1]
+        if self.structure.count([int(k.sum()) for k in kept])[1] > (1 - COMPACT) * held:
+            return
+        keep = [k[m.to(k.device)] for k, m in zip(self.keep, kept)]
+        self.index = [i[m] for i, m in zip(self.index, kept)]
+        self._adopt(prune_channels(self.net, kept).eval(), keep)
 
     def _hook(self, g: int):
         def hook(module, inputs, out):
@@ -222,6 +273,7 @@ class _Evaluator:
     def trunk(self, keep_graph: bool) -> float:
         """Loss of the masked network on the sample; caches every stage's input. With ``keep_graph`` the
         autograd graph is kept for :meth:`taylor` (one input-gradient backward)."""
+        self._compact()
         self.cached, x = [], self.x
         self.saved = {} if keep_graph else None
         with torch.enable_grad() if keep_graph else torch.no_grad():
@@ -234,7 +286,7 @@ class _Evaluator:
         self.graph = (loss, self.saved) if keep_graph else None
         self.saved = None
         self.count.forward_passes += 1
-        self.count.ife += self.n
+        self.count.ife += self.n * self.frac_from[0]
         return float(loss.detach())
 
     def taylor(self) -> list[torch.Tensor]:
@@ -248,9 +300,10 @@ class _Evaluator:
         for g, gr in zip(order, grads):
             a = saved[g].detach()
             dims = [d for d in range(a.dim()) if d != 1]
-            est[g] = (-(a.double() * gr.double()).sum(dims)).cpu()
+            est[g] = torch.zeros(self.width0[g], dtype=torch.float64)
+            est[g][self.index[g]] = (-(a.double() * gr.double()).sum(dims)).cpu()
         self.count.backward_passes += 1
-        self.count.ife += self.n
+        self.count.ife += self.n * self.frac_from[0]
         return est
 
     def variants(self, g: int, channels: list[int]) -> torch.Tensor:
@@ -262,7 +315,7 @@ class _Evaluator:
                 chunk = channels[i : i + self.batch_variants]
                 k = len(chunk)
                 v = self.keep[g].repeat(k, 1)
-                v[torch.arange(k), torch.tensor(chunk)] = 0
+                v[torch.arange(k), self.pos[g][chunk]] = 0
                 self.variant = (g, v)
                 try:
                     x = self.cached[s]
@@ -334,7 +387,7 @@ def loss_greedy_select(
     fast = mode == "fast"
     was_training = model.training
     model.eval()
-    ev = _Evaluator(model, x, y, cache, batch_variants)
+    ev = _Evaluator(model, x, y, structure, cache, batch_variants)
     try:
         keep, stats = _select(
             ev,
@@ -373,7 +426,7 @@ def _select(
     progress,
 ):
     ngroups = len(ev.groups)
-    widths = np.array([len(k) for k in ev.keep], dtype=np.int64)
+    widths = np.array(ev.width0, dtype=np.int64)
     width0 = widths.copy()
     budget = _Budget(structure, widths, target, ratio)
     avail = np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(widths)])
@@ -385,7 +438,9 @@ def _select(
     keep = [torch.ones(int(w), dtype=torch.bool) for w in widths]
     stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
     order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
-    rounds, halvings, exact_estimate, k_cap, sizes = 0, 0, 0, math.inf, []
+    # the first round is as small as the pre-screen measures anyway; rounds then double while their checks pass
+    k_cap = max(1, math.floor(prescreen / prescreen_factor)) if prescreen is not None else math.inf
+    rounds, halvings, exact_estimate, sizes = 0, 0, 0, []
     use_taylor = fast and prescreen is not None
     bar = None
     if progress:
@@ -435,7 +490,7 @@ def _select(
         halved, scale = False, float(np.median(np.abs(list(delta.values()))))
         while True:  # mask the round's channels; the trunk pass measures the result (and serves the next round)
             for g, c in taken:
-                ev.keep[g][c] = 0.0
+                ev.mask(g, c)
             lnew = ev.trunk(keep_graph=use_taylor)
             pred = lcur + sum(delta[t] for t in taken)
             # one step = verify x the median |single change| among this round's measured candidates
@@ -444,10 +499,11 @@ def _select(
                 break  # as predicted, or no further from L0 than one step
             # the channels interact more than their single changes predict: keep the first half of the round
             for g, c in taken:
-                ev.keep[g][c] = 1.0
+                ev.mask(g, c, masked=False)
             taken, halved = taken[: len(taken) // 2], True
             halvings += 1
         k_cap = len(taken) if halved else k_cap * 2
+        ev.commit()
         lcur = lnew
         sizes.append(len(taken))
         for g, c in taken:

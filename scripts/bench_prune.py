@@ -38,9 +38,9 @@ def synthetic(n: int, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, t
     return templates[y] + 0.7 * torch.randn(n, 3, 32, 32, generator=g), y
 
 
-def prepare(name: str, steps: int, seed: int = 0) -> torch.nn.Module:
+def prepare(name: str, steps: int, seed: int = 0, **arch) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = build_model({"name": name, "num_classes": 10, "in_channels": 3})
+    model = build_model({"name": name, "num_classes": 10, "in_channels": 3, **arch})
     x, y = synthetic(64 * max(steps, 4), seed=seed + 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     model.train()
@@ -62,7 +62,9 @@ def prepare(name: str, steps: int, seed: int = 0) -> torch.nn.Module:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet56")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a shared machine)")
+    ap.add_argument("--head", default=None, help="VGG classifier head (linear: HGSR's VGG-14)")
+    ap.add_argument("--protect-last", action="store_true", help="never prune the groups feeding the classifier")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--target", default="params", choices=["channels", "params", "macs"])
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--images", type=int, default=128)
@@ -79,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     t = time.perf_counter()
-    model = prepare(args.model, args.train_steps)
+    model = prepare(args.model, args.train_steps, **({"head": args.head} if args.head else {}))
     x, y = synthetic(args.images, seed=2)
     print(
         f"model {args.model}: {sum(model.widths)} channels in {len(model.widths)} groups; "
@@ -87,8 +89,9 @@ def main() -> None:
     )
     st = structure(model, (3, 32, 32))
     knobs = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    protect = model.last_groups() if args.protect_last else set()
     _, stats = loss_greedy_select(
-        model, x, y, structure=st, target=args.target, ratio=args.ratio, progress=True, **knobs
+        model, x, y, structure=st, target=args.target, ratio=args.ratio, protect=protect, progress=True, **knobs
     )
     fast_passes = stats["image_forward_equivalents"] / args.images
     print(
