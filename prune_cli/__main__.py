@@ -6,6 +6,8 @@ Every way a run can end leaves its ``status.json`` true and prints one line:
 - a crash: ``error: <Type>: <message>``, status ``failed``, the traceback in ``traceback.txt``, exit 1;
 - Ctrl-C / SIGTERM: ``interrupted``, status ``interrupted``, exit 130 / 143.
 
+Under ``torchrun`` every process runs this; rank 0 alone writes and prints (``distributed.py``).
+
 Finished stages' checkpoints and tables stay intact, so the same command resumes. HYDRA_FULL_ERROR=1
 re-raises instead. In a ``-m`` sweep a failing job is recorded in its directory and the sweep goes on.
 """
@@ -22,6 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from . import distributed
 from .errors import UserError
 
 _HERE = Path(__file__).resolve().parent
@@ -42,7 +45,7 @@ def app(cfg) -> None:
     from . import pipeline, report, rundir  # imported here so that --help and --cfg stay fast
 
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
+    run_dir = distributed.shared(Path(hc.runtime.output_dir))  # every rank works in rank 0's directory
     sweeping = hc.mode == RunMode.MULTIRUN
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -57,12 +60,12 @@ def app(cfg) -> None:
         if full_error:
             raise
         record("failed", str(e))
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         if not sweeping:
             sys.exit(2)
     except (KeyboardInterrupt, Terminated) as e:
         record("interrupted", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
-        print(f"interrupted: {run_dir} keeps its finished stages; run the same command to resume", file=sys.stderr)
+        say(f"interrupted: {run_dir} keeps its finished stages; run the same command to resume")
         sys.exit(143 if isinstance(e, Terminated) else 130)
     except Exception as e:  # a bug, not bad input: one line here, the traceback beside the run
         if full_error:
@@ -71,7 +74,10 @@ def app(cfg) -> None:
         record("failed", why)
         if rundir.owns(run_dir):
             (run_dir / "traceback.txt").write_text(traceback.format_exc())
-        print(f"error: {why} (traceback in {run_dir / 'traceback.txt'})", file=sys.stderr)
+        if rundir.owns(run_dir):
+            say(f"error: {why} (traceback in {run_dir / 'traceback.txt'})")
+        else:
+            print(f"error: rank {distributed.rank()}: {why}", file=sys.stderr)
         if not sweeping:
             sys.exit(1)
     finally:
@@ -79,7 +85,14 @@ def app(cfg) -> None:
         rundir.release(run_dir)
 
 
+def say(line: str) -> None:
+    """A run's one closing line on stderr (rank 0's alone in a distributed run: the others' would repeat it)."""
+    if distributed.is_main():
+        print(line, file=sys.stderr)
+
+
 def main() -> None:
+    distributed.start()  # before Hydra: under torchrun, ranks other than 0 get a scratch output directory
     app()
 
 

@@ -1,4 +1,5 @@
 """Atomic writes: a temporary file in the same directory, then a rename, so a crash never leaves half a file.
+In a distributed run only rank 0 writes (the other ranks compute the same files).
 
 The file gets the mode any other tool's output gets (0666 less the process umask), not mkstemp's 0600.
 """
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+
 
 def _replace(path: Path, write) -> None:
+    if not distributed.is_main():  # in a distributed run rank 0 alone writes the run's files
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
+from . import distributed
 from .criteria import Sample
 from .data import batches, describe, load_data, normalize
 from .measure import count_macs, count_params, evaluate
@@ -17,7 +18,7 @@ from .trainer import resolve_device
 class Context:
     def __init__(self, cfg, run):
         self.cfg, self.run = cfg, run
-        self.device = resolve_device(cfg.trainer.device)
+        self.device = distributed.local_device(resolve_device(cfg.trainer.device))
         self.input_shape, self.num_classes = describe(cfg.dataset)
         self._data = None
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
+
 
 def count_params(model: torch.nn.Module) -> int:
     """Every element of model.parameters(): BN affine and biases included, buffers excluded.
@@ -98,10 +100,11 @@ def mean_dynamic_macs(model: nn.Module, input_shape: tuple[int, int, int], batch
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, batches) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, batches, shared: bool = False) -> tuple[float, float]:
     """(top-1 accuracy in percent, mean cross-entropy) over an iterable of (x, y) batches.
 
-    Under ``torch.inference_mode`` (no autograd bookkeeping at all); nothing it computes outlives the call."""
+    Under ``torch.inference_mode`` (no autograd bookkeeping at all); nothing it computes outlives the call.
+    ``shared``: every process of a distributed run got its own part of the batches; their totals are summed."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long)
@@ -113,6 +116,12 @@ def evaluate(model: torch.nn.Module, batches) -> tuple[float, float]:
         correct = correct.to(y.device) + (logits.argmax(1) == y).sum()
         count += len(y)
     model.train(was_training)
+    if shared:
+        totals = torch.tensor(
+            [correct.item(), 0.0 if loss_sum is None else loss_sum.item(), count], dtype=torch.float64
+        )
+        distributed.all_sum(totals)
+        correct, loss_sum, count = totals[0], totals[1], int(totals[2])
     if count == 0:
         return float("nan"), float("nan")
     return 100.0 * correct.item() / count, loss_sum.item() / count

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import report, trainer
+from . import distributed, report, trainer
 from .atomic import write_text
 from .config import validate
 from .context import Context
@@ -48,6 +48,7 @@ def run(cfg, run_dir: Path) -> list[dict]:
 
     report.write_status(run_dir, "running")
     for stage in stages[start:]:
+        distributed.barrier()  # every rank reads the checkpoints rank 0 has written so far
         ck = run_.checkpoint(stage.name)
         if ck is not None and ck["done"]:  # finished earlier: take its model and tables
             model = load_model(ck, ctx.device)
@@ -59,7 +60,8 @@ def run(cfg, run_dir: Path) -> list[dict]:
     summary = report.summary_markdown(run_.rows, report.identity(cfg))
     write_text(Path(run_dir) / "summary.md", summary)
     report.write_status(run_dir, "done")
-    print(summary)
+    if distributed.is_main():
+        print(summary)
     return run_.rows
 
 

@@ -23,7 +23,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from . import __version__, report
+from . import __version__, distributed, report
 from .atomic import save_torch, write_text
 from .config import resolve
 from .errors import UserError
@@ -53,6 +53,9 @@ ADDED_OPTIONS = {
     "latency": "off",
     # "auto" keeps a resumed run's recorded format, and a run recorded before the option existed trained contiguous
     "trainer.memory_format": "auto",
+    "trainer.sync_bn": False,
+    "trainer.compile": False,
+    "trainer.compile_backend": "inductor",
 }
 
 
@@ -247,9 +250,11 @@ class RunDir:
         return read_run_checkpoint(path) if path.is_file() else None
 
     def claim(self) -> None:
-        """Own the directory for this run (refused while another run owns it or it holds another run)."""
-        check_directory(self.dir, self.config)
-        acquire(self.dir)
+        """Own the directory for this run (refused while another run owns it or it holds another run); the other
+        ranks of a distributed run use the directory rank 0 owns."""
+        if distributed.is_main():
+            check_directory(self.dir, self.config)
+            acquire(self.dir)
 
     def save(self, stage: str, models: list, *, done: bool, epoch: int = 0, optimizers=(), extra: dict | None = None):
         """``state_dict`` is the model that continues; ``states`` / ``optimizers`` hold every network of the stage."""
@@ -279,6 +284,8 @@ class RunDir:
         self.logger.skip(self.histories)  # logged by the process that wrote them
 
     def write_tables(self) -> None:
+        if not distributed.is_main():
+            return
         identity = report.identity(self.cfg)
         report.write_csv(self.dir / "results.csv", [{**row, **identity} for row in self.rows])
         report.write_csv(self.dir / "metrics.csv", [h for hist in self.histories.values() for h in hist])

@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import distributed
 from .atomic import write_text
 from .errors import UserError
 from .report import IDENTITY, deltas, dense_and_final, dynamic, fmt, identity, markdown_table, write_csv
@@ -656,6 +657,8 @@ class SweepTable(Callback):
     did not finish."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if not distributed.is_main():  # the other ranks of a distributed sweep wrote into scratch directories
+            return
         root = Path(config.hydra.sweep.dir)
         if not root.is_dir():
             return

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed
 from .data import Data, batches
 from .errors import UserError
 from .grafting import graft_internal, graft_noise, graft_ring, lr_schedules
@@ -77,11 +78,13 @@ def train_epoch(
 ) -> dict:
     """One pass over the training split; returns mean train loss, train accuracy and the regularizer's value.
 
-    ``memory_format`` (channels_last | contiguous): the batches' layout, the one the model was put in."""
+    ``memory_format`` (channels_last | contiguous): the batches' layout, the one the model was put in.
+    Distributed (``model`` wrapped by :func:`distributed.wrap`): every rank draws the same global batches and
+    trains on its shard; the epoch's statistics are summed over ranks once, at the end."""
     model.train()
     device = data.train.x.device
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    correct = torch.zeros((), device=device)
     reg_sum = torch.zeros((), device=device)
     steps = math.ceil(len(data.train) / batch_size)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
@@ -95,21 +98,26 @@ def train_epoch(
         leave=False,
         file=sys.stderr,
     ):
+        batch = len(y)
+        x, y, weight = distributed.shard(x, y)
         with autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         reg = regularizer.penalty()
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss + reg).backward()
+        # DDP averages gradients over ranks: each rank adds world x its share of the global batch's mean loss
+        share = len(y) * weight * distributed.world() / batch
+        scaler.scale(loss * share + reg if share != 1 else loss + reg).backward()
         if regularizer.edits_gradients:  # it edits true gradients: undo fp16 loss scaling first
             scaler.unscale_(optimizer)
             regularizer.before_step()
         scaler.step(optimizer)
         scaler.update()
         regularizer.after_step()
-        loss_sum += loss.detach() * len(y)
+        loss_sum += loss.detach() * (len(y) * weight)
         reg_sum += reg.detach()
-        correct += (logits.detach().argmax(1) == y).sum()
+        correct += (logits.detach().argmax(1) == y).sum() * weight
+    distributed.all_sum(loss_sum, correct)
     n = len(data.train)
     return {"train_loss": loss_sum.item() / n, "train_acc": 100.0 * correct.item() / n, "reg": reg_sum.item() / steps}
 
@@ -159,6 +167,23 @@ def graft(models: list, g, epoch: int, generator: torch.Generator) -> None:
         graft_internal(models[0], share=g.internal_share, A=g.A, c=g.c)
 
 
+def compiled(net, trainer):
+    """``net`` through torch.compile when ``trainer.compile`` (the module itself stays as it was: its parameters
+    are the compiled graph's, so its state_dict is what checkpoints save)."""
+    if not trainer.get("compile", False):
+        return net
+    return torch.compile(net, backend=trainer.get("compile_backend", "inductor"))
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process so far (0 when torch does not say)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:  # a torch without the metric
+        return 0.0
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))  # the outermost timing: no overlaps
+
+
 def fit(
     models: list,
     data: Data,
@@ -187,8 +212,11 @@ def fit(
     """
     device = data.train.x.device
     layout = resolve_memory_format(trainer.get("memory_format", "auto"), device)
+    sync_bn = distributed.active() and trainer.get("sync_bn", False)
     for model in models:
         model.to(memory_format=MEMORY_FORMATS[layout])
+        distributed.sync_batchnorm(model, sync_bn)
+    nets = [compiled(distributed.wrap(m), trainer) for m in models]  # what runs the training steps
     regularizers = [regularizer or Regularizer(models[0])] + [Regularizer(m) for m in models[1:]]
     optimizers = [make_optimizer([p for p in m.parameters() if p.requires_grad], st) for m in models]
     for opt, state in zip(optimizers, optimizer_states or []):
@@ -196,17 +224,17 @@ def fit(
             opt.load_state_dict(state)
     lrs = lr_functions(st, len(models), epochs)
     history = list(history or [])
-    progress = show_progress(trainer.progress)
+    progress = show_progress(trainer.progress) and distributed.is_main()
     for epoch in range(start_epoch, epochs):
         rows = []
-        for k, (model, optimizer, reg) in enumerate(zip(models, optimizers, regularizers)):
-            tic = time.perf_counter()
+        for k, (net, optimizer, reg) in enumerate(zip(nets, optimizers, regularizers)):
+            tic, compiling = time.perf_counter(), compile_seconds()
             lr = lrs[k](epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            net = f" net {k}" if len(models) > 1 else ""
+            which = f" net {k}" if len(models) > 1 else ""
             stats = train_epoch(
-                model,
+                net,
                 data,
                 st.batch_size,
                 optimizer,
@@ -214,10 +242,10 @@ def fit(
                 epoch_generator(device, seed + NETWORK_STRIDE * k, stage, epoch),
                 trainer.precision,
                 progress,
-                desc=f"{stage}{net} {epoch + 1}/{epochs}",
+                desc=f"{stage}{which} {epoch + 1}/{epochs}",
                 memory_format=layout,
             )
-            check_finite(model, stats, stage, epoch, lr, lr_option)
+            check_finite(models[k], stats, stage, epoch, lr, lr_option)
             rows.append(
                 {
                     "stage": stage,
@@ -226,6 +254,7 @@ def fit(
                     "lr": lr,
                     **stats,
                     "seconds": time.perf_counter() - tic,
+                    **({"compile_seconds": compile_seconds() - compiling} if trainer.get("compile") else {}),
                 }
             )
         if st.graft.variant != "none":
@@ -236,9 +265,8 @@ def fit(
         for model, row in zip(models, rows):
             tic = time.perf_counter()
             if last or (epoch + 1) % trainer.eval_every == 0:
-                top1, loss = evaluate(
-                    model, batches(data.test, data, trainer.eval_batch_size, memory_format=MEMORY_FORMATS[layout])
-                )
+                test = batches(data.test, data, trainer.eval_batch_size, memory_format=MEMORY_FORMATS[layout])
+                top1, loss = evaluate(model, distributed.my_batches(test), shared=distributed.active())
                 if not math.isfinite(loss):  # the outputs overflow although the weights are still finite
                     raise diverged(f"the test loss became {loss}", stage, epoch, row["lr"], lr_option)
             else:
@@ -249,5 +277,6 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, optimizers, history)
     for model in models:
+        distributed.sync_batchnorm(model, False)
         model.to(memory_format=torch.contiguous_format)
     return history

@@ -38,7 +38,26 @@ OPTIONS = (
         "older than the option: contiguous), else channels_last on cuda, contiguous on cpu and mps (CPU results "
         "stay those of earlier versions; channels_last trains ResNet-20 15-30% faster on a 2-core CPU: set it)",
     ),
+    Bool(
+        "compile",
+        False,
+        "train through torch.compile (the first epoch includes the compile time, reported as compile_seconds; "
+        "checkpoints hold the uncompiled network's weights)",
+    ),
+    Choice(
+        "compile_backend",
+        "inductor",
+        ("inductor", "aot_eager", "eager"),
+        "torch.compile's backend: inductor (generated kernels, the speed-up; needs a C++ compiler on the CPU) | "
+        "aot_eager, eager (trace only: check that a network compiles, no speed-up)",
+    ),
     Choice("precision", "fp32", ("fp32", "bf16", "fp16"), "autocast precision (fp16 needs cuda)"),
+    Bool(
+        "sync_bn",
+        False,
+        "distributed runs on CUDA (torchrun): BatchNorm statistics over every process's shard (SyncBatchNorm) "
+        "instead of each process's own",
+    ),
     Bool("deterministic", False, "deterministic kernels (slower on GPU); CPU runs are reproducible anyway"),
     Int("max_epochs", None, "cap every stage's epochs (smoke runs)", lo=1, nullable=True),
     Int("eval_every", 1, "evaluate on the test split every N epochs (and always at the last)", lo=1),
@@ -90,6 +109,8 @@ def check_config(cfg) -> None:
     device = resolve_device(t["device"])
     if t["precision"] == "fp16" and device.type != "cuda":
         raise UserError("trainer.precision", "fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if t["sync_bn"] and device.type != "cuda":
+        raise UserError("trainer.sync_bn", "SyncBatchNorm needs CUDA devices; on the CPU each process uses its shard")
 
 
 def apply(trainer) -> None:

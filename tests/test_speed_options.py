@@ -1,4 +1,5 @@
-"""trainer.memory_format: the layout changes speed, not results; a resumed run keeps the layout it began with."""
+"""trainer.memory_format and trainer.compile change speed, not results; a resumed run keeps the layout it began
+with and a compiled one resumes to the uninterrupted table."""
 
 import json
 
@@ -55,3 +56,23 @@ def test_a_bad_memory_format_is_refused(tmp_path):
     with pytest.raises(UserError) as e:
         pipeline.run(fast("trainer.memory_format=nhwc"), tmp_path)
     assert e.value.option == "trainer.memory_format" and "channels_last" in e.value.why
+
+
+def test_compiled_training_resumes_to_the_uncompiled_table(tmp_path, monkeypatch):
+    """torch.compile (its eager backend here: tracing without code generation, seconds instead of a minute) gives
+    the eager table; checkpoints hold the plain module's weights; an interrupted compiled run resumes to it."""
+    compiled = ["trainer.compile=true", "trainer.compile_backend=eager"]
+    pipeline.run(fast(), tmp_path / "plain")
+    run_interrupted(fast(*compiled), tmp_path / "b", monkeypatch, at_epoch=2)
+    half = torch.load(tmp_path / "b" / "checkpoints" / "pretrain.pt", weights_only=True)
+    assert not any("_orig_mod" in key for key in half["state_dict"])
+    pipeline.run(fast(*compiled), tmp_path / "b")
+    assert results_table(tmp_path / "plain") == results_table(tmp_path / "b")
+    metrics = pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert (metrics.groupby("stage")["compile_seconds"].first() > 0).all()  # each stage compiles in its first epoch
+
+
+def test_sync_bn_needs_cuda(tmp_path):
+    with pytest.raises(UserError) as e:
+        pipeline.run(fast("trainer.sync_bn=true", "trainer.device=cpu"), tmp_path)
+    assert e.value.option == "trainer.sync_bn"

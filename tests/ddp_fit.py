@@ -1,0 +1,45 @@
+"""Train a BatchNorm-free network for one epoch with ``prune_cli.train.fit`` and save its weights (a helper the
+distributed tests run twice: alone, and as 2 processes under torchrun with the gloo backend).
+
+    python tests/ddp_fit.py OUT.pt            one process, global batch 32
+    torchrun --nproc_per_node 2 tests/ddp_fit.py OUT.pt   two processes, 16 images each per step
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from helpers import compose_config  # run as a script: its directory, tests/, is on the path
+from prune_cli import distributed
+from prune_cli.data import load_data
+from prune_cli.models import build_model
+from prune_cli.train import fit
+
+
+def main(out: str) -> None:
+    distributed.start()
+    torch.set_num_threads(1)
+    cfg = compose_config("dataset=synthetic", "dataset.subset=200", "dataset.test_subset=50")
+    data = load_data(cfg.dataset, 0, "cpu")
+    torch.manual_seed(0)
+    model = build_model(
+        {
+            "name": "plain",
+            "num_classes": data.num_classes,
+            "in_channels": data.input_shape[0],
+            "widths": [8, 16],
+            "strides": [1, 2],
+            "bn": False,
+        }
+    )
+    st = cfg.schedule.pretrain
+    st.batch_size, st.lr, st.lr_schedule = 32, 0.05, "constant"  # 200 images: 6 steps of 32 and one of 8
+    history = fit([model], data, st, stage="pretrain", epochs=1, seed=0, trainer=cfg.trainer)
+    if distributed.is_main():
+        torch.save({"state": model.state_dict(), "history": history}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
