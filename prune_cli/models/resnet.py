@@ -25,6 +25,8 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 class PadShortcut(nn.Module):
     """Option A: subsample by the stride and zero-pad the new channels (no parameters)."""
 
+    channel_padding = ("left", "right")  # the padding widths, lowered when padded stream channels are pruned
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.stride, self.left, self.right = stride, (cout - cin) // 2, cout - cin - (cout - cin) // 2

@@ -1,0 +1,513 @@
+"""The channel dependency graph of any CNN, from a ``torch.fx`` trace: which channels go together.
+
+Every channel of every traced tensor is an *atom*; operations tie atoms together (a union-find), and a
+*channel* (one prunable unit) is a class of tied atoms. The rules, one per kind of operation:
+
+- conv / linear (groups 1): new atoms for its outputs; its weight's input dim is indexed by the input's atoms;
+- depthwise conv (groups = in = out channels): its output channel i *is* its input channel i (tied), and the
+  layer's groups shrink with it; other grouped convs cannot be mapped: their channels are unprunable;
+- BatchNorm, activations, pooling, dropout, stochastic depth, identity: the same atoms pass through;
+- ``+ - * /`` of two tensors with the same channel count: channel i of every operand tied (residual sums,
+  squeeze-excitation's ``x * scale``); an operand with one channel (or none) broadcasts and ties nothing;
+- ``cat`` along channels: the operands' atoms one after another (DenseNet);
+- ``flatten`` / ``view(B, -1)`` of [B, C, H, W]: each atom repeated H x W times (a linear layer's input dim
+  then holds H x W columns per channel);
+- means or pools over the spatial dims keep the atoms; anything else (channel shuffle, reshapes or permutes
+  across channels, splits, unknown modules with parameters, custom functions): every atom it touches is
+  unprunable, with a warning naming the operation.
+
+The network's input and output channels are unprunable. A *group* is the set of channels that live in the
+same layers (a conv's outputs; a residual stream's channels, shared by every block writing into it). Removing a
+channel removes its atoms everywhere: the producers' output rows, the BN entries, the consumers' input
+columns. :meth:`ChannelGraph.masked` is the separate check: the unmodified network with every traced tensor
+multiplied by 0 at the removed channels' atoms.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import UserError
+
+PASS_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+PASS_FUNCTIONS = {
+    torch.relu,
+    torch.nn.functional.relu,
+    torch.nn.functional.relu6,
+    torch.nn.functional.silu,
+    torch.nn.functional.gelu,
+    torch.nn.functional.hardswish,
+    torch.nn.functional.hardsigmoid,
+    torch.sigmoid,
+    torch.tanh,
+    torch.nn.functional.dropout,
+    torch.nn.functional.max_pool2d,
+    torch.nn.functional.avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.adaptive_max_pool2d,
+}
+PASS_METHODS = {"relu", "relu_", "sigmoid", "contiguous", "clone", "detach", "float"}
+ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.truediv}
+ELEMENTWISE |= {torch.add, torch.sub, torch.mul, torch.div}
+ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
+
+
+def _stochastic_depth() -> tuple[type, ...]:
+    """torchvision's stochastic depth (drops whole samples: channel-preserving), as a module."""
+    try:
+        from torchvision.ops import StochasticDepth
+    except ImportError:  # torchvision is a dependency, but the graph itself does not need it
+        return ()
+    return (StochasticDepth,)
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, remembering the module it was in when tracing failed (named in the error)."""
+
+    def __init__(self):
+        super().__init__()
+        self.path: list[str] = []
+
+    def call_module(self, m, forward, args, kwargs):
+        self.path.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.path.pop()
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """The model's fx graph with every node's output shape (one forward of ``example``), or one line naming the
+    module that cannot be traced."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        where = tracer.path[-1] if tracer.path else type(model).__name__
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError("model", f"{where or 'the top-level module'} cannot be traced by torch.fx ({why})") from None
+    gm = fx.GraphModule(model, graph)
+    was_training = model.training
+    gm.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    gm.train(was_training)
+    return gm
+
+
+@dataclass
+class Group:
+    """Channels that live in the same layers: removing one removes its rows / columns in each of ``layers``."""
+
+    name: str  # its first producer (the layer whose output rows it is)
+    channels: list[int]  # channel (class) ids, in the producer's output order
+    layers: list[str] = field(default_factory=list)
+
+
+class ChannelGraph:
+    """Coupled channels of ``model`` (traced on ``example``, one batch of inputs)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.model = model
+        self.gm = trace(model, example)
+        self.modules = dict(model.named_modules())
+        self.parent: list[int] = []
+        self.blocked: set[int] = set()
+        self.why: dict[int, str] = {}  # a blocked atom -> the operation that blocked it
+        self.atoms: dict[str, np.ndarray] = {}  # node name -> atom per channel (None: no channel dim)
+        self.dims: dict[tuple[str, str], dict[int, np.ndarray]] = {}  # (module, param) -> {dim: atoms}
+        self.pixels: dict[str, int] = {}  # conv / linear module -> output pixels per image
+        self.pads: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # padding module -> atoms it pads before / after
+        self.warnings: list[str] = []
+        self._propagate()
+        self._classes()
+
+    # ------------------------------------------------------------------ atoms and their union-find
+
+    def _new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n)
+
+    def _find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def _tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self._find(x), self._find(y)
+            if rx != ry:
+                self.parent[ry] = rx
+
+    def _block(self, atoms, why: str) -> None:
+        for a in np.asarray(atoms).ravel().tolist():
+            self.blocked.add(a)
+            self.why.setdefault(a, why)
+
+    # ------------------------------------------------------------------ propagation over the trace
+
+    @staticmethod
+    def _shape(node) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def _of(self, arg) -> np.ndarray | None:
+        return self.atoms.get(arg.name) if isinstance(arg, fx.Node) else None
+
+    def _opaque(self, node, what: str) -> None:
+        """An operation the graph cannot map: every channel it touches is unprunable."""
+        touched = [self._of(a) for a in node.all_input_nodes]
+        if any(t is not None for t in touched):
+            msg = f"{what} ({node.name}) cannot be mapped: the channels it touches are unprunable"
+            self.warnings.append(msg)
+            warnings.warn(msg, stacklevel=3)
+        for t in touched:
+            if t is not None:
+                self._block(t, what)
+        shape = self._shape(node)
+        if shape is not None and len(shape) >= 2:
+            out = self._new(shape[1])
+            self._block(out, what)
+            self.atoms[node.name] = out
+
+    def _propagate(self) -> None:
+        depthwise_like = _stochastic_depth()
+        for node in self.gm.graph.nodes:
+            shape = self._shape(node)
+            if node.op == "placeholder":
+                if shape is not None and len(shape) >= 2:
+                    self.atoms[node.name] = self._new(shape[1])
+                    self._block(self.atoms[node.name], "the network's input")
+            elif node.op == "output":
+                for arg in node.all_input_nodes:
+                    if self._of(arg) is not None:
+                        self._block(self._of(arg), "the network's output")
+            elif node.op == "call_module":
+                self._module(node, self.modules[node.target], depthwise_like)
+            elif node.op == "call_function":
+                self._function(node, node.target, shape)
+            elif node.op == "call_method":
+                self._method(node, shape)
+            elif node.op == "get_attr":
+                pass  # a parameter or buffer read directly: has no channel atoms of its own
+
+    def _module(self, node, m: nn.Module, passthrough_extra) -> None:
+        x = self._of(node.args[0]) if node.args else None
+        shape = self._shape(node)
+        if isinstance(m, nn.Conv2d):
+            self.pixels[node.target] = int(np.prod(shape[2:]))
+            if m.groups == 1:
+                out = self._new(m.out_channels)
+                self._param(node.target, "weight", {0: out, 1: x})
+                if m.bias is not None:
+                    self._param(node.target, "bias", {0: out})
+            elif m.groups == m.in_channels == m.out_channels:
+                out = x  # depthwise: output channel i is input channel i
+                self._param(node.target, "weight", {0: out})
+                if m.bias is not None:
+                    self._param(node.target, "bias", {0: out})
+            else:
+                self._opaque(node, f"grouped convolution {node.target} (groups={m.groups})")
+                return
+            self.atoms[node.name] = out
+        elif isinstance(m, nn.Linear):
+            self.pixels[node.target] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+            if x is None or len(x) != m.in_features:
+                self._opaque(node, f"linear layer {node.target} on a tensor whose last dim is not its channels")
+                return
+            out = self._new(m.out_features)
+            self._param(node.target, "weight", {0: out, 1: x})
+            if m.bias is not None:
+                self._param(node.target, "bias", {0: out})
+            self.atoms[node.name] = out
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            for p in ("weight", "bias"):
+                if getattr(m, p, None) is not None:
+                    self._param(node.target, p, {0: x})
+            for b in ("running_mean", "running_var"):
+                if getattr(m, b, None) is not None:
+                    self._param(node.target, b, {0: x})
+            self.atoms[node.name] = x
+        elif isinstance(m, PASS_MODULES + passthrough_extra):
+            self.atoms[node.name] = x
+        elif isinstance(m, nn.Flatten):
+            self._flatten(node, x, m.start_dim, m.end_dim)
+        else:
+            self._opaque(node, f"module {node.target} ({type(m).__name__})")
+
+    def _function(self, node, fn, shape) -> None:
+        if fn in PASS_FUNCTIONS or getattr(fn, "__module__", "").startswith("torchvision.ops.stochastic_depth"):
+            self.atoms[node.name] = self._of(node.args[0])
+        elif fn in ELEMENTWISE:
+            self._elementwise(node, shape)
+        elif fn is torch.cat:
+            self._cat(node)
+        elif fn is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            self._flatten(node, self._of(node.args[0]), start, end)
+        elif fn is torch.mean:
+            self._reduce(node, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        elif fn is operator.getitem and shape is not None and self._of(node.args[0]) is not None:
+            self._index(node)
+        elif fn is torch.nn.functional.pad and len(shape or ()) == 4:
+            self._pad(node)
+        elif fn in (getattr, operator.getitem) and shape is None:
+            pass  # x.shape, sizes: no channels
+        else:
+            self._opaque(node, f"function {getattr(fn, '__name__', fn)}")
+
+    def _method(self, node, shape) -> None:
+        name = node.target
+        if name in PASS_METHODS:
+            self.atoms[node.name] = self._of(node.args[0])
+        elif name in ELEMENTWISE_METHODS:
+            self._elementwise(node, shape)
+        elif name == "mean":
+            self._reduce(node, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        elif name == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            self._flatten(node, self._of(node.args[0]), start, -1)
+        elif name in ("view", "reshape") and shape is not None and len(shape) == 2:
+            src = self._shape(node.args[0])
+            self._flatten(node, self._of(node.args[0]), 1, -1) if src and src[0] == shape[0] else self._opaque(
+                node, f"method {name}"
+            )
+        elif name in ("size", "dim") or shape is None:
+            pass
+        else:
+            self._opaque(node, f"method {name}")
+
+    def _elementwise(self, node, shape) -> None:
+        if shape is None or len(shape) < 2:
+            self._opaque(node, f"{node.target} on tensors without channels")
+            return
+        operands = [(self._of(a), self._shape(a)) for a in node.args if isinstance(a, fx.Node)]
+        full = [atoms for atoms, s in operands if atoms is not None and s is not None and len(s) >= 2 and s[1] == shape[1]]
+        if not full:
+            self._opaque(node, f"{node.target}")
+            return
+        for other in full[1:]:
+            self._tie(full[0], other)
+        self.atoms[node.name] = full[0]
+
+    def _cat(self, node) -> None:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = [self._of(t) for t in tensors]
+        ndim = len(self._shape(node))
+        if dim % ndim == 1 and all(p is not None for p in parts):
+            self.atoms[node.name] = np.concatenate(parts)
+        else:
+            self._opaque(node, "cat along a dim other than the channels")
+
+    def _index(self, node) -> None:
+        """``x[:, :, ...]``: indexing that keeps every channel (spatial subsampling) keeps the atoms."""
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        whole = slice(None)
+        if len(index) >= 2 and index[0] == whole and index[1] == whole:
+            self.atoms[node.name] = self._of(node.args[0])
+        else:
+            self._opaque(node, "indexing along the channels")
+
+    def _pad(self, node) -> None:
+        """``F.pad`` of [B, C, H, W]: padding along the channels (the option-A shortcut) adds channels of zeros,
+        new atoms that join the residual stream they are added to; the input's channels keep theirs (a later
+        stage's channel that carries an earlier one goes only with it). A padded channel can go when the module
+        doing the padding names its widths (``channel_padding = (attribute before, attribute after)``),
+        which surgery then lowers; otherwise the widths are fixed and those channels are unprunable."""
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+        x = self._of(node.args[0])
+        left, right = (pad[4], pad[5]) if len(pad) >= 6 else (0, 0)
+        if len(pad) > 6 or x is None:
+            self._opaque(node, "padding beyond the channels")
+            return
+        before, after = self._new(left), self._new(right)
+        stack = list(node.meta.get("nn_module_stack", {}))
+        owner = stack[-1] if stack else None
+        if owner is not None and getattr(self.modules[owner], "channel_padding", None):
+            self.pads[owner] = (before, after)
+        else:
+            self._block(np.concatenate([before, after]), "zero-padded channels (fixed padding widths)")
+        self.atoms[node.name] = np.concatenate([before, x, after])
+
+    def _flatten(self, node, x, start: int, end: int) -> None:
+        src, shape = self._shape(node.args[0]), self._shape(node)
+        if x is None or src is None or start % len(src) != 1 or end % len(src) != len(src) - 1:
+            self._opaque(node, "flatten of other dims than channels and space")
+            return
+        self.atoms[node.name] = np.repeat(x, int(np.prod(src[2:])))  # channel-major: c * H * W + position
+
+    def _reduce(self, node, dims) -> None:
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        ndim = len(self._shape(node.args[0]))
+        if dims and all(d % ndim >= 2 for d in dims):
+            self.atoms[node.name] = self._of(node.args[0])
+        else:
+            self._opaque(node, "a mean over the channels")
+
+    def _param(self, module: str, param: str, dims: dict[int, np.ndarray | None]) -> None:
+        key = (module, param)
+        known = self.dims.setdefault(key, {})
+        for d, atoms in dims.items():
+            if atoms is None:
+                continue
+            if d in known:  # a layer called twice: its channels are the same channels both times
+                self._tie(known[d], atoms)
+            else:
+                known[d] = atoms
+
+    # ------------------------------------------------------------------ channels and groups
+
+    def _classes(self) -> None:
+        roots = np.array([self._find(a) for a in range(len(self.parent))])
+        blocked_roots = {roots[a] for a in self.blocked}
+        self.reasons: dict[int, str] = {}
+        for a in self.blocked:
+            self.reasons.setdefault(int(roots[a]), self.why[a])
+        self.root = roots
+        # a channel lives wherever one of its atoms indexes a parameter
+        where: dict[int, set[tuple[str, str, int]]] = {}
+        order: dict[int, tuple[int, int]] = {}
+        for rank, ((module, param), dims) in enumerate(self.dims.items()):
+            for d, atoms in dims.items():
+                for pos, a in enumerate(atoms.tolist()):
+                    r = int(roots[a])
+                    where.setdefault(r, set()).add((module, param, d))
+                    order.setdefault(r, (rank, pos))
+        self.unprunable = {r for r in where if r in blocked_roots}
+        by_layers: dict[frozenset, list[int]] = {}
+        for r in sorted(where, key=lambda r: order[r]):
+            if r not in blocked_roots:
+                by_layers.setdefault(frozenset(m for m, _, _ in where[r]), []).append(r)
+        self.groups = [
+            Group(name=self._first_layer(rs[0]), channels=rs, layers=sorted(layers)) for layers, rs in by_layers.items()
+        ]
+        self.channels_in = where
+
+    def _first_layer(self, root: int) -> str:
+        for (module, param), dims in self.dims.items():
+            if 0 in dims and param == "weight" and any(self.root[a] == root for a in dims[0].tolist()):
+                return module
+        return next(iter(self.dims))[0]
+
+    def share_unprunable(self) -> tuple[float, dict[str, int]]:
+        """The share of channels (classes that index a parameter) that cannot be pruned, and why (counts)."""
+        reasons: dict[str, int] = {}
+        for r in self.unprunable:
+            key = self.reasons.get(r, "?")
+            reasons[key] = reasons.get(key, 0) + 1
+        return len(self.unprunable) / max(len(self.channels_in), 1), reasons
+
+    # ------------------------------------------------------------------ removing channels
+
+    def _kept(self, atoms: np.ndarray, removed: set[int]) -> torch.Tensor:
+        return torch.tensor([int(self.root[a]) not in removed for a in atoms.tolist()], dtype=torch.bool)
+
+    def count(self, removed: set[int]) -> tuple[int, int]:
+        """(params, MACs per image) after removing the ``removed`` channels: parameter elements from the kept sizes of
+        every indexed dim, MACs = conv / linear weight elements x output pixels. Computed, not measured."""
+        params = macs = 0
+        for name, p in self.model.named_parameters():
+            module, _, pname = name.rpartition(".")
+            dims = self.dims.get((module, pname), {})
+            n = 1
+            for d, size in enumerate(p.shape):
+                n *= int(self._kept(dims[d], removed).sum()) if d in dims else size
+            params += n
+            if pname == "weight" and module in self.pixels:
+                macs += n * self.pixels[module]
+        return params, macs
+
+    def pruned(self, removed: set[int]) -> nn.Module:
+        """A copy of the model without the ``removed`` channels (every layer sliced; depthwise groups follow)."""
+        if removed & self.unprunable:
+            raise ValueError("an unprunable channel cannot be removed")
+        model = copy.deepcopy(self.model)
+        modules = dict(model.named_modules())
+        touched: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+        for (module, param), dims in self.dims.items():
+            touched.setdefault(module, {})[param] = {d: self._kept(a, removed) for d, a in dims.items()}
+        with torch.no_grad():
+            for module, params in touched.items():
+                m = modules[module]
+                for param, dims in params.items():
+                    t = getattr(m, param)
+                    for d, keep in dims.items():
+                        t = t.index_select(d, torch.nonzero(keep).flatten().to(t.device))
+                    if isinstance(getattr(m, param), nn.Parameter):
+                        setattr(m, param, nn.Parameter(t.clone(), requires_grad=getattr(m, param).requires_grad))
+                    else:
+                        setattr(m, param, t.clone())
+                _resize(m)
+            for module, sides in self.pads.items():
+                m = modules[module]
+                for attribute, atoms in zip(m.channel_padding, sides):
+                    setattr(m, attribute, int(self._kept(atoms, removed).sum()))
+        return model
+
+    def masked(self, removed: set[int]) -> fx.GraphModule:
+        """The unmodified network, traced, with every tensor multiplied by 0 at the removed channels' atoms."""
+        gm = copy.deepcopy(self.gm)
+        for node in list(gm.graph.nodes):
+            atoms = self.atoms.get(node.name)
+            if atoms is None or node.op in ("placeholder", "output"):
+                continue
+            keep = self._kept(atoms, removed)
+            if bool(keep.all()):
+                continue
+            shape = self._shape(node)
+            mask = keep.float().reshape(1, -1, *([1] * (len(shape) - 2)))
+            name = f"_mask_{node.name}"
+            gm.register_buffer(name, mask.to(next(iter(gm.buffers()), mask).device))
+            with gm.graph.inserting_after(node):
+                getter = gm.graph.get_attr(name)
+            with gm.graph.inserting_after(getter):
+                product = gm.graph.call_function(operator.mul, (node, getter))
+            node.replace_all_uses_with(product, delete_user_cb=lambda user, p=product: user is not p)
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+
+def _resize(m: nn.Module) -> None:
+    """A sliced layer's size attributes follow its tensors."""
+    if isinstance(m, nn.Conv2d):
+        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+        m.out_channels = m.weight.shape[0]
+        m.in_channels = m.out_channels if depthwise else m.weight.shape[1] * m.groups
+        if depthwise:
+            m.groups = m.out_channels
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        m.num_features = m.running_mean.shape[0] if m.running_mean is not None else m.weight.shape[0]

@@ -1,0 +1,155 @@
+"""The traced channel graph on torchvision networks: the physically pruned network equals the masked one (every
+traced tensor zeroed at the removed channels, no surgery), its params and MACs equal a count from its layers'
+shapes, and it trains."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from prune_cli.graph import ChannelGraph
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "densenet121", "efficientnet_b0"]
+
+
+def randomized(name: str) -> nn.Module:
+    """Random init, 10 classes; BN statistics and affines drawn too, so every channel changes the output."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def removal(graph: ChannelGraph, share: float, seed: int) -> set[int]:
+    """``share`` of every group's channels (rounded down, at least one kept), chosen at random."""
+    g = torch.Generator().manual_seed(seed)
+    removed = set()
+    for group in graph.groups:
+        n = min(int(share * len(group.channels)), len(group.channels) - 1)
+        pick = torch.randperm(len(group.channels), generator=g)[:n].tolist()
+        removed |= {group.channels[i] for i in pick}
+    return removed
+
+
+def shape_count(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Params from the parameters; MACs per image from each conv / linear layer's shapes and output size."""
+    macs = []
+
+    def hook(m, inputs, out):
+        if isinstance(m, nn.Conv2d):
+            per_pixel = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+            macs.append(out[0].numel() * per_pixel)
+        else:
+            macs.append(m.in_features * m.out_features)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    return sum(p.numel() for p in model.parameters()), sum(macs)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pruned_equals_masked_and_counts_match(name):
+    torch.set_num_threads(1)
+    model = randomized(name)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every operation of these networks is mapped
+        graph = ChannelGraph(model, x)
+    share, _ = graph.share_unprunable()
+    assert share < 0.01  # only the input's and the classifier's channels
+    dense = graph.count(set())
+    assert dense == shape_count(model, x)
+    for i, part in enumerate((0.3, 0.5)):
+        removed = removal(graph, part, seed=i)
+        pruned, masked = graph.pruned(removed).eval(), graph.masked(removed).eval()
+        with torch.no_grad():
+            a, b = pruned(x), masked(x)
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max(), name
+        assert graph.count(removed) == shape_count(pruned, x)
+        assert graph.count(removed)[0] < dense[0]
+    pruned.train()  # one epoch of 64 synthetic images, batches of 32
+    opt = torch.optim.SGD(pruned.parameters(), lr=0.01, momentum=0.9)
+    data = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(4))
+    for j in range(0, 64, 32):
+        loss = F.cross_entropy(pruned(data[j : j + 32]), labels[j : j + 32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+
+
+BUILTIN = [
+    {"name": "resnet56"},  # option A: zero-padded shortcuts
+    {"name": "resnet56", "shortcut": "B"},
+    {"name": "resnet18"},
+    {"name": "vgg16"},
+]
+
+
+@pytest.mark.parametrize("arch", BUILTIN, ids=lambda a: "-".join(map(str, a.values())))
+def test_builtin_groups_are_the_hand_written_ones_plus_the_residual_streams(arch):
+    from prune_cli.models import build_model
+
+    model = build_model({"num_classes": 10, "in_channels": 3, **arch}).eval()
+    graph = ChannelGraph(model, torch.randn(2, 3, 32, 32))
+    hand = {frozenset([g.conv, g.bn, *g.consumers]) for g in model.channel_groups()}
+    found = {frozenset(g.layers): len(g.channels) for g in graph.groups}
+    assert hand <= set(found)
+    for g in model.channel_groups():  # the same channels, all of them
+        assert found[frozenset([g.conv, g.bn, *g.consumers])] == model.get_submodule(g.conv).out_channels
+    streams = set(found) - hand  # the rest: one residual stream per stage (ResNets), written by the blocks' bn2
+    stages = 4 if arch["name"] == "resnet18" else 3
+    assert len(streams) == (stages if arch["name"].startswith("resnet") else 0)
+    assert all(any(layer.endswith("bn2") for layer in s) for s in streams)
+    assert graph.share_unprunable()[0] < 0.02  # the image's channels and the logits
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_residual_streams_pruned_to_half_the_params(shortcut):
+    """Every group, residual streams included, loses the same share of its channels, the share found by bisection
+    on the computed count so that 50% of the params go: the pruned ResNet-56 equals the masked one, and its params
+    and MACs are what its layers' shapes give."""
+    from prune_cli.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet56", "num_classes": 10, "in_channels": 3, "shortcut": shortcut}).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    graph = ChannelGraph(model, x)
+    dense = graph.count(set())[0]
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if graph.count(removal(graph, mid, seed=0))[0] > dense / 2 else (lo, mid)
+    removed = removal(graph, hi, seed=0)
+    params, macs = graph.count(removed)
+    # a stem-stream channel of option A reaches every stage (carried by the padding): one of them is ~2% of the params
+    assert abs(params / dense - 0.5) < 0.03
+    streams = [g for g in graph.groups if any(layer.endswith("bn2") for layer in g.layers)]
+    assert len(streams) == 3 and all(any(c in removed for c in g.channels) for g in streams)  # streams lost channels
+    pruned, masked = graph.pruned(removed).eval(), graph.masked(removed).eval()
+    with torch.no_grad():
+        a, b = pruned(x), masked(x)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    assert (params, macs) == shape_count(pruned, x)
+    assert pruned.fc.in_features < 64
