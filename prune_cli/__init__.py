@@ -9,3 +9,11 @@ def load(path, stage=None):
     from .deploy import load as load_run  # imported on use: ``import prune_cli`` stays light
 
     return load_run(path, stage)
+
+
+def prune(model, example_input, ratio, **options):
+    """``(pruned copy, table)`` of any traceable CNN: coupled channels from its traced graph, lowest L1 first, until
+    ``ratio`` of the params are removed. Options and rules: ``prune_cli.anymodel.prune``."""
+    from .anymodel import prune as prune_any
+
+    return prune_any(model, example_input, ratio, **options)

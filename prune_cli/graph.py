@@ -94,11 +94,16 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.path: list[str] = []
+        self.failed_in: str | None = None  # the innermost module being traced when tracing failed
 
     def call_module(self, m, forward, args, kwargs):
         self.path.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path[-1]
+            raise
         finally:
             self.path.pop()
 
@@ -110,7 +115,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as e:
-        where = tracer.path[-1] if tracer.path else type(model).__name__
+        where = tracer.failed_in or type(model).__name__
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError("model", f"{where or 'the top-level module'} cannot be traced by torch.fx ({why})") from None
     gm = fx.GraphModule(model, graph)
@@ -312,7 +317,9 @@ class ChannelGraph:
             self._opaque(node, f"{node.target} on tensors without channels")
             return
         operands = [(self._of(a), self._shape(a)) for a in node.args if isinstance(a, fx.Node)]
-        full = [atoms for atoms, s in operands if atoms is not None and s is not None and len(s) >= 2 and s[1] == shape[1]]
+        full = [
+            atoms for atoms, s in operands if atoms is not None and s is not None and len(s) >= 2 and s[1] == shape[1]
+        ]
         if not full:
             self._opaque(node, f"{node.target}")
             return
@@ -361,7 +368,7 @@ class ChannelGraph:
         self.atoms[node.name] = np.concatenate([before, x, after])
 
     def _flatten(self, node, x, start: int, end: int) -> None:
-        src, shape = self._shape(node.args[0]), self._shape(node)
+        src = self._shape(node.args[0])
         if x is None or src is None or start % len(src) != 1 or end % len(src) != len(src) - 1:
             self._opaque(node, "flatten of other dims than channels and space")
             return

@@ -1,0 +1,136 @@
+"""Prune a network object of any design: ``prune_cli.prune(model, example_input, ratio=0.5)``.
+
+The coupled channels come from the traced channel graph (``graph.py``). A channel's score is the sum over the
+layers producing it (every conv / linear whose output rows it indexes) of that row's norm divided by the layer's
+mean row norm, so layers of different scale compare (``normalize="mean"``; ``"none"`` sums raw norms). The
+lowest-scoring channels go first, over the whole network (``scope="global"``) or the same share of every group
+(``scope="group"``), until ``ratio`` of the ``target`` (channels, params or MACs, counted exactly from the graph)
+is removed; every group keeps at least ``min_channels``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import ChannelGraph
+
+TARGETS = ("channels", "params", "macs")
+CRITERIA = ("l1", "l2", "random")
+
+
+def channel_scores(
+    graph: ChannelGraph, criterion: str = "l1", normalize: str = "mean", seed: int = 0
+) -> dict[int, float]:
+    """channel id -> score (higher = more important) for every prunable channel."""
+    prunable = [c for g in graph.groups for c in g.channels]
+    if criterion == "random":
+        rng = np.random.default_rng(seed)
+        return dict(zip(prunable, rng.random(len(prunable)).tolist()))
+    scores = dict.fromkeys(prunable, 0.0)
+    params = dict(graph.model.named_parameters())
+    for (module, param), dims in graph.dims.items():
+        if param != "weight" or 0 not in dims or not isinstance(graph.modules[module], nn.Conv2d | nn.Linear):
+            continue
+        w = params[f"{module}.{param}"].detach().flatten(1).float()
+        norms = w.abs().sum(1) if criterion == "l1" else w.pow(2).sum(1).sqrt()
+        if normalize == "mean":
+            norms = norms / norms.mean().clamp_min(1e-12)
+        for atom, value in zip(dims[0].tolist(), norms.tolist()):
+            root = int(graph.root[atom])
+            if root in scores:
+                scores[root] += value
+    return scores
+
+
+def _order(graph: ChannelGraph, scores: dict[int, float], scope: str, min_channels: int) -> list[list[int]]:
+    """Removable channels, lowest score first: one list (global) or one per group (group scope)."""
+    lists = []
+    for g in graph.groups:
+        ranked = sorted(g.channels, key=lambda c: (scores[c], c))
+        lists.append(ranked[: max(0, len(ranked) - min_channels)])
+    if scope == "group":
+        return lists
+    return [sorted((c for lst in lists for c in lst), key=lambda c: (scores[c], c))]
+
+
+def select(
+    graph: ChannelGraph,
+    ratio: float,
+    target: str = "params",
+    criterion: str = "l1",
+    scope: str = "global",
+    normalize: str = "mean",
+    min_channels: int = 1,
+    seed: int = 0,
+) -> set[int]:
+    """The channels to remove: the fewest lowest-scoring ones whose removal takes away ``ratio`` of ``target``."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    orders = _order(graph, channel_scores(graph, criterion, normalize, seed), scope, min_channels)
+    total_channels = sum(len(g.channels) for g in graph.groups)
+    dense = graph.count(set())
+
+    def removed_at(k: float) -> set[int]:
+        """global: the k lowest-scoring channels; group: the lowest share k of every group's channels."""
+        if scope == "group":
+            return {c for lst in orders for c in lst[: int(k * len(lst))]}
+        return set(orders[0][: int(k)])
+
+    def amount(removed: set[int]) -> float:
+        if target == "channels":
+            return len(removed) / total_channels
+        i = 0 if target == "params" else 1
+        return 1 - graph.count(removed)[i] / dense[i]
+
+    # the smallest prefix (global: number of channels; group: share of each group's list) that reaches the ratio
+    lo, hi = 0.0, float(len(orders[0])) if scope == "global" else 1.0
+    if amount(removed_at(hi)) < ratio:
+        raise ValueError(f"{ratio:.0%} of the {target} cannot be removed with min_channels={min_channels}")
+    for _ in range(60):
+        if (scope == "global" and hi - lo <= 1) or (scope == "group" and hi - lo < 1e-6):
+            break
+        mid = (lo + hi) / 2 if scope == "group" else float((int(lo) + int(hi)) // 2)
+        lo, hi = (lo, mid) if amount(removed_at(mid)) >= ratio else (mid, hi)
+    return removed_at(hi)
+
+
+def prune(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    ratio: float,
+    target: str = "params",
+    criterion: str = "l1",
+    scope: str = "global",
+    normalize: str = "mean",
+    min_channels: int = 1,
+    seed: int = 0,
+) -> tuple[nn.Module, dict]:
+    """``(pruned model, table)``: a copy of ``model`` without the channels :func:`select` picks (``model`` is left
+    as it was), and what happened: params and MACs before and after (exact counts), channels removed, groups, and
+    the channels the graph could not prune with the reason for each."""
+    graph = ChannelGraph(model, example_input)
+    removed = select(graph, ratio, target, criterion, scope, normalize, min_channels, seed)
+    pruned = graph.pruned(removed)
+    (p0, m0), (p1, m1) = graph.count(set()), graph.count(removed)
+    share, reasons = graph.share_unprunable()
+    table = {
+        "params": p0,
+        "params_pruned": p1,
+        "macs": m0,
+        "macs_pruned": m1,
+        "params_removed": 1 - p1 / p0,
+        "macs_removed": 1 - m1 / m0 if m0 else 0.0,
+        "channels": sum(len(g.channels) for g in graph.groups),
+        "channels_removed": len(removed),
+        "groups": len(graph.groups),
+        "unprunable_share": share,
+        "unprunable_reasons": reasons,
+        "warnings": list(graph.warnings),
+    }
+    return pruned, table
