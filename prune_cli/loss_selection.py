@@ -74,8 +74,8 @@ def _stage_of(prefixes: list[str], module: str) -> int:
     return 0
 
 
-def _stage_macs(model: nn.Module, stages, x1: torch.Tensor) -> list[float]:
-    """MACs per image of conv + linear layers in every segment."""
+def _stage_macs(model: nn.Module, stages, x1: torch.Tensor) -> tuple[list[float], dict[str, float]]:
+    """MACs per image of conv + linear layers in every segment, and of every such layer by name."""
 
     def run(x):
         for _, fn in stages:
@@ -83,9 +83,41 @@ def _stage_macs(model: nn.Module, stages, x1: torch.Tensor) -> list[float]:
 
     prefixes = [p for p, _ in stages]
     macs = [0.0] * len(stages)
-    for name, m in layer_macs(model, tuple(x1.shape[1:]), run).items():
+    layers = layer_macs(model, tuple(x1.shape[1:]), run)
+    for name, m in layers.items():
         macs[_stage_of(prefixes, name)] += m
-    return macs
+    return macs, layers
+
+
+class _Replay:
+    """Mixed into the class of a group's conv in the working copy: a trunk pass records its output, and the
+    variant passes of its own group (whose masks act after it, on the BN output) get that output back
+    instead of recomputing it: a candidate costs the network after its conv, not from it."""
+
+    record = False
+    replay: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+
+    def forward(self, x):
+        if self.replay is not None:
+            return self.replay
+        out = super().forward(x)
+        if self.record:
+            self.last = out.detach()
+        return out
+
+
+_REPLAY_CLASSES: dict[type, type] = {}
+
+
+def _replayable(module: nn.Module) -> nn.Module:
+    """``module`` with :class:`_Replay` mixed into its class (same parameters, state_dict and outputs)."""
+    cls = type(module)
+    if not issubclass(cls, _Replay):
+        if cls not in _REPLAY_CLASSES:
+            _REPLAY_CLASSES[cls] = type(f"Replay{cls.__name__}", (_Replay, cls), {})
+        module.__class__ = _REPLAY_CLASSES[cls]
+    return module
 
 
 # ------------------------------------------------------------------ the target budget
@@ -219,8 +251,10 @@ class _Evaluator:
         prefixes = [p for p, _ in self.stages]
         groups = net.channel_groups()
         self.group_stage = [_stage_of(prefixes, g.conv) for g in groups]
-        macs = _stage_macs(net, self.stages, self.x[:1])
+        macs, layers = _stage_macs(net, self.stages, self.x[:1])
         self.frac_from = [sum(macs[s:]) / self.full_macs for s in range(len(macs))]
+        self.convs = [_replayable(modules[g.conv]) for g in groups]
+        self.conv_frac = [layers.get(g.conv, 0.0) / self.full_macs for g in groups]  # what a replay saves
         self.variant: tuple[int, torch.Tensor] | None = None  # (group, [K, C] keep masks of the batched variants)
         self.saved: dict[int, torch.Tensor] | None = None  # BN outputs kept for the Taylor pre-screen
         self.cached: list[torch.Tensor] = []
@@ -279,9 +313,15 @@ class _Evaluator:
         with torch.enable_grad() if keep_graph else torch.no_grad():
             if keep_graph:
                 x = x.detach().clone().requires_grad_(True)  # every activation gets a grad_fn
-            for _, fn in self.stages:
-                self.cached.append(x.detach())
-                x = fn(x)
+            for conv in self.convs:
+                conv.record = True
+            try:
+                for _, fn in self.stages:
+                    self.cached.append(x.detach())
+                    x = fn(x)
+            finally:
+                for conv in self.convs:
+                    conv.record = False
             loss = self._loss(x, 1)[0]
         self.graph = (loss, self.saved) if keep_graph else None
         self.saved = None
@@ -301,7 +341,7 @@ class _Evaluator:
             a = saved[g].detach()
             dims = [d for d in range(a.dim()) if d != 1]
             est[g] = torch.zeros(self.width0[g], dtype=torch.float64)
-            est[g][self.index[g]] = (-(a.double() * gr.double()).sum(dims)).cpu()
+            est[g][self.index[g]] = -(a * gr).sum(dims, dtype=torch.float64).cpu()
         self.count.backward_passes += 1
         self.count.ife += self.n * self.frac_from[0]
         return est
@@ -317,16 +357,18 @@ class _Evaluator:
                 v = self.keep[g].repeat(k, 1)
                 v[torch.arange(k), self.pos[g][chunk]] = 0
                 self.variant = (g, v)
+                conv = self.convs[g]
+                conv.replay = conv.last.repeat(k, *([1] * (conv.last.dim() - 1)))
                 try:
                     x = self.cached[s]
                     x = x.repeat(k, *([1] * (x.dim() - 1)))
                     for _, fn in self.stages[s:]:
                         x = fn(x)
                 finally:
-                    self.variant = None
+                    self.variant, conv.replay = None, None
                 out.append(self._loss(x, k).cpu())
         self.count.forward_passes += len(channels)
-        self.count.ife += len(channels) * self.n * self.frac_from[s]
+        self.count.ife += len(channels) * self.n * (self.frac_from[s] - self.conv_frac[g])
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
