@@ -96,12 +96,10 @@ def smoke_overrides(preset: str, root) -> list[str]:
         out += ["dataset.check_md5=false"]
     if preset.startswith("pfs"):
         out += ["dataset.val_split=16"]
-    if preset in ("hgsr_resnet34_tinyimagenet", "hgsr_vgg14_cifar10"):
-        # the loss greedy itself, on a quarter-width network (VGG-14: 1,056 channels, 85% of params; ResNet-34 at 64x64)
-        # and 16 images: seconds; the full width takes minutes (scripts/bench_prune.py)
+    if preset.startswith("hgsr"):
+        # the loss greedy itself on a quarter-width network with 8 images and half the remaining channels per round:
+        # seconds (VGG-14: 1,056 channels to 85% of params); the full width takes minutes (scripts/bench_prune.py)
         out += ["model.width_mult=0.25", "criterion.num_images=8", "criterion.channels_per_round=0.5"]
-    elif preset.startswith("hgsr"):  # the loss greedy, smaller: 16 images, half the remaining channels per round
-        out += ["criterion.num_images=16", "criterion.channels_per_round=0.5"]
     if preset.startswith("polarization"):
         # the paper's lambda (5e-5) needs many epochs to polarize the gammas; four steps at lambda 1.0 do it, so
         # the smoke run exercises the histogram rule itself (its first local minimum sets the threshold)
