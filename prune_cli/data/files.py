@@ -7,6 +7,9 @@ we looked, and say how to fix it, on one line.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from ..errors import UserError
 
@@ -43,3 +46,39 @@ def download_error(what: str, root: str, err: BaseException, how: str) -> UserEr
         "dataset.download",
         f"could not download {what} into {root} ({brief(err)}); {how}, then run with dataset.download=false",
     )
+
+
+def decode_images(paths: list[str], fix: str, mode: str = "RGB", size: int | None = None) -> np.ndarray:
+    """uint8 [N, C, H, W] of the image files (PIL ``mode`` RGB: 3 channels, L: 1), decoded in threads.
+
+    ``size``: every image resized to size x size (bilinear); None: all must share the first one's size.
+    A file that cannot be decoded is a UserError naming it, ``fix`` saying what to do."""
+    from PIL import Image, UnidentifiedImageError
+
+    def decode(path: str) -> np.ndarray:
+        try:
+            with Image.open(path) as img:
+                img = img.convert(mode)
+                if size is not None and img.size != (size, size):
+                    img = img.resize((size, size), Image.BILINEAR)
+                arr = np.asarray(img)
+                return arr[:, :, None] if arr.ndim == 2 else arr
+        except (OSError, UnidentifiedImageError) as e:
+            raise UserError("dataset.root", f"cannot decode {path} ({brief(e)}); {fix}") from None
+
+    first = decode(paths[0])
+    out = np.empty((len(paths), first.shape[2], *first.shape[:2]), dtype=np.uint8)
+
+    def fill(i: int) -> None:
+        arr = first if i == 0 else decode(paths[i])
+        if arr.shape != first.shape:
+            raise UserError(
+                "dataset.root",
+                f"{paths[i]} is {arr.shape[1]}x{arr.shape[0]}, not {first.shape[1]}x{first.shape[0]} like the other "
+                "images",
+            )
+        out[i] = arr.transpose(2, 0, 1)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        list(pool.map(fill, range(len(paths)), chunksize=256))
+    return out

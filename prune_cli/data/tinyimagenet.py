@@ -11,13 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from ..errors import UserError
-from .files import brief, data_root, download_error
+from .files import data_root, decode_images, download_error
 from .spec import DATASETS, DatasetSpec, Raw, dataset_options
 
 log = logging.getLogger(__package__)  # log lines keep the name "prune_cli.data" they always had
@@ -26,6 +24,7 @@ TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_ZIP_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINY_FOLDER = "tiny-imagenet-200"
 TINY_CACHE = "prune_cli_cache.pt"
+REFETCH = "replace it with the original file (unzip tiny-imagenet-200.zip again)"
 TINY_CACHE_VERSION = 1  # part of the signature: raise it when the cache's content changes
 
 
@@ -79,39 +78,6 @@ def _index(base: str):
     h.update(repr((TINY_CACHE_VERSION, wnids, [[os.path.basename(p) for p in t] for t in train])).encode())
     h.update(ann_bytes)
     return wnids, train, val, h.hexdigest()
-
-
-def decode_images(paths: list[str]) -> np.ndarray:
-    """uint8 [N, 3, H, W] of the JPEGs (grayscale ones become 3 equal channels); all must share one size."""
-    from PIL import Image, UnidentifiedImageError
-
-    def decode(path: str) -> np.ndarray:
-        try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(
-                "dataset.root",
-                f"cannot decode {path} ({brief(e)}); replace it with the original file "
-                "(unzip tiny-imagenet-200.zip again)",
-            ) from None
-
-    first = decode(paths[0])
-    out = np.empty((len(paths), 3, *first.shape[:2]), dtype=np.uint8)
-
-    def fill(i: int) -> None:
-        arr = first if i == 0 else decode(paths[i])
-        if arr.shape != first.shape:
-            raise UserError(
-                "dataset.root",
-                f"{paths[i]} is {arr.shape[1]}x{arr.shape[0]}, not "
-                f"{first.shape[1]}x{first.shape[0]} like the other TinyImageNet images",
-            )
-        out[i] = arr.transpose(2, 0, 1)
-
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(fill, range(len(paths)), chunksize=256))
-    return out
 
 
 @DATASETS.register("tinyimagenet200")
@@ -183,9 +149,9 @@ class TinyImageNet200(DatasetSpec):
         blob = {
             "signature": signature,
             "wnids": wnids,
-            "train_x": torch.from_numpy(decode_images(train_paths)),
+            "train_x": torch.from_numpy(decode_images(train_paths, fix=REFETCH)),
             "train_y": torch.tensor([k for k, files in enumerate(train) for _ in files], dtype=torch.int64),
-            "test_x": torch.from_numpy(decode_images([p for p, _ in val])),
+            "test_x": torch.from_numpy(decode_images([p for p, _ in val], fix=REFETCH)),
             "test_y": torch.tensor([k for _, k in val], dtype=torch.int64),
         }
         tmp = f"{cache}.tmp.{os.getpid()}"

@@ -1,0 +1,138 @@
+"""Your own images: ``dataset=imagefolder dataset.root=DIR``, torchvision's ImageFolder layout.
+
+``DIR/<train_dir>/<class>/*.png|jpg|...`` and ``DIR/<test_dir>/<class>/...``; classes are the sorted
+sub-folder names of the train folder (the test folder may lack some, not add others). Every image is
+decoded once per run, converted to ``channels`` (3: RGB, 1: grey) and resized to ``image_size`` x
+``image_size``, and the whole set is kept as uint8 tensors on the device like every other dataset, so the
+same seeded batching and augmentation apply. Normalisation: ``mean`` / ``std`` as given, or (null) the
+train images' own per-channel statistics. A folder too large for memory is refused before decoding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import UserError
+from ..options import Choice, Int, List, Str, Value
+from .files import data_root, decode_images
+from .spec import DATASETS, DatasetSpec, Raw, channel_stats, dataset_options
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+FIX = "replace or remove the file"
+
+
+def _stats_rule(value) -> str | None:
+    return None if value is None or len(value) in (1, 3) else f"one value per channel; got {len(value)}"
+
+
+@DATASETS.register("imagefolder")
+class ImageFolder(DatasetSpec):
+    options = dataset_options(
+        Str("train_dir", "train", "the training images' folder under root, one sub-folder per class"),
+        Str("test_dir", "val", "the test images' folder under root (the same class names)"),
+        Int("image_size", 32, "every image is resized to image_size x image_size (bilinear)", lo=1),
+        Choice("channels", 3, (3, 1), "3: RGB, 1: greyscale"),
+        List(
+            "mean",
+            None,
+            "per-channel mean in 0..1 pixel units; null = the train images' own",
+            item=Value("float"),
+            nullable=True,
+            rule=_stats_rule,
+            rule_doc="null or one number per channel",
+        ),
+        List(
+            "std",
+            None,
+            "per-channel std in 0..1 pixel units; null = the train images' own",
+            item=Value("float", lo=0.0, lo_open=True),
+            nullable=True,
+            rule=_stats_rule,
+            rule_doc="null or one number > 0 per channel",
+        ),
+        docs={
+            "root": "folder holding train_dir and test_dir (env PRUNE_CLI_DATA, else ./data)",
+            "download": "unused by imagefolder (kept so every dataset has the same keys)",
+        },
+    )
+
+    @classmethod
+    def _folders(cls, cfg: dict) -> tuple[str, str, list[str]]:
+        root = data_root(cfg)
+        train, test = os.path.join(root, cfg["train_dir"]), os.path.join(root, cfg["test_dir"])
+        for option, folder in (("train_dir", train), ("test_dir", test)):
+            if not os.path.isdir(folder):
+                raise UserError(
+                    f"dataset.{option}", f"no folder {folder} (expected <root>/<{option}>/<class>/<images>)"
+                )
+        classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+        if len(classes) < 2:
+            raise UserError("dataset.train_dir", f"{train} holds {len(classes)} class folder(s); at least 2 are needed")
+        extra = sorted(set(d for d in os.listdir(test) if os.path.isdir(os.path.join(test, d))) - set(classes))
+        if extra:
+            raise UserError("dataset.test_dir", f"{test} has classes the train folder lacks: {', '.join(extra[:5])}")
+        return train, test, classes
+
+    @classmethod
+    def describe(cls, cfg: dict) -> tuple[tuple[int, int, int], int]:
+        _, _, classes = cls._folders(cfg)
+        return (cfg["channels"], cfg["image_size"], cfg["image_size"]), len(classes)
+
+    @staticmethod
+    def _files(folder: str, classes: list[str], option: str) -> tuple[list[str], list[int]]:
+        paths, labels = [], []
+        for k, name in enumerate(classes):
+            sub = os.path.join(folder, name)
+            if not os.path.isdir(sub):
+                continue
+            files = sorted(f for f in os.listdir(sub) if f.lower().endswith(EXTENSIONS))
+            paths += [os.path.join(sub, f) for f in files]
+            labels += [k] * len(files)
+        if not paths:
+            raise UserError(
+                f"dataset.{option}", f"no images ({', '.join(EXTENSIONS)}) in the class folders of {folder}"
+            )
+        return paths, labels
+
+    @classmethod
+    def read(cls, cfg: dict) -> Raw:
+        train, test, classes = cls._folders(cfg)
+        (tr_paths, tr_y), (te_paths, te_y) = (
+            cls._files(train, classes, "train_dir"),
+            cls._files(test, classes, "test_dir"),
+        )
+        c, size = cfg["channels"], cfg["image_size"]
+        need = (len(tr_paths) + len(te_paths)) * c * size * size
+        free = _available_memory()
+        if free is not None and need > free // 2:
+            raise UserError(
+                "dataset.image_size",
+                f"{len(tr_paths) + len(te_paths)} images of {c}x{size}x{size} need {need / 2**30:.1f} GiB, more than "
+                f"half the free memory ({free / 2**30:.1f} GiB); use a smaller image_size or a subset of the folders",
+            )
+        mode = "RGB" if c == 3 else "L"
+        x_train = torch.from_numpy(decode_images(tr_paths, FIX, mode, size))
+        x_test = torch.from_numpy(decode_images(te_paths, FIX, mode, size))
+        mean, std = channel_stats(x_train)
+        for option, given in (("mean", cfg["mean"]), ("std", cfg["std"])):
+            if given is not None and len(given) != c:
+                raise UserError(f"dataset.{option}", f"{len(given)} values for {c} channel(s)")
+        return Raw(
+            x_train,
+            torch.tensor(tr_y, dtype=torch.int64),
+            x_test,
+            torch.tensor(te_y, dtype=torch.int64),
+            len(classes),
+            tuple(cfg["mean"]) if cfg["mean"] is not None else mean,
+            tuple(cfg["std"]) if cfg["std"] is not None else std,
+        )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
