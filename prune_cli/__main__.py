@@ -74,9 +74,9 @@ def app(cfg) -> None:
         record("failed", why)
         if rundir.owns(run_dir):
             (run_dir / "traceback.txt").write_text(traceback.format_exc())
-        if rundir.owns(run_dir):
-            say(f"error: {why} (traceback in {run_dir / 'traceback.txt'})")
-        else:
+        if distributed.is_main():
+            print(f"error: {why} (traceback in {run_dir / 'traceback.txt'})", file=sys.stderr)
+        else:  # a crash on another rank is its own: say which
             print(f"error: rank {distributed.rank()}: {why}", file=sys.stderr)
         if not sweeping:
             sys.exit(1)

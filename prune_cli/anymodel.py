@@ -100,22 +100,13 @@ def select(
     return removed_at(hi)
 
 
-def prune(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    ratio: float,
-    target: str = "params",
-    criterion: str = "l1",
-    scope: str = "global",
-    normalize: str = "mean",
-    min_channels: int = 1,
-    seed: int = 0,
-) -> tuple[nn.Module, dict]:
-    """``(pruned model, table)``: a copy of ``model`` without the channels :func:`select` picks (``model`` is left
-    as it was), and what happened: params and MACs before and after (exact counts), channels removed, groups, and
-    the channels the graph could not prune with the reason for each."""
+def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options) -> tuple[nn.Module, dict]:
+    """``(pruned model, table)``: a copy of ``model`` without the channels :func:`select` picks with ``options``
+    (target, criterion, scope, normalize, min_channels, seed; ``model`` is left as it was), and what happened:
+    params and MACs before and after (exact counts), channels removed, groups, and the channels the graph could
+    not prune with the reason for each."""
     graph = ChannelGraph(model, example_input)
-    removed = select(graph, ratio, target, criterion, scope, normalize, min_channels, seed)
+    removed = select(graph, ratio, **options)
     pruned = graph.pruned(removed)
     (p0, m0), (p1, m1) = graph.count(set()), graph.count(removed)
     share, reasons = graph.share_unprunable()

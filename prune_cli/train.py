@@ -107,7 +107,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks: each rank adds world x its share of the global batch's mean loss
         share = len(y) * weight * distributed.world() / batch
-        scaler.scale(loss * share + reg if share != 1 else loss + reg).backward()
+        scaler.scale(loss * share + reg).backward()  # (share is 1.0 in one process: the same numbers)
         if regularizer.edits_gradients:  # it edits true gradients: undo fp16 loss scaling first
             scaler.unscale_(optimizer)
             regularizer.before_step()
@@ -209,6 +209,8 @@ def fit(
 
     The networks train in ``trainer.memory_format`` and are returned contiguous, as a network rebuilt from a
     checkpoint is: what a later stage computes on them does not depend on whether the run was resumed.
+    The training steps run through DDP under torchrun and through torch.compile with ``trainer.compile``; the
+    networks themselves (what checkpoints save) stay plain modules.
     """
     device = data.train.x.device
     layout = resolve_memory_format(trainer.get("memory_format", "auto"), device)
