@@ -4,10 +4,13 @@ ResNet-56 (random init, a few SGD steps on synthetic class-patterned 32x32 image
 recalibrated), 128 synthetic images, ``loss_greedy_select`` in its default fast mode down to 50% of
 params on CPU. Prints seconds, forward passes, image-forward equivalents and the exact greedy's pass
 count (computed, not run), and the reduction. If ``prune_cli.criteria`` exists, also the seconds every
-other criterion needs on the same model. Usage:
+other criterion needs on the same model. ``--agreement`` first measures how many of the exact greedy's
+channels the fast mode removes, on ResNet-20 (digits, 30% of params, three 16-image samples), sparse-like
+and plainly trained (the models of tests/test_loss_selection.py). Usage:
 
-    python scripts/bench_prune.py [--threads 1] [--ratio 0.5] [--target params] [--train-steps 20]
+    python scripts/bench_prune.py [--threads 2] [--ratio 0.5] [--target params] [--train-steps 20]
                                   [--images 128] [--set prescreen=16 verify=null ...] [--no-criteria]
+                                  [--model vgg16 --head linear --protect-last] [--agreement]
 """
 
 from __future__ import annotations
@@ -25,7 +28,38 @@ from prune_cli.loss_selection import loss_greedy_select
 from prune_cli.models import build_model
 from prune_cli.pruning import structure
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "criterion"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "criterion"
+
+
+def agreement() -> None:
+    """Fast vs exact on ResNet-20: the share of the exact greedy's removed channels the fast mode removes too."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))  # the test's models: a checkout's script, not part of the package
+    from test_loss_selection import digits, removed_set, trained
+
+    x, y = digits(3)
+    for decades, kind in ((3, "sparse-like (BN scales over 3 decades)"), (0, "plainly trained")):
+        model = trained({"name": "resnet20", "num_classes": 10, "in_channels": 3}, x, y, steps=30, decades=decades)
+        st = structure(model, (3, 8, 8))
+        shares, gaps = [], []
+        for seed in (100, 101, 102):
+            i = torch.randperm(1500, generator=torch.Generator().manual_seed(seed))[:16]
+            runs = {
+                mode: loss_greedy_select(
+                    model, x[i], y[i], structure=st, target="params", ratio=0.3, mode=mode, batch_variants=16
+                )
+                for mode in ("exact", "fast")
+            }
+            exact, fast = (removed_set(runs[m][0]) for m in ("exact", "fast"))
+            shares.append(len(exact & fast) / len(exact))
+            gaps.append([abs(runs[m][1]["loss_masked"] - runs[m][1]["loss_original"]) for m in ("exact", "fast")])
+        print(
+            f"agreement, {kind}: " + ", ".join(f"{a:.3f}" for a in shares) + f" (mean {sum(shares) / 3:.3f}); "
+            "|L - L0| exact / fast: " + ", ".join(f"{e:.4f} / {f:.4f}" for e, f in gaps),
+            flush=True,
+        )
 
 
 def synthetic(n: int, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +104,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--train-steps", type=int, default=20, help="SGD steps on synthetic data before selecting")
     ap.add_argument("--no-criteria", action="store_true", help="skip timing the other criteria")
+    ap.add_argument("--agreement", action="store_true", help="first: fast vs exact on ResNet-20 (about a minute)")
     ap.add_argument(
         "--set",
         nargs="*",
@@ -79,6 +114,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.agreement:
+        agreement()
 
     t = time.perf_counter()
     model = prepare(args.model, args.train_steps, **({"head": args.head} if args.head else {}))
