@@ -3,7 +3,8 @@
 Every channel of every traced tensor is an *atom*; operations tie atoms together (a union-find), and a
 *channel* (one prunable unit) is a class of tied atoms. The rules, one per kind of operation:
 
-- conv / linear (groups 1): new atoms for its outputs; its weight's input dim is indexed by the input's atoms;
+- conv / linear (groups 1): new atoms for its outputs; its weight's input dim is indexed by the input's atoms
+  (a linear layer only on [B, features]: on channels-last tensors, as in transformers, it is not mapped);
 - depthwise conv (groups = in = out channels): its output channel i *is* its input channel i (tied), and the
   layer's groups shrink with it; other grouped convs cannot be mapped: their channels are unprunable;
 - BatchNorm, activations, pooling, dropout, stochastic depth, identity: the same atoms pass through;
@@ -246,8 +247,10 @@ class ChannelGraph:
             self.atoms[node.name] = out
         elif isinstance(m, nn.Linear):
             self.pixels[node.target] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
-            if x is None or len(x) != m.in_features:
-                self._opaque(node, f"linear layer {node.target} on a tensor whose last dim is not its channels")
+            src = self._shape(node.args[0])
+            # the atoms name dim 1; only on a [B, features] input is that the dim a linear layer reads
+            if x is None or src is None or len(src) != 2 or len(x) != m.in_features:
+                self._opaque(node, f"linear layer {node.target} on a tensor of {len(src or ())} dims (channels last)")
                 return
             out = self._new(m.out_features)
             self._param(node.target, "weight", {0: out, 1: x})

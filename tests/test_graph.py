@@ -52,8 +52,8 @@ def shape_count(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
         if isinstance(m, nn.Conv2d):
             per_pixel = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
             macs.append(out[0].numel() * per_pixel)
-        else:
-            macs.append(m.in_features * m.out_features)
+        else:  # once per position of its input (a [B, features] input: once)
+            macs.append(m.in_features * out[0].numel())
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     with torch.no_grad():
@@ -153,3 +153,34 @@ def test_residual_streams_pruned_to_half_the_params(shortcut):
     assert (a - b).abs().max() <= 1e-4 * b.abs().max()
     assert (params, macs) == shape_count(pruned, x)
     assert pruned.fc.in_features < 64
+
+
+class ChannelsLastMLP(nn.Module):
+    """A conv, then an MLP over the channels in channels-last layout ([B, H, W, C], H == C by design), then back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(3, 4, 1), nn.Linear(4, 8), nn.Linear(8, 4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        t = self.conv(x).permute(0, 2, 3, 1)
+        t = self.fc2(F.gelu(self.fc1(t))).permute(0, 3, 1, 2)
+        return self.head(t.mean((2, 3)))
+
+
+def test_a_linear_layer_on_channels_last_tensors_is_not_mistaken_for_channels():
+    """dim 1 of [B, H, W, C] is H; were it taken for the channels (H == C here), the masks would not fit and
+    the MLP's hidden units would be paired wrongly. They stay whole, said so; the rest prunes as usual."""
+    torch.manual_seed(0)
+    model, x = ChannelsLastMLP().eval(), torch.randn(2, 3, 4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = ChannelGraph(model, x)
+    assert any("channels last" in str(w.message) for w in caught)
+    assert all("fc1" not in g.layers for g in graph.groups)
+    removed = removal(graph, 0.5, seed=0)
+    with torch.no_grad():
+        a, b = graph.pruned(removed).eval()(x), graph.masked(removed).eval()(x)
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    assert graph.count(removed) == shape_count(graph.pruned(removed), x)
