@@ -95,11 +95,12 @@ def test_pruned_equals_masked_and_counts_match(name):
     assert torch.isfinite(loss)
 
 
-BUILTIN = [
-    {"name": "resnet56"},  # option A: zero-padded shortcuts
+BUILTIN = [  # every built-in family and depth, both shortcut options, VGG with both heads
+    *({"name": n} for n in ("resnet20", "resnet32", "resnet56", "resnet110", "resnet18", "resnet34")),
     {"name": "resnet56", "shortcut": "B"},
-    {"name": "resnet18"},
-    {"name": "vgg16"},
+    *({"name": n} for n in ("vgg11", "vgg13", "vgg16", "vgg19")),
+    {"name": "vgg16", "head": "linear"},
+    {"name": "plain", "widths": [8, 16, 16], "strides": [1, 2, 1]},  # what the rm stage makes
 ]
 
 
@@ -115,10 +116,10 @@ def test_builtin_groups_are_the_hand_written_ones_plus_the_residual_streams(arch
     for g in model.channel_groups():  # the same channels, all of them
         assert found[frozenset([g.conv, g.bn, *g.consumers])] == model.get_submodule(g.conv).out_channels
     streams = set(found) - hand  # the rest: one residual stream per stage (ResNets), written by the blocks' bn2
-    stages = 4 if arch["name"] == "resnet18" else 3
+    stages = 4 if arch["name"] in ("resnet18", "resnet34") else 3
     assert len(streams) == (stages if arch["name"].startswith("resnet") else 0)
     assert all(any(layer.endswith("bn2") for layer in s) for s in streams)
-    assert graph.share_unprunable()[0] < 0.02  # the image's channels and the logits
+    assert set(graph.share_unprunable()[1]) == {"the network's input", "the network's output"}  # nothing else
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
