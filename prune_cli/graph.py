@@ -307,9 +307,10 @@ class ChannelGraph:
             self._flatten(node, self._of(node.args[0]), start, -1)
         elif name in ("view", "reshape") and shape is not None and len(shape) == 2:
             src = self._shape(node.args[0])
-            self._flatten(node, self._of(node.args[0]), 1, -1) if src and src[0] == shape[0] else self._opaque(
-                node, f"method {name}"
-            )
+            if src and src[0] == shape[0]:  # x.view(B, -1): a flatten
+                self._flatten(node, self._of(node.args[0]), 1, -1)
+            else:
+                self._opaque(node, f"method {name}")
         elif name in ("size", "dim") or shape is None:
             pass
         else:
@@ -399,6 +400,8 @@ class ChannelGraph:
     # ------------------------------------------------------------------ channels and groups
 
     def _classes(self) -> None:
+        """Channels (classes of tied atoms that index some parameter), the unprunable ones and why, and the groups:
+        the prunable channels that index the same layers, in order of first appearance."""
         roots = np.array([self._find(a) for a in range(len(self.parent))])
         blocked_roots = {roots[a] for a in self.blocked}
         self.reasons: dict[int, str] = {}
