@@ -58,8 +58,16 @@ def start() -> None:
     (its own config copy and log), removed when the process ends; the run itself uses rank 0's directory."""
     if not launched() or active():
         return
+    launcher = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra/launcher=")), "basic")
+    if launcher != "basic":  # its workers would be processes outside the group, each training alone
+        _refuse(
+            "hydra/launcher", f"{launcher} starts its own worker processes; under torchrun sweep with the basic one"
+        )
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    try:
+        dist.init_process_group(backend=backend)
+    except Exception as e:  # the launcher's environment is incomplete or the rendezvous failed
+        _refuse("torchrun", f"cannot join the process group ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     atexit.register(stop)
     if not is_main():
         scratch = tempfile.mkdtemp(prefix=f"prune_cli_rank{rank()}_")
@@ -71,6 +79,12 @@ def start() -> None:
             "hydra/hydra_logging=disabled",
         ]
         atexit.register(shutil.rmtree, scratch, True)
+
+
+def _refuse(option: str, why: str) -> None:
+    """The one-line ending of bad input, before Hydra or any data (``__main__`` cannot say it: it has not begun)."""
+    print(f"error: {option}: {why}", file=sys.stderr)
+    sys.exit(2)
 
 
 def stop() -> None:

@@ -57,3 +57,18 @@ def test_torchrun_sweep_writes_once(tmp_path):
     assert (sweep / "sweep.csv").is_file()
     assert r.stdout.count("dense -> pruned") == 2  # each job's summary once: rank 1 prints nothing
     assert not list(scratch.glob("prune_cli_rank*"))  # rank 1's scratch output directories are gone
+
+
+def test_a_launcher_with_its_own_workers_is_refused_under_torchrun(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    r = subprocess.run(
+        [sys.executable, "-m", "prune_cli", "-m", "seed=0,1", "hydra/launcher=joblib"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: hydra/launcher: joblib starts its own worker processes; under torchrun sweep with the basic one"
+    ]
