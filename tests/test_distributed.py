@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from helpers import results_table
+
 HERE = Path(__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -43,7 +45,8 @@ def test_two_processes_train_as_one(tmp_path):
 
 def test_torchrun_sweep_writes_once(tmp_path):
     """A BatchNorm ResNet through pretrain, prune and finetune, two seeds: rank 0's sweep directory holds both jobs'
-    tables and the sweep table; the other rank leaves nothing behind; the summary is printed once per job."""
+    tables and the sweep table; the other rank leaves nothing behind; the summary is printed once per job; a
+    lost stage is trained again to the same table."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     sweep = tmp_path / "sweep"
@@ -57,6 +60,14 @@ def test_torchrun_sweep_writes_once(tmp_path):
     assert (sweep / "sweep.csv").is_file()
     assert r.stdout.count("dense -> pruned") == 2  # each job's summary once: rank 1 prints nothing
     assert not list(scratch.glob("prune_cli_rank*"))  # rank 1's scratch output directories are gone
+
+    # resuming: job 0 lost its finetune stage; the same command trains it again from the prune checkpoint, which
+    # both ranks read from rank 0's directory, and gives the same table; job 1 is taken from its checkpoints
+    tables = [results_table(sweep / job) for job in ("0", "1")]
+    (sweep / "0" / "checkpoints" / "finetune.pt").unlink()
+    r = launch([*TORCHRUN, *args, f"hydra.sweep.dir={sweep}"], tmp_path, env={"TMPDIR": str(scratch)})
+    assert r.returncode == 0, r.stderr
+    assert [results_table(sweep / job) for job in ("0", "1")] == tables
 
 
 def test_a_launcher_with_its_own_workers_is_refused_under_torchrun(tmp_path):
