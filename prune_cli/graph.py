@@ -321,11 +321,12 @@ class ChannelGraph:
             self._opaque(node, f"{node.target} on tensors without channels")
             return
         operands = [(self._of(a), self._shape(a)) for a in node.args if isinstance(a, fx.Node)]
-        full = [
-            atoms for atoms, s in operands if atoms is not None and s is not None and len(s) >= 2 and s[1] == shape[1]
-        ]
-        if not full:
-            self._opaque(node, f"{node.target}")
+        per_channel = [(atoms, s) for atoms, s in operands if s is not None and len(s) >= 2 and s[1] == shape[1] > 1]
+        full = [atoms for atoms, _ in per_channel if atoms is not None]
+        if not full or len(full) < len(per_channel):
+            # a per-channel operand the graph cannot follow (a parameter multiplied in, a layer scale): surgery could
+            # not slice it, so the channels stay
+            self._opaque(node, f"{getattr(node.target, '__name__', node.target)} with an untracked per-channel operand")
             return
         for other in full[1:]:
             self._tie(full[0], other)

@@ -99,3 +99,24 @@ def test_an_untraceable_module_is_named_in_one_line():
     with pytest.raises(UserError) as e:
         ChannelGraph(Branchy(), torch.randn(1, 3, 4, 4))
     assert e.value.option == "model" and "inner.1" in e.value.why and "\n" not in e.value.why
+
+
+class LayerScale(nn.Module):
+    """A conv whose output is scaled by a learned per-channel parameter (ConvNeXt's layer scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gamma = nn.Conv2d(3, 6, 3, padding=1), nn.Parameter(torch.rand(1, 6, 1, 1))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head((self.conv(x) * self.gamma).mean((2, 3)))
+
+
+def test_a_per_channel_parameter_the_graph_cannot_slice_keeps_its_channels():
+    model = LayerScale().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = ChannelGraph(model, torch.randn(2, 3, 8, 8))
+    assert any("untracked per-channel operand" in str(w.message) for w in caught)
+    assert graph.groups == []  # the conv's channels would need gamma sliced too: none is offered
