@@ -7,6 +7,7 @@ It names no stage, criterion or model family: those are registered parts (``prun
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from . import distributed, report, trainer
@@ -21,7 +22,9 @@ from .stages import STAGES
 
 
 def run(cfg, run_dir: Path) -> list[dict]:
-    """Run (or resume) the whole schedule of ``cfg`` in ``run_dir``; returns the results rows."""
+    """Run (or resume) the whole schedule of ``cfg`` in ``run_dir``; returns the results rows. ``cfg`` is left as
+    given (the run settles some options, e.g. ``trainer.memory_format: auto``, on its own copy)."""
+    cfg = copy.deepcopy(cfg)
     run_ = RunDir(cfg, run_dir)
     run_.claim()  # before anything else: a directory another run owns or holds is never written
     validate(cfg)

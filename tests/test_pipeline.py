@@ -77,10 +77,11 @@ def test_resume_after_interruption_gives_the_same_table(tmp_path, monkeypatch):
 
 
 def test_rerun_skips_finished_stages_and_refuses_other_configs(tmp_path, monkeypatch):
-    pipeline.run(fast(), tmp_path)
+    cfg = fast()
+    pipeline.run(cfg, tmp_path)
     before = (tmp_path / "results.csv").read_text()
     monkeypatch.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("a finished stage ran again"))
-    pipeline.run(fast(), tmp_path)
+    pipeline.run(cfg, tmp_path)  # the same config object: a run leaves it as it was given
     with pytest.raises(UserError, match="hydra.run.dir.*different config.*prune.ratio"):
         pipeline.run(fast("prune.ratio=0.3"), tmp_path)
     assert (tmp_path / "results.csv").read_text().split("\n")[:5] == before.split("\n")[:5]
