@@ -10,7 +10,7 @@ from . import distributed
 from .criteria import Sample
 from .data import batches, describe, load_data, normalize
 from .measure import count_macs, count_params, evaluate
-from .models import build_model
+from .models import MODELS, build_model
 from .seeds import derived
 from .trainer import resolve_device
 
@@ -31,7 +31,10 @@ class Context:
     def arch(self) -> dict:
         """The configured model's ``arch``: the ``model.*`` options plus the data's input channels and classes."""
         arch = OmegaConf.to_container(self.cfg.model, resolve=True)
-        return {**arch, "num_classes": self.num_classes, "in_channels": self.input_shape[0]}
+        extra = (
+            {"image_size": self.input_shape[1]} if getattr(MODELS.get(arch["name"]), "needs_image_size", False) else {}
+        )
+        return {**arch, "num_classes": self.num_classes, "in_channels": self.input_shape[0], **extra}
 
     def build(self, arch: dict | None = None, seed_salt: str | None = None):
         """A fresh model on the run's device (``arch``: the configured one), seeded for ``seed_salt`` if given."""

@@ -21,7 +21,7 @@ TINY = [
 def test_help_lists_groups_and_choices(tmp_path):
     out = cli("--help", cwd=tmp_path).stdout
     for text in [
-        "model: resnet110, resnet18, resnet20",
+        "model: custom, resnet110, resnet18, resnet20",
         "vgg16",
         "dataset: cifar10, cifar100, digits",
         "schedule:",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import plain, resnet, vgg  # noqa: F401  (importing registers the built-in families)
+from . import graphnet, plain, resnet, vgg  # noqa: F401  (importing registers the built-in families)
 from .base import MODELS, ChannelGroup, Prunable
 from .layers import KINDS, apply_layers
 
