@@ -74,6 +74,8 @@ PASS_FUNCTIONS = {
     torch.nn.functional.adaptive_avg_pool2d,
     torch.nn.functional.adaptive_max_pool2d,
 }
+SHIFTING_MODULES = (nn.Sigmoid, nn.Hardsigmoid)  # they map 0 to 0.5: a zeroed channel stops being zero
+SHIFTING_FUNCTIONS = {torch.sigmoid, torch.nn.functional.hardsigmoid}
 PASS_METHODS = {"relu", "relu_", "sigmoid", "contiguous", "clone", "detach", "float"}
 ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.truediv}
 ELEMENTWISE |= {torch.add, torch.sub, torch.mul, torch.div}
@@ -151,6 +153,7 @@ class ChannelGraph:
         self.dims: dict[tuple[str, str], dict[int, np.ndarray]] = {}  # (module, param) -> {dim: atoms}
         self.pixels: dict[str, int] = {}  # conv / linear module -> output pixels per image
         self.pads: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # padding module -> atoms it pads before / after
+        self.shifted: set[int] = set()  # atoms passed through an op that maps 0 to something else (sigmoid, x + 1)
         self.warnings: list[str] = []
         self._propagate()
         self._classes()
@@ -267,6 +270,8 @@ class ChannelGraph:
             self.atoms[node.name] = x
         elif isinstance(m, PASS_MODULES + passthrough_extra):
             self.atoms[node.name] = x
+            if isinstance(m, SHIFTING_MODULES) and x is not None:
+                self.shifted.update(x.tolist())
         elif isinstance(m, nn.Flatten):
             self._flatten(node, x, m.start_dim, m.end_dim)
         else:
@@ -275,6 +280,8 @@ class ChannelGraph:
     def _function(self, node, fn, shape) -> None:
         if fn in PASS_FUNCTIONS or getattr(fn, "__module__", "").startswith("torchvision.ops.stochastic_depth"):
             self.atoms[node.name] = self._of(node.args[0])
+            if fn in SHIFTING_FUNCTIONS and self._of(node.args[0]) is not None:
+                self.shifted.update(self._of(node.args[0]).tolist())
         elif fn in ELEMENTWISE:
             self._elementwise(node, shape)
         elif fn is torch.cat:
@@ -298,6 +305,8 @@ class ChannelGraph:
         name = node.target
         if name in PASS_METHODS:
             self.atoms[node.name] = self._of(node.args[0])
+            if name == "sigmoid" and self._of(node.args[0]) is not None:
+                self.shifted.update(self._of(node.args[0]).tolist())
         elif name in ELEMENTWISE_METHODS:
             self._elementwise(node, shape)
         elif name == "mean":
@@ -331,6 +340,11 @@ class ChannelGraph:
         for other in full[1:]:
             self._tie(full[0], other)
         self.atoms[node.name] = full[0]
+        constants = [a for a in node.args if isinstance(a, int | float) and a != 0]
+        if constants and str(getattr(node.target, "__name__", node.target)).strip("_").startswith(
+            ("add", "sub", "iadd")
+        ):
+            self.shifted.update(full[0].tolist())  # x + c: a zeroed channel is no longer zero
 
     def _cat(self, node) -> None:
         tensors = node.args[0]

@@ -102,3 +102,30 @@ def test_refusals_are_one_line(tmp_path, overrides, option):
     with pytest.raises(UserError) as e:
         pipeline.run(config(*base, *overrides), tmp_path)
     assert e.value.option == option and "\n" not in str(e.value)
+
+
+GATED = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b, self.bn_b = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c = nn.Conv2d(6, 8, 1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_a(self.a(x)))  # a zeroed channel stays zero: offered
+        x = torch.sigmoid(self.bn_b(self.b(x)))  # sigmoid(0) = 0.5: masking b's BN is not removing: not offered
+        return self.fc(self.c(x).mean((2, 3)))
+"""
+
+
+def test_a_group_whose_zero_does_not_stay_zero_is_not_offered(tmp_path, monkeypatch):
+    (tmp_path / "gated_net.py").write_text(GATED)
+    monkeypatch.chdir(tmp_path)
+    model = build_model({"name": "custom", "target": "gated_net:Net", "num_classes": 10, "in_channels": 3})
+    assert [g.name for g in model.channel_groups()] == ["a"]

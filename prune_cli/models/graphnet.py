@@ -63,10 +63,14 @@ def _factory(arch: dict):
 
 def simple_groups(graph) -> list[tuple[str, str, tuple[str, ...], list[int]]]:
     """(conv, bn, consumers, channel ids) of the graph's groups that are one conv (groups 1) with its BatchNorm
-    and layers reading exactly those channels, in order (no other layer touches them)."""
+    and layers reading exactly those channels, in order (no other layer touches them), through operations that
+    keep a zero a zero (so that the stages' mask, the BN output times 0, is removing the channel)."""
     out = []
+    shifted = {int(graph.root[a]) for a in graph.shifted}
     for group in graph.groups:
         order = group.channels
+        if shifted.intersection(order):  # masking the BN output would not be removing the channel
+            continue
         touching: dict[str, dict[int, list[int]]] = {}
         for (module, _), dims in graph.dims.items():
             for d, atoms in dims.items():
