@@ -39,7 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UserError
 
-PASS_MODULES = (
+ACTIVATION_MODULES = (
     nn.ReLU,
     nn.ReLU6,
     nn.SiLU,
@@ -50,6 +50,8 @@ PASS_MODULES = (
     nn.Tanh,
     nn.LeakyReLU,
     nn.ELU,
+)
+PASS_MODULES = ACTIVATION_MODULES + (
     nn.Identity,
     nn.Dropout,
     nn.Dropout2d,
@@ -73,6 +75,17 @@ PASS_FUNCTIONS = {
     torch.nn.functional.avg_pool2d,
     torch.nn.functional.adaptive_avg_pool2d,
     torch.nn.functional.adaptive_max_pool2d,
+}
+ACTIVATION_FUNCTIONS = {  # the functional nonlinearities among PASS_FUNCTIONS, by the module's name
+    torch.relu: "ReLU",
+    torch.nn.functional.relu: "ReLU",
+    torch.nn.functional.relu6: "ReLU6",
+    torch.nn.functional.silu: "SiLU",
+    torch.nn.functional.gelu: "GELU",
+    torch.nn.functional.hardswish: "Hardswish",
+    torch.nn.functional.hardsigmoid: "Hardsigmoid",
+    torch.sigmoid: "Sigmoid",
+    torch.tanh: "Tanh",
 }
 SHIFTING_MODULES = (nn.Sigmoid, nn.Hardsigmoid)  # they map 0 to 0.5: a zeroed channel stops being zero
 SHIFTING_FUNCTIONS = {torch.sigmoid, torch.nn.functional.hardsigmoid}
@@ -154,6 +167,7 @@ class ChannelGraph:
         self.pixels: dict[str, int] = {}  # conv / linear module -> output pixels per image
         self.pads: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # padding module -> atoms it pads before / after
         self.shifted: set[int] = set()  # atoms passed through an op that maps 0 to something else (sigmoid, x + 1)
+        self.activations: set[str] = set()  # the nonlinearities the network applies (ReLU, SiLU, ...)
         self.warnings: list[str] = []
         self._propagate()
         self._classes()
@@ -270,6 +284,8 @@ class ChannelGraph:
             self.atoms[node.name] = x
         elif isinstance(m, PASS_MODULES + passthrough_extra):
             self.atoms[node.name] = x
+            if isinstance(m, ACTIVATION_MODULES):
+                self.activations.add(type(m).__name__)
             if isinstance(m, SHIFTING_MODULES) and x is not None:
                 self.shifted.update(x.tolist())
         elif isinstance(m, nn.Flatten):
@@ -280,6 +296,8 @@ class ChannelGraph:
     def _function(self, node, fn, shape) -> None:
         if fn in PASS_FUNCTIONS or getattr(fn, "__module__", "").startswith("torchvision.ops.stochastic_depth"):
             self.atoms[node.name] = self._of(node.args[0])
+            if fn in ACTIVATION_FUNCTIONS:
+                self.activations.add(ACTIVATION_FUNCTIONS[fn])
             if fn in SHIFTING_FUNCTIONS and self._of(node.args[0]) is not None:
                 self.shifted.update(self._of(node.args[0]).tolist())
         elif fn in ELEMENTWISE:
@@ -305,6 +323,8 @@ class ChannelGraph:
         name = node.target
         if name in PASS_METHODS:
             self.atoms[node.name] = self._of(node.args[0])
+            if name in ("relu", "relu_", "sigmoid"):
+                self.activations.add("ReLU" if name.startswith("relu") else "Sigmoid")
             if name == "sigmoid" and self._of(node.args[0]) is not None:
                 self.shifted.update(self._of(node.args[0]).tolist())
         elif name in ELEMENTWISE_METHODS:

@@ -129,3 +129,11 @@ def test_a_group_whose_zero_does_not_stay_zero_is_not_offered(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     model = build_model({"name": "custom", "target": "gated_net:Net", "num_classes": 10, "in_channels": 3})
     assert [g.name for g in model.channel_groups()] == ["a"]
+
+
+def test_neuron_merging_refuses_a_network_with_other_activations(tmp_path, monkeypatch):
+    (tmp_path / "silu_net.py").write_text(NET.replace("torch.relu", "torch.nn.functional.silu"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        pipeline.run(config(*TINY, "model=custom", "model.target=silu_net:Net", "schedule=merge"), tmp_path / "run")
+    assert e.value.option == "schedule.stages" and "SiLU" in e.value.why

@@ -27,6 +27,7 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..options import Choice, Float
 from ..stages.base import STAGES
 from ..stages.prune import Prune
@@ -123,6 +124,15 @@ class Merge(Prune):
         Float("threshold", 0.1, "merge only if the cosine similarity reaches this (official CIFAR 0.1)", lo=-1, hi=1),
         Choice("bn_form", "official", BN_FORMS, "official: the authors' BN terms | exact: the exact BN relation"),
     )
+
+    def prepare(self, ctx, model) -> None:
+        other = getattr(model, "activations", {"ReLU"}) - {"ReLU"}  # a model that does not say has only ReLU
+        if other:  # merging rests on ReLU(z u) = z ReLU(u), z > 0
+            raise UserError(
+                "schedule.stages",
+                f"neuron merging needs ReLU activations; {model.arch['name']} also uses {', '.join(sorted(other))}",
+            )
+        super().prepare(ctx, model)
 
     def compensate(self, model, keep, ctx) -> tuple:
         st = ctx.cfg.schedule[self.name]

@@ -166,6 +166,7 @@ class GraphNet(Prunable):
         self.arch["kept"] = {k: list(v) for k, v in (kept or {}).items()}
         self.net = net
         graph = ChannelGraph(net, example) if kept else full
+        self.activations = set(graph.activations)  # what a method that needs ReLU checks (neuron merging)
         self._groups = [
             ChannelGroup(conv, PREFIX + conv, PREFIX + bn, tuple(PREFIX + c for c in consumers))
             for conv, bn, consumers, _ in simple_groups(graph)
