@@ -223,7 +223,6 @@ class ChannelGraph:
             self.atoms[node.name] = out
 
     def _propagate(self) -> None:
-        depthwise_like = _stochastic_depth()
         for node in self.gm.graph.nodes:
             shape = self._shape(node)
             if node.op == "placeholder":
@@ -235,15 +234,14 @@ class ChannelGraph:
                     if self._of(arg) is not None:
                         self._block(self._of(arg), "the network's output")
             elif node.op == "call_module":
-                self._module(node, self.modules[node.target], depthwise_like)
+                self._module(node, self.modules[node.target])
             elif node.op == "call_function":
                 self._function(node, node.target, shape)
             elif node.op == "call_method":
                 self._method(node, shape)
-            elif node.op == "get_attr":
-                pass  # a parameter or buffer read directly: has no channel atoms of its own
+            # get_attr (a parameter or buffer read directly) has no atoms of its own
 
-    def _module(self, node, m: nn.Module, passthrough_extra) -> None:
+    def _module(self, node, m: nn.Module) -> None:
         x = self._of(node.args[0]) if node.args else None
         shape = self._shape(node)
         if isinstance(m, nn.Conv2d):
@@ -282,7 +280,7 @@ class ChannelGraph:
                 if getattr(m, b, None) is not None:
                     self._param(node.target, b, {0: x})
             self.atoms[node.name] = x
-        elif isinstance(m, PASS_MODULES + passthrough_extra):
+        elif isinstance(m, PASS_MODULES + _stochastic_depth()):
             self.atoms[node.name] = x
             if isinstance(m, ACTIVATION_MODULES):
                 self.activations.add(type(m).__name__)
@@ -446,27 +444,24 @@ class ChannelGraph:
         # a channel lives wherever one of its atoms indexes a parameter
         where: dict[int, set[tuple[str, str, int]]] = {}
         order: dict[int, tuple[int, int]] = {}
+        producer: dict[int, str] = {}  # the first layer whose weight rows a channel is
         for rank, ((module, param), dims) in enumerate(self.dims.items()):
             for d, atoms in dims.items():
-                for pos, a in enumerate(atoms.tolist()):
-                    r = int(roots[a])
+                for pos, r in enumerate(roots[atoms].tolist()):
                     where.setdefault(r, set()).add((module, param, d))
                     order.setdefault(r, (rank, pos))
+                    if d == 0 and param == "weight":
+                        producer.setdefault(r, module)
         self.unprunable = {r for r in where if r in blocked_roots}
         by_layers: dict[frozenset, list[int]] = {}
         for r in sorted(where, key=lambda r: order[r]):
             if r not in blocked_roots:
                 by_layers.setdefault(frozenset(m for m, _, _ in where[r]), []).append(r)
         self.groups = [
-            Group(name=self._first_layer(rs[0]), channels=rs, layers=sorted(layers)) for layers, rs in by_layers.items()
+            Group(name=producer.get(rs[0], min(layers)), channels=rs, layers=sorted(layers))
+            for layers, rs in by_layers.items()
         ]
         self.channels_in = where
-
-    def _first_layer(self, root: int) -> str:
-        for (module, param), dims in self.dims.items():
-            if 0 in dims and param == "weight" and any(self.root[a] == root for a in dims[0].tolist()):
-                return module
-        return next(iter(self.dims))[0]
 
     def share_unprunable(self) -> tuple[float, dict[str, int]]:
         """The share of channels (classes that index a parameter) that cannot be pruned, and why (counts)."""
@@ -478,13 +473,16 @@ class ChannelGraph:
 
     # ------------------------------------------------------------------ removing channels
 
-    def _kept(self, atoms: np.ndarray, removed: set[int]) -> torch.Tensor:
-        return torch.tensor([int(self.root[a]) not in removed for a in atoms.tolist()], dtype=torch.bool)
+    def _kept(self, atoms: np.ndarray, removed) -> torch.Tensor:
+        """Per atom: does its channel stay? (``removed``: channel ids, a set or an int array)"""
+        gone = removed if isinstance(removed, np.ndarray) else np.fromiter(removed, np.int64, len(removed))
+        return torch.from_numpy(~np.isin(self.root[atoms], gone))
 
     def count(self, removed: set[int]) -> tuple[int, int]:
         """(params, MACs per image) after removing the ``removed`` channels: parameter elements from the kept sizes of
         every indexed dim, MACs = conv / linear weight elements x output pixels. Computed, not measured."""
         params = macs = 0
+        removed = np.fromiter(removed, np.int64, len(removed))
         for name, p in self.model.named_parameters():
             module, _, pname = name.rpartition(".")
             dims = self.dims.get((module, pname), {})
@@ -502,6 +500,7 @@ class ChannelGraph:
             raise ValueError("an unprunable channel cannot be removed")
         model = copy.deepcopy(self.model)
         modules = dict(model.named_modules())
+        removed = np.fromiter(removed, np.int64, len(removed))
         touched: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
         for (module, param), dims in self.dims.items():
             touched.setdefault(module, {})[param] = {d: self._kept(a, removed) for d, a in dims.items()}
@@ -526,6 +525,7 @@ class ChannelGraph:
     def masked(self, removed: set[int]) -> fx.GraphModule:
         """The unmodified network, traced, with every tensor multiplied by 0 at the removed channels' atoms."""
         gm = copy.deepcopy(self.gm)
+        removed = np.fromiter(removed, np.int64, len(removed))
         for node in list(gm.graph.nodes):
             atoms = self.atoms.get(node.name)
             if atoms is None or node.op in ("placeholder", "output"):

@@ -67,16 +67,18 @@ def simple_groups(graph) -> list[tuple[str, str, tuple[str, ...], list[int]]]:
     keep a zero a zero (so that the stages' mask, the BN output times 0, is removing the channel)."""
     out = []
     shifted = {int(graph.root[a]) for a in graph.shifted}
+    indexed = [
+        (module, d, graph.root[atoms].tolist()) for (module, _), dims in graph.dims.items() for d, atoms in dims.items()
+    ]
     for group in graph.groups:
         order = group.channels
         if shifted.intersection(order):  # masking the BN output would not be removing the channel
             continue
+        members = set(order)
         touching: dict[str, dict[int, list[int]]] = {}
-        for (module, _), dims in graph.dims.items():
-            for d, atoms in dims.items():
-                roots = [int(graph.root[a]) for a in atoms.tolist()]
-                if set(roots) & set(order):
-                    touching.setdefault(module, {})[d] = roots
+        for module, d, roots in indexed:
+            if not members.isdisjoint(roots):
+                touching.setdefault(module, {})[d] = roots
         convs = [m for m, dims in touching.items() if 0 in dims and isinstance(graph.modules[m], nn.Conv2d)]
         bns = [m for m in touching if isinstance(graph.modules[m], nn.BatchNorm2d)]
         if len(convs) != 1 or len(bns) != 1 or graph.modules[convs[0]].groups != 1:
