@@ -3,8 +3,8 @@
 The coupled channels come from the traced channel graph (``graph.py``). A channel's score is the sum over the
 layers producing it (every conv / linear whose output rows it indexes) of that row's norm divided by the layer's
 mean row norm, so layers of different scale compare (``normalize="mean"``; ``"none"`` sums raw norms). The
-lowest-scoring channels go first, over the whole network (``scope="global"``) or the same share of every group
-(``scope="group"``), until ``ratio`` of the ``target`` (channels, params or MACs, counted exactly from the graph)
+lowest-scoring channels go first, over the whole network (``scope="global"``) or share by share in every group
+(``scope="group"``: the lowest 1/n of each group of n, then the next), until ``ratio`` of the ``target`` (channels, params or MACs, counted exactly from the graph)
 is removed; every group keeps at least ``min_channels``.
 """
 
@@ -44,15 +44,15 @@ def channel_scores(
     return scores
 
 
-def _order(graph: ChannelGraph, scores: dict[int, float], scope: str, min_channels: int) -> list[list[int]]:
-    """Removable channels, lowest score first: one list (global) or one per group (group scope)."""
-    lists = []
+def _order(graph: ChannelGraph, scores: dict[int, float], scope: str, min_channels: int) -> list[int]:
+    """Removable channels in removal order: lowest score first over the whole network (global), or every group's
+    lowest share first (group: a channel's key is its rank in its group over the group's size)."""
+    key = {}
     for g in graph.groups:
         ranked = sorted(g.channels, key=lambda c: (scores[c], c))
-        lists.append(ranked[: max(0, len(ranked) - min_channels)])
-    if scope == "group":
-        return lists
-    return [sorted((c for lst in lists for c in lst), key=lambda c: (scores[c], c))]
+        for i, c in enumerate(ranked[: max(0, len(ranked) - min_channels)]):
+            key[c] = ((i + 1) / len(ranked), scores[c], c) if scope == "group" else (scores[c], c)
+    return sorted(key, key=key.get)
 
 
 def select(
@@ -72,32 +72,24 @@ def select(
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
-    orders = _order(graph, channel_scores(graph, criterion, normalize, seed), scope, min_channels)
+    order = _order(graph, channel_scores(graph, criterion, normalize, seed), scope, min_channels)
     total_channels = sum(len(g.channels) for g in graph.groups)
     dense = graph.count(set())
 
-    def removed_at(k: float) -> set[int]:
-        """global: the k lowest-scoring channels; group: the lowest share k of every group's channels."""
-        if scope == "group":
-            return {c for lst in orders for c in lst[: int(k * len(lst))]}
-        return set(orders[0][: int(k)])
-
-    def amount(removed: set[int]) -> float:
+    def amount(k: int) -> float:
+        """The share of the target removed with the first k channels of the order."""
         if target == "channels":
-            return len(removed) / total_channels
+            return k / total_channels
         i = 0 if target == "params" else 1
-        return 1 - graph.count(removed)[i] / dense[i]
+        return 1 - graph.count(set(order[:k]))[i] / dense[i]
 
-    # the smallest prefix (global: number of channels; group: share of each group's list) that reaches the ratio
-    lo, hi = 0.0, float(len(orders[0])) if scope == "global" else 1.0
-    if amount(removed_at(hi)) < ratio:
+    if amount(len(order)) < ratio:
         raise ValueError(f"{ratio:.0%} of the {target} cannot be removed with min_channels={min_channels}")
-    for _ in range(60):
-        if (scope == "global" and hi - lo <= 1) or (scope == "group" and hi - lo < 1e-6):
-            break
-        mid = (lo + hi) / 2 if scope == "group" else float((int(lo) + int(hi)) // 2)
-        lo, hi = (lo, mid) if amount(removed_at(mid)) >= ratio else (mid, hi)
-    return removed_at(hi)
+    lo, hi = 0, len(order)  # the smallest prefix that reaches the ratio: amount(lo) < ratio <= amount(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if amount(mid) >= ratio else (mid, hi)
+    return set(order[:hi])
 
 
 def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options) -> tuple[nn.Module, dict]:
