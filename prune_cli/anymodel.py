@@ -4,8 +4,8 @@ The coupled channels come from the traced channel graph (``graph.py``). A channe
 layers producing it (every conv / linear whose output rows it indexes) of that row's norm divided by the layer's
 mean row norm, so layers of different scale compare (``normalize="mean"``; ``"none"`` sums raw norms). The
 lowest-scoring channels go first, over the whole network (``scope="global"``) or share by share in every group
-(``scope="group"``: the lowest 1/n of each group of n, then the next), until ``ratio`` of the ``target`` (channels, params or MACs, counted exactly from the graph)
-is removed; every group keeps at least ``min_channels``.
+(``scope="group"``: the lowest 1/n of each group of n, then the next), until ``ratio`` of the ``target``
+(channels, params or MACs, counted exactly from the graph) is removed; every group keeps at least ``min_channels``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph
+from .selection import check_target
 
-TARGETS = ("channels", "params", "macs")
 CRITERIA = ("l1", "l2", "random")
 
 
@@ -66,12 +66,9 @@ def select(
     seed: int = 0,
 ) -> set[int]:
     """The channels to remove: the fewest lowest-scoring ones whose removal takes away ``ratio`` of ``target``."""
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    check_target(target, ratio)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    if not 0 < ratio < 1:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     order = _order(graph, channel_scores(graph, criterion, normalize, seed), scope, min_channels)
     total_channels = sum(len(g.channels) for g in graph.groups)
     dense = graph.count(set())

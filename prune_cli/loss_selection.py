@@ -56,9 +56,8 @@ from .measure import layer_macs
 from .models import Prunable
 from .options import Choice, Float, Int, Option
 from .pruning import Structure, prune_channels
-from .selection import Budget
+from .selection import Budget, check_target
 
-TARGETS = ("channels", "params", "macs")
 MODES = ("exact", "fast")
 TOLERANCE = 1e-3  # params/macs: land within 0.1% (relative) of the target amount where granularity allows
 COMPACT = 0.1  # rebuild the working copy without its masked channels once they hold this share of its MACs
@@ -410,12 +409,9 @@ def loss_greedy_select(
     check). Both modes: ``batch_variants`` (masked variants per forward; on CPU 1-2 is fastest, larger
     batches only pay on a GPU), ``cache`` (resume from cached stage inputs: the same results, cheaper).
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    check_target(target, ratio)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 0 < ratio < 1:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     if min_channels < 1:
         raise ValueError(f"min_channels must be >= 1 (a layer is never emptied), got {min_channels}")
     if (

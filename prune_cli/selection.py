@@ -21,6 +21,15 @@ from .pruning import Structure
 
 TARGETS = ("channels", "params", "macs")
 
+
+def check_target(target: str, ratio: float) -> None:
+    """For callers of the Python API: a target this module counts and a ratio strictly between 0 and 1."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+
+
 OPTIONS = (
     Choice(
         "target", "params", TARGETS, "what `ratio` is a share of: all prunable channels, or the model's params/MACs"
