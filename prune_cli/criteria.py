@@ -69,6 +69,7 @@ class Criterion(abc.ABC):
     name: str = ""
     needs_data: bool = False
     options: tuple[Option, ...] = ()
+    shared_groups: bool = True  # it judges channels several layers share (prune.residual=true)
 
     def __init__(self, **hparams: Any):
         self.hparams: dict[str, Any] = check_block(hparams, self.options, "criterion")
@@ -181,20 +182,25 @@ def channel_vectors(
     ``filter``: the producer filter ``conv.weight[c]`` flattened.
     ``feature``: the consumer kernels ``W[:, c]`` of every consumer (conv or linear), each
     flattened, concatenated in ``group.consumers`` order.
+    A group that several layers produce (a residual stream, a depthwise chain) concatenates the rows of all its
+    producers (or the columns of all its consumers): the L1 norm of the channel is then the sum of its members'.
     """
     modules = modules if modules is not None else _modules(model)
-    if granularity == "filter":
-        w = modules[group.conv].weight
-        return w.reshape(w.shape[0], -1)
-    if not group.consumers:
+    role = "producer" if granularity == "filter" else "consumer"
+    slots = group.role(role)
+    if not slots:
         raise UserError("prune.granularity", f"{group.name} has no consumer layer to judge its channels by; use filter")
+    width = group.width(modules)
     parts = []
-    width = modules[group.conv].weight.shape[0]
-    for name in group.consumers:
-        w = modules[name].weight
-        if w.shape[1] != width:
-            raise ValueError(f"consumer {name} has {w.shape[1]} input channels, group {group.name} has {width}")
-        parts.append(w.transpose(0, 1).reshape(width, -1))
+    for slot in slots:
+        w = modules[slot.module].weight
+        rows = w.flatten(1) if role == "producer" else w.transpose(0, 1).flatten(1)
+        if slot.positions is not None:  # a channel's positions, side by side
+            per = len(slot.positions[0])
+            rows = rows[slot.index().to(w.device)].reshape(width, per * rows.shape[1])
+        elif rows.shape[0] != width:
+            raise ValueError(f"{slot.module} has {rows.shape[0]} channels, group {group.name} has {width}")
+        parts.append(rows)
     return torch.cat(parts, dim=1)
 
 
@@ -217,17 +223,30 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    """Calls ``hook(group_index, bn_output)`` on every forward of every group's BN; removed on exit."""
+def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor, torch.Tensor | None], None]) -> Iterator[None]:
+    """Calls ``hook(group_index, bn_output, index)`` on every forward of every BN of every group (``index``: where
+    the group's channels are in that output, None: all of it, in order); removed on exit. A hook of a group with
+    several BatchNorms (a residual stream) is called once per BN: what it sums is summed over them."""
     modules = _modules(model)
     handles = []
     try:
         for g, group in enumerate(model.channel_groups()):
-            handles.append(modules[group.bn].register_forward_hook(lambda m, inp, out, g=g: hook(g, out)))
+            for slot in group.role("norm"):
+                index = slot.index()
+                handles.append(
+                    modules[slot.module].register_forward_hook(
+                        lambda m, inp, out, g=g, i=index: hook(g, out, None if i is None else i.to(out.device))
+                    )
+                )
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _at(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """A per-channel statistic of a whole BN output, at the group's channels."""
+    return values if index is None else values[index]
 
 
 def _batches(
@@ -249,7 +268,7 @@ def _device(model: nn.Module) -> torch.device:
 
 def _widths(model: Prunable) -> list[int]:
     modules = _modules(model)
-    return [modules[g.bn].weight.shape[0] for g in model.channel_groups()]
+    return [g.width(modules) for g in model.channel_groups()]
 
 
 def _granularity_option(default: str) -> Option:
@@ -455,9 +474,11 @@ class BNScale(Criterion):
     def _scores(self, model, granularity, sample):
         modules = _modules(model)
         groups = model.channel_groups()
-        if not all(isinstance(modules[g.bn], nn.BatchNorm2d) for g in groups):
+        norms = [g.role("norm") for g in groups]
+        if not all(isinstance(modules[s.module], nn.BatchNorm2d) for slots in norms for s in slots):
             raise UserError("criterion.name", "bn_scale needs a BatchNorm after every pruned conv; this model has none")
-        return [modules[g.bn].weight.abs() for g in groups]
+        # a group with several BatchNorms (a residual stream): the sum of its |gamma| in each
+        return [sum(_at(modules[s.module].weight.abs(), s.index()) for s in slots) for slots in norms]
 
     def auto_threshold(self, scores):
         if self.rule == "nonzero":  # only exact zeros score below the smallest positive float
@@ -502,9 +523,9 @@ class APoZ(_ActivationCriterion):
         zeros: list[torch.Tensor | None] = [None] * len(model.channel_groups())
         total = [0] * len(zeros)
 
-        def hook(g, out):
+        def hook(g, out, index):
             dims = (0, 2, 3) if out.dim() == 4 else (0,)
-            z = (F.relu(out) == 0).sum(dim=dims).double()  # relu(a) == 0  <=>  a <= 0
+            z = _at((F.relu(out) == 0).sum(dim=dims).double(), index)  # relu(a) == 0  <=>  a <= 0
             zeros[g] = z if zeros[g] is None else zeros[g] + z
             total[g] += out.numel() // out.shape[1]
 
@@ -539,8 +560,8 @@ class HRank(Criterion):
         sums: list[torch.Tensor | None] = [None] * len(model.channel_groups())
         images = 0
 
-        def hook(g, out):
-            r = feature_map_ranks(F.relu(out).float()).sum(dim=0).double()
+        def hook(g, out, index):
+            r = _at(feature_map_ranks(F.relu(out).float()).sum(dim=0).double(), index)
             sums[g] = r if sums[g] is None else sums[g] + r
 
         with _eval_mode(model), _bn_hooks(model, hook):
@@ -564,25 +585,26 @@ class Taylor(_ActivationCriterion):
     def _scores(self, model, granularity, sample):
         n_groups = len(model.channel_groups())
         sums: list[torch.Tensor | None] = [None] * n_groups
-        acts: list[torch.Tensor | None] = [None] * n_groups
+        acts: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (group, BN output, index), this batch
         images = 0
 
-        def hook(g, out):
-            acts[g] = out
+        def hook(g, out, index):
+            acts.append((g, out, index))
 
         with torch.enable_grad(), _eval_mode(model), _bn_hooks(model, hook):
             for xb, yb in _batches(sample, self.num_images, self.batch_size, _device(model)):
                 xb = xb.detach().requires_grad_(True)  # a graph even if parameters are frozen
                 loss = F.cross_entropy(model(xb), yb, reduction="sum")
-                grads = torch.autograd.grad(loss, acts, allow_unused=True)
-                for g, (a, d) in enumerate(zip(acts, grads)):
+                grads = torch.autograd.grad(loss, [a for _, a, _ in acts], allow_unused=True)
+                for (g, a, index), d in zip(acts, grads):
                     dims = (0, 2, 3) if a.dim() == 4 else (0,)
                     s = (
                         (a.detach() * d).sum(dim=dims).double()
                         if d is not None
                         else torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
                     )
+                    s = _at(s, index)  # a stream's BNs: the sum of its members' a * dL/da, then |.|
                     sums[g] = s if sums[g] is None else sums[g] + s
-                acts[:] = [None] * n_groups  # free this batch's graph
+                acts.clear()  # free this batch's graph
                 images += len(xb)
         return [s.abs() / images for s in sums]

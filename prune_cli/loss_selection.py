@@ -657,6 +657,7 @@ class LossGreedy(Criterion):
     channel's removal rank (0 = removed first; kept channels score past the last removal)."""
 
     needs_data = True
+    shared_groups = False  # its replay and working copy follow one producer conv per group
     options = (
         Choice("mode", "fast", MODES, "exact: one channel per round, every candidate measured | fast: see docs"),
         Int("num_images", 128, "training images of the fixed sample (128 in HGSR)", lo=1),

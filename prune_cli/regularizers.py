@@ -106,7 +106,7 @@ def select_weights(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]
     - ``all``: every Conv2d and Linear
     """
     if layers == "prunable":
-        wanted = {n for g in _groups(model) for n in (g.conv, *g.consumers)}
+        wanted = {s.module for g in _groups(model) for s in g.slots if s.role != "norm"}
         picked = [(n, m) for n, m in model.named_modules() if n in wanted]
     elif layers == "all":
         picked = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -122,7 +122,7 @@ def select_weights(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]
 
 def select_bns(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]:
     """``all``: every BatchNorm2d; ``prunable``: the BNs of the channel groups."""
-    wanted = {g.bn for g in _groups(model)} if layers == "prunable" else None
+    wanted = {s.module for g in _groups(model) for s in g.role("norm")} if layers == "prunable" else None
     picked = [
         (n, m)
         for n, m in model.named_modules()

@@ -48,6 +48,7 @@ ADDED_OPTIONS = {
     "model.prune_outputs": False,
     "model.last_maxpool": True,
     "prune.step_grid": "linear",
+    "prune.residual": False,
     "schedule.*.grda": {"c": 0.005, "mu": 0.51},
     "logger": {"name": "none"},
     "latency": "off",

@@ -56,6 +56,12 @@ OPTIONS = (
         "normalize", "none", ("none", "max", "l2", "mean"), "global scope: divide each layer's scores by this first"
     ),
     Int("min_channels", 1, "never leave a layer with fewer channels", lo=1),
+    Bool(
+        "residual",
+        False,
+        "also prune channels several layers share (residual streams, depthwise chains, concatenations), taken from "
+        "the traced channel graph",
+    ),
     Bool("protect_last", False, "keep the groups that feed the classifier whole (VGG's last conv, as HGSR does)"),
     Float("tolerance", 0.001, "relative error allowed on the target where whole channels allow", lo=0, lo_open=True),
     List("skip", [], "layer-name patterns never pruned, e.g. [layers.0.7] or [conv13]", item=Value("str")),

@@ -13,7 +13,7 @@ from prune_cli import pipeline
 from prune_cli.errors import UserError
 from prune_cli.graph import ChannelGraph
 from prune_cli.models import build_model
-from prune_cli.models.graphnet import simple_groups
+from prune_cli.models.graphnet import graph_groups
 from prune_cli.rundir import load_checkpoint
 
 NET = '''
@@ -59,7 +59,7 @@ def test_torchvision_resnet18_prunes_and_its_checkpoint_rebuilds(tmp_path):
     dense.load_state_dict(pre["state_dict"])
     graph = ChannelGraph(dense.net, torch.zeros(2, 3, 16, 16))
     removed = set()
-    for (_, _, _, order), keep in zip(simple_groups(graph), pruned_ck["keep"]):
+    for (_, order), keep in zip(graph_groups(graph), pruned_ck["keep"]):
         removed |= {c for c, k in zip(order, keep.tolist()) if not k}
     expect = graph.pruned(removed).eval()
     rebuilt = build_model(pruned_ck["arch"]).eval()

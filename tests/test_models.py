@@ -37,14 +37,22 @@ def test_exact_reference_counts():
 
 
 # every family built from its name alone (plain networks come from the rm stage: tests/test_rmnet.py; custom ones
-# from a user's factory: tests/test_graphnet.py)
-MODELS = [(n, 3, 64 if n in ("resnet18", "resnet34") else 32) for n in MODELS.names() if n not in ("plain", "custom")]
+# from a user's factory: tests/test_graphnet.py), and the traced ResNets whose residual streams are groups too
+TRACED = {"shared": True, "image_size": 32, "num_classes": 10, "in_channels": 3}
+MODELS = [
+    (n, 3, 64 if n in ("resnet18", "resnet34") else 32, {})
+    for n in MODELS.names()
+    if n not in ("plain", "custom", "traced")
+] + [
+    ("traced", 3, 32, {**TRACED, "base": {"name": "resnet20", "num_classes": 10, "in_channels": 3, "shortcut": s}})
+    for s in ("A", "B")
+]
 
 
-@pytest.mark.parametrize("name,channels,size", MODELS)
-def test_masked_equals_pruned_and_counts_match(name, channels, size):
+@pytest.mark.parametrize("name,channels,size,extra", MODELS)
+def test_masked_equals_pruned_and_counts_match(name, channels, size, extra):
     shape = (channels, size, size)
-    model = calibrated(build_model({"name": name, "num_classes": 10, "in_channels": channels}), shape)
+    model = calibrated(build_model({"name": name, "num_classes": 10, "in_channels": channels, **extra}), shape)
     g = torch.Generator().manual_seed(1)
     keep = [torch.rand(w, generator=g) < 0.6 for w in model.widths]
     for k in keep:

@@ -119,6 +119,8 @@ def merge_removed(model, keep: list[torch.Tensor], lam: float, threshold: float,
 class Merge(Prune):
     """Prune with the criterion and ``prune.*``, merging the removed channels into the kept ones first."""
 
+    shared_groups = False  # a removed channel is merged into its group's consumers, one producer's
+
     options = (
         Float("lam", 0.85, "weight of the cosine distance against the BN bias term (official CIFAR 0.85)", lo=0, hi=1),
         Float("threshold", 0.1, "merge only if the cosine similarity reaches this (official CIFAR 0.1)", lo=-1, hi=1),

@@ -648,6 +648,7 @@ class ProvableFilterPruning(Prune):
     to meet ``prune.ratio`` of ``prune.target`` (params or macs), top channels (or sampled and reweighted)."""
 
     reads = ("prune",)
+    shared_groups = False  # its sensitivities are per layer's input channels
     options = (
         Choice(
             "variant",

@@ -14,4 +14,10 @@ def build_model(arch: dict) -> Prunable:
     return apply_layers(model, arch)
 
 
-__all__ = ["MODELS", "ChannelGroup", "Prunable", "build_model"]
+def with_shared_groups(model: Prunable, input_shape: tuple[int, int, int]) -> Prunable:
+    """``model`` (not copied) offering every channel group of its traced graph the stages can prune, those several
+    layers share (residual streams, depthwise chains, concatenations) included."""
+    return graphnet.GraphNet.around(model, input_shape)
+
+
+__all__ = ["MODELS", "ChannelGroup", "Prunable", "build_model", "with_shared_groups"]

@@ -15,15 +15,18 @@ import importlib
 import inspect
 import os
 import sys
+from dataclasses import replace
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..options import Map, Str
-from .base import MODELS, ChannelGroup, Prunable
+from .base import MODELS, ChannelGroup, Prunable, Slot
 
 PREFIX = "net."  # the factory network is held as ``self.net``
+TRACED = "traced"  # a network of another family with all its graph's groups (prune.residual=true)
 
 
 def _factory(arch: dict):
@@ -61,42 +64,83 @@ def _factory(arch: dict):
     return factory, kwargs
 
 
-def simple_groups(graph) -> list[tuple[str, str, tuple[str, ...], list[int]]]:
-    """(conv, bn, consumers, channel ids) of the graph's groups that are one conv (groups 1) with its BatchNorm
-    and layers reading exactly those channels, in order (no other layer touches them), through operations that
-    keep a zero a zero (so that the stages' mask, the BN output times 0, is removing the channel)."""
-    out = []
+def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[int]]]:
+    """The graph's groups the pipeline can prune, as channel groups (module names as in ``graph.model``) with
+    their channel ids, in order.
+
+    Always those of one conv (groups 1) with its BatchNorm and layers reading exactly those channels, in order (no
+    other layer touches them). With ``shared``, also the groups several layers produce or hold at other positions
+    (residual streams, depthwise chains, concatenations), if a BatchNorm holds them. Either way only through
+    operations that keep a zero a zero, so that zeroing the producers' rows and the BatchNorms' entries (the
+    stages' mask) is removing the channels."""
+    out: list[tuple[ChannelGroup, list[int]]] = []
     shifted = {int(graph.root[a]) for a in graph.shifted}
-    indexed = [
-        (module, d, graph.root[atoms].tolist()) for (module, _), dims in graph.dims.items() for d, atoms in dims.items()
-    ]
+    indexed = [(module, d, graph.root[atoms]) for (module, _), dims in graph.dims.items() for d, atoms in dims.items()]
+    names: set[str] = set()
     for group in graph.groups:
         order = group.channels
         if shifted.intersection(order):  # masking the BN output would not be removing the channel
             continue
-        members = set(order)
-        touching: dict[str, dict[int, list[int]]] = {}
+        members = np.array(order)
+        touching: dict[tuple[str, int], np.ndarray] = {}
         for module, d, roots in indexed:
-            if not members.isdisjoint(roots):
-                touching.setdefault(module, {})[d] = roots
-        convs = [m for m, dims in touching.items() if 0 in dims and isinstance(graph.modules[m], nn.Conv2d)]
-        bns = [m for m in touching if isinstance(graph.modules[m], nn.BatchNorm2d)]
-        if len(convs) != 1 or len(bns) != 1 or graph.modules[convs[0]].groups != 1:
-            continue
-        conv, bn = convs[0], bns[0]
-        if touching[conv].get(0) != order or touching[bn].get(0) != order:
-            continue
-        consumers = [m for m in touching if m not in (conv, bn)]
-        ok = all(
-            set(touching[m]) == {1}
-            and touching[m][1] == order
-            and isinstance(graph.modules[m], nn.Conv2d | nn.Linear)
-            and getattr(graph.modules[m], "groups", 1) == 1
-            for m in consumers
-        )
-        if ok and consumers:
-            out.append((conv, bn, tuple(consumers), order))
+            if np.isin(roots, members).any():
+                touching[module, d] = roots
+        slots = []
+        for (module, d), roots in touching.items():
+            role = _role(graph.modules[module], d)
+            if role is None:
+                break
+            positions = tuple(tuple(np.flatnonzero(roots == c).tolist()) for c in order)
+            identity = len(roots) == len(order) and all(p == (i,) for i, p in enumerate(positions))
+            slots.append(Slot(module, role, None if identity else positions))
+        else:
+            producers = [s for s in slots if s.role == "producer"]
+            norms = [s for s in slots if s.role == "norm"]
+            consumers = tuple(s.module for s in slots if s.role == "consumer")
+            if not producers or not norms:
+                continue
+            simple = (
+                len(producers) == len(norms) == 1
+                and all(s.positions is None for s in slots)
+                and graph.modules[producers[0].module].groups == 1
+                and consumers
+            )
+            if not (simple or shared):
+                continue
+            name = producers[0].module if simple else _unique(group.name, names)
+            names.add(name)
+            channel_group = ChannelGroup(name, producers[0].module, norms[0].module, consumers)
+            out.append((channel_group if simple else replace(channel_group, shared=tuple(slots)), order))
     return out
+
+
+def _role(module: nn.Module, dim: int) -> str | None:
+    """What a layer is to the channels in its dim ``dim`` (None: a layer the stages cannot handle)."""
+    if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
+        return "norm"
+    if isinstance(module, nn.Conv2d | nn.Linear):
+        return "producer" if dim == 0 else "consumer"
+    return None
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, or ``name#2``, ``name#3``, ... if taken (two groups produced first by one layer)."""
+    k, candidate = 1, name
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}#{k}"
+    return candidate
+
+
+def _prefixed(group: ChannelGroup, prefix: str) -> ChannelGroup:
+    return ChannelGroup(
+        group.name,
+        prefix + group.conv,
+        prefix + group.bn,
+        tuple(prefix + c for c in group.consumers),
+        tuple(replace(s, module=prefix + s.module) for s in group.shared),
+    )
 
 
 class GraphNet(Prunable):
@@ -106,6 +150,8 @@ class GraphNet(Prunable):
 
     @classmethod
     def options_for(cls, name: str):
+        if name == TRACED:
+            return ()  # made by prune.residual=true from another network's arch, never configured
         weights = Str(
             "weights_path",
             None,
@@ -133,23 +179,33 @@ class GraphNet(Prunable):
         in_channels: int,
         image_size: int = 32,
         kept: dict | None = None,
+        shared: bool = False,
         network: str = "resnet18",
         target: str = "",
         kwargs: dict | None = None,
         weights_path: str | None = None,
+        base: dict | None = None,
         **ignored,  # options of the built-in families a caller may pass to every model (width_mult 1.0)
     ):
         super().__init__()
-        from ..graph import ChannelGraph
-
         if ignored.get("width_mult", 1.0) != 1.0:
             raise UserError("model.width_mult", f"{name} networks have no width multiplier")
-        options = {"network": network} if name == "torchvision" else {"target": target}
-        options.update(kwargs=dict(kwargs or {}), weights_path=weights_path)
-        self.arch = dict(name=name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
-        factory, kwargs = _factory(self.arch)
-        net = factory(**kwargs)
-        example = torch.zeros(2, in_channels, image_size, image_size)
+        if name == TRACED:
+            if not base:
+                raise UserError("model.name", "traced is what prune.residual=true makes of a network; name the network")
+            options = {"base": base}
+        else:
+            options = {"network": network} if name == "torchvision" else {"target": target}
+            options.update(kwargs=dict(kwargs or {}), weights_path=weights_path)
+        self.arch = dict(
+            name=name,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            image_size=image_size,
+            shared=bool(shared),
+            **options,
+        )
+        net = self._factory_network()
         if kept is None and options.get("weights_path"):
             try:
                 net.load_state_dict(torch.load(options["weights_path"], map_location="cpu", weights_only=True))
@@ -157,22 +213,67 @@ class GraphNet(Prunable):
                 raise UserError(
                     "model.weights_path", f"cannot load it into {name} ({type(e).__name__}: {str(e)[:200]})"
                 ) from None
-        full = ChannelGraph(net, example)
-        self.full_widths = {conv: len(order) for conv, _, _, order in simple_groups(full)}
-        if kept:  # remove again what the stored network had removed
+        self._take(self._graph(net), kept or {})
+
+    @classmethod
+    def around(cls, model: Prunable, input_shape: tuple[int, int, int]) -> GraphNet:
+        """``model`` (not copied) offering every group of its graph the stages can prune, those several layers
+        share included (``prune.residual=true``): a network of another family is wrapped as it is (``traced``:
+        rebuilt as that network, then the graph's surgery)."""
+        if isinstance(model, GraphNet):
+            if model.arch["shared"]:
+                return model
+            wrapper = cls.__new__(cls)
+            Prunable.__init__(wrapper)
+            wrapper.arch = {**model.arch, "shared": True}
+            full = model.net if not model.arch["kept"] else wrapper._factory_network()
+            wrapper._take(wrapper._graph(full), model.arch["kept"], net=model.net)
+            return wrapper.train(model.training)
+        wrapper = cls.__new__(cls)
+        Prunable.__init__(wrapper)
+        wrapper.arch = dict(
+            name=TRACED,
+            num_classes=model.arch["num_classes"],
+            in_channels=input_shape[0],
+            image_size=input_shape[1],
+            shared=True,
+            base=model.arch,
+        )
+        wrapper._take(wrapper._graph(model), {})
+        return wrapper.train(model.training)  # the wrapper's mode is its network's
+
+    def _factory_network(self) -> nn.Module:
+        """The unpruned network of ``arch``."""
+        if self.arch["name"] == TRACED:
+            from . import build_model
+
+            return build_model(self.arch["base"])
+        factory, kwargs = _factory(self.arch)
+        return factory(**kwargs)
+
+    def _graph(self, net: nn.Module):
+        from ..graph import ChannelGraph
+
+        size = self.arch["image_size"]
+        return ChannelGraph(net, torch.zeros(2, self.arch["in_channels"], size, size))
+
+    def _take(self, full, kept: dict, net: nn.Module | None = None) -> None:
+        """Hold the network of the ``full`` graph without the channels ``kept`` leaves out (``net``: that network,
+        already made), and its groups."""
+        shared = self.arch["shared"]
+        offered = graph_groups(full, shared)
+        self.full_widths = {g.name: len(order) for g, order in offered}
+        if kept and net is None:  # remove again what the stored network had removed
             removed = set()
-            for conv, _, _, order in simple_groups(full):
-                keep = set(kept.get(conv, range(len(order))))
+            for group, order in offered:
+                keep = set(kept.get(group.name, range(len(order))))
                 removed |= {c for i, c in enumerate(order) if i not in keep}
             net = full.pruned(removed)
-        self.arch["kept"] = {k: list(v) for k, v in (kept or {}).items()}
-        self.net = net
-        graph = ChannelGraph(net, example) if kept else full
+        self.arch["kept"] = {k: list(v) for k, v in kept.items()}
+        self.net = net if net is not None else full.model
+        graph = self._graph(self.net) if kept else full
         self.activations = set(graph.activations)  # what a method that needs ReLU checks (neuron merging)
-        self._groups = [
-            ChannelGroup(conv, PREFIX + conv, PREFIX + bn, tuple(PREFIX + c for c in consumers))
-            for conv, bn, consumers, _ in simple_groups(graph)
-        ]
+        self._groups = [_prefixed(g, PREFIX) for g, _ in graph_groups(graph, shared)]
         self._last = {
             i
             for i, g in enumerate(self._groups)
@@ -188,9 +289,14 @@ class GraphNet(Prunable):
     def last_groups(self) -> set[int]:
         return set(self._last)
 
+    def shortcut_convs(self) -> list[str]:
+        base = self.net.shortcut_convs() if isinstance(self.net, Prunable) else []
+        return [PREFIX + name for name in base]
+
     @property
     def widths(self) -> list[int]:
-        return [self.get_submodule(g.conv).out_channels for g in self._groups]
+        modules = dict(self.named_modules())
+        return [g.width(modules) for g in self._groups]
 
     def pruned_arch(self, index: list) -> dict:
         kept = dict(self.arch["kept"])
@@ -200,4 +306,4 @@ class GraphNet(Prunable):
         return {**self.arch, "kept": kept}
 
 
-MODELS.register("torchvision", "custom")(GraphNet)
+MODELS.register("torchvision", "custom", TRACED)(GraphNet)

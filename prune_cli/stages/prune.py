@@ -12,8 +12,9 @@ import time
 from omegaconf import OmegaConf
 
 from .. import latency
-from ..criteria import CRITERIA, build_criterion
+from ..criteria import CRITERIA, build_criterion, channel_vectors
 from ..errors import UserError
+from ..models import with_shared_groups
 from ..models.layers import fold
 from ..pruning import prune_channels, structure
 from ..regularizers import ZERO_THRESHOLD
@@ -32,20 +33,30 @@ class Prune(Stage):
 
     prunes = True
     reads = ("criterion", "prune")
+    shared_groups = True
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
-        CRITERIA.get(cfg["criterion"]["name"]).check_config(cfg)
+        criterion = CRITERIA.get(cfg["criterion"]["name"])
+        criterion.check_config(cfg)
+        if cfg["prune"]["residual"] and not criterion.shared_groups:
+            raise UserError("prune.residual", f"criterion {criterion.name} judges only channels one layer produces")
         check_steps(cfg)
 
     def prepare(self, ctx, model) -> None:
         build_criterion(ctx.cfg.criterion)
-        check_selection(ctx, model)
+        check_selection(ctx, self.groups_of(model, ctx))
+
+    def groups_of(self, model, ctx):
+        """``model`` with the channel groups this run prunes: with ``prune.residual``, every group of its traced
+        graph (a network of a built-in family is wrapped as it is, named by its traced layers)."""
+        return with_shared_groups(model, ctx.input_shape) if ctx.cfg.prune.residual else model
 
     def run(self, model, ctx, checkpoint):
         cfg, p = ctx.cfg, ctx.cfg.prune
         tic = time.perf_counter()
-        model = fold(model)  # learned factors (e.g. RMNet's) into the weights: the criteria judge the real network
+        # learned factors (e.g. RMNet's) into the weights: the criteria judge the real network
+        model = self.groups_of(fold(model), ctx)
         dense_widths = model.widths
         dense_amount = Budget(structure(model, ctx.input_shape), dense_widths, p.target).total
         extra = {}
@@ -213,11 +224,10 @@ def finish_pruning(
 
 def zero_groups(model, group) -> dict:
     """Share of the group's channels whose filter / feature-wise group (all consumers' W[:, c]) is zero (< 1e-3)."""
-    filters = model.get_submodule(group.conv).weight.detach().flatten(1).norm(dim=1)
+    modules = dict(model.named_modules())
+    filters = channel_vectors(model, group, "filter", modules).detach().norm(dim=1)
     out = {"zero_filters": float((filters < ZERO_THRESHOLD).float().mean()), "zero_feature_groups": float("nan")}
     if group.consumers:  # residual-branch outputs have none: they are added into the stream
-        features = sum(
-            model.get_submodule(c).weight.detach().transpose(0, 1).flatten(1).pow(2).sum(1) for c in group.consumers
-        ).sqrt()
+        features = channel_vectors(model, group, "feature", modules).detach().norm(dim=1)
         out["zero_feature_groups"] = float((features < ZERO_THRESHOLD).float().mean())
     return out

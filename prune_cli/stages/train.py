@@ -12,6 +12,7 @@ import copy
 
 import torch
 
+from ..criteria import channel_vectors
 from ..errors import UserError
 from ..measure import count_macs
 from ..models import build_model
@@ -209,7 +210,7 @@ def removable_channels(model) -> int:
     modules = dict(model.named_modules())
     with torch.no_grad():
         return sum(
-            int((modules[g.conv].weight.flatten(1) == 0).all(1).sum())
+            int((channel_vectors(model, g, "filter", modules) == 0).all(1).sum())
             for g in model.channel_groups()
             if hasattr(modules[g.conv], "weight") and modules[g.conv].weight.dim() == 4
         )
