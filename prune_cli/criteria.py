@@ -196,8 +196,7 @@ def channel_vectors(
         w = modules[slot.module].weight
         rows = w.flatten(1) if role == "producer" else w.transpose(0, 1).flatten(1)
         if slot.positions is not None:  # a channel's positions, side by side
-            per = len(slot.positions[0])
-            rows = rows[slot.index().to(w.device)].reshape(width, per * rows.shape[1])
+            rows = rows[slot.index().to(w.device)].reshape(width, -1)
         elif rows.shape[0] != width:
             raise ValueError(f"{slot.module} has {rows.shape[0]} channels, group {group.name} has {width}")
         parts.append(rows)
@@ -225,8 +224,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor, torch.Tensor | None], None]) -> Iterator[None]:
     """Calls ``hook(group_index, bn_output, index)`` on every forward of every BN of every group (``index``: where
-    the group's channels are in that output, None: all of it, in order); removed on exit. A hook of a group with
-    several BatchNorms (a residual stream) is called once per BN: what it sums is summed over them."""
+    the group's channels are in that output, [channels, positions per channel]; None: all of it, in order);
+    removed on exit. A hook of a group with several BatchNorms (a residual stream) is called once per BN: what it
+    sums is summed over them (``_at``)."""
     modules = _modules(model)
     handles = []
     try:
@@ -245,8 +245,9 @@ def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor, torch.Tensor |
 
 
 def _at(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """A per-channel statistic of a whole BN output, at the group's channels."""
-    return values if index is None else values[index]
+    """A per-channel statistic of a whole BN output at the group's channels (summed over a channel's positions:
+    a conv group of a grouped conv is one channel)."""
+    return values if index is None else values[index].sum(-1)
 
 
 def _batches(
@@ -527,7 +528,7 @@ class APoZ(_ActivationCriterion):
             dims = (0, 2, 3) if out.dim() == 4 else (0,)
             z = _at((F.relu(out) == 0).sum(dim=dims).double(), index)  # relu(a) == 0  <=>  a <= 0
             zeros[g] = z if zeros[g] is None else zeros[g] + z
-            total[g] += out.numel() // out.shape[1]
+            total[g] += out.numel() // out.shape[1] * (1 if index is None else index.shape[1])
 
         with _eval_mode(model), _bn_hooks(model, hook):
             for xb, _ in _batches(sample, self.num_images, self.batch_size, _device(model)):

@@ -6,7 +6,8 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
 - conv / linear (groups 1): new atoms for its outputs; its weight's input dim is indexed by the input's atoms
   (a linear layer only on [B, features]: on channels-last tensors, as in transformers, it is not mapped);
 - depthwise conv (groups = in = out channels): its output channel i *is* its input channel i (tied), and the
-  layer's groups shrink with it; other grouped convs cannot be mapped: their channels are unprunable;
+  layer's groups shrink with it; another grouped conv (groups G): each of its groups, inputs and outputs, is
+  one channel (tied), so a whole group goes and G shrinks (every group keeps its size: the layer stays one conv);
 - BatchNorm, activations, pooling, dropout, stochastic depth, identity: the same atoms pass through;
 - ``+ - * /`` of two tensors with the same channel count: channel i of every operand tied (residual sums,
   squeeze-excitation's ``x * scale``); an operand with one channel (or none) broadcasts and ties nothing;
@@ -256,9 +257,15 @@ class ChannelGraph:
                 self._param(node.target, "weight", {0: out})
                 if m.bias is not None:
                     self._param(node.target, "bias", {0: out})
-            else:
-                self._opaque(node, f"grouped convolution {node.target} (groups={m.groups})")
-                return
+            else:  # grouped: group g's inputs and outputs go together, so only whole groups go
+                out = self._new(m.out_channels)
+                a, b = m.in_channels // m.groups, m.out_channels // m.groups
+                for g in range(m.groups):
+                    unit = np.concatenate([x[g * a : (g + 1) * a], out[g * b : (g + 1) * b]])
+                    self._tie(np.full(len(unit) - 1, unit[0]), unit[1:])
+                self._param(node.target, "weight", {0: out})  # its input dim indexes within a group: it stays
+                if m.bias is not None:
+                    self._param(node.target, "bias", {0: out})
             self.atoms[node.name] = out
         elif isinstance(m, nn.Linear):
             self.pixels[node.target] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
@@ -550,11 +557,10 @@ class ChannelGraph:
 def _resize(m: nn.Module) -> None:
     """A sliced layer's size attributes follow its tensors."""
     if isinstance(m, nn.Conv2d):
-        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+        if m.groups > 1:  # whole groups went (depthwise: one channel each); every group keeps its size
+            m.groups = m.weight.shape[0] // (m.out_channels // m.groups)
         m.out_channels = m.weight.shape[0]
-        m.in_channels = m.out_channels if depthwise else m.weight.shape[1] * m.groups
-        if depthwise:
-            m.groups = m.out_channels
+        m.in_channels = m.weight.shape[1] * m.groups
     elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = m.weight.shape
     elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):

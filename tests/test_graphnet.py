@@ -88,6 +88,23 @@ def test_a_network_from_the_users_own_file(tmp_path):
     assert (layers["after"] < layers["before"]).all()
 
 
+def test_the_users_residual_stream_prunes_with_prune_residual(tmp_path, monkeypatch):
+    (tmp_path / "my_net.py").write_text(NET)
+    monkeypatch.chdir(tmp_path)
+    run = [*TINY, "model=custom", "model.target=my_net:Net", "+model.kwargs.width=6", "prune.residual=true"]
+    rows = pipeline.run(
+        config(*run, "prune.ratio=0.3", "schedule.pretrain.epochs=1", "schedule.finetune.epochs=1"), tmp_path / "run"
+    )
+    layers = pd.read_csv(tmp_path / "run" / "layers.csv")
+    assert list(layers["layer"]) == ["c1", "c2"]  # c2's channels are c3's too: the stream, pruned as one
+    assert (layers["after"] < layers["before"]).all()
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "finetune.pt")
+    model = build_model(final["arch"])  # the factory network, then the graph removes the same channels again
+    model.load_state_dict(final["state_dict"])
+    assert [g.width(dict(model.named_modules())) for g in model.channel_groups()] == list(layers["after"])
+    assert sum(p.numel() for p in model.parameters()) == rows[-1]["params"]
+
+
 @pytest.mark.parametrize(
     "overrides,option",
     [

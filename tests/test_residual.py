@@ -151,3 +151,23 @@ def test_a_stream_is_scored_by_the_sum_over_its_layers():
         for h in hooks:
             h.remove()
         assert taylor[c].item() == pytest.approx(abs(grad.item()) / 8, rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("network", ["resnet18", "mobilenet_v2"])
+def test_torchvision_shared_groups_mask_as_they_prune(network):
+    """Residual streams (resnet18) and depthwise chains with inverted-residual streams (mobilenet_v2) through the
+    stages' masking, surgery and counting (not the graph's own, which tests/test_graph.py checks)."""
+    arch = {"name": "torchvision", "network": network, "num_classes": 10, "in_channels": 3, "image_size": 32}
+    model = with_shared_groups(calibrated(build_model(arch), SHAPE), SHAPE)
+    assert sum(1 for g in model.channel_groups() if g.shared) == {"resnet18": 4, "mobilenet_v2": 22}[network]
+    g = torch.Generator().manual_seed(1)
+    keep = [torch.rand(w, generator=g) < 0.6 for w in model.widths]
+    for k in keep:
+        k[0] = True
+    pruned = prune_channels(model, keep).eval()
+    mask_channels(model, keep)
+    x = torch.randn(2, *SHAPE, generator=g)
+    with torch.no_grad():
+        expected, got = model(x), pruned(x)
+    assert ((expected - got).abs().max() / expected.abs().max()) <= 1e-4
+    assert layer_count(pruned, SHAPE) == structure(model, SHAPE).count([int(k.sum()) for k in keep])

@@ -2,7 +2,9 @@
 
 A *channel group* is one prunable set of channels: the output channels of a producer conv, the
 matching entries of its BatchNorm (where a channel mask applies: the BN output times 0 is exactly the
-channel removed), and the matching input channels of every consumer (conv or linear). A model is
+channel removed), and the matching input channels of every consumer (conv or linear). A group several layers
+hold (a residual stream: every block's last conv, its BatchNorms, the readers of the stream) lists them all as
+``Slot``s, each with the positions of the group's channels in that layer (``prune.residual=true``). A model is
 built from a list of widths, one per group, so a pruned model is rebuilt from its widths
 (``build_model(model.arch)``), never unpickled. Families register by decorator:
 ``@MODELS.register("resnet20", "resnet56")``; nothing outside ``prune_cli/models`` tests model types.
@@ -50,8 +52,8 @@ class Slot:
         return 1 if self.role == "consumer" else 0
 
     def index(self) -> torch.Tensor | None:
-        """The positions, channel-major, as one index (None: the identity)."""
-        return None if self.positions is None else torch.tensor([p for ps in self.positions for p in ps])
+        """The positions as a [channels, positions per channel] index (None: the identity)."""
+        return None if self.positions is None else torch.tensor(self.positions, dtype=torch.long)
 
 
 @dataclass(frozen=True)

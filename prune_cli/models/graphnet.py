@@ -1,12 +1,12 @@
 """Networks prune_cli did not write: ``model=torchvision`` (``model.network=resnet18``) and ``model=custom``
 (``model.target=package.module:factory``, ``model.kwargs={...}``), pruned through their traced channel graph.
 
-The pipeline's stages work on channel groups of one shape: a conv (groups 1), the BatchNorm right after it, and
-the layers that read exactly those channels (``ChannelGroup``). Of the graph's groups (``graph.py``) those of
-that shape are offered; the others (residual streams, depthwise chains, concatenated or flattened channels)
-stay whole here (``prune_cli.prune`` in Python prunes every group). A pruned network is stored as its
-factory and the kept channels of every group, relative to the unpruned factory network: ``build_model(arch)``
-builds the factory network and removes the other channels again, so nothing is pickled.
+By default the stages get the graph's groups (``graph.py``) of one shape: a conv (groups 1), the BatchNorm right
+after it, and the layers that read exactly those channels. With ``shared`` (``prune.residual=true``) also those
+several layers hold (residual streams, depthwise chains, concatenated or flattened channels), as slots with
+positions; the prune stage then wraps any network, a built-in one too (``traced``: its own arch as the factory).
+A pruned network is stored as its factory and the kept channels of every group, relative to the unpruned factory
+network: ``build_model(arch)`` builds the factory network and removes the other channels again (nothing pickled).
 """
 
 from __future__ import annotations
@@ -98,7 +98,10 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
             producers = [s for s in slots if s.role == "producer"]
             norms = [s for s in slots if s.role == "norm"]
             consumers = tuple(s.module for s in slots if s.role == "consumer")
-            if not producers or not norms:
+            feature_maps = all(isinstance(graph.modules[s.module], nn.Conv2d) for s in producers) and all(
+                isinstance(graph.modules[s.module], nn.BatchNorm2d) for s in norms
+            )  # what the activation criteria read
+            if not producers or not norms or not feature_maps:
                 continue
             simple = (
                 len(producers) == len(norms) == 1
