@@ -69,7 +69,6 @@ class Criterion(abc.ABC):
     name: str = ""
     needs_data: bool = False
     options: tuple[Option, ...] = ()
-    shared_groups: bool = True  # it judges channels several layers share (prune.residual=true)
 
     def __init__(self, **hparams: Any):
         self.hparams: dict[str, Any] = check_block(hparams, self.options, "criterion")

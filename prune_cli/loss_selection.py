@@ -119,6 +119,16 @@ def _replayable(module: nn.Module) -> nn.Module:
     return module
 
 
+def _spread(mask: torch.Tensor, index: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """A group's mask ([..., width]) as the mask of a BatchNorm output of ``channels`` holding the group's channel i
+    at ``index[i]`` (other channels 1); None: the output is the group."""
+    if index is None:
+        return mask
+    out = mask.new_ones(*mask.shape[:-1], channels)
+    out[..., index.flatten()] = mask.repeat_interleave(index.shape[1], dim=-1)
+    return out
+
+
 # ------------------------------------------------------------------ the target budget
 
 
@@ -249,15 +259,21 @@ class _Evaluator:
         self.stages = net.segments() if self.cache else [("", net)]
         prefixes = [p for p, _ in self.stages]
         groups = net.channel_groups()
-        self.group_stage = [_stage_of(prefixes, g.conv) for g in groups]
+        # a group several layers hold (a residual stream) is re-run from its first BatchNorm's segment
+        self.group_stage = [min(_stage_of(prefixes, s.module) for s in g.role("norm")) for g in groups]
         macs, layers = _stage_macs(net, self.stages, self.x[:1])
         self.frac_from = [sum(macs[s:]) / self.full_macs for s in range(len(macs))]
-        self.convs = [_replayable(modules[g.conv]) for g in groups]
-        self.conv_frac = [layers.get(g.conv, 0.0) / self.full_macs for g in groups]  # what a replay saves
+        # replay: the output of the one conv before the one BatchNorm where the group's mask acts
+        self.convs = [None if g.shared else _replayable(modules[g.conv]) for g in groups]
+        self.conv_frac = [0.0 if g.shared else layers.get(g.conv, 0.0) / self.full_macs for g in groups]
         self.variant: tuple[int, torch.Tensor] | None = None  # (group, [K, C] keep masks of the batched variants)
-        self.saved: dict[int, torch.Tensor] | None = None  # BN outputs kept for the Taylor pre-screen
+        self.saved: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = None  # (group, BN output, index)
         self.cached: list[torch.Tensor] = []
-        self.hooks = [modules[g.bn].register_forward_hook(self._hook(i)) for i, g in enumerate(groups)]
+        self.hooks = [
+            modules[s.module].register_forward_hook(self._hook(i, s.index()))
+            for i, g in enumerate(groups)
+            for s in g.role("norm")
+        ]
 
     def close(self) -> None:
         for h in self.hooks:
@@ -284,17 +300,22 @@ class _Evaluator:
         self.index = [i[m] for i, m in zip(self.index, kept)]
         self._adopt(prune_channels(self.net, kept).eval(), keep)
 
-    def _hook(self, g: int):
+    def _hook(self, g: int, index: torch.Tensor | None):
+        """The forward hook of one BatchNorm of group g: its output times the group's mask (``index``: where the
+        group's channels are in that output; None: all of it, in order)."""
+        if index is not None:
+            index = index.to(self.x.device)
+
         def hook(module, inputs, out):
             shape = (1, -1) + (1,) * (out.dim() - 2)
             if self.variant is not None and self.variant[0] == g:
-                v = self.variant[1]
+                v = _spread(self.variant[1], index, out.shape[1])
                 k = v.shape[0]
                 out = (out.reshape(k, -1, *out.shape[1:]) * v.reshape(k, *shape)).reshape(out.shape)
             else:
-                out = out * self.keep[g].reshape(shape)
+                out = out * _spread(self.keep[g], index, out.shape[1]).reshape(shape)
             if self.saved is not None:
-                self.saved[g] = out
+                self.saved.append((g, out, index))
             return out
 
         return hook
@@ -308,18 +329,19 @@ class _Evaluator:
         autograd graph is kept for :meth:`taylor` (one input-gradient backward)."""
         self._compact()
         self.cached, x = [], self.x
-        self.saved = {} if keep_graph else None
+        self.saved = [] if keep_graph else None
         with torch.enable_grad() if keep_graph else torch.no_grad():
             if keep_graph:
                 x = x.detach().clone().requires_grad_(True)  # every activation gets a grad_fn
-            for conv in self.convs:
+            replayed = [conv for conv in self.convs if conv is not None]
+            for conv in replayed:
                 conv.record = True
             try:
                 for _, fn in self.stages:
                     self.cached.append(x.detach())
                     x = fn(x)
             finally:
-                for conv in self.convs:
+                for conv in replayed:
                     conv.record = False
             loss = self._loss(x, 1)[0]
         self.graph = (loss, self.saved) if keep_graph else None
@@ -330,17 +352,19 @@ class _Evaluator:
 
     def taylor(self) -> list[torch.Tensor]:
         """First-order estimate of every channel's loss change if it were masked, from the last trunk pass:
-        -sum(a * dL/da) over images and positions (a = the masked BN output)."""
+        -sum(a * dL/da) over images and positions (a = the masked BN output; for a group several BatchNorms hold,
+        summed over them: the channel goes from all of them at once)."""
         loss, saved = self.graph
         self.graph = None
-        order = sorted(saved)
-        grads = torch.autograd.grad(loss, [saved[g] for g in order])
+        grads = torch.autograd.grad(loss, [a for _, a, _ in saved])
         est: list[torch.Tensor] = [torch.zeros(0)] * len(self.groups)
-        for g, gr in zip(order, grads):
-            a = saved[g].detach()
+        for (g, a, index), gr in zip(saved, grads):
             dims = [d for d in range(a.dim()) if d != 1]
-            est[g] = torch.zeros(self.width0[g], dtype=torch.float64)
-            est[g][self.index[g]] = -(a * gr).sum(dims, dtype=torch.float64).cpu()
+            change = (a.detach() * gr).sum(dims, dtype=torch.float64)
+            change = -(change if index is None else change[index].sum(-1)).cpu()
+            if not len(est[g]):
+                est[g] = torch.zeros(self.width0[g], dtype=torch.float64)
+            est[g][self.index[g]] += change
         self.count.backward_passes += 1
         self.count.ife += self.n * self.frac_from[0]
         return est
@@ -357,14 +381,17 @@ class _Evaluator:
                 v[torch.arange(k), self.pos[g][chunk]] = 0
                 self.variant = (g, v)
                 conv = self.convs[g]
-                conv.replay = conv.last.repeat(k, *([1] * (conv.last.dim() - 1)))
+                if conv is not None:
+                    conv.replay = conv.last.repeat(k, *([1] * (conv.last.dim() - 1)))
                 try:
                     x = self.cached[s]
                     x = x.repeat(k, *([1] * (x.dim() - 1)))
                     for _, fn in self.stages[s:]:
                         x = fn(x)
                 finally:
-                    self.variant, conv.replay = None, None
+                    self.variant = None
+                    if conv is not None:
+                        conv.replay = None
                 out.append(self._loss(x, k).cpu())
         self.count.forward_passes += len(channels)
         self.count.ife += len(channels) * self.n * (self.frac_from[s] - self.conv_frac[g])
@@ -657,7 +684,6 @@ class LossGreedy(Criterion):
     channel's removal rank (0 = removed first; kept channels score past the last removal)."""
 
     needs_data = True
-    shared_groups = False  # its replay and working copy follow one producer conv per group
     options = (
         Choice("mode", "fast", MODES, "exact: one channel per round, every candidate measured | fast: see docs"),
         Int("num_images", 128, "training images of the fixed sample (128 in HGSR)", lo=1),

@@ -8,6 +8,8 @@ that reason only.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from prune_cli.loss_selection import _subset_sum_hits, loss_greedy_select
-from prune_cli.models import build_model
-from prune_cli.pruning import prune_channels, structure
+from prune_cli.models import build_model, with_shared_groups
+from prune_cli.pruning import mask_channels, prune_channels, structure
 
 
 def digits(channels: int = 3, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,3 +231,47 @@ def test_subset_sum():
     assert not _subset_sum_hits(costs, counts, 300, 500)
     assert _subset_sum_hits(costs, counts, 2 * 290 + 2 * 578 + 1154 - 1, 3000)
     assert not _subset_sum_hits(costs, counts, 3 * 290 + 2 * 578 + 1154 + 1, 10**6)
+
+
+def test_streams_follow_the_same_rule_as_any_group(small_resnet, data3):
+    """prune.residual=true: a residual stream's channel is masked in every BatchNorm holding it, and the exact greedy's
+    first rounds are the brute-force ones: each candidate (every other group protected: the streams' channels only)
+    masked in a copy (``mask_channels``), the lowest |L - L0| removed; the fast mode's final loss is the physically
+    pruned network's."""
+    x, y = data3
+    xs, ys = x[:16], y[:16]
+    model = with_shared_groups(small_resnet, (3, 8, 8))
+    groups = model.channel_groups()
+    assert sum(1 for g in groups if g.shared) == 3
+    st = structure(model, (3, 8, 8))
+    inner = {g for g, grp in enumerate(groups) if not grp.shared}
+    _, stats = loss_greedy_select(
+        model, xs, ys, structure=st, target="channels", ratio=3 / sum(model.widths), mode="exact", protect=inner
+    )
+
+    def loss_of(keep):
+        masked = copy.deepcopy(model)
+        mask_channels(masked, keep)
+        with torch.no_grad():
+            return F.cross_entropy(masked(xs), ys).item()
+
+    keep = [torch.ones(w, dtype=torch.bool) for w in model.widths]
+    l0 = loss_of(keep)
+    expected = []
+    for _ in range(3):
+        best = None
+        for g, k in enumerate(keep):
+            for c in torch.nonzero(k).flatten().tolist() if g not in inner else []:
+                k[c] = False
+                change = abs(loss_of(keep) - l0)
+                k[c] = True
+                if best is None or change < best[0] - 1e-9:
+                    best = (change, (g, c))
+        expected.append(best[1])
+        keep[best[1][0]][best[1][1]] = False
+    assert stats["removed"] == expected
+    keep, stats = loss_greedy_select(model, xs, ys, structure=st, target="params", ratio=0.4, mode="fast")
+    assert any(not k.all() for g, k in zip(groups, keep) if g.shared)
+    pruned = prune_channels(model, keep).eval()
+    with torch.no_grad():
+        assert stats["loss_masked"] == pytest.approx(F.cross_entropy(pruned(xs), ys).item(), abs=1e-5)

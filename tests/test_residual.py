@@ -100,17 +100,12 @@ def test_a_residual_run_prunes_the_streams_and_resumes(tmp_path):
     ]
 
 
-@pytest.mark.parametrize(
-    "overrides,why",
-    [
-        (["criterion=loss"], "criterion loss judges only channels one layer produces"),
-        (["schedule=merge"], "the merge stage prunes only channels one layer produces"),
-    ],
-)
-def test_parts_that_need_one_producer_refuse_it(tmp_path, overrides, why):
+@pytest.mark.parametrize("schedule", ["merge", "pfp"])
+def test_stages_that_need_one_producer_refuse_it(tmp_path, schedule):
     with pytest.raises(UserError) as e:
-        pipeline.run(compose_config(*TINY, "prune.residual=true", *overrides), tmp_path)
-    assert e.value.option == "prune.residual" and why in e.value.why
+        pipeline.run(compose_config(*TINY, "prune.residual=true", f"schedule={schedule}"), tmp_path)
+    assert e.value.option == "prune.residual"
+    assert e.value.why == f"the {schedule} stage prunes only channels one layer produces"
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -292,6 +292,12 @@ class GraphNet(Prunable):
     def last_groups(self) -> set[int]:
         return set(self._last)
 
+    def segments(self):
+        """A wrapped prune_cli network's own segments (the loss greedy re-runs a candidate from its segment)."""
+        if not isinstance(self.net, Prunable):
+            return super().segments()
+        return [(PREFIX + prefix if prefix else "", fn) for prefix, fn in self.net.segments()]
+
     def shortcut_convs(self) -> list[str]:
         base = self.net.shortcut_convs() if isinstance(self.net, Prunable) else []
         return [PREFIX + name for name in base]

@@ -37,10 +37,7 @@ class Prune(Stage):
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
-        criterion = CRITERIA.get(cfg["criterion"]["name"])
-        criterion.check_config(cfg)
-        if cfg["prune"]["residual"] and not criterion.shared_groups:
-            raise UserError("prune.residual", f"criterion {criterion.name} judges only channels one layer produces")
+        CRITERIA.get(cfg["criterion"]["name"]).check_config(cfg)
         check_steps(cfg)
 
     def prepare(self, ctx, model) -> None:
