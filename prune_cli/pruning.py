@@ -52,7 +52,7 @@ def group_dims(model: Prunable, groups: list[ChannelGroup]) -> dict[str, dict[in
             names = {"producer": PRODUCER_KEYS, "norm": BN_KEYS, "consumer": ("weight",)}[slot.role]
             for key in names:
                 members = dims.setdefault(f"{slot.module}.{key}", {}).setdefault(slot.dim, [])
-                if (g, slot) not in members:  # a model without BatchNorm names its conv as the norm too
+                if all(h != g for h, _ in members):  # a model without BatchNorm names its conv as the norm too
                     members.append((g, slot))
     return {k: v for k, v in dims.items() if k in keys}
 

@@ -46,7 +46,7 @@ MODELS = [
 ] + [
     ("traced", 3, 32, {**TRACED, "base": {"name": "resnet20", "num_classes": 10, "in_channels": 3, "shortcut": s}})
     for s in ("A", "B")
-]
+] + [("plain", 3, 32, {"widths": [8, 16, 16], "strides": [1, 2, 1], "bn": False})]  # its conv is its own norm
 
 
 @pytest.mark.parametrize("name,channels,size,extra", MODELS)
