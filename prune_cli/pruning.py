@@ -18,6 +18,7 @@ from .models.base import Slot
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "factor")
 PRODUCER_KEYS = ("weight", "bias", "skeleton")
+KEYS_OF = {"producer": PRODUCER_KEYS, "norm": BN_KEYS, "consumer": ("weight",)}  # a slot's tensors, by its role
 
 
 @dataclass
@@ -49,8 +50,7 @@ def group_dims(model: Prunable, groups: list[ChannelGroup]) -> dict[str, dict[in
     dims: dict[str, dict[int, list]] = {}
     for g, group in enumerate(groups):
         for slot in group.slots:
-            names = {"producer": PRODUCER_KEYS, "norm": BN_KEYS, "consumer": ("weight",)}[slot.role]
-            for key in names:
+            for key in KEYS_OF[slot.role]:
                 members = dims.setdefault(f"{slot.module}.{key}", {}).setdefault(slot.dim, [])
                 if all(h != g for h, _ in members):  # a model without BatchNorm names its conv as the norm too
                     members.append((g, slot))

@@ -33,15 +33,13 @@ WIDTH_MULT = Float(
 )
 
 
-ROLES = ("producer", "norm", "consumer")  # a slot's role; a consumer holds the channels in its input dim (1)
-
-
 @dataclass(frozen=True)
 class Slot:
-    """One layer holding a group's channels: a ``producer`` (conv / linear output rows, or a depthwise conv's), a
-    ``norm`` (BatchNorm entries: where masks apply) or a ``consumer`` (input columns). The group's channel i sits
-    at ``positions[i]`` of that dim (a tuple of positions: several for an input flattened into a linear layer);
-    ``None``: at i, the layer holding exactly the group's channels."""
+    """One layer holding a group's channels, by ``role``: a ``producer`` (conv / linear output rows, or a depthwise
+    conv's), a ``norm`` (BatchNorm entries: where masks apply) or a ``consumer`` (input columns, dim 1). The group's
+    channel i sits at ``positions[i]`` of that dim (a tuple: several positions for an input flattened into a
+    linear layer, or a whole group of a grouped conv); ``None``: at i, the layer holding exactly the group's
+    channels."""
 
     module: str
     role: str
