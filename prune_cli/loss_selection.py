@@ -259,8 +259,8 @@ class _Evaluator:
         self.stages = net.segments() if self.cache else [("", net)]
         prefixes = [p for p, _ in self.stages]
         groups = net.channel_groups()
-        # a group several layers hold (a residual stream) is re-run from its first BatchNorm's segment
-        self.group_stage = [min(_stage_of(prefixes, s.module) for s in g.role("norm")) for g in groups]
+        # a candidate re-runs from the segment of its group's (first) producer: its masks act after it
+        self.group_stage = [min(_stage_of(prefixes, s.module) for s in g.role("producer")) for g in groups]
         macs, layers = _stage_macs(net, self.stages, self.x[:1])
         self.frac_from = [sum(macs[s:]) / self.full_macs for s in range(len(macs))]
         # replay: the output of the one conv before the one BatchNorm where the group's mask acts

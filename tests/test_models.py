@@ -39,14 +39,18 @@ def test_exact_reference_counts():
 # every family built from its name alone (plain networks come from the rm stage: tests/test_rmnet.py; custom ones
 # from a user's factory: tests/test_graphnet.py), and the traced ResNets whose residual streams are groups too
 TRACED = {"shared": True, "image_size": 32, "num_classes": 10, "in_channels": 3}
-MODELS = [
-    (n, 3, 64 if n in ("resnet18", "resnet34") else 32, {})
-    for n in MODELS.names()
-    if n not in ("plain", "custom", "traced")
-] + [
-    ("traced", 3, 32, {**TRACED, "base": {"name": "resnet20", "num_classes": 10, "in_channels": 3, "shortcut": s}})
-    for s in ("A", "B")
-] + [("plain", 3, 32, {"widths": [8, 16, 16], "strides": [1, 2, 1], "bn": False})]  # its conv is its own norm
+MODELS = (
+    [
+        (n, 3, 64 if n in ("resnet18", "resnet34") else 32, {})
+        for n in MODELS.names()
+        if n not in ("plain", "custom", "traced")
+    ]
+    + [
+        ("traced", 3, 32, {**TRACED, "base": {"name": "resnet20", "num_classes": 10, "in_channels": 3, "shortcut": s}})
+        for s in ("A", "B")
+    ]
+    + [("plain", 3, 32, {"widths": [8, 16, 16], "strides": [1, 2, 1], "bn": False})]  # its conv is its own norm
+)
 
 
 @pytest.mark.parametrize("name,channels,size,extra", MODELS)
