@@ -77,4 +77,4 @@ class Context:
         n = min(size, len(data.train))
         g = torch.Generator(device=data.train.x.device).manual_seed(derived(self.cfg.seed, "sample"))
         idx = torch.randperm(len(data.train), generator=g, device=data.train.x.device)[:n]
-        return Sample(normalize(data.train.x[idx], data), data.train.y[idx])
+        return Sample(normalize(data.train.take(idx), data), data.train.y[idx])

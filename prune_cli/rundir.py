@@ -41,6 +41,8 @@ RESUMABLE_DIFFERENCES = (
     "logger.name",
     "logger.dir",
     "latency",
+    "dataset.stream",  # imagefolder: streamed or in memory, the same batches
+    "dataset.workers",
 )
 # options added after runs were written, with the behaviour those runs had: absent from an old config means this
 # (keys are patterns: a stage block's option is added to every stage)

@@ -1,8 +1,10 @@
 """The loaded dataset on the device, and its batching: containers, normalisation and augmentation.
 
 Every dataset ends up as ``uint8 [N, C, H, W]`` images and ``int64 [N]`` labels on the training
-device, and is then only indexed: no DataLoader, no workers, no per-sample Python. Random crop
-(zero padding) and horizontal flip run on whole batches with advanced indexing, on the device.
+device, and is then only indexed: no DataLoader, no workers, no per-sample Python. The one exception
+is an imagefolder too large for memory: its images stay files (``stream.StreamedImages``) decoded batch
+by batch, in the same batches. Random crop (zero padding) and horizontal flip run on whole batches with
+advanced indexing, on the device, after the batch is there: so both kinds draw the same random numbers.
 """
 
 from __future__ import annotations
@@ -12,14 +14,35 @@ from dataclasses import dataclass
 
 import torch
 
+from .stream import StreamedImages
+
 
 @dataclass
 class Split:
-    x: torch.Tensor  # uint8 [N, C, H, W] on the device
+    x: torch.Tensor | StreamedImages  # uint8 [N, C, H, W] on the device, or files decoded onto it when read
     y: torch.Tensor  # int64 [N] on the device
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at ``idx`` on the device."""
+        return self.x[idx].decode() if isinstance(self.x, StreamedImages) else self.x[idx]
+
+    def uint8_batches(self, order: torch.Tensor | None, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(uint8 x, y)`` on the device, ``batch_size`` at a time, in ``order`` (an index tensor; None: 0..N-1)."""
+        n = len(self)
+        if isinstance(self.x, StreamedImages):
+            index_batches = (torch.arange(n, device=self.y.device) if order is None else order).split(batch_size)
+            for idx, xb in zip(index_batches, self.x.batches([i.tolist() for i in index_batches])):
+                yield xb, self.y[idx]
+            return
+        for start in range(0, n, batch_size):
+            if order is None:
+                yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+            else:
+                idx = order[start : start + batch_size]
+                yield self.x[idx], self.y[idx]
 
     def __repr__(self) -> str:
         return f"Split(n={len(self)}, x={tuple(self.x.shape)} {self.x.dtype} on {self.x.device})"
@@ -114,12 +137,7 @@ def batches(
     if generator is not None:
         order = torch.randperm(n, generator=generator, device=generator.device).to(split.x.device)
     do_aug = train and (data.pad > 0 or data.flip)
-    for start in range(0, n, batch_size):
-        if order is None:
-            xb, yb = split.x[start : start + batch_size], split.y[start : start + batch_size]
-        else:
-            idx = order[start : start + batch_size]
-            xb, yb = split.x[idx], split.y[idx]
+    for xb, yb in split.uint8_batches(order, batch_size):
         if do_aug:
             xb = augment(xb, data.pad, data.flip, generator)
         yield normalize(xb.contiguous(memory_format=memory_format), data), yb

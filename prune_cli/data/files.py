@@ -48,29 +48,31 @@ def download_error(what: str, root: str, err: BaseException, how: str) -> UserEr
     )
 
 
-def decode_images(paths: list[str], fix: str, mode: str = "RGB", size: int | None = None) -> np.ndarray:
-    """uint8 [N, C, H, W] of the image files (PIL ``mode`` RGB: 3 channels, L: 1), decoded in threads.
-
-    ``size``: every image resized to size x size (bilinear); None: all must share the first one's size.
-    A file that cannot be decoded is a UserError naming it, ``fix`` saying what to do."""
+def decode_image(path: str, fix: str, mode: str = "RGB", size: int | None = None) -> np.ndarray:
+    """uint8 [H, W, C] of one image file (PIL ``mode`` RGB: 3 channels, L: 1), resized to size x size (bilinear)
+    unless ``size`` is None. A file that cannot be decoded is a UserError naming it, ``fix`` saying what to do."""
     from PIL import Image, UnidentifiedImageError
 
-    def decode(path: str) -> np.ndarray:
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-                if size is not None and img.size != (size, size):
-                    img = img.resize((size, size), Image.BILINEAR)
-                arr = np.asarray(img)
-                return arr[:, :, None] if arr.ndim == 2 else arr
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError("dataset.root", f"cannot decode {path} ({brief(e)}); {fix}") from None
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            if size is not None and img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(img)
+            return arr[:, :, None] if arr.ndim == 2 else arr
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError("dataset.root", f"cannot decode {path} ({brief(e)}); {fix}") from None
 
-    first = decode(paths[0])
+
+def decode_images(paths: list[str], fix: str, mode: str = "RGB", size: int | None = None) -> np.ndarray:
+    """uint8 [N, C, H, W] of the image files (``decode_image`` of each), decoded in threads.
+
+    ``size``: every image resized to size x size (bilinear); None: all must share the first one's size."""
+    first = decode_image(paths[0], fix, mode, size)
     out = np.empty((len(paths), first.shape[2], *first.shape[:2]), dtype=np.uint8)
 
     def fill(i: int) -> None:
-        arr = first if i == 0 else decode(paths[i])
+        arr = first if i == 0 else decode_image(paths[i], fix, mode, size)
         if arr.shape != first.shape:
             raise UserError(
                 "dataset.root",

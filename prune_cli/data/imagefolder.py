@@ -2,10 +2,12 @@
 
 ``DIR/<train_dir>/<class>/*.png|jpg|...`` and ``DIR/<test_dir>/<class>/...``; classes are the sorted
 sub-folder names of the train folder (the test folder may lack some, not add others). Every image is
-decoded once per run, converted to ``channels`` (3: RGB, 1: grey) and resized to ``image_size`` x
-``image_size``, and the whole set is kept as uint8 tensors on the device like every other dataset, so the
-same seeded batching and augmentation apply. Normalisation: ``mean`` / ``std`` as given, or (null) the
-train images' own per-channel statistics. A folder too large for memory is refused before decoding.
+converted to ``channels`` (3: RGB, 1: grey) and resized to ``image_size`` x ``image_size``. A folder that
+fits in half the free memory is decoded once per run and kept as uint8 tensors on the device like every
+other dataset; a larger one (or any, with ``stream=always``) is streamed: each batch is decoded from the
+files by a DataLoader with ``workers`` processes. Both give the same batches for the same seed (the same
+order and the same augmentation). Normalisation: ``mean`` / ``std`` as given, or (null) the train images'
+own per-channel statistics.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from ..errors import UserError
 from ..options import Choice, Int, List, Str, Value
 from .files import data_root, decode_images
-from .spec import DATASETS, DatasetSpec, Raw, channel_stats, dataset_options
+from .spec import DATASETS, DatasetSpec, Raw, channel_stats, chunked_channel_stats, dataset_options
+from .stream import StreamedImages
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 FIX = "replace or remove the file"
@@ -52,6 +55,14 @@ class ImageFolder(DatasetSpec):
             rule=_stats_rule,
             rule_doc="null or one number > 0 per channel",
         ),
+        Choice(
+            "stream",
+            "auto",
+            ("auto", "always", "never"),
+            "decode each batch from the files, not all images up front (the same batches): auto = when the images "
+            "would need over half the free memory; never = refuse a folder that does not fit",
+        ),
+        Int("workers", 2, "DataLoader worker processes decoding the files when streaming (0 = the main process)", lo=0),
         docs={
             "root": "folder holding train_dir and test_dir (env PRUNE_CLI_DATA, else ./data)",
             "download": "unused by imagefolder (kept so every dataset has the same keys)",
@@ -96,6 +107,21 @@ class ImageFolder(DatasetSpec):
             )
         return paths, labels
 
+    @staticmethod
+    def _streams(cfg: dict, n: int) -> bool:
+        """Whether ``n`` images are streamed from their files (``stream``); refuses ``stream=never`` when they would
+        need more than half the free memory."""
+        c, size = cfg["channels"], cfg["image_size"]
+        need, free = n * c * size * size, _available_memory()
+        too_large = free is not None and need > free // 2
+        if too_large and cfg["stream"] == "never":
+            raise UserError(
+                "dataset.image_size",
+                f"{n} images of {c}x{size}x{size} need {need / 2**30:.1f} GiB, more than half the free memory "
+                f"({free / 2**30:.1f} GiB); use a smaller image_size, a subset of the folders or dataset.stream=auto",
+            )
+        return cfg["stream"] == "always" or (cfg["stream"] == "auto" and too_large)
+
     @classmethod
     def read(cls, cfg: dict) -> Raw:
         train, test, classes = cls._folders(cfg)
@@ -104,29 +130,30 @@ class ImageFolder(DatasetSpec):
             cls._files(test, classes, "test_dir"),
         )
         c, size = cfg["channels"], cfg["image_size"]
-        need = (len(tr_paths) + len(te_paths)) * c * size * size
-        free = _available_memory()
-        if free is not None and need > free // 2:
-            raise UserError(
-                "dataset.image_size",
-                f"{len(tr_paths) + len(te_paths)} images of {c}x{size}x{size} need {need / 2**30:.1f} GiB, more than "
-                f"half the free memory ({free / 2**30:.1f} GiB); use a smaller image_size or a subset of the folders",
-            )
-        mode = "RGB" if c == 3 else "L"
-        x_train = torch.from_numpy(decode_images(tr_paths, FIX, mode, size))
-        x_test = torch.from_numpy(decode_images(te_paths, FIX, mode, size))
-        mean, std = channel_stats(x_train)
-        for option, given in (("mean", cfg["mean"]), ("std", cfg["std"])):
+        mean, std = cfg["mean"], cfg["std"]
+        for option, given in (("mean", mean), ("std", std)):
             if given is not None and len(given) != c:
                 raise UserError(f"dataset.{option}", f"{len(given)} values for {c} channel(s)")
+        mode = "RGB" if c == 3 else "L"
+        if cls._streams(cfg, len(tr_paths) + len(te_paths)):
+            x_train = StreamedImages(tuple(tr_paths), mode, size, FIX, cfg["workers"])
+            x_test = StreamedImages(tuple(te_paths), mode, size, FIX, cfg["workers"])
+        else:
+            x_train = torch.from_numpy(decode_images(tr_paths, FIX, mode, size))
+            x_test = torch.from_numpy(decode_images(te_paths, FIX, mode, size))
+        if mean is None or std is None:
+            own = (  # streamed: one pass over the train files, a chunk at a time
+                channel_stats(x_train) if isinstance(x_train, torch.Tensor) else chunked_channel_stats(x_train.chunks())
+            )
+            mean, std = own[0] if mean is None else mean, own[1] if std is None else std
         return Raw(
             x_train,
             torch.tensor(tr_y, dtype=torch.int64),
             x_test,
             torch.tensor(te_y, dtype=torch.int64),
             len(classes),
-            tuple(cfg["mean"]) if cfg["mean"] is not None else mean,
-            tuple(cfg["std"]) if cfg["std"] is not None else std,
+            tuple(mean),
+            tuple(std),
         )
 
 

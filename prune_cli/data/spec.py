@@ -14,7 +14,8 @@ option in a ``UserError``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,6 +26,7 @@ from ..options import Bool, Float, Int, Option, Str, check_block, with_default
 from ..registry import Registry
 from ..seeds import SUBSET_STREAM, TEST_SUBSET_SEED, TEST_SUBSET_STREAM, VAL_STREAM, numpy_rng
 from .container import Data, Split
+from .stream import StreamedImages
 
 DATASETS = Registry("dataset", "dataset.name")
 
@@ -89,9 +91,9 @@ def dataset_options(*own: Option, docs: Mapping[str, str] | None = None, **defau
 class Raw:
     """What a reader returns: CPU tensors before subsetting and moving, and the normalisation statistics."""
 
-    x_train: torch.Tensor  # uint8 [N, C, H, W]
+    x_train: torch.Tensor | StreamedImages  # uint8 [N, C, H, W] (imagefolder: or its files, decoded when batched)
     y_train: torch.Tensor  # int64 [N]
-    x_test: torch.Tensor
+    x_test: torch.Tensor | StreamedImages
     y_test: torch.Tensor
     num_classes: int
     mean: tuple[float, ...]  # per channel, 0..1 pixel units
@@ -122,10 +124,33 @@ class DatasetSpec(abc.ABC):
         """The whole dataset as CPU tensors; missing or malformed files raise UserError("dataset.root", ...)."""
 
 
+MIN_STD = 1e-3  # a constant channel is not divided by 0
+
+
 def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images in 0..1 units (for datasets without published statistics)."""
     xf = x.double().div_(255.0).transpose(0, 1).reshape(x.shape[1], -1)
-    return tuple(xf.mean(1).tolist()), tuple(xf.std(1).clamp_min(1e-3).tolist())
+    return tuple(xf.mean(1).tolist()), tuple(xf.std(1).clamp_min(MIN_STD).tolist())
+
+
+def chunked_channel_stats(chunks: Iterable[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``channel_stats`` of the images of uint8 ``[n, C, H, W]`` chunks taken together, holding one chunk at a time.
+
+    Per-channel counts of the 256 pixel values add up exactly, so the result does not depend on the chunking."""
+    counts = None
+    for x in chunks:
+        if counts is None:
+            counts = np.zeros((x.shape[1], 256), dtype=np.int64)
+        for c in range(x.shape[1]):
+            counts[c] += np.bincount(x[:, c].ravel(), minlength=256)
+    means, stds = [], []
+    for count in counts.tolist():  # Python ints: exact sums
+        n = sum(count)
+        total = sum(v * k for v, k in enumerate(count))
+        squares = sum(v * v * k for v, k in enumerate(count))
+        means.append(total / n / 255.0)
+        stds.append(max(math.sqrt((n * squares - total * total) / (n * (n - 1))) / 255.0, MIN_STD))
+    return tuple(means), tuple(stds)
 
 
 # --------------------------------------------------------------------------- public API
@@ -238,7 +263,7 @@ def _val_count(value: float | None, n_train: int, name: str) -> int:
 
 def _check_raw(raw: Raw, name: str) -> None:
     for split, x, y in (("train", raw.x_train, raw.y_train), ("test", raw.x_test, raw.y_test)):
-        assert x.dtype == torch.uint8 and x.ndim == 4, (name, split, x.dtype, x.shape)
+        assert x.dtype == torch.uint8 and len(x.shape) == 4, (name, split, x.dtype, x.shape)
         assert y.dtype == torch.int64 and y.shape == (x.shape[0],), (name, split, y.shape)
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= raw.num_classes):
             raise UserError(
