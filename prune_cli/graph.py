@@ -18,7 +18,10 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
   across channels, splits, unknown modules with parameters, custom functions): every atom it touches is
   unprunable, with a warning naming the operation.
 
-The network's input and output channels are unprunable. A *group* is the set of channels that live in the
+Masking (the stages zero a channel's producer rows, biases and BatchNorm entries) equals removing it only where no
+conv or linear layer reads the channel nonzero: ``live`` follows which channels of each tensor may be nonzero
+though masked (after a sigmoid or a ``+ c``; a product is zero when a factor is), and ``unsafe`` holds those a layer
+reads. The network's input and output channels are unprunable. A *group* is the set of channels that live in the
 same layers (a conv's outputs; a residual stream's channels, shared by every block writing into it). Removing a
 channel removes its atoms everywhere: the producers' output rows, the BN entries, the consumers' input
 columns. :meth:`ChannelGraph.masked` is the separate check: the unmodified network with every traced tensor
@@ -90,6 +93,8 @@ ACTIVATION_FUNCTIONS = {  # the functional nonlinearities among PASS_FUNCTIONS, 
 }
 SHIFTING_MODULES = (nn.Sigmoid, nn.Hardsigmoid)  # they map 0 to 0.5: a zeroed channel stops being zero
 SHIFTING_FUNCTIONS = {torch.sigmoid, torch.nn.functional.hardsigmoid}
+MULTIPLYING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # 0 times anything is 0
+DIVIDING = {operator.truediv, torch.div, "div"}  # 0 / anything is 0
 PASS_METHODS = {"relu", "relu_", "sigmoid", "contiguous", "clone", "detach", "float"}
 ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.truediv}
 ELEMENTWISE |= {torch.add, torch.sub, torch.mul, torch.div}
@@ -167,7 +172,11 @@ class ChannelGraph:
         self.dims: dict[tuple[str, str], dict[int, np.ndarray]] = {}  # (module, param) -> {dim: atoms}
         self.pixels: dict[str, int] = {}  # conv / linear module -> output pixels per image
         self.pads: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # padding module -> atoms it pads before / after
-        self.shifted: set[int] = set()  # atoms passed through an op that maps 0 to something else (sigmoid, x + 1)
+        # per traced tensor: which channels may be nonzero when their channel's producer rows and BatchNorm entries
+        # are zeroed (the stages' mask): after a sigmoid or a "+ 1", say; a multiplication by a zero channel or a
+        # layer whose rows are zeroed makes them zero again
+        self.live: dict[str, np.ndarray] = {}
+        self.unsafe: set[int] = set()  # atoms a conv / linear layer reads while live: the mask would not remove them
         self.activations: set[str] = set()  # the nonlinearities the network applies (ReLU, SiLU, ...)
         self.warnings: list[str] = []
         self._propagate()
@@ -191,6 +200,12 @@ class ChannelGraph:
             rx, ry = self._find(x), self._find(y)
             if rx != ry:
                 self.parent[ry] = rx
+
+    def _read(self, arg) -> None:
+        """A conv / linear layer reads ``arg``: its live channels (nonzero though masked) make masking no removal."""
+        atoms = self._of(arg)
+        if atoms is not None:
+            self.unsafe.update(atoms[self.live[arg.name]].tolist())
 
     def _block(self, atoms, why: str) -> None:
         for a in np.asarray(atoms).ravel().tolist():
@@ -241,6 +256,10 @@ class ChannelGraph:
             elif node.op == "call_method":
                 self._method(node, shape)
             # get_attr (a parameter or buffer read directly) has no atoms of its own
+            if node.name in self.atoms and node.name not in self.live:  # passed through: as its input
+                first = next((a for a in node.all_input_nodes if a.name in self.live), None)
+                same = first is not None and len(self.live[first.name]) == len(self.atoms[node.name])
+                self.live[node.name] = self.live[first.name] if same else np.ones(len(self.atoms[node.name]), bool)
 
     def _module(self, node, m: nn.Module) -> None:
         x = self._of(node.args[0]) if node.args else None
@@ -249,6 +268,7 @@ class ChannelGraph:
             self.pixels[node.target] = int(np.prod(shape[2:]))
             if m.groups == 1:
                 out = self._new(m.out_channels)
+                self._read(node.args[0])
                 self._param(node.target, "weight", {0: out, 1: x})
                 if m.bias is not None:
                     self._param(node.target, "bias", {0: out})
@@ -267,6 +287,7 @@ class ChannelGraph:
                 if m.bias is not None:
                     self._param(node.target, "bias", {0: out})
             self.atoms[node.name] = out
+            self.live[node.name] = np.zeros(len(out), bool)  # a masked channel's rows and bias are zero
         elif isinstance(m, nn.Linear):
             self.pixels[node.target] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
             src = self._shape(node.args[0])
@@ -275,10 +296,12 @@ class ChannelGraph:
                 self._opaque(node, f"linear layer {node.target} on a tensor of {len(src or ())} dims (channels last)")
                 return
             out = self._new(m.out_features)
+            self._read(node.args[0])
             self._param(node.target, "weight", {0: out, 1: x})
             if m.bias is not None:
                 self._param(node.target, "bias", {0: out})
             self.atoms[node.name] = out
+            self.live[node.name] = np.zeros(len(out), bool)
         elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
             for p in ("weight", "bias"):
                 if getattr(m, p, None) is not None:
@@ -287,12 +310,14 @@ class ChannelGraph:
                 if getattr(m, b, None) is not None:
                     self._param(node.target, b, {0: x})
             self.atoms[node.name] = x
+            if x is not None:
+                self.live[node.name] = np.zeros(len(x), bool)  # gamma and beta zeroed: 0 whatever comes in
         elif isinstance(m, PASS_MODULES + _stochastic_depth()):
             self.atoms[node.name] = x
             if isinstance(m, ACTIVATION_MODULES):
                 self.activations.add(type(m).__name__)
             if isinstance(m, SHIFTING_MODULES) and x is not None:
-                self.shifted.update(x.tolist())
+                self.live[node.name] = np.ones(len(x), bool)
         elif isinstance(m, nn.Flatten):
             self._flatten(node, x, m.start_dim, m.end_dim)
         else:
@@ -304,7 +329,7 @@ class ChannelGraph:
             if fn in ACTIVATION_FUNCTIONS:
                 self.activations.add(ACTIVATION_FUNCTIONS[fn])
             if fn in SHIFTING_FUNCTIONS and self._of(node.args[0]) is not None:
-                self.shifted.update(self._of(node.args[0]).tolist())
+                self.live[node.name] = np.ones(len(self._of(node.args[0])), bool)
         elif fn in ELEMENTWISE:
             self._elementwise(node, shape)
         elif fn is torch.cat:
@@ -331,7 +356,7 @@ class ChannelGraph:
             if name in ("relu", "relu_", "sigmoid"):
                 self.activations.add("ReLU" if name.startswith("relu") else "Sigmoid")
             if name == "sigmoid" and self._of(node.args[0]) is not None:
-                self.shifted.update(self._of(node.args[0]).tolist())
+                self.live[node.name] = np.ones(len(self._of(node.args[0])), bool)
         elif name in ELEMENTWISE_METHODS:
             self._elementwise(node, shape)
         elif name == "mean":
@@ -365,11 +390,18 @@ class ChannelGraph:
         for other in full[1:]:
             self._tie(full[0], other)
         self.atoms[node.name] = full[0]
-        constants = [a for a in node.args if isinstance(a, int | float) and a != 0]
-        if constants and str(getattr(node.target, "__name__", node.target)).strip("_").startswith(
-            ("add", "sub", "iadd")
-        ):
-            self.shifted.update(full[0].tolist())  # x + c: a zeroed channel is no longer zero
+        tracked = [self.live[a.name] for a in node.args if isinstance(a, fx.Node) and self._of(a) is not None]
+        tracked = [t for t in tracked if len(t) == len(full[0])]
+        name = node.target
+        if name in MULTIPLYING:  # zero when any per-channel factor is
+            self.live[node.name] = np.logical_and.reduce(tracked)
+        elif name in DIVIDING:  # zero when the numerator is
+            first = node.args[0]
+            self.live[node.name] = self.live[first.name] if self._of(first) is not None else np.ones(len(full[0]), bool)
+        else:  # a sum is zero when every term is: not with a constant or a broadcast tensor added
+            constant = any(isinstance(a, int | float) and a != 0 for a in node.args)
+            broadcast = constant or len(operands) > len(per_channel)
+            self.live[node.name] = np.ones(len(full[0]), bool) if broadcast else np.logical_or.reduce(tracked)
 
     def _cat(self, node) -> None:
         tensors = node.args[0]
@@ -378,6 +410,7 @@ class ChannelGraph:
         ndim = len(self._shape(node))
         if dim % ndim == 1 and all(p is not None for p in parts):
             self.atoms[node.name] = np.concatenate(parts)
+            self.live[node.name] = np.concatenate([self.live[t.name] for t in tensors])
         else:
             self._opaque(node, "cat along a dim other than the channels")
 
@@ -410,6 +443,8 @@ class ChannelGraph:
         else:
             self._block(np.concatenate([before, after]), "zero-padded channels (fixed padding widths)")
         self.atoms[node.name] = np.concatenate([before, x, after])
+        padded = [np.zeros(left, bool), self.live[node.args[0].name], np.zeros(right, bool)]
+        self.live[node.name] = np.concatenate(padded)  # padded channels are zeros
 
     def _flatten(self, node, x, start: int, end: int) -> None:
         src = self._shape(node.args[0])
@@ -417,6 +452,7 @@ class ChannelGraph:
             self._opaque(node, "flatten of other dims than channels and space")
             return
         self.atoms[node.name] = np.repeat(x, int(np.prod(src[2:])))  # channel-major: c * H * W + position
+        self.live[node.name] = np.repeat(self.live[node.args[0].name], int(np.prod(src[2:])))
 
     def _reduce(self, node, dims) -> None:
         dims = [dims] if isinstance(dims, int) else list(dims or [])

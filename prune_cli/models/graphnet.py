@@ -70,16 +70,16 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
 
     Always those of one conv (groups 1) with its BatchNorm and layers reading exactly those channels, in order (no
     other layer touches them). With ``shared``, also the groups several layers produce or hold at other positions
-    (residual streams, depthwise chains, concatenations), if a BatchNorm holds them. Either way only through
-    operations that keep a zero a zero, so that zeroing the producers' rows and the BatchNorms' entries (the
-    stages' mask) is removing the channels."""
+    (residual streams, depthwise chains, concatenations), if a BatchNorm holds them. Either way only channels no
+    layer reads nonzero when their producers' rows and BatchNorms' entries are zeroed (the graph's ``unsafe``), so
+    that the stages' mask is removing them."""
     out: list[tuple[ChannelGroup, list[int]]] = []
-    shifted = {int(graph.root[a]) for a in graph.shifted}
+    unsafe = {int(graph.root[a]) for a in graph.unsafe}
     indexed = [(module, d, graph.root[atoms]) for (module, _), dims in graph.dims.items() for d, atoms in dims.items()]
     names: set[str] = set()
     for group in graph.groups:
         order = group.channels
-        if shifted.intersection(order):  # masking the BN output would not be removing the channel
+        if unsafe.intersection(order):  # a layer would read it nonzero though masked: masking is not removing it
             continue
         members = np.array(order)
         touching: dict[tuple[str, int], np.ndarray] = {}
