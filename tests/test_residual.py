@@ -148,18 +148,17 @@ def test_a_stream_is_scored_by_the_sum_over_its_layers():
         assert taylor[c].item() == pytest.approx(abs(grad.item()) / 8, rel=1e-3, abs=1e-7)
 
 
-@pytest.mark.parametrize("network", ["resnet18", "mobilenet_v2", "mobilenet_v3_small"])
+SHARED = {"resnet18": 4, "mobilenet_v2": 22, "mobilenet_v3_small": 15}  # groups several layers hold
+
+
+@pytest.mark.parametrize("network", list(SHARED))
 def test_torchvision_shared_groups_mask_as_they_prune(network):
     """Residual streams (resnet18), depthwise chains with inverted-residual streams (mobilenet_v2), and channels
     squeeze-excitation scales (mobilenet_v3_small: x * hardsigmoid(s), zero when x is) through the stages'
     masking, surgery and counting (not the graph's own, which tests/test_graph.py checks)."""
     arch = {"name": "torchvision", "network": network, "num_classes": 10, "in_channels": 3, "image_size": 32}
     model = with_shared_groups(calibrated(build_model(arch), SHAPE), SHAPE)
-    assert sum(1 for g in model.channel_groups() if g.shared) == {
-        "resnet18": 4,
-        "mobilenet_v2": 22,
-        "mobilenet_v3_small": 15,
-    }[network]
+    assert sum(1 for g in model.channel_groups() if g.shared) == SHARED[network]
     g = torch.Generator().manual_seed(1)
     keep = [torch.rand(w, generator=g) < 0.6 for w in model.widths]
     for k in keep:
