@@ -15,6 +15,8 @@ TINY = [
     "schedule.pretrain.epochs=1",
     "schedule.finetune.epochs=1",
     "trainer.progress=false",
+    "trainer.threads=1",  # two test workers on two cores
+    "latency=off",  # timing is tested in test_latency.py
 ]
 
 
