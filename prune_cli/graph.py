@@ -93,8 +93,9 @@ ACTIVATION_FUNCTIONS = {  # the functional nonlinearities among PASS_FUNCTIONS, 
 }
 SHIFTING_MODULES = (nn.Sigmoid, nn.Hardsigmoid)  # they map 0 to 0.5: a zeroed channel stops being zero
 SHIFTING_FUNCTIONS = {torch.sigmoid, torch.nn.functional.hardsigmoid}
-MULTIPLYING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # 0 times anything is 0
-DIVIDING = {operator.truediv, torch.div, "div"}  # 0 / anything is 0
+MULTIPLYING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # 0 times a finite factor is 0
+DIVIDING = {operator.truediv, torch.div, "div"}  # 0 / c is 0 (a masked channel must not divide: 0 / 0)
+IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 PASS_METHODS = {"relu", "relu_", "sigmoid", "contiguous", "clone", "detach", "float"}
 ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.truediv}
 ELEMENTWISE |= {torch.add, torch.sub, torch.mul, torch.div}
@@ -141,11 +142,20 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError("model", f"{where or 'the top-level module'} cannot be traced by torch.fx ({why})") from None
     gm = fx.GraphModule(model, graph)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
+    param = next(model.parameters(), None)
+    if param is not None:  # the network's device and precision
+        example = example.to(param.device, param.dtype if param.is_floating_point() else example.dtype)
     gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example)
-    gm.train(was_training)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError("model", f"the network fails on an input of shape {tuple(example.shape)} ({why})") from None
+    finally:
+        for m, training in modes:  # gm shares the modules: every one's own mode back
+            m.training = training
     return gm
 
 
@@ -256,10 +266,28 @@ class ChannelGraph:
             elif node.op == "call_method":
                 self._method(node, shape)
             # get_attr (a parameter or buffer read directly) has no atoms of its own
-            if node.name in self.atoms and node.name not in self.live:  # passed through: as its input
-                first = next((a for a in node.all_input_nodes if a.name in self.live), None)
+            if self.atoms.get(node.name) is not None and node.name not in self.live:  # passed through: as its input
+                first = next((a for a in node.all_input_nodes if self.live.get(a.name) is not None), None)
                 same = first is not None and len(self.live[first.name]) == len(self.atoms[node.name])
                 self.live[node.name] = self.live[first.name] if same else np.ones(len(self.atoms[node.name]), bool)
+            overwritten = self._overwritten(node)
+            if overwritten is not None and node.name in self.live:  # later reads of the input read this result
+                before = self.live.get(overwritten.name)
+                if before is not None and len(before) == len(self.live[node.name]):
+                    self.live[overwritten.name] = before | self.live[node.name]
+
+    def _overwritten(self, node) -> fx.Node | None:
+        """The input an in-place operation overwrites (``x.add_(1)``, ``x += y``, ``Hardsigmoid(inplace=True)``)."""
+        if node.op == "call_method":
+            inplace = str(node.target).endswith("_")
+        elif node.op == "call_function":
+            inplace = node.target in IN_PLACE or bool(node.kwargs.get("inplace"))
+        elif node.op == "call_module":
+            inplace = bool(getattr(self.modules[node.target], "inplace", False))
+        else:
+            inplace = False
+        first = node.args[0] if inplace and node.args else None
+        return first if isinstance(first, fx.Node) else None
 
     def _module(self, node, m: nn.Module) -> None:
         x = self._of(node.args[0]) if node.args else None
@@ -387,6 +415,10 @@ class ChannelGraph:
             # not slice it, so the channels stay
             self._opaque(node, f"{getattr(node.target, '__name__', node.target)} with an untracked per-channel operand")
             return
+        divisor = node.args[1] if node.target in DIVIDING and len(node.args) > 1 else None
+        if self._of(divisor) is not None and len(self._of(divisor)) == shape[1]:
+            self._opaque(node, "division by a per-channel tensor (a masked channel would divide by 0)")
+            return
         for other in full[1:]:
             self._tie(full[0], other)
         self.atoms[node.name] = full[0]
@@ -395,9 +427,10 @@ class ChannelGraph:
         name = node.target
         if name in MULTIPLYING:  # zero when any per-channel factor is
             self.live[node.name] = np.logical_and.reduce(tracked)
-        elif name in DIVIDING:  # zero when the numerator is
-            first = node.args[0]
-            self.live[node.name] = self.live[first.name] if self._of(first) is not None else np.ones(len(full[0]), bool)
+        elif name in DIVIDING:  # by a constant or a broadcast tensor: zero when the numerator is
+            numerator = self.live.get(getattr(node.args[0], "name", None))
+            same = numerator is not None and len(numerator) == len(full[0])
+            self.live[node.name] = numerator if same else np.ones(len(full[0]), bool)
         else:  # a sum is zero when every term is: not with a constant or a broadcast tensor added
             constant = any(isinstance(a, int | float) and a != 0 for a in node.args)
             broadcast = constant or len(operands) > len(per_channel)

@@ -60,7 +60,7 @@ def decode_image(path: str, fix: str, mode: str = "RGB", size: int | None = None
                 img = img.resize((size, size), Image.BILINEAR)
             arr = np.asarray(img)
             return arr[:, :, None] if arr.ndim == 2 else arr
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
         raise UserError("dataset.root", f"cannot decode {path} ({brief(e)}); {fix}") from None
 
 
