@@ -269,10 +269,12 @@ class _Evaluator:
         self.variant: tuple[int, torch.Tensor] | None = None  # (group, [K, C] keep masks of the batched variants)
         self.saved: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = None  # (group, BN output, index)
         self.cached: list[torch.Tensor] = []
+        # the mask acts on the group's BatchNorm outputs; a group several layers hold also on its producers' outputs,
+        # as masking zeroes their rows (a depthwise conv with a bias after the BatchNorm would be nonzero otherwise)
         self.hooks = [
-            modules[s.module].register_forward_hook(self._hook(i, s.index()))
+            modules[s.module].register_forward_hook(self._hook(i, s.index(), s.role == "norm"))
             for i, g in enumerate(groups)
-            for s in g.role("norm")
+            for s in (g.role("producer") + g.role("norm") if g.shared else g.role("norm"))
         ]
 
     def close(self) -> None:
@@ -300,9 +302,10 @@ class _Evaluator:
         self.index = [i[m] for i, m in zip(self.index, kept)]
         self._adopt(prune_channels(self.net, kept).eval(), keep)
 
-    def _hook(self, g: int, index: torch.Tensor | None):
-        """The forward hook of one BatchNorm of group g: its output times the group's mask (``index``: where the
-        group's channels are in that output; None: all of it, in order)."""
+    def _hook(self, g: int, index: torch.Tensor | None, norm: bool):
+        """The forward hook of one layer of group g: its output times the group's mask (``index``: where the group's
+        channels are in that output; None: all of it, in order). A BatchNorm's output is kept for the Taylor
+        estimate (``norm``)."""
         if index is not None:
             index = index.to(self.x.device)
 
@@ -314,7 +317,7 @@ class _Evaluator:
                 out = (out.reshape(k, -1, *out.shape[1:]) * v.reshape(k, *shape)).reshape(out.shape)
             else:
                 out = out * _spread(self.keep[g], index, out.shape[1]).reshape(shape)
-            if self.saved is not None:
+            if self.saved is not None and norm:
                 self.saved.append((g, out, index))
             return out
 

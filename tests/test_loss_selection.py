@@ -9,12 +9,15 @@ that reason only.
 from __future__ import annotations
 
 import copy
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
+from torch import nn
 
 from prune_cli.loss_selection import _subset_sum_hits, loss_greedy_select
 from prune_cli.models import build_model, with_shared_groups
@@ -275,3 +278,43 @@ def test_streams_follow_the_same_rule_as_any_group(small_resnet, data3):
     pruned = prune_channels(model, keep).eval()
     with torch.no_grad():
         assert stats["loss_masked"] == pytest.approx(F.cross_entropy(pruned(xs), ys).item(), abs=1e-5)
+
+
+class DepthwiseAfterNorm(nn.Module):
+    """A group held by a 1x1 conv, its BatchNorm and a depthwise conv with a bias after it (no BatchNorm of its own)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(in_channels, 6, 1), nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.c, self.bn_c = nn.Conv2d(6, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.d, self.bn_d = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)  # the bulk of the MACs
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        y = torch.relu(self.dw(torch.relu(self.bn(self.a(x)))))
+        y = torch.relu(self.bn_c(self.c(y)))
+        return self.fc(torch.relu(self.bn_d(self.d(y))).mean((2, 3)))
+
+
+def test_the_greedy_masks_a_shared_group_where_masking_does(data3, monkeypatch):
+    """Its masked loss is the pruned network's also when a producer follows the group's BatchNorm (one channel of
+    it removed: too few MACs for the working copy to be rebuilt without it, so the mask alone removes it)."""
+    monkeypatch.setitem(sys.modules, "dw_nets", types.SimpleNamespace(DepthwiseAfterNorm=DepthwiseAfterNorm))
+    x, y = data3
+    torch.manual_seed(0)
+    arch = {"name": "custom", "target": "dw_nets:DepthwiseAfterNorm", "shared": True, "image_size": 8}
+    model = build_model({**arch, "num_classes": 10, "in_channels": 3}).eval()
+    assert [len(g.role("producer")) for g in model.channel_groups() if g.shared] == [2]
+    with torch.no_grad():
+        model.get_submodule("net.dw").bias.uniform_(0.5, 1.0)  # what the BatchNorm's mask would not zero
+    st = structure(model, (3, 8, 8))
+    others = {g for g, grp in enumerate(model.channel_groups()) if not grp.shared}
+    ratio = 1 / sum(model.widths)
+    keep, stats = loss_greedy_select(
+        model, x[:16], y[:16], structure=st, target="channels", ratio=ratio, mode="exact", protect=others
+    )
+    assert stats["channels_removed"] == 1
+    pruned = prune_channels(model, keep).eval()
+    with torch.no_grad():
+        assert stats["loss_masked"] == pytest.approx(F.cross_entropy(pruned(x[:16]), y[:16]).item(), abs=1e-5)
