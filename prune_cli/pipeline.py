@@ -39,6 +39,7 @@ def run(cfg, run_dir: Path) -> list[dict]:
         ck, model = read_init_from(cfg.init_from, ctx)
     view = model  # build and check every component before any data is read, each on the model it will get
     for stage in stages:
+        check_shared_groups(stage, view, cfg)
         view = stage.prepare(ctx, view) or view
 
     start = 0
@@ -66,6 +67,26 @@ def run(cfg, run_dir: Path) -> list[dict]:
     if distributed.is_main():
         print(summary)
     return run_.rows
+
+
+def check_shared_groups(stage, model, cfg) -> None:
+    """A model holding channels several layers share (pruned with ``prune.residual=true``) goes only to stages that
+    handle them, and is pruned again only with ``prune.residual=true``."""
+    if not any(g.shared for g in model.channel_groups()):
+        return
+    option = "prune.residual" if cfg.prune.residual else "init_from"
+    if not stage.shared_groups:
+        raise UserError(
+            option,
+            f"the {stage.name} stage prunes only channels one layer produces; the model holds "
+            "channels several layers share (pruned with prune.residual=true)",
+        )
+    if "prune" in stage.reads and not cfg.prune.residual:
+        raise UserError(
+            "prune.residual",
+            "the model holds channels several layers share (pruned with "
+            "prune.residual=true): set prune.residual=true to prune it again",
+        )
 
 
 def read_init_from(path: str, ctx: Context) -> tuple[dict, object]:
@@ -101,7 +122,7 @@ def init_from_identity(ck: dict, ctx: Context) -> list[tuple[str, object, object
     except UserError:  # its files may live elsewhere: compare what the checkpoint itself says
         theirs_shape = (arch["in_channels"], *ctx.input_shape[1:])
     return [
-        ("the model", arch["name"], ours["name"]),
+        ("the model", arch.get("base", arch)["name"], ours["name"]),  # a traced network: the network it wraps
         ("input channels", arch["in_channels"], ours["in_channels"]),
         ("classes", arch["num_classes"], ours["num_classes"]),
         ("the dataset", theirs_data["name"], ctx.cfg.dataset.name),

@@ -4,11 +4,15 @@ counts, a pruned network that rebuilds from its arch, and the pipeline's run."""
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from helpers import TINY, calibrated, compose_config
 from prune_cli import pipeline
@@ -170,3 +174,75 @@ def test_torchvision_shared_groups_mask_as_they_prune(network):
         expected, got = model(x), pruned(x)
     assert ((expected - got).abs().max() / expected.abs().max()) <= 1e-4
     assert layer_count(pruned, SHAPE) == structure(model, SHAPE).count([int(k.sum()) for k in keep])
+
+
+class Gated(nn.Module):
+    """conv-BN pairs a and b added into one stream, then a read of the stream through ``op``; a scalar gate."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b, self.bn_b = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 5, 1)
+        self.alpha = nn.Parameter(torch.zeros(()))
+        self.fc = nn.Linear(5, 10)
+
+    def forward(self, x):
+        a, b = self.bn_a(self.a(x)), self.bn_b(self.b(x))
+        if self.op == "divide":  # a masked channel would be 0 / 0
+            y = a / b
+        elif self.op == "add_in_place":  # y is read after it was overwritten with y + 1
+            y = a + b
+            y.add_(1)
+        elif self.op == "excite":  # squeeze-excitation: zero wherever a + b is
+            y = (a + b) * torch.sigmoid(b.mean((2, 3), keepdim=True))
+        else:
+            y = torch.relu(a + b)
+        return self.fc(self.c(y * torch.sigmoid(self.alpha)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("op,offered", [("relu", True), ("excite", True), ("divide", False), ("add_in_place", False)])
+def test_a_group_is_offered_only_where_masking_removes_it(op, offered, monkeypatch):
+    """The stream a + b is offered exactly when zeroing its filters and BatchNorm entries gives the pruned network:
+    not when a masked channel divides by 0 or is read after an in-place + 1 (the masked and the pruned network
+    then differ), and the scalar gate (no channels) is no obstacle."""
+    torch.manual_seed(0)
+    monkeypatch.setitem(sys.modules, "gated_nets", types.SimpleNamespace(Gated=Gated))
+    arch = {"name": "custom", "target": "gated_nets:Gated", "kwargs": {"op": op}, "shared": True, "image_size": 8}
+    model = calibrated(build_model({**arch, "num_classes": 10, "in_channels": 3}), (3, 8, 8))
+    streams = [g for g in model.channel_groups() if g.shared]
+    assert bool(streams) == offered
+    if offered:
+        keep = [torch.arange(w) % 2 == 0 for w in model.widths]
+        pruned = prune_channels(model, keep).eval()
+        mask_channels(model, keep)
+        x = torch.randn(4, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), pruned(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_residual_checkpoint_continues_only_where_its_groups_are_handled(tmp_path):
+    """init_from a network pruned with prune.residual=true: finetuning and pruning again with it work; a stage that
+    prunes only one producer's channels, or pruning without prune.residual, is refused in one line."""
+    first = [*TINY, "model.width_mult=0.5", "schedule.pretrain.epochs=1", "schedule.finetune.epochs=0"]
+    pipeline.run(compose_config(*first, "prune.residual=true", "prune.ratio=0.3"), tmp_path / "a")
+    start = f"init_from={tmp_path / 'a' / 'checkpoints' / 'prune.pt'}"
+    again = [*TINY, "model.width_mult=0.5", start]
+    epochs = ["schedule.pretrain.epochs=0", "schedule.finetune.epochs=0"]
+    rows = pipeline.run(compose_config(*again, *epochs, "prune.residual=true", "prune.ratio=0.3"), tmp_path / "b")
+    assert rows[-1]["params"] < rows[0]["params"]  # pruned again, the streams among the groups
+    for overrides, option, why in (
+        (["prune.residual=false", *epochs], "prune.residual", "set prune.residual=true to prune it again"),
+        (["schedule=cg"], "init_from", "the cg stage prunes only channels one layer produces"),
+    ):
+        with pytest.raises(UserError) as e:
+            pipeline.run(compose_config(*again, *overrides), tmp_path / overrides[0].replace("=", "_"))
+        assert e.value.option == option and why in e.value.why
+
+
+def test_the_trace_runs_on_the_networks_device_and_precision():
+    """The prune stage wraps the model where it lives (a float64 network stands in for one on a GPU)."""
+    dense = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3, "width_mult": 0.25}).double()
+    model = with_shared_groups(dense.eval(), (3, 8, 8))
+    assert sum(1 for g in model.channel_groups() if g.shared) == 3 and not model.training

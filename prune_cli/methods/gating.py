@@ -247,6 +247,7 @@ class ChannelGating(TrainStage):
     the test-set mean of the dynamic MACs."""
 
     options = OPTIONS
+    shared_groups = False  # it gates each channel group's one conv
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:

@@ -58,7 +58,7 @@ class Slot:
 class ChannelGroup:
     name: str  # stable name, e.g. "layers.1.0" or "conv3"; what prune.skip / layer_ratios patterns match
     conv: str  # module name of the producer conv (its output channels; the first one if there are several)
-    bn: str  # module name of the BatchNorm after it: where a channel mask applies
+    bn: str  # module name of the BatchNorm after it: where a channel mask applies (the first one if several)
     consumers: tuple[str, ...]  # modules whose input channels are these channels
     # every layer holding the channels, for a group that several layers produce (a residual stream, a depthwise
     # chain) or whose channels sit at other positions than 0..n-1 (concatenations, padded streams); empty: the

@@ -99,8 +99,8 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
             norms = [s for s in slots if s.role == "norm"]
             consumers = tuple(s.module for s in slots if s.role == "consumer")
             feature_maps = all(isinstance(graph.modules[s.module], nn.Conv2d) for s in producers) and all(
-                isinstance(graph.modules[s.module], nn.BatchNorm2d) for s in norms
-            )  # what the activation criteria read
+                isinstance(graph.modules[s.module], nn.BatchNorm2d) and graph.modules[s.module].affine for s in norms
+            )  # what the activation criteria read; the mask zeroes gamma and beta
             if not producers or not norms or not feature_maps:
                 continue
             simple = (
@@ -223,26 +223,20 @@ class GraphNet(Prunable):
         """``model`` (not copied) offering every group of its graph the stages can prune, those several layers
         share included (``prune.residual=true``): a network of another family is wrapped as it is (``traced``:
         rebuilt as that network, then the graph's surgery)."""
-        if isinstance(model, GraphNet):
-            if model.arch["shared"]:
-                return model
-            wrapper = cls.__new__(cls)
-            Prunable.__init__(wrapper)
+        if isinstance(model, GraphNet) and model.arch["shared"]:
+            return model
+        wrapper = cls.__new__(cls)
+        Prunable.__init__(wrapper)
+        if isinstance(model, GraphNet):  # the same network, its shared groups offered too
             wrapper.arch = {**model.arch, "shared": True}
             full = model.net if not model.arch["kept"] else wrapper._factory_network()
             wrapper._take(wrapper._graph(full), model.arch["kept"], net=model.net)
-            return wrapper.train(model.training)
-        wrapper = cls.__new__(cls)
-        Prunable.__init__(wrapper)
-        wrapper.arch = dict(
-            name=TRACED,
-            num_classes=model.arch["num_classes"],
-            in_channels=input_shape[0],
-            image_size=input_shape[1],
-            shared=True,
-            base=model.arch,
-        )
-        wrapper._take(wrapper._graph(model), {})
+        else:
+            c, size = input_shape[0], input_shape[1]
+            base = model.arch
+            wrapper.arch = dict(name=TRACED, num_classes=base["num_classes"], in_channels=c, image_size=size)
+            wrapper.arch.update(shared=True, base=base)
+            wrapper._take(wrapper._graph(model), {})
         return wrapper.train(model.training)  # the wrapper's mode is its network's
 
     def _factory_network(self) -> nn.Module:

@@ -23,7 +23,7 @@ class Stage(abc.ABC):
     prunes: bool = False
     reforms: bool = False  # it changes the network's form, not its function (the tables' dense row precedes it)
     reads: tuple[str, ...] = ()  # config groups it acts on besides its block ("criterion", "prune", "regularizer")
-    shared_groups: bool = False  # it can prune channels several layers share (prune.residual=true)
+    shared_groups: bool = False  # it handles channels several layers share (a model pruned with prune.residual)
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:

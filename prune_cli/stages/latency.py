@@ -17,6 +17,8 @@ from .base import STAGES, Stage
 class Latency(Stage):
     """Times the model at batch 1 and at trainer.eval_batch_size; its row repeats the previous row's accuracy."""
 
+    shared_groups = True
+
     def run(self, model, ctx, checkpoint):
         tic = time.perf_counter()
         (columns,) = latency_columns([deployed(model)], ctx.input_shape, ctx.cfg.trainer.eval_batch_size, ctx.device)

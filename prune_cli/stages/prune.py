@@ -40,9 +40,11 @@ class Prune(Stage):
         CRITERIA.get(cfg["criterion"]["name"]).check_config(cfg)
         check_steps(cfg)
 
-    def prepare(self, ctx, model) -> None:
+    def prepare(self, ctx, model):
         build_criterion(ctx.cfg.criterion)
-        check_selection(ctx, self.groups_of(model, ctx))
+        groups = self.groups_of(model, ctx)
+        check_selection(ctx, groups)
+        return groups if groups is not model else None  # the stages after it get shared groups
 
     def groups_of(self, model, ctx):
         """``model`` with the channel groups this run prunes: with ``prune.residual``, every group of its traced

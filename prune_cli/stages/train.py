@@ -100,6 +100,7 @@ OPTIONS = (
 
 class TrainStage(Stage):
     options = OPTIONS
+    shared_groups = True
     regularized = False
     fresh_init = False
     copy_partners = False
