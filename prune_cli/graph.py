@@ -476,8 +476,9 @@ class ChannelGraph:
         else:
             self._block(np.concatenate([before, after]), "zero-padded channels (fixed padding widths)")
         self.atoms[node.name] = np.concatenate([before, x, after])
-        padded = [np.zeros(left, bool), self.live[node.args[0].name], np.zeros(right, bool)]
-        self.live[node.name] = np.concatenate(padded)  # padded channels are zeros
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
+        filled = np.full(left + right, bool(value))  # padded with zeros: nothing to mask; with a constant: live
+        self.live[node.name] = np.concatenate([filled[:left], self.live[node.args[0].name], filled[left:]])
 
     def _flatten(self, node, x, start: int, end: int) -> None:
         src = self._shape(node.args[0])
