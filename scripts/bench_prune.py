@@ -6,11 +6,12 @@ params on CPU. Prints seconds, forward passes, image-forward equivalents and the
 count (computed, not run), and the reduction. If ``prune_cli.criteria`` exists, also the seconds every
 other criterion needs on the same model. ``--agreement`` first measures how many of the exact greedy's
 channels the fast mode removes, on ResNet-20 (digits, 30% of params, three 16-image samples), sparse-like
-and plainly trained (the models of tests/test_loss_selection.py). Usage:
+and plainly trained (the models of tests/test_loss_selection.py). ``--residual`` selects over the residual
+streams too (``prune.residual=true``: the traced network's groups). Usage:
 
     python scripts/bench_prune.py [--threads 2] [--ratio 0.5] [--target params] [--train-steps 20]
                                   [--images 128] [--set prescreen=16 verify=null ...] [--no-criteria]
-                                  [--model vgg16 --head linear --protect-last] [--agreement]
+                                  [--model vgg16 --head linear --protect-last] [--agreement] [--residual]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from prune_cli.loss_selection import loss_greedy_select
-from prune_cli.models import build_model
+from prune_cli.models import build_model, with_shared_groups
 from prune_cli.pruning import structure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=20, help="SGD steps on synthetic data before selecting")
     ap.add_argument("--no-criteria", action="store_true", help="skip timing the other criteria")
     ap.add_argument("--agreement", action="store_true", help="first: fast vs exact on ResNet-20 (about a minute)")
+    ap.add_argument("--residual", action="store_true", help="the residual streams are groups too (prune.residual)")
     ap.add_argument(
         "--set",
         nargs="*",
@@ -119,6 +121,8 @@ def main() -> None:
 
     t = time.perf_counter()
     model = prepare(args.model, args.train_steps, **({"head": args.head} if args.head else {}))
+    if args.residual:
+        model = with_shared_groups(model, (3, 32, 32))
     x, y = synthetic(args.images, seed=2)
     print(
         f"model {args.model}: {sum(model.widths)} channels in {len(model.widths)} groups; "
