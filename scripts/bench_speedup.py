@@ -5,10 +5,11 @@ Random weights (BN statistics as initialised), L1 scores, layer scope (every pru
 together by the runs' own timing function (``prune_cli.latency.time_models``: eval mode, no_grad, warm-up, repeats
 interleaved, medians). Prints, per model and batch size, the dense and pruned median latency (and interquartile
 range), the measured speed-up, the MAC reduction factor (dense MACs / pruned MACs) and their ratio: 1 means the
-wall clock falls as much as the MAC count. Usage:
+wall clock falls as much as the MAC count. ``--residual``: the residual streams are pruned too (the traced
+network's groups, ``prune.residual=true``). Usage:
 
     python scripts/bench_speedup.py [--models resnet56 vgg16] [--ratio 0.5] [--batch 1 64] [--threads N]
-                                    [--repeats 21] [--warmup 3]
+                                    [--repeats 21] [--warmup 3] [--residual]
 """
 
 from __future__ import annotations
@@ -21,17 +22,19 @@ import torch
 from prune_cli.criteria import build_criterion
 from prune_cli.latency import REPEATS, WARMUP, time_models
 from prune_cli.measure import count_macs, count_params
-from prune_cli.models import build_model
+from prune_cli.models import build_model, with_shared_groups
 from prune_cli.pruning import prune_channels, structure
 from prune_cli.selection import select
 
 SHAPE = (3, 32, 32)
 
 
-def pruned_pair(name: str, ratio: float) -> tuple[torch.nn.Module, torch.nn.Module]:
+def pruned_pair(name: str, ratio: float, residual: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(dense, pruned to ``ratio`` of its MACs by L1 norm with the same share from every layer)."""
     torch.manual_seed(0)
     dense = build_model({"name": name, "num_classes": 10, "in_channels": 3}).eval()
+    if residual:
+        dense = with_shared_groups(dense, SHAPE)
     scores = build_criterion({"name": "l1", "granularity": "filter"}).scores(dense)
     keep = select(scores, structure(dense, SHAPE), target="macs", ratio=ratio, scope="layer")
     return dense, prune_channels(dense, keep).eval()
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=REPEATS)
     ap.add_argument("--warmup", type=int, default=WARMUP)
+    ap.add_argument("--residual", action="store_true", help="prune the residual streams too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -57,7 +61,7 @@ def main() -> None:
         f"{'speed-up / MACs':>15}"
     )
     for name in args.models:
-        dense, pruned = pruned_pair(name, args.ratio)
+        dense, pruned = pruned_pair(name, args.ratio, args.residual)
         macs_dense, macs_pruned = count_macs(dense, SHAPE), count_macs(pruned, SHAPE)
         factor = macs_dense / macs_pruned
         print(
