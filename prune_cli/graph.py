@@ -64,23 +64,7 @@ PASS_MODULES = ACTIVATION_MODULES + (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
-PASS_FUNCTIONS = {
-    torch.relu,
-    torch.nn.functional.relu,
-    torch.nn.functional.relu6,
-    torch.nn.functional.silu,
-    torch.nn.functional.gelu,
-    torch.nn.functional.hardswish,
-    torch.nn.functional.hardsigmoid,
-    torch.sigmoid,
-    torch.tanh,
-    torch.nn.functional.dropout,
-    torch.nn.functional.max_pool2d,
-    torch.nn.functional.avg_pool2d,
-    torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.adaptive_max_pool2d,
-}
-ACTIVATION_FUNCTIONS = {  # the functional nonlinearities among PASS_FUNCTIONS, by the module's name
+ACTIVATION_FUNCTIONS = {  # the functional nonlinearities, by the module's name
     torch.relu: "ReLU",
     torch.nn.functional.relu: "ReLU",
     torch.nn.functional.relu6: "ReLU6",
@@ -90,6 +74,13 @@ ACTIVATION_FUNCTIONS = {  # the functional nonlinearities among PASS_FUNCTIONS, 
     torch.nn.functional.hardsigmoid: "Hardsigmoid",
     torch.sigmoid: "Sigmoid",
     torch.tanh: "Tanh",
+}
+PASS_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | {
+    torch.nn.functional.dropout,
+    torch.nn.functional.max_pool2d,
+    torch.nn.functional.avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.adaptive_max_pool2d,
 }
 SHIFTING_MODULES = (nn.Sigmoid, nn.Hardsigmoid)  # they map 0 to 0.5: a zeroed channel stops being zero
 SHIFTING_FUNCTIONS = {torch.sigmoid, torch.nn.functional.hardsigmoid}

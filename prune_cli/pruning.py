@@ -100,14 +100,16 @@ def _kept_positions(size: int, members: list[tuple[int, Slot]], keep: list[torch
     stays = torch.ones(size, dtype=torch.bool)
     for g, slot in members:
         drop = ~keep[g].to(torch.bool).cpu()
-        stays[torch.nonzero(drop).flatten() if slot.positions is None else _positions(slot, drop)] = False
+        stays[_positions(slot, drop)] = False
     return torch.nonzero(stays).flatten()
 
 
 def _positions(slot: Slot, channels: torch.Tensor) -> torch.Tensor:
     """The positions the ``channels`` (a bool mask over the group) take in the slot's dim."""
-    chosen = torch.nonzero(channels).flatten().tolist()
-    return torch.tensor([p for c in chosen for p in slot.positions[c]], dtype=torch.long)
+    chosen = torch.nonzero(channels).flatten()
+    if slot.positions is None:
+        return chosen
+    return torch.tensor([p for c in chosen.tolist() for p in slot.positions[c]], dtype=torch.long)
 
 
 def mask_channels(model: Prunable, keep: list[torch.Tensor]) -> None:
@@ -120,7 +122,7 @@ def mask_channels(model: Prunable, keep: list[torch.Tensor]) -> None:
             for slot in group.slots:
                 if slot.role == "consumer":
                     continue
-                rows = torch.nonzero(drop).flatten() if slot.positions is None else _positions(slot, drop)
+                rows = _positions(slot, drop)
                 m = modules[slot.module]
                 for tensor in (m.weight, m.bias):
                     if tensor is not None:

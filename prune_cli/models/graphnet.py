@@ -75,47 +75,59 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
     that the stages' mask is removing them."""
     out: list[tuple[ChannelGroup, list[int]]] = []
     unsafe = {int(graph.root[a]) for a in graph.unsafe}
-    indexed = [(module, d, graph.root[atoms]) for (module, _), dims in graph.dims.items() for d, atoms in dims.items()]
+    layers: dict[tuple[str, int], np.ndarray] = {}  # (module, dim) -> the channel of every position, model order
+    for (module, _), dims in graph.dims.items():
+        for d, atoms in dims.items():
+            layers.setdefault((module, d), graph.root[atoms])
+    keys = list(layers)
+    holding: dict[int, set[int]] = {}  # channel -> the layers (indexes into keys) holding it
+    for k, roots in enumerate(layers.values()):
+        for r in np.unique(roots).tolist():
+            holding.setdefault(r, set()).add(k)
     names: set[str] = set()
     for group in graph.groups:
         order = group.channels
         if unsafe.intersection(order):  # a layer would read it nonzero though masked: masking is not removing it
             continue
-        members = np.array(order)
-        touching: dict[tuple[str, int], np.ndarray] = {}
-        for module, d, roots in indexed:
-            if np.isin(roots, members).any():
-                touching[module, d] = roots
-        slots = []
-        for (module, d), roots in touching.items():
-            role = _role(graph.modules[module], d)
-            if role is None:
-                break
-            positions = tuple(tuple(np.flatnonzero(roots == c).tolist()) for c in order)
-            identity = len(roots) == len(order) and all(p == (i,) for i, p in enumerate(positions))
-            slots.append(Slot(module, role, None if identity else positions))
-        else:
-            producers = [s for s in slots if s.role == "producer"]
-            norms = [s for s in slots if s.role == "norm"]
-            consumers = tuple(s.module for s in slots if s.role == "consumer")
-            feature_maps = all(isinstance(graph.modules[s.module], nn.Conv2d) for s in producers) and all(
-                isinstance(graph.modules[s.module], nn.BatchNorm2d) and graph.modules[s.module].affine for s in norms
-            )  # what the activation criteria read; the mask zeroes gamma and beta
-            if not producers or not norms or not feature_maps:
-                continue
-            simple = (
-                len(producers) == len(norms) == 1
-                and all(s.positions is None for s in slots)
-                and graph.modules[producers[0].module].groups == 1
-                and consumers
-            )
-            if not (simple or shared):
-                continue
-            name = producers[0].module if simple else _unique(group.name, names)
-            names.add(name)
-            channel_group = ChannelGroup(name, producers[0].module, norms[0].module, consumers)
-            out.append((channel_group if simple else replace(channel_group, shared=tuple(slots)), order))
+        touching = sorted(set().union(*(holding.get(c, ()) for c in order)))
+        slots = [_slot(graph, *keys[k], layers[keys[k]], order) for k in touching]
+        if None in slots:
+            continue
+        producers = [s for s in slots if s.role == "producer"]
+        norms = [s for s in slots if s.role == "norm"]
+        consumers = tuple(s.module for s in slots if s.role == "consumer")
+        feature_maps = all(isinstance(graph.modules[s.module], nn.Conv2d) for s in producers) and all(
+            isinstance(graph.modules[s.module], nn.BatchNorm2d) and graph.modules[s.module].affine for s in norms
+        )  # what the activation criteria read; the mask zeroes gamma and beta
+        if not producers or not norms or not feature_maps:
+            continue
+        simple = (
+            len(producers) == len(norms) == 1
+            and all(s.positions is None for s in slots)
+            and graph.modules[producers[0].module].groups == 1
+            and consumers
+        )
+        if not (simple or shared):
+            continue
+        name = producers[0].module if simple else _unique(group.name, names)
+        names.add(name)
+        channel_group = ChannelGroup(name, producers[0].module, norms[0].module, consumers)
+        out.append((channel_group if simple else replace(channel_group, shared=tuple(slots)), order))
     return out
+
+
+def _slot(graph, module: str, dim: int, roots: np.ndarray, order: list[int]) -> Slot | None:
+    """Where the channels ``order`` sit in ``module``'s dim ``dim`` (its channel per position: ``roots``), or None
+    for a layer the stages cannot handle."""
+    role = _role(graph.modules[module], dim)
+    if role is None:
+        return None
+    index = np.argsort(roots, kind="stable")  # positions grouped by channel, each channel's in their order
+    ranked = roots[index]
+    starts, ends = np.searchsorted(ranked, order, "left"), np.searchsorted(ranked, order, "right")
+    positions = tuple(tuple(index[a:b].tolist()) for a, b in zip(starts.tolist(), ends.tolist()))
+    identity = len(roots) == len(order) and all(p == (i,) for i, p in enumerate(positions))
+    return Slot(module, role, None if identity else positions)
 
 
 def _role(module: nn.Module, dim: int) -> str | None:
