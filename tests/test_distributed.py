@@ -51,6 +51,7 @@ def test_torchrun_sweep_writes_once(tmp_path):
     scratch.mkdir()
     sweep = tmp_path / "sweep"
     args = ["-m", "prune_cli", "-m", "seed=0,1", "debug=smoke", "latency=off", "trainer.progress=false"]
+    args += ["model.width_mult=0.25", "trainer.threads=1"]  # two ranks on two cores
     r = launch([*TORCHRUN, *args, f"hydra.sweep.dir={sweep}"], tmp_path, env={"TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr
     for job in ("0", "1"):

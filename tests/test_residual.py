@@ -152,12 +152,12 @@ def test_a_stream_is_scored_by_the_sum_over_its_layers():
         assert taylor[c].item() == pytest.approx(abs(grad.item()) / 8, rel=1e-3, abs=1e-7)
 
 
-SHARED = {"resnet18": 4, "mobilenet_v2": 22, "mobilenet_v3_small": 15}  # groups several layers hold
+SHARED = {"mobilenet_v2": 22, "mobilenet_v3_small": 15}  # groups several layers hold
 
 
 @pytest.mark.parametrize("network", list(SHARED))
 def test_torchvision_shared_groups_mask_as_they_prune(network):
-    """Residual streams (resnet18), depthwise chains with inverted-residual streams (mobilenet_v2), and channels
+    """Depthwise chains with inverted-residual streams (mobilenet_v2), and channels
     squeeze-excitation scales (mobilenet_v3_small: x * hardsigmoid(s), zero when x is) through the stages'
     masking, surgery and counting (not the graph's own, which tests/test_graph.py checks)."""
     arch = {"name": "torchvision", "network": network, "num_classes": 10, "in_channels": 3, "image_size": 32}
