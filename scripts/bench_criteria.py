@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from prune_cli.criteria import CRITERIA, Sample, build_criterion
+from prune_cli.importance.criteria import CRITERIA, Sample, build_criterion
 from prune_cli.models import build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "criterion"

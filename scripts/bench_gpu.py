@@ -1,8 +1,8 @@
 """GPU throughput: training and evaluation images/s of ResNet-56 and VGG-16, and what an epoch and a schedule cost.
 
 Synthetic CIFAR-shaped data (3x32x32, 10 classes, random tensors already on the device). A training step is the
-project's step (``prune_cli.train.train_epoch`` without a regularizer): forward and cross-entropy under
-``prune_cli.train.autocast(device, precision)``, backward, SGD (momentum 0.9, weight decay 5e-4); evaluation is a
+project's step (``prune_cli.engine.loop.train_epoch`` without a regularizer): forward and cross-entropy under
+``prune_cli.engine.loop.autocast(device, precision)``, backward, SGD (momentum 0.9, weight decay 5e-4); evaluation is a
 forward under ``torch.inference_mode()``. Variants: precision fp32 / bf16 (autocast), memory format contiguous /
 channels_last (model and inputs), eager / ``torch.compile`` (compile time reported separately: the warm-up steps that
 compile are excluded from images/s). Each variant gets a fresh model (seed 0); ``--warmup`` steps, then ``--steps``
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from prune_cli.engine.loop import autocast
 from prune_cli.models import build_model
-from prune_cli.train import autocast
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ROOT / "conf" / "experiment" / "hgsr_resnet56_cifar10.yaml"

@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from prune_cli.grafting import graft_ring
+from prune_cli.methods.grafting import graft_ring
 from prune_cli.models import build_model
 
 TARGET = 1.05

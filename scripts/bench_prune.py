@@ -3,7 +3,7 @@
 ResNet-56 (random init, a few SGD steps on synthetic class-patterned 32x32 images, BN statistics
 recalibrated), 128 synthetic images, ``loss_greedy_select`` in its default fast mode down to 50% of
 params on CPU. Prints seconds, forward passes, image-forward equivalents and the exact greedy's pass
-count (computed, not run), and the reduction. If ``prune_cli.criteria`` exists, also the seconds every
+count (computed, not run), and the reduction. If ``prune_cli.importance.criteria`` exists, also the seconds every
 other criterion needs on the same model. ``--agreement`` first measures how many of the exact greedy's
 channels the fast mode removes, on ResNet-20 (digits, 30% of params, three 16-image samples), sparse-like
 and plainly trained (the models of tests/test_loss_selection.py). ``--residual`` selects over the residual
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
 
-from prune_cli.loss_selection import loss_greedy_select
+from prune_cli.methods.hgsr import loss_greedy_select
 from prune_cli.models import build_model, with_shared_groups
-from prune_cli.pruning import structure
+from prune_cli.structure.channels import structure
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "criterion"
@@ -167,7 +167,7 @@ def main() -> None:
     if args.no_criteria:
         return
     try:
-        from prune_cli.criteria import CRITERIA, Sample, build_criterion
+        from prune_cli.importance.criteria import CRITERIA, Sample, build_criterion
     except ImportError:
         print("\nprune_cli.criteria not available: other criteria not timed")
         return

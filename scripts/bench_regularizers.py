@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from prune_cli.importance.regularizers import REGULARIZERS, build_regularizer
 from prune_cli.models import build_model
-from prune_cli.regularizers import REGULARIZERS, build_regularizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "regularizer"
 TARGET = 1.15

@@ -2,7 +2,7 @@
 
 Random weights (BN statistics as initialised), L1 scores, layer scope (every prunable layer loses the same share),
 ``selection.select`` to ``target=macs``, ``pruning.prune_channels``; then the dense and the pruned model timed
-together by the runs' own timing function (``prune_cli.latency.time_models``: eval mode, no_grad, warm-up, repeats
+together by the runs' own timing function (``engine.latency.time_models``: eval mode, no_grad, warm-up, repeats
 interleaved, medians). Prints, per model and batch size, the dense and pruned median latency (and interquartile
 range), the measured speed-up, the MAC reduction factor (dense MACs / pruned MACs) and their ratio: 1 means the
 wall clock falls as much as the MAC count. ``--residual``: the residual streams are pruned too (the traced
@@ -19,12 +19,12 @@ import platform
 
 import torch
 
-from prune_cli.criteria import build_criterion
-from prune_cli.latency import REPEATS, WARMUP, time_models
-from prune_cli.measure import count_macs, count_params
+from prune_cli.engine.latency import REPEATS, WARMUP, time_models
+from prune_cli.importance.criteria import build_criterion
 from prune_cli.models import build_model, with_shared_groups
-from prune_cli.pruning import prune_channels, structure
-from prune_cli.selection import select
+from prune_cli.structure.channels import prune_channels, structure
+from prune_cli.structure.counting import count_macs, count_params
+from prune_cli.structure.selection import select
 
 SHAPE = (3, 32, 32)
 

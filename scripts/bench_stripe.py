@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from prune_cli.measure import count_macs, count_params
 from prune_cli.methods.swp import FilterSkeleton, alive_stripes, break_into_stripes, dead_filter_keep
 from prune_cli.models import build_model
 from prune_cli.models.layers import SkeletonConv, StripeConv, fold
-from prune_cli.pruning import prune_channels
+from prune_cli.structure.channels import prune_channels
+from prune_cli.structure.counting import count_macs, count_params
 
 
 def slices(conv: StripeConv) -> list[tuple[int, int, int, int]]:

@@ -1,7 +1,7 @@
 """Overhead of the pipeline's training loop over a minimal hand-written PyTorch loop.
 
 Trains ResNet-20 on synthetic CIFAR-shaped data (3x32x32, on the device) for a
-fixed number of steps through ``prune_cli.train.train_epoch`` and through a plain
+fixed number of steps through ``prune_cli.engine.loop.train_epoch`` and through a plain
 loop (same model, batch, optimizer, device), each in both memory formats (contiguous
 and channels_last), interleaved; with ``--compile`` also both through ``torch.compile``
 (inductor; compile time reported apart, excluded from images/s). Prints every variant's
@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from prune_cli.data import load_data, normalize
+from prune_cli.engine.loop import compiled, train_epoch
+from prune_cli.engine.settings import resolve_memory_format
+from prune_cli.importance.regularizers import Regularizer
 from prune_cli.models import build_model
-from prune_cli.regularizers import Regularizer
-from prune_cli.train import compiled, train_epoch
-from prune_cli.trainer import resolve_memory_format
 
 
 def main() -> None:

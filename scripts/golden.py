@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the suite's shared helpers
 
 from helpers import compose_config, make_preset_data, results_table, smoke_overrides  # noqa: E402
-from prune_cli import pipeline  # noqa: E402
-from prune_cli.__main__ import CONF_DIR  # noqa: E402
+from prune_cli.cli.run import CONF_DIR  # noqa: E402
+from prune_cli.run import pipeline  # noqa: E402
 
 DEMO = "digits_demo"
 

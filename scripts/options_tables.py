@@ -7,7 +7,7 @@ equal what the declarations generate, so they cannot drift.
 import re
 from pathlib import Path
 
-from prune_cli.config import options_reference
+from prune_cli.run.config import options_reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

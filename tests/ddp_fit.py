@@ -1,4 +1,4 @@
-"""Train a BatchNorm-free network for one epoch with ``prune_cli.train.fit`` and save its weights (a helper the
+"""Train a BatchNorm-free network for one epoch with ``prune_cli.engine.loop.fit`` and save its weights (a helper the
 distributed tests run twice: alone, and as 2 processes under torchrun with the gloo backend).
 
     python tests/ddp_fit.py OUT.pt            one process, global batch 32
@@ -12,10 +12,10 @@ import sys
 import torch
 
 from helpers import compose_config  # run as a script: its directory, tests/, is on the path
-from prune_cli import distributed
+from prune_cli.core import distributed
 from prune_cli.data import load_data
+from prune_cli.engine.loop import fit
 from prune_cli.models import build_model
-from prune_cli.train import fit
 
 
 def main(out: str) -> None:

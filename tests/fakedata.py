@@ -305,7 +305,7 @@ if __name__ == "__main__":  # pragma: no cover - manual inspection
 def make_knockoff_generator(path, seed: int = 0) -> Path:
     """A file in the format of SCOP's official ``netG_cifar.pth`` (``module.``-prefixed keys, as saved from
     DataParallel), holding random weights: a stand-in generator for the smoke runs."""
-    from prune_cli.methods.knockoff import CifarKnockoffGenerator
+    from prune_cli.methods.scop.knockoff import CifarKnockoffGenerator
 
     torch.manual_seed(seed)
     state = {f"module.{k}": v for k, v in CifarKnockoffGenerator().state_dict().items()}

@@ -12,8 +12,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 import fakedata
-from prune_cli.__main__ import CONF_DIR
-from prune_cli.report import timing_column
+from prune_cli.cli.run import CONF_DIR
+from prune_cli.run.tables import timing_column
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden"  # results tables captured before the architecture changed
@@ -132,9 +132,10 @@ def run_interrupted(cfg, run_dir: Path, monkeypatch, at_epoch: int) -> None:
     """Run ``cfg`` into ``run_dir`` and interrupt it (Ctrl-C) as its ``at_epoch``-th training epoch starts."""
     import pytest
 
-    from prune_cli import pipeline, train
+    from prune_cli.engine import loop
+    from prune_cli.run import pipeline
 
-    real_epoch, calls = train.train_epoch, {"n": 0}
+    real_epoch, calls = loop.train_epoch, {"n": 0}
 
     def dying_epoch(*args, **kwargs):
         calls["n"] += 1
@@ -142,7 +143,7 @@ def run_interrupted(cfg, run_dir: Path, monkeypatch, at_epoch: int) -> None:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_epoch", dying_epoch)
+    monkeypatch.setattr(loop, "train_epoch", dying_epoch)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg, run_dir)
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    monkeypatch.setattr(loop, "train_epoch", real_epoch)

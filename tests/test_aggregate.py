@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from helpers import TINY, run_cli
-from prune_cli import sweeps
+from prune_cli.cli import report
 
 IDENT = {"model": "resnet20", "dataset": "synthetic", "regularizer": "none", "target": "params"}
 
@@ -87,7 +87,7 @@ def test_seeds_are_averaged_with_the_statistics_computed_by_hand(tmp_path, capsy
     make_run(tmp_path / "l1_s3", config(3), status="failed", error="prune.ratio: boom")
     make_run(tmp_path / "random_s0", config(0, "random"), 55.0, 70.0)
 
-    assert sweeps.main([str(tmp_path)]) == 1  # a job failed
+    assert report.main([str(tmp_path)]) == 1  # a job failed
     out = capsys.readouterr().out
     summary = pd.read_csv(tmp_path / "sweep_summary.csv", keep_default_na=False, na_values=[""])
     assert list(summary["criterion"]) == ["l1", "random"]
@@ -129,7 +129,7 @@ def test_a_sweep_over_a_non_seed_setting_is_not_averaged(tmp_path, capsys):
         for seed, top1 in enumerate(finals):
             cfg = config(seed, prune__scope=scope, schedule__finetune__lr=lr)
             make_run(tmp_path / f"{scope}_{lr}_{seed}", cfg, top1, hydra=False)
-    assert sweeps.main([str(tmp_path), "--format", "csv"]) == 0
+    assert report.main([str(tmp_path), "--format", "csv"]) == 0
     summary = pd.read_csv(tmp_path / "sweep_summary.csv")
     assert len(summary) == 3 and list(summary["n"]) == [2, 2, 2]
     for (scope, lr), finals in runs.items():
@@ -140,7 +140,7 @@ def test_a_sweep_over_a_non_seed_setting_is_not_averaged(tmp_path, capsys):
 
     # a pivot: scope by lr, the cell of a combination that did not run is empty
     assert (
-        sweeps.main([str(tmp_path), "--by", "prune.scope", "--columns", "schedule.finetune.lr", "--format", "json"])
+        report.main([str(tmp_path), "--by", "prune.scope", "--columns", "schedule.finetune.lr", "--format", "json"])
         == 0
     )
     table = json.loads(capsys.readouterr().out)
@@ -148,11 +148,11 @@ def test_a_sweep_over_a_non_seed_setting_is_not_averaged(tmp_path, capsys):
     assert rows["layer"]["schedule.finetune.lr=0.01 mean"] == pytest.approx(61.0)
     assert rows["layer"]["schedule.finetune.lr=0.1 n"] == 2
     assert rows["global"]["schedule.finetune.lr=0.1 mean"] is None and rows["global"]["schedule.finetune.lr=0.1 n"] == 0
-    assert sweeps.main([str(tmp_path), "--by", "prune.scope", "--columns", "schedule.finetune.lr"]) == 0
+    assert report.main([str(tmp_path), "--by", "prune.scope", "--columns", "schedule.finetune.lr"]) == 0
     md = capsys.readouterr().out
     assert "| prune.scope | schedule.finetune.lr=0.01 | schedule.finetune.lr=0.1 |" in md
     assert f"| global | 72.50 ± {by_hand([70.0, 75.0])[1]:.2f} (2) | - |" in md
-    assert sweeps.main([str(tmp_path), "--columns", "prune.scope", "--value", "top1_change", "--format", "latex"]) == 0
+    assert report.main([str(tmp_path), "--columns", "prune.scope", "--value", "top1_change", "--format", "latex"]) == 0
     latex = capsys.readouterr().out
     assert "\\begin{tabular}" in latex and "prune.scope=global" in latex and "$\\pm$" in latex
 
@@ -178,7 +178,7 @@ def test_runs_of_one_group_from_different_dense_models_are_flagged(tmp_path):
     # fpgm: two runs of seed 0 whose dense rows differ -> flagged
     make_run(runs / "fpgm_0", config(0, "fpgm"), 60.0, 70.0)
     make_run(runs / "fpgm_0_again", config(0, "fpgm"), 61.0, 71.0)
-    assert sweeps.main([str(runs)]) == 0
+    assert report.main([str(runs)]) == 0
     summary = pd.read_csv(runs / "sweep_summary.csv")
     assert dict(zip(summary["criterion"], summary["dense_check"])) == {
         "l1": "differ",
@@ -202,14 +202,14 @@ def test_report_failures_are_one_line(tmp_path, capsys, monkeypatch):
         (["--columns", "prune.scop"], "error: --columns: no setting prune.scop groups these runs"),
         (["--by", "criterion", "--columns", "criterion"], "error: --columns: criterion is already a row key"),
     ]:
-        assert sweeps.main([str(tmp_path), *args]) == 2
+        assert report.main([str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(what) and err.count("\n") == 1
     with pytest.raises(SystemExit) as e:
-        sweeps.main([str(tmp_path), "--format", "html"])
+        report.main([str(tmp_path), "--format", "html"])
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --format: invalid choice: 'html'")
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
-    assert sweeps.main([str(tmp_path), "--plots"]) == 2
+    assert report.main([str(tmp_path), "--plots"]) == 2
     assert capsys.readouterr().err == "error: --plots: matplotlib is not installed (pip install 'prune-cli[plots]')\n"
 
 
@@ -236,7 +236,7 @@ def test_a_cli_sweep_prints_one_table_per_criterion_and_plots(tmp_path, capsys):
     # on demand, for one run: its channel widths and training curves
     run = tmp_path / "run"
     shutil.copytree(sweep / "0", run)
-    assert sweeps.main([str(run), "--plots"]) == 0
+    assert report.main([str(run), "--plots"]) == 0
     assert "plots: wrote 8 files" in capsys.readouterr().err
     for name in ("widths", "curves"):
         assert (run / f"{name}.png").read_bytes().startswith(b"\x89PNG")

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import prune_cli
-from prune_cli.anymodel import channel_scores, select
-from prune_cli.errors import UserError
-from prune_cli.graph import ChannelGraph
+from prune_cli.core.errors import UserError
+from prune_cli.structure.any_network import channel_scores, select
+from prune_cli.structure.graph import ChannelGraph
 
 
 class Net(nn.Module):

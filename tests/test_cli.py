@@ -75,7 +75,7 @@ def test_sweep_aggregates_and_keeps_jobs_when_one_fails(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys; from prune_cli.sweeps import main; sys.exit(main())",
+            "import sys; from prune_cli.cli.report import main; sys.exit(main())",
             str(tmp_path / "sweep"),
         ],
         capture_output=True,

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from prune_cli import config
-from prune_cli.__main__ import CONF_DIR
-from prune_cli.config import NAMED_GROUPS, declared, options_reference, validate
-from prune_cli.errors import UserError
-from prune_cli.options import walk
+from prune_cli.cli.run import CONF_DIR
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import walk
+from prune_cli.run import config
+from prune_cli.run.config import NAMED_GROUPS, declared, options_reference, validate
 from prune_cli.stages import STAGES
 
 GROUP_CHOICES = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) for group in NAMED_GROUPS}

@@ -13,7 +13,8 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from prune_cli.criteria import (
+from prune_cli.core.errors import UserError
+from prune_cli.importance.criteria import (
     CRITERIA,
     Criterion,
     Sample,
@@ -22,8 +23,8 @@ from prune_cli.criteria import (
     histogram_entropy,
     polarization_threshold,
 )
-from prune_cli.errors import UserError
-from prune_cli.models import ChannelGroup, Prunable, build_model
+from prune_cli.models import Prunable, build_model
+from prune_cli.structure.groups import ChannelGroup
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "criterion"
 

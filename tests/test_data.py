@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 
 import fakedata
 from prune_cli import data as D
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import check_block, defaults
+from prune_cli.core.seeds import numpy_rng
 from prune_cli.data import container, fashion_mnist, tinyimagenet
 from prune_cli.data.spec import DatasetSpec
-from prune_cli.errors import UserError
-from prune_cli.options import check_block, defaults
-from prune_cli.seeds import numpy_rng
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 COMMON = ("name", "root", "download", "subset", "test_subset", "val_split", "pad", "flip")

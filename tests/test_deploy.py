@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from helpers import TINY, calibrated, compose_config
-from prune_cli import deploy, load, pipeline, rundir
-from prune_cli.errors import UserError
+from prune_cli import load
+from prune_cli.cli import export as export_cli
+from prune_cli.core.errors import UserError
+from prune_cli.deploy import export as deploy
 from prune_cli.models import build_model
 from prune_cli.models.layers import GatherConv, GatherLinear, StripeConv, convert, stripe_positions
-from prune_cli.pruning import prune_channels
+from prune_cli.run import lock, pipeline
+from prune_cli.structure.channels import prune_channels
 
 SHAPE = (3, 8, 8)
 
@@ -35,7 +38,7 @@ def run_dir(tmp_path_factory):
         "schedule.finetune.epochs=1",
     ]
     pipeline.run(compose_config(*TINY, *extra), path)
-    rundir.release(path)
+    lock.release(path)
     return path
 
 
@@ -88,7 +91,7 @@ def with_factors():
 
 
 def with_gates():
-    from prune_cli.methods.gating import GatedConv  # channel gating's layer kind
+    from prune_cli.methods.channel_gating import GatedConv  # channel gating's layer kind
 
     model = pruned("vgg11", seed=4)
     entry = {"p": 2, "group": False, "alpha": 2.0, "sparse_bp": True, "init": 0.0}
@@ -221,7 +224,7 @@ def test_prune_cli_export_writes_a_verified_file(run_dir):
 
 
 def test_export_stage_and_output_rules(run_dir, tmp_path, capsys):
-    assert deploy.main([str(run_dir), "--stage", "prune", "--format", "onnx"]) == 0  # another stage: its own name
+    assert export_cli.main([str(run_dir), "--stage", "prune", "--format", "onnx"]) == 0  # another stage: its own name
     out = capsys.readouterr().out
     assert out.startswith(f"wrote {run_dir / 'model_prune.onnx'} (onnx opset 17; stage prune of {run_dir}; params ")
     model, _ = load(run_dir, stage="prune")
@@ -231,17 +234,17 @@ def test_export_stage_and_output_rules(run_dir, tmp_path, capsys):
     assert deploy.embedded(run_dir / "model_prune.onnx")["stage"] == "prune"
 
     target = tmp_path / "exports" / "m.pt"
-    assert deploy.main([str(run_dir), "--output", str(target)]) == 0
-    assert deploy.main([str(run_dir), "--output", str(target)]) == 0  # the same run's export: written again
+    assert export_cli.main([str(run_dir), "--output", str(target)]) == 0
+    assert export_cli.main([str(run_dir), "--output", str(target)]) == 0  # the same run's export: written again
     other = tmp_path / "other.pt"  # a checkpoint outside its run directory: another source
     shutil.copy(run_dir / "checkpoints" / "prune.pt", other)
     capsys.readouterr()
-    assert deploy.main([str(other), "--output", str(target)]) == 2
+    assert export_cli.main([str(other), "--output", str(target)]) == 2
     assert capsys.readouterr().err == (
         f"error: --output: {target} holds an export of another run ({run_dir.resolve()}); "
         "choose another path or pass --force\n"
     )
-    assert deploy.main([str(other), "--output", str(target), "--force"]) == 0
+    assert export_cli.main([str(other), "--output", str(target), "--force"]) == 0
     assert deploy.embedded(target)["source"] == str(other.resolve())
 
 
@@ -265,7 +268,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, run_dir, tmp_path, caps
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     fill = lambda s: s.format(tmp=tmp_path, run=run_dir)
     try:
-        code = deploy.main([fill(a) for a in args])
+        code = export_cli.main([fill(a) for a in args])
     except SystemExit as e:  # argparse's own errors leave through sys.exit, still one line
         code = e.code
     captured = capsys.readouterr()

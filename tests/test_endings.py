@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from helpers import TINY, compose_config, results_table
-from prune_cli import pipeline, train
-from prune_cli.__main__ import main
+from prune_cli.cli.run import main
+from prune_cli.engine import loop
+from prune_cli.run import pipeline
 
 RUN = [*TINY, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=2"]
 
@@ -23,7 +24,7 @@ def status(run_dir):
 
 
 def test_a_crash_mid_stage_is_failed_and_the_rerun_resumes(tmp_path, monkeypatch):
-    real_epoch = train.train_epoch
+    real_epoch = loop.train_epoch
     calls = {"n": 0}
 
     def crashing_epoch(*args, **kwargs):
@@ -32,7 +33,7 @@ def test_a_crash_mid_stage_is_failed_and_the_rerun_resumes(tmp_path, monkeypatch
             raise RuntimeError("injected fault")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_epoch", crashing_epoch)
+    monkeypatch.setattr(loop, "train_epoch", crashing_epoch)
     monkeypatch.setattr(sys, "argv", ["prune-cli", *RUN, f"hydra.run.dir={tmp_path}"])
     with pytest.raises(SystemExit) as e:
         main()
@@ -45,7 +46,7 @@ def test_a_crash_mid_stage_is_failed_and_the_rerun_resumes(tmp_path, monkeypatch
     before = prune.read_bytes()
     assert list(pd.read_csv(tmp_path / "results.csv")["stage"]) == ["init", "pretrain", "prune"]
 
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    monkeypatch.setattr(loop, "train_epoch", real_epoch)
     main()  # the same command resumes: pretrain and prune are taken, finetune runs
     assert status(tmp_path)["status"] == "done"
     assert prune.read_bytes() == before
@@ -82,7 +83,7 @@ def test_ctrl_c_is_interrupted_with_exit_130(tmp_path, monkeypatch):
     def interrupted_epoch(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "train_epoch", interrupted_epoch)
+    monkeypatch.setattr(loop, "train_epoch", interrupted_epoch)
     monkeypatch.setattr(sys, "argv", ["prune-cli", *RUN, f"hydra.run.dir={tmp_path}"])
     with pytest.raises(SystemExit) as e:
         main()

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from helpers import TINY
-from prune_cli.__main__ import main
-from prune_cli.criteria import CRITERIA, Criterion
-from prune_cli.models import MODELS, ChannelGroup, Prunable
+from prune_cli.cli.run import main
+from prune_cli.core.options import Str
+from prune_cli.importance.criteria import CRITERIA, Criterion
+from prune_cli.models import MODELS, Prunable
 from prune_cli.models.base import WIDTH_MULT
-from prune_cli.options import Str
 from prune_cli.stages import STAGES, Stage
+from prune_cli.structure.groups import ChannelGroup
 
 EXTENSION_CONF = Path(__file__).resolve().parent / "extension_conf"  # the YAML of the parts registered here
 

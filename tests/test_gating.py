@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from helpers import TINY, run_interrupted
-from prune_cli import pipeline
-from prune_cli.errors import UserError
-from prune_cli.measure import count_macs, mean_dynamic_macs
-from prune_cli.methods.gating import ChannelGating, GatedConv, ThresholdLoss, gated_convs
+from prune_cli.core.errors import UserError
+from prune_cli.methods.channel_gating import ChannelGating, GatedConv, ThresholdLoss, gated_convs
 from prune_cli.models import build_model
 from prune_cli.models.layers import convert
+from prune_cli.run import pipeline
+from prune_cli.structure.counting import count_macs, mean_dynamic_macs
 
 
 def reads(o: int, i: int, cin: int, cout: int, p: int, group: bool) -> bool:

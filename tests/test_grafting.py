@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from prune_cli.grafting import (
+from prune_cli.methods.grafting import (
     filter_entropy,
     graft_alpha,
     graft_internal,

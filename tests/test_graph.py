@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from prune_cli.graph import ChannelGraph
+from prune_cli.structure.graph import ChannelGraph
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "densenet121", "efficientnet_b0"]
 GROUPED = ["regnet_x_400mf", "resnext50_32x4d"]  # grouped convs: a whole conv group goes

@@ -9,12 +9,12 @@ import torch
 
 from helpers import TINY, run_cli
 from helpers import compose_config as config
-from prune_cli import pipeline
-from prune_cli.errors import UserError
-from prune_cli.graph import ChannelGraph
+from prune_cli.core.checkpoint import load_checkpoint
+from prune_cli.core.errors import UserError
 from prune_cli.models import build_model
 from prune_cli.models.graphnet import graph_groups
-from prune_cli.rundir import load_checkpoint
+from prune_cli.run import pipeline
+from prune_cli.structure.graph import ChannelGraph
 
 NET = '''
 import torch

@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prune_cli.errors import UserError
-from prune_cli.grda import GRDA
-from prune_cli.train import lr_at
+from prune_cli.core.errors import UserError
+from prune_cli.engine.loop import lr_at
+from prune_cli.methods.grda import GRDA
 
 
 def test_update_equals_the_formula_step_by_step():
@@ -52,7 +52,7 @@ def test_linear_schedule_by_hand():
 
 
 def test_a_linear_schedule_needs_two_milestones(compose, tmp_path):
-    from prune_cli import pipeline
+    from prune_cli.run import pipeline
 
     cfg = compose("schedule=grda", "schedule.sparse_train.milestones=[0.5]")
     with pytest.raises(UserError) as e:
@@ -62,7 +62,7 @@ def test_a_linear_schedule_needs_two_milestones(compose, tmp_path):
 
 def test_a_run_reports_sparsity_and_removable_channels(compose, tmp_path):
     from helpers import TINY
-    from prune_cli import pipeline
+    from prune_cli.run import pipeline
 
     cfg = compose(*TINY, "schedule=grda", "schedule.sparse_train.epochs=2", "schedule.sparse_train.grda.c=0.5")
     rows = pipeline.run(cfg, tmp_path)

@@ -11,11 +11,11 @@ from PIL import Image
 
 from helpers import TINY
 from helpers import compose_config as config
-from prune_cli import pipeline
+from prune_cli.core.errors import UserError
 from prune_cli.data import batches, describe, imagefolder, load_data, stream
 from prune_cli.data.spec import channel_stats, chunked_channel_stats
 from prune_cli.data.stream import StreamedImages
-from prune_cli.errors import UserError
+from prune_cli.run import pipeline
 
 CLASSES = ("cat", "dog", "eel")
 

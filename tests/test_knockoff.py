@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from prune_cli.errors import UserError
-from prune_cli.methods.knockoff import LATENT, knockoffs, load_generator
+from prune_cli.core.errors import UserError
+from prune_cli.methods.scop.knockoff import LATENT, knockoffs, load_generator
 
 OPTION = "schedule.scop.generator_path"
 
 # The layout of the authors' netG_cifar.pth (CIFAR generator, dim 64), written out by hand from their model
-# definition, independent of prune_cli.methods.knockoff. ConvTranspose2d weights are (in, out, kH, kW).
+# definition, independent of prune_cli.methods.scop.knockoff. ConvTranspose2d weights are (in, out, kH, kW).
 OFFICIAL = {
     "linear1.weight": (4096, 128),
     "linear1.bias": (4096,),

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from helpers import TINY, compose_config, results_table
-from prune_cli import context, latency, pipeline
-from prune_cli.config import validate
-from prune_cli.errors import UserError
+from prune_cli.core.errors import UserError
+from prune_cli.engine import latency
 from prune_cli.models import build_model
-from prune_cli.report import timing_column
-from prune_cli.rundir import config_differences
+from prune_cli.run import context, pipeline
+from prune_cli.run.config import validate
+from prune_cli.run.resumable import config_differences
+from prune_cli.run.tables import timing_column
 
 SMALL = [*TINY, "dataset.image_size=8", "model.width_mult=0.25", "trainer.eval_batch_size=16", "latency=on"]
 COLUMNS = [*latency.COLUMNS]

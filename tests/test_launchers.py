@@ -5,7 +5,7 @@ import pandas as pd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import TINY, compose_config, run_cli
-from prune_cli import pipeline
+from prune_cli.run import pipeline
 
 # the smallest sweep that still prunes: one epoch of each training stage at a quarter of ResNet-20's width
 SMALL = [*TINY, "dataset.image_size=8", "model.width_mult=0.25", "schedule.pretrain.epochs=1"]

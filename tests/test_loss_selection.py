@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from prune_cli.loss_selection import _subset_sum_hits, loss_greedy_select
+from prune_cli.methods.hgsr import _subset_sum_hits, loss_greedy_select
 from prune_cli.models import build_model, with_shared_groups
-from prune_cli.pruning import mask_channels, prune_channels, structure
+from prune_cli.structure.channels import mask_channels, prune_channels, structure
 
 
 def digits(channels: int = 3, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

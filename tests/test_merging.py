@@ -11,7 +11,7 @@ from torch import nn
 from helpers import calibrated
 from prune_cli.methods.merging import merge_matrix, merge_removed
 from prune_cli.models import build_model
-from prune_cli.pruning import mask_channels, prune_channels
+from prune_cli.structure.channels import mask_channels, prune_channels
 
 
 def loop_merge_matrix(weight, kept, bn, lam, threshold, bn_form):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from helpers import calibrated
-from prune_cli.measure import count_macs, count_params
 from prune_cli.models import MODELS, build_model
-from prune_cli.pruning import mask_channels, prune_channels, structure
+from prune_cli.structure.channels import mask_channels, prune_channels, structure
+from prune_cli.structure.counting import count_macs, count_params
 
 # docs/methods.md "Counting conventions" (32x32, 10 classes, option A, single linear head)
 REFERENCE = {  # name, extra arch options -> (params in M, digits), (MACs in M, digits)

@@ -13,11 +13,11 @@ from torch import nn
 
 from helpers import TINY, calibrated
 from helpers import compose_config as config
-from prune_cli import pipeline
-from prune_cli.measure import count_macs, count_params, layer_pixels
 from prune_cli.methods import pfp
 from prune_cli.models import build_model
-from prune_cli.pruning import mask_channels, prune_channels
+from prune_cli.run import pipeline
+from prune_cli.structure.channels import mask_channels, prune_channels
+from prune_cli.structure.counting import count_macs, count_params, layer_pixels
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 

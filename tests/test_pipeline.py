@@ -9,8 +9,9 @@ import torch
 import fakedata
 from helpers import TINY, run_interrupted
 from helpers import compose_config as config
-from prune_cli import pipeline, train
-from prune_cli.errors import UserError
+from prune_cli.core.errors import UserError
+from prune_cli.engine import loop
+from prune_cli.run import pipeline
 from prune_cli.stages.prune import zero_groups
 
 
@@ -80,7 +81,7 @@ def test_rerun_skips_finished_stages_and_refuses_other_configs(tmp_path, monkeyp
     cfg = fast()
     pipeline.run(cfg, tmp_path)
     before = (tmp_path / "results.csv").read_text()
-    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("a finished stage ran again"))
+    monkeypatch.setattr(loop, "train_epoch", lambda *a, **k: pytest.fail("a finished stage ran again"))
     pipeline.run(cfg, tmp_path)  # the same config object: a run leaves it as it was given
     with pytest.raises(UserError, match="hydra.run.dir.*different config.*prune.ratio"):
         pipeline.run(fast("prune.ratio=0.3"), tmp_path)
@@ -136,7 +137,7 @@ def test_scratch_reinitialises_and_budget_b_scales_epochs(tmp_path):
     ],
 )
 def test_bad_values_fail_before_training(tmp_path, override, option, monkeypatch):
-    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("trained despite a bad option"))
+    monkeypatch.setattr(loop, "train_epoch", lambda *a, **k: pytest.fail("trained despite a bad option"))
     with pytest.raises(UserError) as err:
         pipeline.run(fast(override), tmp_path)
     assert err.value.option == option

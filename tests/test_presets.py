@@ -5,8 +5,8 @@ import pytest
 
 from helpers import GOLDEN_DIR, make_preset_data, results_table, smoke_overrides
 from helpers import compose_config as config
-from prune_cli import pipeline
-from prune_cli.__main__ import CONF_DIR
+from prune_cli.cli.run import CONF_DIR
+from prune_cli.run import pipeline
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

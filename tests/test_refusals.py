@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from helpers import SCHEMA1_OVERRIDES, SCHEMA1_RUN, TINY, compose_config
-from prune_cli import pipeline, sweeps
-from prune_cli.__main__ import main
-from prune_cli.errors import UserError
+from prune_cli.cli import report
+from prune_cli.cli.run import main
+from prune_cli.core.errors import UserError
+from prune_cli.run import pipeline
 
 NO_DATA = ["dataset=cifar10", "dataset.root=/nonexistent/prune_cli_data"]  # reading it would fail otherwise
 
@@ -91,7 +92,7 @@ def test_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_not(tmp_path, mon
         [
             sys.executable,
             "-c",
-            "import sys; from prune_cli import rundir; rundir.acquire(sys.argv[1]); input()",
+            "import sys; from prune_cli.run import lock; lock.acquire(sys.argv[1]); input()",
             str(tmp_path),
         ],
         stdin=subprocess.PIPE,
@@ -175,7 +176,7 @@ def test_the_report_lists_unreadable_runs_and_exits_non_zero(tmp_path, capsys):
     pipeline.run(compose_config(*TINY, "schedule=measure"), tmp_path / "good")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "results.csv").write_text("")
-    assert sweeps.main([str(tmp_path)]) == 1
+    assert report.main([str(tmp_path)]) == 1
     sweep = pd.read_csv(tmp_path / "sweep.csv")
     assert dict(zip(sweep["job"], sweep["status"])) == {"empty": "unreadable", "good": "done"}
     assert "results.csv is empty" in (tmp_path / "sweep.md").read_text()
@@ -188,7 +189,7 @@ def test_every_run_records_what_produced_it(tmp_path, capsys):
     assert {"prune_cli", "git_commit", "torchvision", "python", "precision", "deterministic"} <= set(run)
     ck = torch.load(tmp_path / "r" / "checkpoints" / "finetune.pt", weights_only=True)
     assert ck["provenance"] == run
-    sweeps.main([str(tmp_path)])
+    report.main([str(tmp_path)])
     assert "| torch |" in capsys.readouterr().out.replace(" device |", "").replace("| prune_cli ", "")
 
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prune_cli.errors import UserError
+from prune_cli.core.errors import UserError
+from prune_cli.importance.regularizers import REGULARIZERS, Regularizer, build_regularizer, sparsity_stats
 from prune_cli.models import build_model
-from prune_cli.regularizers import REGULARIZERS, Regularizer, build_regularizer, sparsity_stats
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "regularizer"
 HGSR_COMBOS = list(itertools.product(("feature", "filter"), ("squared", "sqrt"), ("l2", "l1half")))

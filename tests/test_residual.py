@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from helpers import TINY, calibrated, compose_config
-from prune_cli import pipeline
-from prune_cli.criteria import Sample, build_criterion
-from prune_cli.errors import UserError
-from prune_cli.measure import count_macs, count_params
+from prune_cli.core.checkpoint import load_checkpoint
+from prune_cli.core.errors import UserError
+from prune_cli.importance.criteria import Sample, build_criterion
 from prune_cli.models import build_model, with_shared_groups
-from prune_cli.pruning import mask_channels, prune_channels, structure
-from prune_cli.rundir import load_checkpoint
+from prune_cli.run import pipeline
+from prune_cli.structure.channels import mask_channels, prune_channels, structure
+from prune_cli.structure.counting import count_macs, count_params
 
 SHAPE = (3, 32, 32)
 

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from helpers import calibrated
-from prune_cli.criteria import build_criterion
-from prune_cli.errors import UserError
-from prune_cli.measure import count_macs
+from prune_cli.core.errors import UserError
+from prune_cli.importance.criteria import build_criterion
 from prune_cli.methods.rmnet import ChannelFactors, block_statistics, rm_convert
 from prune_cli.models import build_model
 from prune_cli.models.layers import fold
-from prune_cli.pruning import prune_channels
+from prune_cli.structure.channels import prune_channels
+from prune_cli.structure.counting import count_macs
 
 
 def calibrated_resnet(name, shortcut, seed=0):
@@ -112,7 +112,7 @@ def test_a_criterion_that_needs_batchnorm_refuses_the_fused_form():
 
 
 def test_rm_refuses_a_network_without_residual_blocks(compose, tmp_path):
-    from prune_cli import pipeline
+    from prune_cli.run import pipeline
 
     with pytest.raises(UserError) as e:
         pipeline.run(compose("schedule=rmnet", "model=vgg11", "regularizer=factor_l1"), tmp_path)

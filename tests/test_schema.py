@@ -6,8 +6,8 @@ import shutil
 import torch
 
 from helpers import SCHEMA1_OVERRIDES, SCHEMA1_RUN, compose_config, results_table
-from prune_cli import pipeline
-from prune_cli.rundir import CHECKPOINT_SCHEMA
+from prune_cli.core.checkpoint import CHECKPOINT_SCHEMA
+from prune_cli.run import pipeline
 
 
 def test_an_old_run_directory_resumes_to_the_old_table(tmp_path):

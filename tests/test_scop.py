@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from helpers import calibrated
-from prune_cli.errors import UserError
-from prune_cli.measure import count_macs, count_params
-from prune_cli.methods.scop import lowest_per_layer, mix, scop_scores, train_factors
+from prune_cli.core.errors import UserError
+from prune_cli.methods.scop.stage import lowest_per_layer, mix, scop_scores, train_factors
 from prune_cli.models import build_model
-from prune_cli.pruning import mask_channels, prune_channels, structure
+from prune_cli.structure.channels import mask_channels, prune_channels, structure
+from prune_cli.structure.counting import count_macs, count_params
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -116,7 +116,7 @@ def test_refusals(compose, tmp_path):
     """No generator, a file that is not the generator, images the generator cannot match: one line each, before
     any data is read (the digits images are 1x8x8)."""
     import fakedata
-    from prune_cli import pipeline
+    from prune_cli.run import pipeline
 
     with pytest.raises(UserError) as e:
         pipeline.run(compose("experiment=scop_resnet56_cifar10"), tmp_path / "a")
@@ -137,7 +137,7 @@ def test_refusals(compose, tmp_path):
 
 def test_bn_recalibration_is_one_training_pass():
     """Each batch moves the running statistics by the BN momentum towards the batch's own, as in training."""
-    from prune_cli.methods.scop import recalibrate_bn
+    from prune_cli.methods.scop.stage import recalibrate_bn
 
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(3)

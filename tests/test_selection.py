@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from prune_cli.models import build_model
-from prune_cli.pruning import structure
-from prune_cli.selection import Budget, select
+from prune_cli.structure.channels import structure
+from prune_cli.structure.selection import Budget, select
 
 
 def setup(name):

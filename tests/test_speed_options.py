@@ -9,9 +9,9 @@ import torch
 
 from helpers import TINY, results_table, run_interrupted
 from helpers import compose_config as config
-from prune_cli import pipeline
-from prune_cli.errors import UserError
-from prune_cli.trainer import resolve_memory_format
+from prune_cli.core.errors import UserError
+from prune_cli.engine.settings import resolve_memory_format
+from prune_cli.run import pipeline
 
 
 def fast(*overrides):

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prune_cli.measure import count_macs, count_params
 from prune_cli.methods.swp import FilterSkeleton, alive_stripes, break_into_stripes, dead_filter_keep
 from prune_cli.models import build_model
 from prune_cli.models.layers import SkeletonConv, StripeConv, stripe_positions
-from prune_cli.pruning import prune_channels
+from prune_cli.structure.channels import prune_channels
+from prune_cli.structure.counting import count_macs, count_params
 
 
 def tiny(name, **extra):
@@ -126,8 +126,8 @@ def test_stripe_network_equals_masked_network(name, extra):
 
 def test_refusals(compose, tmp_path):
     """The stripe stage without skeletons to break, in one line before anything runs."""
-    from prune_cli import pipeline
-    from prune_cli.errors import UserError
+    from prune_cli.core.errors import UserError
+    from prune_cli.run import pipeline
 
     with pytest.raises(UserError) as e:
         pipeline.run(compose("schedule=swp"), tmp_path / "a")  # regularizer none: no skeleton is trained

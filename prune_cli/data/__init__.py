@@ -6,9 +6,8 @@ and split rules, ``container`` the loaded tensors and their batching and augment
 Bad input raises ``UserError`` naming the option and saying where we looked and how to fix it.
 """
 
-from . import cifar, digits, fashion_mnist, imagefolder, synthetic, tinyimagenet  # noqa: F401  (each registers its specs)
-from .container import Data, Split, augment, batches, normalize
-from .spec import DATASETS, DatasetSpec, Raw, describe, load_data, stratified_indices
+from prune_cli.data.container import Data, Split, augment, batches, normalize
+from prune_cli.data.spec import DATASETS, DatasetSpec, Raw, describe, load_data, stratified_indices
 
 __all__ = [
     "DATASETS",

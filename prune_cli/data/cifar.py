@@ -11,10 +11,10 @@ import os
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..options import Bool
-from .files import brief, data_root, download_error
-from .spec import DATASETS, DatasetSpec, Raw, dataset_options
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Bool
+from prune_cli.data.files import brief, data_root, download_error
+from prune_cli.data.spec import DATASETS, DatasetSpec, Raw, dataset_options
 
 CHECK_MD5 = Bool(
     "check_md5", True, "verify the batch files against torchvision's md5 sums; false loads re-packed copies as they are"

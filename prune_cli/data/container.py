@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .stream import StreamedImages
+from prune_cli.data.stream import StreamedImages
 
 
 @dataclass

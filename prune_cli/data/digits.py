@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..seeds import DIGITS_SPLIT_SEED, numpy_rng
-from .spec import (
+from prune_cli.core.seeds import DIGITS_SPLIT_SEED, numpy_rng
+from prune_cli.data.spec import (
     DATASETS,
     DatasetSpec,
     Raw,

@@ -13,9 +13,9 @@ import os
 import shutil
 import tempfile
 
-from ..errors import UserError
-from .files import brief, data_root, download_error
-from .spec import DATASETS, DatasetSpec, Raw, dataset_options
+from prune_cli.core.errors import UserError
+from prune_cli.data.files import brief, data_root, download_error
+from prune_cli.data.spec import DATASETS, DatasetSpec, Raw, dataset_options
 
 log = logging.getLogger(__package__)  # log lines keep the name "prune_cli.data" they always had
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import UserError
+from prune_cli.core.errors import UserError
 
 
 def data_root(cfg: dict) -> str:

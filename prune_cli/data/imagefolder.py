@@ -16,11 +16,11 @@ import os
 
 import torch
 
-from ..errors import UserError
-from ..options import Choice, Int, List, Str, Value
-from .files import data_root, decode_images
-from .spec import DATASETS, DatasetSpec, Raw, channel_stats, chunked_channel_stats, dataset_options
-from .stream import StreamedImages
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Choice, Int, List, Str, Value
+from prune_cli.data.files import data_root, decode_images
+from prune_cli.data.spec import DATASETS, DatasetSpec, Raw, channel_stats, chunked_channel_stats, dataset_options
+from prune_cli.data.stream import StreamedImages
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 FIX = "replace or remove the file"

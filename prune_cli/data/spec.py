@@ -21,12 +21,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..options import Bool, Float, Int, Option, Str, check_block, with_default
-from ..registry import Registry
-from ..seeds import SUBSET_STREAM, TEST_SUBSET_SEED, TEST_SUBSET_STREAM, VAL_STREAM, numpy_rng
-from .container import Data, Split
-from .stream import StreamedImages
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Bool, Float, Int, Option, Str, check_block, with_default
+from prune_cli.core.registry import Registry
+from prune_cli.core.seeds import SUBSET_STREAM, TEST_SUBSET_SEED, TEST_SUBSET_STREAM, VAL_STREAM, numpy_rng
+from prune_cli.data.container import Data, Split
+from prune_cli.data.stream import StreamedImages
 
 DATASETS = Registry("dataset", "dataset.name")
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import UserError
-from .files import decode_image, decode_images
+from prune_cli.core.errors import UserError
+from prune_cli.data.files import decode_image, decode_images
 
 CHUNK_BYTES = 2**26  # decoded images held at once by ``chunks``
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..options import Int
-from ..seeds import SYNTHETIC_SEED
-from .spec import DATASETS, DatasetSpec, Raw, channel_stats, dataset_options
+from prune_cli.core.options import Int
+from prune_cli.core.seeds import SYNTHETIC_SEED
+from prune_cli.data.spec import DATASETS, DatasetSpec, Raw, channel_stats, dataset_options
 
 
 @DATASETS.register("synthetic")

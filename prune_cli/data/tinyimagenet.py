@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from ..errors import UserError
-from .files import data_root, decode_images, download_error
-from .spec import DATASETS, DatasetSpec, Raw, dataset_options
+from prune_cli.core.errors import UserError
+from prune_cli.data.files import data_root, decode_images, download_error
+from prune_cli.data.spec import DATASETS, DatasetSpec, Raw, dataset_options
 
 log = logging.getLogger(__package__)  # log lines keep the name "prune_cli.data" they always had
 

@@ -1,4 +1,3 @@
-"""Methods that bring several registered parts at once (a regularizer and its stage, a conversion and its
-model family): one module each. Importing this package registers them."""
-
-from . import gating, merging, pfp, rmnet, scop, swp  # noqa: F401  (importing registers the parts)
+"""One module (or subpackage) per published method: its registered parts (criterion, regularizer, stage,
+optimizer, training hook, layer kind) and its numerical core. Modules are discovered, not listed
+(``prune_cli.core.registry.discover_builtins``)."""

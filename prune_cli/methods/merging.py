@@ -27,10 +27,10 @@ import copy
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..options import Choice, Float
-from ..stages.base import STAGES
-from ..stages.prune import Prune
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Choice, Float
+from prune_cli.stages.base import STAGES
+from prune_cli.stages.prune import Prune
 
 BN_FORMS = ("official", "exact")
 

@@ -58,15 +58,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
-from ..measure import layer_pixels
-from ..models.layers import GatherConv, GatherLinear, convert
-from ..options import Choice, Int
-from ..pruning import structure
-from ..seeds import derived
-from ..selection import matching
-from ..stages.base import STAGES
-from ..stages.prune import Prune, check_selection, check_steps
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Choice, Int
+from prune_cli.core.seeds import derived
+from prune_cli.models.layers import GatherConv, GatherLinear, convert
+from prune_cli.stages.base import STAGES
+from prune_cli.stages.prune import Prune, check_selection, check_steps
+from prune_cli.structure.channels import structure
+from prune_cli.structure.counting import layer_pixels
+from prune_cli.structure.selection import matching
 
 DELTA = 1e-16  # failure probability delta of the sample size and of alpha
 C_CONSTANT = 3.0  # c in |S| = ceil(c ln(8 eta_max eta / delta)) and alpha = 2 c ln(...)

@@ -23,12 +23,12 @@ import time
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models import build_model
-from ..models.layers import ScaledBN, bn_affine, convert
-from ..options import Bool, Float, Int
-from ..regularizers import REGULARIZERS, Regularizer, l1_subgradient_
-from ..stages.base import STAGES, Stage
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Bool, Float, Int
+from prune_cli.importance.regularizers import REGULARIZERS, Regularizer, l1_subgradient_
+from prune_cli.models import build_model
+from prune_cli.models.layers import ScaledBN, bn_affine, convert
+from prune_cli.stages.base import STAGES, Stage
 
 
 def dirac(channels: int, inputs: int, offset: int = 0, device=None) -> torch.Tensor:

@@ -19,12 +19,12 @@ import time
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models.layers import SkeletonConv, convert, fold, stripe_positions
-from ..options import Bool, Float
-from ..regularizers import REGULARIZERS, Regularizer, l1_subgradient_
-from ..stages.base import STAGES, Stage
-from ..stages.prune import finish_pruning
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Bool, Float
+from prune_cli.importance.regularizers import REGULARIZERS, Regularizer, l1_subgradient_
+from prune_cli.models.layers import SkeletonConv, convert, fold, stripe_positions
+from prune_cli.stages.base import STAGES, Stage
+from prune_cli.stages.prune import finish_pruning
 
 THRESHOLD_DOC = "delta: skeleton entries with |S| <= delta are zeroed (training) / removed (stripe stage)"
 

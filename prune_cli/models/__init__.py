@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-from . import graphnet, plain, resnet, vgg  # noqa: F401  (importing registers the built-in families)
-from .base import MODELS, ChannelGroup, Prunable
-from .layers import KINDS, apply_layers
-
-
-def build_model(arch: dict) -> Prunable:
-    """``arch`` = the model's ``arch`` dict (name, num_classes, in_channels, widths, ...), including the
-    layer changes methods recorded in it (``layers.KINDS``: skeletons, factors, stripes)."""
-    model = MODELS.get(arch["name"])(**{k: v for k, v in arch.items() if k not in KINDS})
-    return apply_layers(model, arch)
+from prune_cli.models import graphnet
+from prune_cli.models.base import MODELS, Prunable, build_model
 
 
 def with_shared_groups(model: Prunable, input_shape: tuple[int, int, int]) -> Prunable:
@@ -20,4 +12,4 @@ def with_shared_groups(model: Prunable, input_shape: tuple[int, int, int]) -> Pr
     return graphnet.GraphNet.around(model, input_shape)
 
 
-__all__ = ["MODELS", "ChannelGroup", "Prunable", "build_model", "with_shared_groups"]
+__all__ = ["MODELS", "Prunable", "build_model", "with_shared_groups"]

@@ -1,10 +1,6 @@
 """What every prunable model family exposes, behind one interface, and the registry of families.
 
-A *channel group* is one prunable set of channels: the output channels of a producer conv, the
-matching entries of its BatchNorm (where a channel mask applies: the BN output times 0 is exactly the
-channel removed), and the matching input channels of every consumer (conv or linear). A group several layers
-hold (a residual stream: every block's last conv, its BatchNorms, the readers of the stream) lists them all as
-``Slot``s, each with the positions of the group's channels in that layer (``prune.residual=true``). A model is
+A model exposes its *channel groups* (``prune_cli.structure.groups``): the prunable sets of channels. A model is
 built from a list of widths, one per group, so a pruned model is rebuilt from its widths
 (``build_model(model.arch)``), never unpickled. Families register by decorator:
 ``@MODELS.register("resnet20", "resnet56")``; nothing outside ``prune_cli/models`` tests model types.
@@ -14,13 +10,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..options import Float, Option
-from ..registry import Registry
+from prune_cli.core.options import Float, Option
+from prune_cli.core.registry import Registry
+from prune_cli.models.layers import KINDS, apply_layers
+from prune_cli.structure.groups import ChannelGroup
 
 MODELS = Registry("model", "model.name")
 
@@ -31,53 +28,6 @@ WIDTH_MULT = Float(
     lo=0.0,
     lo_open=True,
 )
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One layer holding a group's channels, by ``role``: a ``producer`` (conv / linear output rows, or a depthwise
-    conv's), a ``norm`` (BatchNorm entries: where masks apply) or a ``consumer`` (input columns, dim 1). The group's
-    channel i sits at ``positions[i]`` of that dim (a tuple: several positions for an input flattened into a
-    linear layer, or a whole group of a grouped conv); ``None``: at i, the layer holding exactly the group's
-    channels."""
-
-    module: str
-    role: str
-    positions: tuple[tuple[int, ...], ...] | None = None
-
-    @property
-    def dim(self) -> int:
-        return 1 if self.role == "consumer" else 0
-
-    def index(self) -> torch.Tensor | None:
-        """The positions as a [channels, positions per channel] index (None: the identity)."""
-        return None if self.positions is None else torch.tensor(self.positions, dtype=torch.long)
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    name: str  # stable name, e.g. "layers.1.0" or "conv3"; what prune.skip / layer_ratios patterns match
-    conv: str  # module name of the producer conv (its output channels; the first one if there are several)
-    bn: str  # module name of the BatchNorm after it: where a channel mask applies (the first one if several)
-    consumers: tuple[str, ...]  # modules whose input channels are these channels
-    # every layer holding the channels, for a group that several layers produce (a residual stream, a depthwise
-    # chain) or whose channels sit at other positions than 0..n-1 (concatenations, padded streams); empty: the
-    # conv, the bn and the consumers above, at positions 0..n-1
-    shared: tuple[Slot, ...] = ()
-
-    @property
-    def slots(self) -> tuple[Slot, ...]:
-        if self.shared:
-            return self.shared
-        return (Slot(self.conv, "producer"), Slot(self.bn, "norm"), *(Slot(c, "consumer") for c in self.consumers))
-
-    def role(self, role: str) -> list[Slot]:
-        return [s for s in self.slots if s.role == role]
-
-    def width(self, modules: dict[str, nn.Module]) -> int:
-        """The number of channels (``modules``: the model's named modules)."""
-        slot = self.slots[0]
-        return len(slot.positions) if slot.positions is not None else modules[slot.module].weight.shape[slot.dim]
 
 
 class Prunable(nn.Module, abc.ABC):
@@ -125,3 +75,14 @@ class Prunable(nn.Module, abc.ABC):
         ``index[g]`` (a 1-D tensor of kept positions; empty removes a group ``removable_groups`` allows)."""
         it = iter(len(i) for i in index)
         return {**self.arch, "widths": [next(it) if w else 0 for w in self.arch["widths"]]}
+
+    def build_pruned(self, index: list) -> Prunable:
+        """A new (untrained) model of ``pruned_arch(index)``: what surgery loads the kept weights into."""
+        return build_model(self.pruned_arch(index))
+
+
+def build_model(arch: dict) -> Prunable:
+    """``arch`` = the model's ``arch`` dict (name, num_classes, in_channels, widths, ...), including the
+    layer changes methods recorded in it (``layers.KINDS``: skeletons, factors, stripes)."""
+    model = MODELS.get(arch["name"])(**{k: v for k, v in arch.items() if k not in KINDS})
+    return apply_layers(model, arch)

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..options import Map, Str
-from .base import MODELS, ChannelGroup, Prunable, Slot
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Map, Str
+from prune_cli.models.base import MODELS, Prunable, build_model
+from prune_cli.structure.graph import ChannelGraph
+from prune_cli.structure.groups import ChannelGroup, Slot
 
 PREFIX = "net."  # the factory network is held as ``self.net``
 TRACED = "traced"  # a network of another family with all its graph's groups (prune.residual=true)
@@ -254,15 +256,11 @@ class GraphNet(Prunable):
     def _factory_network(self) -> nn.Module:
         """The unpruned network of ``arch``."""
         if self.arch["name"] == TRACED:
-            from . import build_model
-
             return build_model(self.arch["base"])
         factory, kwargs = _factory(self.arch)
         return factory(**kwargs)
 
     def _graph(self, net: nn.Module):
-        from ..graph import ChannelGraph
-
         size = self.arch["image_size"]
         return ChannelGraph(net, torch.zeros(2, self.arch["in_channels"], size, size))
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
-from .base import MODELS, ChannelGroup, Prunable
-from .resnet import init_weights
+from prune_cli.core.errors import UserError
+from prune_cli.models.base import MODELS, Prunable
+from prune_cli.models.resnet import init_weights
+from prune_cli.structure.groups import ChannelGroup
 
 
 @MODELS.register("plain")

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..options import Bool, Choice
-from .base import MODELS, WIDTH_MULT, ChannelGroup, Prunable
-from .layers import bn_affine
+from prune_cli.core.options import Bool, Choice
+from prune_cli.models.base import MODELS, WIDTH_MULT, Prunable
+from prune_cli.models.layers import bn_affine
+from prune_cli.structure.groups import ChannelGroup
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

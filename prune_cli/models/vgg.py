@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..options import Bool, Choice
-from .base import MODELS, WIDTH_MULT, ChannelGroup, Prunable
-from .resnet import init_weights
+from prune_cli.core.options import Bool, Choice
+from prune_cli.models.base import MODELS, WIDTH_MULT, Prunable
+from prune_cli.models.resnet import init_weights
+from prune_cli.structure.groups import ChannelGroup
 
 M = "M"  # 2x2 max-pool
 CONFIGS = {

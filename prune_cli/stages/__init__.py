@@ -1,6 +1,6 @@
-"""The registered stages: importing this package registers the built-in ones."""
+"""The generic stages: training (pretrain, sparse_train, finetune, scratch), prune and latency. Methods add their own
+stages in ``prune_cli/methods``; the registry discovers both."""
 
-from . import gates, latency, prune, train  # noqa: F401  (importing registers them)
-from .base import STAGES, Stage, pruning_stages
+from prune_cli.stages.base import STAGES, Stage, pruning_stages
 
 __all__ = ["STAGES", "Stage", "pruning_stages"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import abc
 
-from ..options import Option
-from ..registry import Registry
+from prune_cli.core.options import Option
+from prune_cli.core.registry import Registry
 
 STAGES = Registry("stage", "schedule.stages")
 
@@ -43,3 +43,16 @@ class Stage(abc.ABC):
 def pruning_stages() -> list[str]:
     """Names of the registered stages that prune (the report's dense -> pruned boundary)."""
     return [name for name, stage in STAGES.items() if stage.prunes]
+
+
+def dense_and_final(rows: list[dict]) -> tuple[dict, dict] | None:
+    """The dense model and the final one; None if nothing was pruned. The dense model is the row before pruning,
+    or before the first stage that re-formed the network on the way (``Stage.reforms``, e.g. RMNet's rm): what
+    the method started from."""
+    pruning = pruning_stages()
+    i = next((i for i, r in enumerate(rows) if r["stage"] in pruning), None)
+    if i is None:
+        return None
+    reforming = {name for name, stage in STAGES.items() if stage.reforms}
+    i = next((j for j in range(i) if rows[j]["stage"] in reforming), i)
+    return rows[max(i - 1, 0)], rows[-1]

@@ -11,17 +11,18 @@ import time
 
 from omegaconf import OmegaConf
 
-from .. import latency
-from ..criteria import CRITERIA, build_criterion, channel_vectors
-from ..errors import UserError
-from ..models import with_shared_groups
-from ..models.layers import fold
-from ..pruning import prune_channels, structure
-from ..regularizers import ZERO_THRESHOLD
-from ..selection import Budget, matching
-from ..train import fit, show_progress
-from ..trainer import capped_epochs
-from .base import STAGES, Stage
+from prune_cli.core.errors import UserError
+from prune_cli.engine import latency
+from prune_cli.engine.loop import fit, show_progress
+from prune_cli.engine.settings import capped_epochs
+from prune_cli.importance.criteria import CRITERIA, build_criterion, channel_vectors
+from prune_cli.importance.regularizers import ZERO_THRESHOLD
+from prune_cli.models import with_shared_groups
+from prune_cli.models.layers import fold
+from prune_cli.stages.base import STAGES, Stage
+from prune_cli.stages.latency import time_pruning
+from prune_cli.structure.channels import prune_channels, structure
+from prune_cli.structure.selection import Budget, matching
 
 # the block whose settings the finetune between iterative steps takes (with prune.step_*), first found
 STEP_SETTINGS_FROM = ("finetune", "scratch", "pretrain", "sparse_train")
@@ -216,7 +217,7 @@ def finish_pruning(
     top1, loss = ctx.test(pruned)
     run.rows.append({**ctx.measure(stage, pruned, top1, loss, top1, 0, seconds), **(extra or {})})
     if latency.enabled(ctx.cfg):
-        latency.time_pruning(ctx, model, pruned)
+        time_pruning(ctx, model, pruned)
     run.save(stage, [pruned], done=True, extra={"keep": keep})
     return pruned
 

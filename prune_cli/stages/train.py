@@ -12,16 +12,16 @@ import copy
 
 import torch
 
-from ..criteria import channel_vectors
-from ..errors import UserError
-from ..measure import count_macs
-from ..models import build_model
-from ..options import Bool, Choice, Float, Int, List, Section, Value
-from ..regularizers import build_regularizer, sparsity_stats
-from ..seeds import derived
-from ..train import fit
-from ..trainer import capped_epochs
-from .base import STAGES, Stage
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Bool, Choice, Float, Int, List, Section, Value
+from prune_cli.core.seeds import derived
+from prune_cli.engine.loop import fit
+from prune_cli.engine.settings import capped_epochs
+from prune_cli.importance.criteria import channel_vectors
+from prune_cli.importance.regularizers import build_regularizer, sparsity_stats
+from prune_cli.models import build_model
+from prune_cli.stages.base import STAGES, Stage
+from prune_cli.structure.counting import count_macs
 
 GRAFT = Section(
     "graft",

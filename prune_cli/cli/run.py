@@ -1,0 +1,99 @@
+"""The command line: ``prune-cli [group=choice ...] [key=value ...]`` (a Hydra app; builds nothing itself).
+
+Every way a run can end leaves its ``status.json`` true and prints one line:
+
+- bad input: ``error: <option>: <why>``, status ``failed``, exit 2;
+- a crash: ``error: <Type>: <message>``, status ``failed``, the traceback in ``traceback.txt``, exit 1;
+- Ctrl-C / SIGTERM: ``interrupted``, status ``interrupted``, exit 130 / 143.
+
+Under ``torchrun`` every process runs this; rank 0 alone writes and prints (``distributed.py``).
+
+Finished stages' checkpoints and tables stay intact, so the same command resumes. HYDRA_FULL_ERROR=1
+re-raises instead. In a ``-m`` sweep a failing job is recorded in its directory and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from prune_cli.core import distributed
+from prune_cli.core.errors import UserError
+from prune_cli.run import lock, pipeline, tables
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+# the wheel ships the config as prune_cli/conf; a source checkout keeps it at the top level
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so the run stops where it is."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def app(cfg) -> None:
+    hc = HydraConfig.get()
+    run_dir = distributed.shared(Path(hc.runtime.output_dir))  # every rank works in rank 0's directory
+    sweeping = hc.mode == RunMode.MULTIRUN
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+    def record(status: str, why: str) -> None:
+        if lock.owns(run_dir):  # a directory refused because another run owns it is left as it is
+            tables.write_status(run_dir, status, why)
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        pipeline.run(cfg, run_dir)
+    except UserError as e:
+        if full_error:
+            raise
+        record("failed", str(e))
+        say(f"error: {e}")
+        if not sweeping:
+            sys.exit(2)
+    except (KeyboardInterrupt, Terminated) as e:
+        record("interrupted", "SIGTERM" if isinstance(e, Terminated) else "SIGINT")
+        say(f"interrupted: {run_dir} keeps its finished stages; run the same command to resume")
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except Exception as e:  # a bug, not bad input: one line here, the traceback beside the run
+        if full_error:
+            raise
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        record("failed", why)
+        if lock.owns(run_dir):
+            (run_dir / "traceback.txt").write_text(traceback.format_exc())
+        if distributed.is_main():
+            print(f"error: {why} (traceback in {run_dir / 'traceback.txt'})", file=sys.stderr)
+        else:  # a crash on another rank is its own: say which
+            print(f"error: rank {distributed.rank()}: {why}", file=sys.stderr)
+        if not sweeping:
+            sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        lock.release(run_dir)
+
+
+def say(line: str) -> None:
+    """A run's one closing line on stderr (rank 0's alone in a distributed run: the others' would repeat it)."""
+    if distributed.is_main():
+        print(line, file=sys.stderr)
+
+
+def main() -> None:
+    distributed.start()  # before Hydra: under torchrun, ranks other than 0 get a scratch output directory
+    app()
+
+
+if __name__ == "__main__":
+    main()

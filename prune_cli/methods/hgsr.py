@@ -1,0 +1,761 @@
+"""Loss-based global greedy channel selection (HGSR, Mitsuno & Kurita 2020).
+
+Formulas and options: docs/methods.md "Loss-based greedy selection".
+
+A binary mask per prunable channel. Each round, every unmasked candidate channel is scored by
+``|L0 - L(masks + candidate)|`` on a fixed sample (L0 = cross-entropy of the ORIGINAL network, the
+model in eval mode), and the lowest-scoring channel is masked, until the removed share of channels,
+params or MACs reaches the target. Masking multiplies the group's BN output channel by 0 (forward
+hooks), which gives exactly the outputs of the physically pruned network.
+
+Two modes, the same selection rule:
+
+- ``exact``: one channel per round, every candidate measured by a real masked forward.
+- ``fast``: (1) several channels per round, a fraction of the remaining budget, so the last rounds
+  remove one channel at a time; within a round channels are taken one after another, predicting the
+  loss as the sum of the measured single-channel changes, so a round imitates that many exact rounds;
+  (2) one trunk pass per round caches the input of every stage (ResNet block / VGG conv+BN+ReLU) and a
+  candidate is re-run only from the stage holding its group; (3) masked variants of one group run as
+  one batch (K variants x N images, the mask a per-variant tensor); (4) a first-order Taylor pre-screen
+  (one input-gradient backward in the same trunk pass), united with the changes measured in earlier
+  rounds, picks the candidates that are then measured exactly; (5) the next trunk pass checks each
+  round: "one step" = ``verify`` x the median |single change| of the round's measured candidates; if
+  the measured loss misses the additive prediction by more than a step AND ends further from L0 than
+  before by more than a step (the channels interact: on trained networks the loss change of many
+  channels removed together is far from the sum of their single changes), the round is halved and
+  re-checked, and later rounds are capped to that size (doubling again while the checks pass); the first
+  round is capped at ``prescreen / prescreen_factor`` channels, so it measures no more than later ones.
+
+Both modes run their passes on a working copy rebuilt without the removed channels whenever they hold
+``COMPACT`` of its MACs (masked == physically pruned), so a pass costs what the network pruned so far costs.
+
+Cost accounting (``stats``): a "pass" is the N-image sample through (part of) the network, the
+unit of the exact greedy: ``forward_passes`` counts trunk passes and candidate evaluations, and
+``exact_passes_estimate`` the passes the exact greedy needs (the sum over its rounds of the number of
+candidates; for ``fast`` computed, not run, for the same channels removed one per round).
+``image_forward_equivalents`` weighs every pass by the share of the model's MACs it runs, times N
+images (an input-gradient backward counted as one forward); ``pass_equivalents`` = that / N.
+Other keys: rounds, backward_passes, images_forwarded, halvings, channels_removed, removed_fraction,
+loss_original (L0), loss_masked (final), removed ((group, channel) in removal order), seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prune_cli.core.errors import UserError
+from prune_cli.core.options import Choice, Float, Int, Option
+from prune_cli.importance.criteria import Criterion, register
+from prune_cli.models import Prunable
+from prune_cli.structure.channels import Structure, prune_channels
+from prune_cli.structure.counting import layer_macs
+from prune_cli.structure.selection import Budget, check_target
+
+MODES = ("exact", "fast")
+TOLERANCE = 1e-3  # params/macs: land within 0.1% (relative) of the target amount where granularity allows
+COMPACT = 0.1  # rebuild the working copy without its masked channels once they hold this share of its MACs
+
+
+# ------------------------------------------------------------------ running a model by segments
+
+
+def _stage_of(prefixes: list[str], module: str) -> int:
+    for s, p in enumerate(prefixes):
+        if p and (module == p or module.startswith(p + ".")):
+            return s
+    return 0
+
+
+def _stage_macs(model: nn.Module, stages, x1: torch.Tensor) -> tuple[list[float], dict[str, float]]:
+    """MACs per image of conv + linear layers in every segment, and of every such layer by name."""
+
+    def run(x):
+        for _, fn in stages:
+            x = fn(x)
+
+    prefixes = [p for p, _ in stages]
+    macs = [0.0] * len(stages)
+    layers = layer_macs(model, tuple(x1.shape[1:]), run)
+    for name, m in layers.items():
+        macs[_stage_of(prefixes, name)] += m
+    return macs, layers
+
+
+class _Replay:
+    """Mixed into the class of a group's conv in the working copy: a trunk pass records its output, and the
+    variant passes of its own group (whose masks act after it, on the BN output) get that output back
+    instead of recomputing it: a candidate costs the network after its conv, not from it."""
+
+    record = False
+    replay: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+
+    def forward(self, x):
+        if self.replay is not None:
+            return self.replay
+        out = super().forward(x)
+        if self.record:
+            self.last = out.detach()
+        return out
+
+
+_REPLAY_CLASSES: dict[type, type] = {}
+
+
+def _replayable(module: nn.Module) -> nn.Module:
+    """``module`` with :class:`_Replay` mixed into its class (same parameters, state_dict and outputs)."""
+    cls = type(module)
+    if not issubclass(cls, _Replay):
+        if cls not in _REPLAY_CLASSES:
+            _REPLAY_CLASSES[cls] = type(f"Replay{cls.__name__}", (_Replay, cls), {})
+        module.__class__ = _REPLAY_CLASSES[cls]
+    return module
+
+
+def _spread(mask: torch.Tensor, index: torch.Tensor | None, channels: int) -> torch.Tensor:
+    """A group's mask ([..., width]) as the mask of a BatchNorm output of ``channels`` holding the group's channel i
+    at ``index[i]`` (other channels 1); None: the output is the group."""
+    if index is None:
+        return mask
+    out = mask.new_ones(*mask.shape[:-1], channels)
+    out[..., index.flatten()] = mask.repeat_interleave(index.shape[1], dim=-1)
+    return out
+
+
+# ------------------------------------------------------------------ the target budget
+
+
+class _Budget(Budget):
+    """The selection's Budget, plus the goal in absolute amounts and whether one more channel still fits."""
+
+    def __init__(self, structure: Structure, widths: list[int], target: str, ratio: float):
+        super().__init__(structure, widths, target)
+        if target == "channels":
+            self.goal, self.tol = float(round(ratio * self.total)), 0.0
+        else:
+            self.goal = ratio * self.total
+            self.tol = TOLERANCE * self.goal
+
+    def remaining(self, widths) -> float:
+        return self.goal - (self.total - self.amount(widths))
+
+    def done(self, widths) -> bool:
+        return self.remaining(widths) <= self.tol
+
+    def costs(self, widths: np.ndarray) -> np.ndarray:
+        """Amount removed by taking one more channel from each group (exact, for the current widths)."""
+        base, out = self.amount(widths), np.zeros(len(widths))
+        for g in range(len(widths)):
+            if widths[g] > 0:
+                w = widths.copy()
+                w[g] -= 1
+                out[g] = base - self.amount(w)
+        return out
+
+    def acceptable(self, widths: np.ndarray, avail: np.ndarray) -> np.ndarray:
+        """Per group: may one more channel go without overshooting and while the target stays reachable?"""
+        ok = np.zeros(len(widths), dtype=bool)
+        costs, rem = self.costs(widths), self.remaining(widths)
+        free = avail > 0
+        if self.target == "channels":
+            return free & (rem >= 1)
+        after = rem - costs
+        ok = free & (after >= -self.tol)
+        big = costs[free].max() if free.any() else 0.0
+        for g in np.nonzero(ok & (after > self.tol))[0]:
+            if after[g] <= 4 * big:  # near the end: can the rest still be met by some set of channels?
+                a = avail.copy()
+                a[g] -= 1
+                ok[g] = _subset_sum_hits(costs, a, after[g] - self.tol, after[g] + self.tol)
+        return ok
+
+
+def _subset_sum_hits(costs: np.ndarray, counts: np.ndarray, lo: float, hi: float, size: int = 1 << 21) -> bool:
+    """Is some sum of up to counts[g] copies of costs[g] in [lo, hi]? (bounded knapsack, bitset DP).
+
+    Exact in units of the costs' gcd; above ``size`` units it works in coarser units (a heuristic)."""
+    merged: dict[int, int] = {}
+    for c, n in zip(np.rint(costs).astype(np.int64).tolist(), counts.tolist()):
+        if c > 0 and n > 0:
+            merged[c] = merged.get(c, 0) + int(n)
+    if lo <= 0 <= hi:
+        return True
+    if not merged or hi < 0:
+        return False
+    unit = math.gcd(*merged)
+    coarse = hi / unit > size
+    if coarse:
+        unit = math.ceil(hi / size)
+    lo_u = math.floor(lo / unit) - 1 if coarse else math.ceil(lo / unit)
+    hi_u = math.ceil(hi / unit) + 1 if coarse else math.floor(hi / unit)
+    if hi_u < max(lo_u, 0):
+        return False
+    reach = np.zeros(hi_u + 1, dtype=bool)
+    reach[0] = True
+    for c, n in merged.items():
+        c, k = max(1, round(c / unit)), 1
+        while n > 0:  # binary splitting: bundles of 1, 2, 4, ... copies
+            v = c * min(k, n)
+            if v <= hi_u:
+                reach[v:] |= reach[: hi_u + 1 - v].copy()
+            n, k = n - min(k, n), k * 2
+    return bool(reach[max(lo_u, 0) :].any())
+
+
+# ------------------------------------------------------------------ masked evaluation
+
+
+@dataclass
+class _Counter:
+    forward_passes: int = 0  # passes of the N-image sample through (part of) the network
+    backward_passes: int = 0
+    ife: float = 0.0  # image-forward equivalents (MAC share x images)
+
+
+class _Evaluator:
+    """Masked passes on a working copy of the model (the caller's model is never touched).
+
+    Masks multiply BN outputs (forward hooks); a trunk pass caches every stage's input; masked variants of
+    one group run as one batch. Once the masked channels hold ``COMPACT`` of the working copy's MACs, the copy
+    is rebuilt without them (masked == physically pruned), so a pass costs what the network pruned so far
+    costs, not the dense network. Channels are named by their index in the caller's model throughout."""
+
+    def __init__(
+        self, model: Prunable, x: torch.Tensor, y: torch.Tensor, structure: Structure, cache: bool, batch_variants: int
+    ):
+        self.x, self.y, self.n = x, y, len(x)
+        self.cache, self.batch_variants = cache, max(1, batch_variants)
+        self.structure = structure
+        self.groups = model.channel_groups()
+        self.full_macs = float(structure.count(model.widths)[1]) or 1.0
+        self.width0 = list(model.widths)
+        self.index = [torch.arange(w) for w in self.width0]  # caller's channel ids the working copy holds
+        self.hooks: list = []
+        self._adopt(prune_channels(model, [torch.ones(w, dtype=torch.bool) for w in model.widths]).eval())
+        self.committed = [torch.zeros(w, dtype=torch.bool) for w in self.width0]  # masked for good (caller's ids)
+        self.graph = None  # (loss, saved BN outputs) of the last trunk pass, for the Taylor estimate
+        self.count = _Counter()
+
+    def _adopt(self, net: Prunable, keep: list[torch.Tensor] | None = None) -> None:
+        """Make ``net`` (holding the channels ``self.index`` names) the working copy, its masks ``keep`` (None:
+        nothing masked): hooks, stages, costs."""
+        self.close()
+        self.net = net
+        modules = dict(net.named_modules())
+        dev = self.x.device
+        self.keep = keep or [torch.ones(len(i), device=dev) for i in self.index]  # 0 = masked in the working copy
+        self.pos = []  # caller's channel id -> position in the working copy (-1: gone)
+        for w, i in zip(self.width0, self.index):
+            p = torch.full((w,), -1, dtype=torch.long)
+            p[i] = torch.arange(len(i))
+            self.pos.append(p)
+        self.stages = net.segments() if self.cache else [("", net)]
+        prefixes = [p for p, _ in self.stages]
+        groups = net.channel_groups()
+        # a candidate re-runs from the segment of its group's (first) producer: its masks act after it
+        self.group_stage = [min(_stage_of(prefixes, s.module) for s in g.role("producer")) for g in groups]
+        macs, layers = _stage_macs(net, self.stages, self.x[:1])
+        self.frac_from = [sum(macs[s:]) / self.full_macs for s in range(len(macs))]
+        # replay: the output of the one conv before the one BatchNorm where the group's mask acts
+        self.convs = [None if g.shared else _replayable(modules[g.conv]) for g in groups]
+        self.conv_frac = [0.0 if g.shared else layers.get(g.conv, 0.0) / self.full_macs for g in groups]
+        self.variant: tuple[int, torch.Tensor] | None = None  # (group, [K, C] keep masks of the batched variants)
+        self.saved: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = None  # (group, BN output, index)
+        self.cached: list[torch.Tensor] = []
+        # the mask acts on the group's BatchNorm outputs; a group several layers hold also on its producers' outputs,
+        # as masking zeroes their rows (a depthwise conv with a bias after the BatchNorm would be nonzero otherwise)
+        self.hooks = [
+            modules[s.module].register_forward_hook(self._hook(i, s.index(), s.role == "norm"))
+            for i, g in enumerate(groups)
+            for s in (g.role("producer") + g.role("norm") if g.shared else g.role("norm"))
+        ]
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def mask(self, g: int, c: int, masked: bool = True) -> None:
+        """Mask (or unmask) channel c of group g, c indexing the caller's model."""
+        self.keep[g][self.pos[g][c]] = 0.0 if masked else 1.0
+
+    def commit(self) -> None:
+        """The channels masked now stay masked: a later rebuild of the working copy may drop them."""
+        for committed, index, keep in zip(self.committed, self.index, self.keep):
+            committed[index] |= (keep == 0).cpu()
+
+    def _compact(self) -> None:
+        """Rebuild the working copy without its committed channels once they hold ``COMPACT`` of its MACs
+        (channels masked but not committed, a round on trial, stay in it, masked)."""
+        kept = [~c[i] for c, i in zip(self.committed, self.index)]  # per position in the working copy
+        held = self.structure.count([len(i) for i in self.index])[1]
+        if self.structure.count([int(k.sum()) for k in kept])[1] > (1 - COMPACT) * held:
+            return
+        keep = [k[m.to(k.device)] for k, m in zip(self.keep, kept)]
+        self.index = [i[m] for i, m in zip(self.index, kept)]
+        self._adopt(prune_channels(self.net, kept).eval(), keep)
+
+    def _hook(self, g: int, index: torch.Tensor | None, norm: bool):
+        """The forward hook of one layer of group g: its output times the group's mask (``index``: where the group's
+        channels are in that output; None: all of it, in order). A BatchNorm's output is kept for the Taylor
+        estimate (``norm``)."""
+        if index is not None:
+            index = index.to(self.x.device)
+
+        def hook(module, inputs, out):
+            shape = (1, -1) + (1,) * (out.dim() - 2)
+            if self.variant is not None and self.variant[0] == g:
+                v = _spread(self.variant[1], index, out.shape[1])
+                k = v.shape[0]
+                out = (out.reshape(k, -1, *out.shape[1:]) * v.reshape(k, *shape)).reshape(out.shape)
+            else:
+                out = out * _spread(self.keep[g], index, out.shape[1]).reshape(shape)
+            if self.saved is not None and norm:
+                self.saved.append((g, out, index))
+            return out
+
+        return hook
+
+    def _loss(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float(), self.y.repeat(k), reduction="none")
+        return ce.reshape(k, self.n).double().mean(1)
+
+    def trunk(self, keep_graph: bool) -> float:
+        """Loss of the masked network on the sample; caches every stage's input. With ``keep_graph`` the
+        autograd graph is kept for :meth:`taylor` (one input-gradient backward)."""
+        self._compact()
+        self.cached, x = [], self.x
+        self.saved = [] if keep_graph else None
+        with torch.enable_grad() if keep_graph else torch.no_grad():
+            if keep_graph:
+                x = x.detach().clone().requires_grad_(True)  # every activation gets a grad_fn
+            replayed = [conv for conv in self.convs if conv is not None]
+            for conv in replayed:
+                conv.record = True
+            try:
+                for _, fn in self.stages:
+                    self.cached.append(x.detach())
+                    x = fn(x)
+            finally:
+                for conv in replayed:
+                    conv.record = False
+            loss = self._loss(x, 1)[0]
+        self.graph = (loss, self.saved) if keep_graph else None
+        self.saved = None
+        self.count.forward_passes += 1
+        self.count.ife += self.n * self.frac_from[0]
+        return float(loss.detach())
+
+    def taylor(self) -> list[torch.Tensor]:
+        """First-order estimate of every channel's loss change if it were masked, from the last trunk pass:
+        -sum(a * dL/da) over images and positions (a = the masked BN output; for a group several BatchNorms hold,
+        summed over them: the channel goes from all of them at once)."""
+        loss, saved = self.graph
+        self.graph = None
+        grads = torch.autograd.grad(loss, [a for _, a, _ in saved])
+        est: list[torch.Tensor] = [torch.zeros(0)] * len(self.groups)
+        for (g, a, index), gr in zip(saved, grads):
+            dims = [d for d in range(a.dim()) if d != 1]
+            change = (a.detach() * gr).sum(dims, dtype=torch.float64)
+            change = -(change if index is None else change[index].sum(-1)).cpu()
+            if not len(est[g]):
+                est[g] = torch.zeros(self.width0[g], dtype=torch.float64)
+            est[g][self.index[g]] += change
+        self.count.backward_passes += 1
+        self.count.ife += self.n * self.frac_from[0]
+        return est
+
+    def variants(self, g: int, channels: list[int]) -> torch.Tensor:
+        """Loss with each channel of group g masked in addition to the current masks (float64, CPU)."""
+        s = self.group_stage[g]
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(channels), self.batch_variants):
+                chunk = channels[i : i + self.batch_variants]
+                k = len(chunk)
+                v = self.keep[g].repeat(k, 1)
+                v[torch.arange(k), self.pos[g][chunk]] = 0
+                self.variant = (g, v)
+                conv = self.convs[g]
+                if conv is not None:
+                    conv.replay = conv.last.repeat(k, *([1] * (conv.last.dim() - 1)))
+                try:
+                    x = self.cached[s]
+                    x = x.repeat(k, *([1] * (x.dim() - 1)))
+                    for _, fn in self.stages[s:]:
+                        x = fn(x)
+                finally:
+                    self.variant = None
+                    if conv is not None:
+                        conv.replay = None
+                out.append(self._loss(x, k).cpu())
+        self.count.forward_passes += len(channels)
+        self.count.ife += len(channels) * self.n * (self.frac_from[s] - self.conv_frac[g])
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ selection
+
+
+def loss_greedy_select(
+    model: Prunable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    structure: Structure,
+    target: str,
+    ratio: float,
+    min_channels: int = 1,
+    protect: set[int] = frozenset(),
+    mode: str = "fast",
+    channels_per_round: int | float = 0.25,
+    prescreen: int | None = 24,
+    prescreen_factor: float = 2.0,
+    verify: float | None = 1.0,
+    batch_variants: int = 2,
+    cache: bool = True,
+    progress: bool = False,
+) -> tuple[list[torch.Tensor], dict]:
+    """HGSR's loss-based global greedy selection. Returns (keep masks, one bool CPU tensor per group; stats).
+
+    x, y: the fixed sample (normalised images on the model's device; labels). target: channels | params |
+    macs; ratio: share of that quantity to remove (channels: of all channels of all groups; params/macs: of
+    the whole model, ``structure.count``), met within 0.1% relative where whole channels allow.
+    min_channels: no group keeps fewer; protect: indices of groups never pruned.
+
+    Fast-mode knobs: ``channels_per_round`` (float: share of the channels still to remove taken per round;
+    int: a fixed number), ``prescreen`` (at least this many candidates measured exactly per round, picked by
+    the Taylor estimate and by earlier measurements; None = measure every candidate every round),
+    ``prescreen_factor`` (and at least this many times the channels taken in the round), ``verify`` (a
+    round is halved when its measured loss misses the additive prediction by more than ``verify`` x the
+    median |delta L| of the measured candidates and moves away from L0 by more than that; None = no
+    check). Both modes: ``batch_variants`` (masked variants per forward; on CPU 1-2 is fastest, larger
+    batches only pay on a GPU), ``cache`` (resume from cached stage inputs: the same results, cheaper).
+    """
+    check_target(target, ratio)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if min_channels < 1:
+        raise ValueError(f"min_channels must be >= 1 (a layer is never emptied), got {min_channels}")
+    if (
+        isinstance(channels_per_round, float)
+        and not 0 < channels_per_round <= 1
+        or not isinstance(channels_per_round, float)
+        and channels_per_round < 1
+    ):
+        raise ValueError(f"channels_per_round: a share in (0, 1] or a count >= 1, got {channels_per_round}")
+    t0 = time.perf_counter()
+    fast = mode == "fast"
+    was_training = model.training
+    model.eval()
+    ev = _Evaluator(model, x, y, structure, cache, batch_variants)
+    try:
+        keep, stats = _select(
+            ev,
+            structure,
+            target,
+            ratio,
+            min_channels,
+            set(protect),
+            fast,
+            channels_per_round,
+            prescreen,
+            prescreen_factor,
+            verify,
+            progress,
+        )
+    finally:
+        ev.close()
+        ev.graph = ev.cached = None
+        model.train(was_training)
+    stats["seconds"] = time.perf_counter() - t0
+    return keep, stats
+
+
+def _select(
+    ev: _Evaluator,
+    structure,
+    target,
+    ratio,
+    min_channels,
+    protect,
+    fast,
+    per_round,
+    prescreen,
+    prescreen_factor,
+    verify,
+    progress,
+):
+    ngroups = len(ev.groups)
+    widths = np.array(ev.width0, dtype=np.int64)
+    width0 = widths.copy()
+    budget = _Budget(structure, widths, target, ratio)
+    avail = np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(widths)])
+    if budget.remaining(widths - avail) > budget.tol:
+        raise ValueError(
+            f"cannot remove {ratio:.1%} of {target} with min_channels={min_channels} "
+            f"and protected groups {sorted(protect)}"
+        )
+    keep = [torch.ones(int(w), dtype=torch.bool) for w in widths]
+    stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
+    order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
+    # the first round is as small as the pre-screen measures anyway; rounds then double while their checks pass
+    k_cap = max(1, math.floor(prescreen / prescreen_factor)) if prescreen is not None else math.inf
+    rounds, halvings, exact_estimate, sizes = 0, 0, 0, []
+    use_taylor = fast and prescreen is not None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=budget.goal,
+            unit=target,
+            unit_scale=True,
+            desc=f"loss greedy ({'fast' if fast else 'exact'}, {target})",
+        )
+    lcur = ev.trunk(keep_graph=use_taylor)
+    l0 = lcur  # nothing masked yet: the original network's loss
+    while not budget.done(widths):
+        ok = budget.acceptable(widths, avail)
+        cands = [(g, c) for g in range(ngroups) if ok[g] for c in torch.nonzero(keep[g]).flatten().tolist()]
+        if not cands:
+            break
+        exact_estimate += int(sum(int(keep[g].sum()) for g in range(ngroups) if avail[g] > 0))
+        k = 1
+        if fast:
+            if isinstance(per_round, float):
+                costs = budget.costs(widths)
+                mean_cost = float(np.mean([costs[g] for g, _ in cands]))
+                todo = max(budget.remaining(widths), 0) / max(mean_cost, 1e-12)
+                k = max(1, math.ceil(per_round * todo))
+            else:
+                k = int(per_round)
+            k = int(min(k, k_cap))
+        measure = cands
+        if fast and prescreen is not None:
+            p = max(prescreen, math.ceil(prescreen_factor * k))
+            if p < len(cands):  # the Taylor estimate from the trunk pass's graph (backward run only now)
+                measure = _prescreen(cands, ev.taylor(), stale, lcur, l0, p)
+        by_group: dict[int, list[int]] = {}
+        for g, c in measure:
+            by_group.setdefault(g, []).append(c)
+        delta: dict[tuple[int, int], float] = {}
+        for g, chans in by_group.items():
+            losses = ev.variants(g, chans)
+            for c, lv in zip(chans, losses.tolist()):
+                delta[(g, c)] = lv - lcur
+        stale.update(delta)
+        taken = _take(delta, lcur, l0, k, widths, avail, budget)
+        if not taken:
+            break
+        halved, scale = False, float(np.median(np.abs(list(delta.values()))))
+        while True:  # mask the round's channels; the trunk pass measures the result (and serves the next round)
+            for g, c in taken:
+                ev.mask(g, c)
+            lnew = ev.trunk(keep_graph=use_taylor)
+            pred = lcur + sum(delta[t] for t in taken)
+            # one step = verify x the median |single change| among this round's measured candidates
+            step = verify * scale + 1e-6 * abs(l0) + 1e-9 if verify is not None else math.inf
+            if not fast or len(taken) == 1 or abs(lnew - pred) <= step or abs(lnew - l0) <= abs(lcur - l0) + step:
+                break  # as predicted, or no further from L0 than one step
+            # the channels interact more than their single changes predict: keep the first half of the round
+            for g, c in taken:
+                ev.mask(g, c, masked=False)
+            taken, halved = taken[: len(taken) // 2], True
+            halvings += 1
+        k_cap = len(taken) if halved else k_cap * 2
+        ev.commit()
+        lcur = lnew
+        sizes.append(len(taken))
+        for g, c in taken:
+            keep[g][c] = False
+            widths[g] -= 1
+            avail[g] -= 1
+            stale.pop((g, c), None)
+            order.append((g, c))
+        rounds += 1
+        if bar is not None:
+            bar.n = budget.total - budget.amount(widths)
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    if fast:  # the exact greedy removing the same channels one per round would measure every candidate each round
+        avail0 = np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(width0)])
+        exact_estimate = _exact_passes(width0, avail0, [g for g, _ in order])
+    c = ev.count
+    stats = {
+        "mode": "fast" if fast else "exact",
+        "rounds": rounds,
+        "forward_passes": c.forward_passes,
+        "backward_passes": c.backward_passes,
+        "images_forwarded": c.forward_passes * ev.n,
+        "image_forward_equivalents": c.ife,
+        "pass_equivalents": c.ife / ev.n,
+        "exact_passes_estimate": exact_estimate,
+        "channels_removed": int((width0 - widths).sum()),
+        "removed_fraction": 1.0 - budget.amount(widths) / budget.total,
+        "loss_original": l0,
+        "loss_masked": lcur,
+        "halvings": halvings,
+        "round_sizes": sizes,
+        "removed": order,
+    }
+    return keep, stats
+
+
+def _exact_passes(width0: np.ndarray, avail_init: np.ndarray, order: list[int]) -> int:
+    """Candidates summed over rounds of an exact greedy that removes the same channels one per round."""
+    widths, avail, total = width0.copy(), avail_init.copy(), 0
+    for g in order:
+        total += int(sum(widths[h] for h in range(len(widths)) if avail[h] > 0))
+        widths[g] -= 1
+        avail[g] -= 1
+    return total
+
+
+def _prescreen(cands, est, stale, lcur, l0, p) -> list[tuple[int, int]]:
+    """The p candidates most likely to score lowest: half by the Taylor estimate, half by earlier measurements."""
+    taylor = np.array([abs(lcur + float(est[g][c]) - l0) if est is not None else 0.0 for g, c in cands])
+    chosen = set(
+        np.argsort(taylor, kind="stable")[: (p + 1) // 2].tolist()
+        if stale
+        else np.argsort(taylor, kind="stable")[:p].tolist()
+    )
+    if stale:
+        known = [i for i, gc in enumerate(cands) if gc in stale]
+        prev = sorted(known, key=lambda i: abs(lcur + stale[cands[i]] - l0))
+        for i in prev:
+            if len(chosen) >= p:
+                break
+            chosen.add(i)
+        for i in np.argsort(taylor, kind="stable"):  # fill up when few earlier measurements exist
+            if len(chosen) >= p:
+                break
+            chosen.add(int(i))
+    return [cands[i] for i in sorted(chosen)]
+
+
+def _take(delta, lcur, l0, k, widths, avail, budget) -> list[tuple[int, int]]:
+    """Up to k channels, one after another: each the one whose masking keeps the predicted loss (current loss
+    plus the measured single-channel changes of the channels taken so far) closest to L0, among the channels
+    the budget still accepts."""
+    keys = list(delta)
+    g_of = np.array([g for g, _ in keys])
+    d = np.array([delta[kk] for kk in keys])
+    alive = np.ones(len(keys), dtype=bool)
+    widths, avail = widths.copy(), avail.copy()
+    pred, taken = lcur, []
+    while len(taken) < k and not budget.done(widths) and alive.any():
+        ok = budget.acceptable(widths, avail)
+        allowed = alive & ok[g_of]
+        if not allowed.any():
+            # granularity: nothing lands within tolerance; take the best channel that brings us closer
+            after = budget.remaining(widths) - budget.costs(widths)
+            closer = np.abs(after) < abs(budget.remaining(widths))
+            allowed = alive & closer[g_of] & (avail[g_of] > 0)
+            if not allowed.any():
+                break
+        score = np.where(allowed, np.abs(pred + d - l0), np.inf)
+        i = int(np.argmin(score))
+        g = keys[i][0]
+        taken.append(keys[i])
+        alive[i] = False
+        pred += d[i]
+        widths[g] -= 1
+        avail[g] -= 1
+    return taken
+
+
+# ------------------------------------------------------------------ as a criterion
+
+
+def _share_or_count(v) -> str | None:
+    ok = 0 < v <= 1 if isinstance(v, float) else v >= 1
+    return None if ok else f"a share in (0, 1] or a count >= 1 (got {v!r})"
+
+
+@register("loss")
+class LossGreedy(Criterion):
+    """HGSR's loss-based global greedy selection: it selects to ``prune.ratio`` itself; scores.csv gets each
+    channel's removal rank (0 = removed first; kept channels score past the last removal)."""
+
+    needs_data = True
+    options = (
+        Choice("mode", "fast", MODES, "exact: one channel per round, every candidate measured | fast: see docs"),
+        Int("num_images", 128, "training images of the fixed sample (128 in HGSR)", lo=1),
+        Option(
+            "channels_per_round",
+            "float",
+            0.25,
+            "fast: share of the channels still to remove taken per round (an integer: a fixed count)",
+            rule=_share_or_count,
+            rule_doc="a share in (0, 1] or a count >= 1",
+        ),
+        Int(
+            "prescreen",
+            24,
+            "fast: at least this many candidates measured exactly per round; null = all",
+            lo=1,
+            nullable=True,
+        ),
+        Float(
+            "prescreen_factor",
+            2.0,
+            "fast: ... and at least this many times the channels taken in the round",
+            lo=0.0,
+            lo_open=True,
+        ),
+        Float(
+            "verify",
+            1.0,
+            "fast: halve a round whose loss misses the prediction by verify x the median "
+            "single change; null = no check",
+            lo=0.0,
+            lo_open=True,
+            nullable=True,
+        ),
+        Int("batch_variants", 2, "masked variants of the sample stacked into one forward (same result)", lo=1),
+    )
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        p = cfg["prune"]
+        if p["ratio"] is None or p["layer_ratios"]:
+            raise UserError(
+                "prune.ratio",
+                "the loss criterion selects to a target: set prune.ratio in (0, 1) and no prune.layer_ratios",
+            )
+
+    @property
+    def sample_size(self) -> int:
+        return self.num_images
+
+    def _scores(self, model, granularity, sample):
+        raise UserError("criterion.name", "the loss criterion selects channels itself and gives no scores")
+
+    def choose(self, model, structure, sample, prune, ratio, protect, progress=False):
+        options = {k: v for k, v in self.hparams.items() if k != "num_images"}
+        keep, stats = loss_greedy_select(
+            model,
+            sample.x,
+            sample.y,
+            structure=structure,
+            target=prune["target"],
+            ratio=ratio,
+            min_channels=prune["min_channels"],
+            protect=protect,
+            progress=progress,
+            **options,
+        )
+        record = {f"selection_{k}": v for k, v in stats.items() if isinstance(v, (int, float, str))}
+        scores = [torch.full((len(k),), float(len(stats["removed"]))) for k in keep]
+        for rank, (g, c) in enumerate(stats["removed"]):
+            scores[g][c] = rank
+        return keep, scores, record

@@ -1,0 +1,1 @@
+"""Tables over many runs: collecting run directories, aggregating seeds, rendering and plotting."""

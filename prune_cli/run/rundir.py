@@ -1,0 +1,137 @@
+"""One run directory: its checkpoints, its tables and its claim.
+
+Every finished stage leaves ``checkpoints/<stage>.pt``; a training stage also rewrites its checkpoint
+after every epoch, so re-running the same command into the same directory resumes. A directory is
+owned by one run at a time (``lock``) and never takes a run with another config (``resumable``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from prune_cli.core import distributed
+from prune_cli.core.atomic import save_torch, write_text
+from prune_cli.core.checkpoint import CHECKPOINT_SCHEMA, load_checkpoint
+from prune_cli.core.errors import UserError
+from prune_cli.run import tables
+from prune_cli.run.config import resolve
+from prune_cli.run.lock import acquire, lock_owner
+from prune_cli.run.logger import build_logger
+from prune_cli.run.provenance import provenance
+from prune_cli.run.resumable import config_differences
+
+REQUIRED_KEYS = ("config", "stage", "done", "arch", "state_dict", "rows", "histories")
+
+
+def read_run_checkpoint(path: Path) -> dict:
+    """A checkpoint of the run directory, or one line naming it and what to do when it is damaged."""
+    stage = path.stem
+    try:
+        ck = load_checkpoint(path)
+    except UserError:
+        raise
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise UserError(
+            "hydra.run.dir", f"{path} cannot be read ({why}); delete it to recompute the {stage} stage"
+        ) from None
+    missing = [k for k in REQUIRED_KEYS if k not in ck]
+    if missing:
+        raise UserError(
+            "hydra.run.dir", f"{path} is incomplete (no {', '.join(missing)}); delete it to recompute the {stage} stage"
+        )
+    return ck
+
+
+def check_directory(run_dir: Path, config: dict) -> None:
+    """Refuse a directory that another live run owns or that holds a run with a different config."""
+    run_dir = Path(run_dir)
+    owner = lock_owner(run_dir)
+    if owner is not None:
+        raise UserError("hydra.run.dir", f"{run_dir} is in use by another run ({owner}); wait for it or choose another")
+    for path in sorted((run_dir / "checkpoints").glob("*.pt")):
+        diff = config_differences(read_run_checkpoint(path)["config"], config)
+        if diff:
+            raise UserError(
+                "hydra.run.dir",
+                f"{run_dir} holds a run with a different config "
+                f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command "
+                "to resume it",
+            )
+        return
+
+
+class RunDir:
+    def __init__(self, cfg, path: Path):
+        self.cfg, self.dir = cfg, Path(path)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.config = resolve(cfg)
+        self.rows: list[dict] = []
+        self.histories: dict[str, list[dict]] = {}
+        self.provenance: dict = {}
+        self.logger = build_logger(cfg.logger, self.dir)
+
+    def record_provenance(self, device: torch.device) -> None:
+        """Write run.json (what this process runs with); every checkpoint it writes carries the same.
+
+        The resolved memory format replaces ``auto`` in ``cfg.trainer``: every stage trains in it (a resumed run in
+        the format its checkpoints record)."""
+        recorded = None  # a new run: auto resolves for the device
+        if any(self.ckpt_dir.glob("*.pt")):  # resumed: as its checkpoints were written (run.json says how)
+            previous = self.dir / "run.json"
+            recorded = json.loads(previous.read_text()) if previous.is_file() else {}
+        self.provenance = provenance(self.cfg.trainer, device, recorded)
+        self.cfg.trainer.memory_format = self.provenance["memory_format"]
+        write_text(self.dir / "run.json", json.dumps(self.provenance, indent=2) + "\n")
+
+    def checkpoint(self, stage: str) -> dict | None:
+        path = self.ckpt_dir / f"{stage}.pt"
+        return read_run_checkpoint(path) if path.is_file() else None
+
+    def claim(self) -> None:
+        """Own the directory for this run (refused while another run owns it or it holds another run); the other
+        ranks of a distributed run use the directory rank 0 owns."""
+        if distributed.is_main():
+            check_directory(self.dir, self.config)
+            acquire(self.dir)
+
+    def save(self, stage: str, models: list, *, done: bool, epoch: int = 0, optimizers=(), extra: dict | None = None):
+        """``state_dict`` is the model that continues; ``states`` / ``optimizers`` hold every network of the stage."""
+        save_torch(
+            self.ckpt_dir / f"{stage}.pt",
+            {
+                "schema": CHECKPOINT_SCHEMA,
+                "provenance": self.provenance,
+                "config": self.config,
+                "stage": stage,
+                "done": done,
+                "arch": models[0].arch,
+                "state_dict": models[0].state_dict(),
+                "states": [m.state_dict() for m in models],
+                "optimizer": optimizers[0].state_dict() if optimizers else None,
+                "optimizers": [o.state_dict() for o in optimizers],
+                "epoch": epoch,
+                "rows": self.rows,
+                "histories": self.histories,
+                **(extra or {}),
+            },
+        )
+
+    def restore(self, ck: dict) -> None:
+        """Take a checkpoint's tables (rows and per-epoch histories) as this run's."""
+        self.rows, self.histories = list(ck["rows"]), dict(ck["histories"])
+        self.logger.skip(self.histories)  # logged by the process that wrote them
+
+    def write_tables(self) -> None:
+        if not distributed.is_main():
+            return
+        identity = tables.identity(self.cfg)
+        tables.write_csv(self.dir / "results.csv", [{**row, **identity} for row in self.rows])
+        tables.write_csv(self.dir / "metrics.csv", [h for hist in self.histories.values() for h in hist])
+        self.logger.log(self.histories)
+
+    def write_csv(self, name: str, rows: list[dict]) -> None:
+        tables.write_csv(self.dir / name, rows)

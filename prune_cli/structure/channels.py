@@ -1,0 +1,152 @@
+"""Channel structure of a model: which tensor dims each channel group owns, counting
+params and MACs for any widths, masking channels, and physical removal (surgery).
+
+One mapping (state_dict key -> {dim: group}) serves all three, so the masked
+model, the pruned model and the counted numbers can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from prune_cli.structure.counting import layer_pixels
+from prune_cli.structure.groups import ChannelGroup, Slot
+
+if TYPE_CHECKING:  # the interface model families implement (prune_cli.models sits above this layer)
+    from prune_cli.models import Prunable
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var", "factor")
+PRODUCER_KEYS = ("weight", "bias", "skeleton")
+KEYS_OF = {"producer": PRODUCER_KEYS, "norm": BN_KEYS, "consumer": ("weight",)}  # a slot's tensors, by its role
+
+
+@dataclass
+class Structure:
+    groups: list[ChannelGroup]
+    tensor_dims: dict[str, dict[int, list[tuple[int, Slot]]]]  # state_dict key -> {dim: [(group, its slot)]}
+    # counting: the size of every grouped dim of a parameter is fixed + per_channel @ widths (a row per such dim);
+    # every parameter tensor has coef * size[r1] * size[r2] elements (r = -1: no such dim, factor 1)
+    fixed: np.ndarray
+    per_channel: np.ndarray  # [rows, groups]: positions each channel of the group takes in that dim
+    coef: np.ndarray
+    r1: np.ndarray
+    r2: np.ndarray
+    macs_per_elem: np.ndarray  # output pixels per weight element (conv: H_out*W_out, linear: 1, other: 0)
+
+    def count(self, widths) -> tuple[int, int]:
+        """(params, MACs per image) of the model with these group widths."""
+        size = np.append(self.fixed + self.per_channel @ np.asarray(widths, dtype=np.float64), 1.0)
+        elems = self.coef * size[self.r1] * size[self.r2]
+        return int(round(elems.sum())), int(round((elems * self.macs_per_elem).sum()))
+
+
+def group_dims(model: Prunable, groups: list[ChannelGroup]) -> dict[str, dict[int, list[tuple[int, Slot]]]]:
+    """state_dict key -> {dim: [(index of a channel group in that dim, the slot saying where its channels are)]}.
+
+    Every slot of a group: a producer's weight, bias and filter skeleton (dim 0), every per-channel tensor of a
+    BatchNorm (dim 0), a consumer's weight (dim 1)."""
+    keys = model.state_dict().keys()
+    dims: dict[str, dict[int, list]] = {}
+    for g, group in enumerate(groups):
+        for slot in group.slots:
+            for key in KEYS_OF[slot.role]:
+                members = dims.setdefault(f"{slot.module}.{key}", {}).setdefault(slot.dim, [])
+                if all(h != g for h, _ in members):  # a model without BatchNorm names its conv as the norm too
+                    members.append((g, slot))
+    return {k: v for k, v in dims.items() if k in keys}
+
+
+def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
+    """Trace ``model`` once on one ``input_shape`` (C, H, W) image to learn its output sizes."""
+    groups = model.channel_groups()
+    tensor_dims = group_dims(model, groups)
+    pixels = layer_pixels(model, input_shape)
+
+    fixed, per_channel = [], []
+    coef, r1, r2, macs = [], [], [], []
+    for name, param in model.named_parameters():
+        dims = tensor_dims.get(name, {})
+        rows = []
+        for d, members in dims.items():
+            row, covered = np.zeros(len(groups)), 0
+            for g, slot in members:
+                if slot.positions is None:
+                    row[g], covered = row[g] + 1, covered + param.shape[d]
+                else:
+                    row[g] += len(slot.positions[0])
+                    covered += sum(len(p) for p in slot.positions)
+            rows.append(len(fixed))
+            fixed.append(param.shape[d] - covered), per_channel.append(row)
+        coef.append(np.prod([s for d, s in enumerate(param.shape) if d not in dims], dtype=np.float64))
+        rows += [-1, -1]
+        r1.append(rows[0]), r2.append(rows[1])
+        module = name.rsplit(".", 1)[0]
+        macs.append(pixels.get(module, 0) if name.endswith("weight") else 0)
+    return Structure(
+        groups,
+        tensor_dims,
+        np.array(fixed, dtype=np.float64),
+        np.array(per_channel, dtype=np.float64).reshape(len(fixed), len(groups)),
+        np.array(coef),
+        np.array(r1),
+        np.array(r2),
+        np.array(macs, dtype=np.float64),
+    )
+
+
+def _kept_positions(size: int, members: list[tuple[int, Slot]], keep: list[torch.Tensor]) -> torch.Tensor:
+    """The positions of a dim of ``size`` that stay: all but those of the removed channels, in their order."""
+    stays = torch.ones(size, dtype=torch.bool)
+    for g, slot in members:
+        drop = ~keep[g].to(torch.bool).cpu()
+        stays[_positions(slot, drop)] = False
+    return torch.nonzero(stays).flatten()
+
+
+def _positions(slot: Slot, channels: torch.Tensor) -> torch.Tensor:
+    """The positions the ``channels`` (a bool mask over the group) take in the slot's dim."""
+    chosen = torch.nonzero(channels).flatten()
+    if slot.positions is None:
+        return chosen
+    return torch.tensor([p for c in chosen.tolist() for p in slot.positions[c]], dtype=torch.long)
+
+
+def mask_channels(model: Prunable, keep: list[torch.Tensor]) -> None:
+    """Zero removed channels in place (every producer's filters and bias, every BN's gamma and beta): the outputs
+    then equal the pruned model's."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for group, k in zip(model.channel_groups(), keep):
+            drop = ~k.to(torch.bool).cpu()
+            for slot in group.slots:
+                if slot.role == "consumer":
+                    continue
+                rows = _positions(slot, drop)
+                m = modules[slot.module]
+                for tensor in (m.weight, m.bias):
+                    if tensor is not None:
+                        tensor[rows.to(tensor.device)] = 0
+
+
+def prune_channels(model: Prunable, keep: list[torch.Tensor]) -> Prunable:
+    """A new, smaller dense model holding only the kept channels (``keep``: a bool mask per group)."""
+    groups = model.channel_groups()
+    index = [torch.nonzero(k.to(torch.bool).cpu()).flatten() for k in keep]
+    removable = model.removable_groups()
+    if any(len(i) == 0 and g not in removable for g, i in enumerate(index)):
+        raise ValueError("surgery would empty a layer")
+    state = model.state_dict()
+    for key, dims in group_dims(model, groups).items():
+        t = state[key]
+        for dim, members in dims.items():
+            t = t.index_select(dim, _kept_positions(t.shape[dim], members, keep).to(t.device))
+        state[key] = t
+    pruned = model.build_pruned(index)
+    modules = dict(pruned.named_modules())  # a removed group's layers are gone, and their tensors with them
+    pruned.load_state_dict({k: v for k, v in state.items() if k.rpartition(".")[0] in modules})
+    p = next(model.parameters())
+    return pruned.to(p.device).train(model.training)

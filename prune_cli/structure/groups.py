@@ -1,0 +1,55 @@
+"""Channel groups: the prunable units of a network, each the layers (slots) that hold its channels and where."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One layer holding a group's channels, by ``role``: a ``producer`` (conv / linear output rows, or a depthwise
+    conv's), a ``norm`` (BatchNorm entries: where masks apply) or a ``consumer`` (input columns, dim 1). The group's
+    channel i sits at ``positions[i]`` of that dim (a tuple: several positions for an input flattened into a
+    linear layer, or a whole group of a grouped conv); ``None``: at i, the layer holding exactly the group's
+    channels."""
+
+    module: str
+    role: str
+    positions: tuple[tuple[int, ...], ...] | None = None
+
+    @property
+    def dim(self) -> int:
+        return 1 if self.role == "consumer" else 0
+
+    def index(self) -> torch.Tensor | None:
+        """The positions as a [channels, positions per channel] index (None: the identity)."""
+        return None if self.positions is None else torch.tensor(self.positions, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    name: str  # stable name, e.g. "layers.1.0" or "conv3"; what prune.skip / layer_ratios patterns match
+    conv: str  # module name of the producer conv (its output channels; the first one if there are several)
+    bn: str  # module name of the BatchNorm after it: where a channel mask applies (the first one if several)
+    consumers: tuple[str, ...]  # modules whose input channels are these channels
+    # every layer holding the channels, for a group that several layers produce (a residual stream, a depthwise
+    # chain) or whose channels sit at other positions than 0..n-1 (concatenations, padded streams); empty: the
+    # conv, the bn and the consumers above, at positions 0..n-1
+    shared: tuple[Slot, ...] = ()
+
+    @property
+    def slots(self) -> tuple[Slot, ...]:
+        if self.shared:
+            return self.shared
+        return (Slot(self.conv, "producer"), Slot(self.bn, "norm"), *(Slot(c, "consumer") for c in self.consumers))
+
+    def role(self, role: str) -> list[Slot]:
+        return [s for s in self.slots if s.role == role]
+
+    def width(self, modules: dict[str, nn.Module]) -> int:
+        """The number of channels (``modules``: the model's named modules)."""
+        slot = self.slots[0]
+        return len(slot.positions) if slot.positions is not None else modules[slot.module].weight.shape[slot.dim]
