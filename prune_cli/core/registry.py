@@ -26,7 +26,6 @@ BUILTIN_PACKAGES = (
     "prune_cli.engine",
     "prune_cli.stages",
     "prune_cli.methods",
-    "prune_cli.run",
 )
 _discovered = False
 
