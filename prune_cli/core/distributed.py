@@ -19,6 +19,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 def launched() -> bool:
@@ -111,8 +112,6 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     copied to every rank now, gradients averaged in every backward), else itself."""
     if not active():
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     device = next(model.parameters()).device
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 

@@ -16,6 +16,8 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from prune_cli.core.errors import UserError
 
 # the packages whose modules register parts; lower layers first, so a method's module finds the parts it extends
@@ -71,6 +73,16 @@ class Registry:
         return self._parts[name]
 
     __getitem__ = get
+
+    def build(self, cfg, *args):
+        """The part ``cfg["name"]`` names, made with ``args`` and the block's other keys as keyword options
+        (``cfg``: a dict or an OmegaConf block)."""
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        if not isinstance(cfg, dict):
+            raise UserError(self.option_path.partition(".")[0], f"must be a mapping with a 'name' key, got {cfg!r}")
+        options = dict(cfg)
+        return self.get(options.pop("name", None))(*args, **options)
 
     def __contains__(self, name: object) -> bool:
         discover_builtins()

@@ -10,6 +10,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from hydra.utils import to_absolute_path
+from PIL import Image, UnidentifiedImageError
 
 from prune_cli.core.errors import UserError
 
@@ -23,12 +25,7 @@ def data_root(cfg: dict) -> str:
             "is empty; give the folder that holds the datasets (or set the PRUNE_CLI_DATA environment variable)",
         )
     root = os.path.expanduser(str(root))
-    try:  # Hydra knows the start folder also when the run has changed into its run dir
-        from hydra.utils import to_absolute_path
-
-        return to_absolute_path(root)
-    except Exception:  # pragma: no cover - hydra missing or unusual state
-        return os.path.abspath(root)
+    return to_absolute_path(root)  # Hydra's start folder (the process's own outside a Hydra app)
 
 
 def brief(err: BaseException) -> str:
@@ -51,8 +48,6 @@ def download_error(what: str, root: str, err: BaseException, how: str) -> UserEr
 def decode_image(path: str, fix: str, mode: str = "RGB", size: int | None = None) -> np.ndarray:
     """uint8 [H, W, C] of one image file (PIL ``mode`` RGB: 3 channels, L: 1), resized to size x size (bilinear)
     unless ``size`` is None. A file that cannot be decoded is a UserError naming it, ``fix`` saying what to do."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             img = img.convert(mode)

@@ -13,6 +13,7 @@ import logging
 import os
 
 import torch
+from PIL import Image
 
 from prune_cli.core.errors import UserError
 from prune_cli.data.files import data_root, decode_images, download_error
@@ -105,8 +106,6 @@ class TinyImageNet200(DatasetSpec):
                 wnids = sorted({line.strip() for line in f if line.strip()})
             folder = os.path.join(base, "train", wnids[0], "images")
             first = min(f for f in os.listdir(folder) if f.lower().endswith((".jpeg", ".jpg")))
-            from PIL import Image
-
             with Image.open(os.path.join(folder, first)) as img:
                 w, h = img.size
             return (3, h, w), len(wnids)

@@ -154,17 +154,7 @@ register = CRITERIA.register
 
 def build_criterion(cfg: Mapping[str, Any]) -> Criterion:
     """``cfg`` = ``{"name": ..., **hparams}`` (a dict or an OmegaConf DictConfig)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if not isinstance(cfg, Mapping):
-        raise UserError("criterion", f"must be a mapping with a 'name' key, got {cfg!r}")
-    cfg = dict(cfg)
-    return CRITERIA.get(cfg.pop("name", None))(**cfg)
+    return CRITERIA.build(cfg)
 
 
 # ---------------------------------------------------------------- helpers

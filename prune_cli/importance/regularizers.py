@@ -26,7 +26,6 @@ kernels or groups never give NaN gradients. No eps is added to any value.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -340,17 +339,7 @@ def build_regularizer(cfg, model: nn.Module) -> Regularizer:
     """``cfg``: a mapping (dict or OmegaConf DictConfig) ``{"name": ..., **hparams}``; None means ``none``."""
     if cfg is None:
         return Regularizer(model)
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if not isinstance(cfg, Mapping):
-        raise UserError("regularizer", f"expected a mapping with a 'name', got {cfg!r}")
-    cfg = dict(cfg)
-    return REGULARIZERS.get(cfg.pop("name", None))(model, **cfg)
+    return REGULARIZERS.build(cfg, model)
 
 
 # --------------------------------------------------------------------------- sparsity statistics
