@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from prune_cli.methods.pfs.gates import Gates, freeze_weights, select_epoch, train_gates
+from prune_cli.methods.pfs.selection import select_top_gates
 from prune_cli.models import build_model
 from prune_cli.structure.channels import mask_channels, prune_channels, structure
-from prune_cli.structure.selection import select_top_gates
 
 
 def model_of(name, **kw):

@@ -14,10 +14,10 @@ from prune_cli.data import batches
 from prune_cli.engine.evaluate import evaluate
 from prune_cli.engine.settings import capped_epochs
 from prune_cli.methods.pfs.gates import Gates, train_gates
+from prune_cli.methods.pfs.selection import select_top_gates
 from prune_cli.stages.base import STAGES, Stage
 from prune_cli.stages.prune import finish_pruning
 from prune_cli.structure.channels import structure
-from prune_cli.structure.selection import select_top_gates
 
 
 @STAGES.register("gates")
