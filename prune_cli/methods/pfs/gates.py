@@ -161,25 +161,11 @@ def train_gates(
     optimizer = torch.optim.Adam(gates.params, lr=lr)
     history, snapshots = [], []
     for epoch in range(epochs):
-        model.train()
-        sums, n = {"loss": 0.0, "ce": 0.0, "reg": 0.0}, 0
-        for x, y in train_batches_fn(epoch):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            ce = F.cross_entropy(model(x), y)
-            reg = gates.loss(target_density, lam)
-            loss = ce + reg
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            gates.clamp_()
-            sums["loss"] += loss.item()
-            sums["ce"] += ce.item()
-            sums["reg"] += reg.item()
-            n += 1
+        means = _gate_epoch(model, gates, optimizer, train_batches_fn(epoch), device, target_density, lam)
         acc = float(val_eval_fn(model))
         row = {
             "epoch": epoch,
-            **{k: v / max(n, 1) for k, v in sums.items()},
+            **means,
             "density": gates.density(),
             "nonzero": gates.nonzero_fraction(),
             "val_acc": acc,
@@ -198,3 +184,23 @@ def train_gates(
         else f"no epoch reached {density_key} <= {target_density}; kept the last epoch ({chosen})"
     )
     return {"history": history, "epoch": chosen, "qualified": qualified, "note": note, "gates": snapshots[chosen]}
+
+
+def _gate_epoch(model, gates: Gates, optimizer, batches: Iterable, device, target_density: float, lam: float) -> dict:
+    """One epoch of gate training in ``train()`` mode; the mean loss, CE and regulariser over its batches."""
+    model.train()
+    sums, n = {"loss": 0.0, "ce": 0.0, "reg": 0.0}, 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        ce = F.cross_entropy(model(x), y)
+        reg = gates.loss(target_density, lam)
+        loss = ce + reg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        gates.clamp_()
+        sums["loss"] += loss.item()
+        sums["ce"] += ce.item()
+        sums["reg"] += reg.item()
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
