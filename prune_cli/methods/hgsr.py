@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from prune_cli.core.errors import UserError
 from prune_cli.core.options import Choice, Float, Int, Option
@@ -137,6 +138,7 @@ class _Budget(Budget):
 
     def __init__(self, structure: Structure, widths: list[int], target: str, ratio: float):
         super().__init__(structure, widths, target)
+        self.ratio = ratio
         if target == "channels":
             self.goal, self.tol = float(round(ratio * self.total)), 0.0
         else:
@@ -440,6 +442,31 @@ def loss_greedy_select(
     batches only pay on a GPU), ``cache`` (resume from cached stage inputs: the same results, cheaper).
     """
     check_target(target, ratio)
+    _check_arguments(mode, min_channels, channels_per_round)
+    t0 = time.perf_counter()
+    rounds = _Rounds(mode == "fast", channels_per_round, prescreen, prescreen_factor, verify)
+    was_training = model.training
+    model.eval()
+    ev = _Evaluator(model, x, y, structure, cache, batch_variants)
+    try:
+        greedy = _Greedy(
+            ev,
+            _Budget(structure, np.array(ev.width0, dtype=np.int64), target, ratio),
+            min_channels,
+            set(protect),
+            rounds,
+        )
+        keep, stats = greedy.run(progress)
+    finally:
+        ev.close()
+        ev.graph = ev.cached = None
+        model.train(was_training)
+    stats["seconds"] = time.perf_counter() - t0
+    return keep, stats
+
+
+def _check_arguments(mode: str, min_channels: int, channels_per_round: int | float) -> None:
+    """For callers of the Python API: a known mode, min_channels >= 1, a share in (0, 1] or a count >= 1."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if min_channels < 1:
@@ -451,163 +478,183 @@ def loss_greedy_select(
         and channels_per_round < 1
     ):
         raise ValueError(f"channels_per_round: a share in (0, 1] or a count >= 1, got {channels_per_round}")
-    t0 = time.perf_counter()
-    fast = mode == "fast"
-    was_training = model.training
-    model.eval()
-    ev = _Evaluator(model, x, y, structure, cache, batch_variants)
-    try:
-        keep, stats = _select(
-            ev,
-            structure,
-            target,
-            ratio,
-            min_channels,
-            set(protect),
-            fast,
-            channels_per_round,
-            prescreen,
-            prescreen_factor,
-            verify,
-            progress,
-        )
-    finally:
-        ev.close()
-        ev.graph = ev.cached = None
-        model.train(was_training)
-    stats["seconds"] = time.perf_counter() - t0
-    return keep, stats
 
 
-def _select(
-    ev: _Evaluator,
-    structure,
-    target,
-    ratio,
-    min_channels,
-    protect,
-    fast,
-    per_round,
-    prescreen,
-    prescreen_factor,
-    verify,
-    progress,
-):
-    ngroups = len(ev.groups)
-    widths = np.array(ev.width0, dtype=np.int64)
-    width0 = widths.copy()
-    budget = _Budget(structure, widths, target, ratio)
-    avail = np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(widths)])
-    if budget.remaining(widths - avail) > budget.tol:
-        raise ValueError(
-            f"cannot remove {ratio:.1%} of {target} with min_channels={min_channels} "
-            f"and protected groups {sorted(protect)}"
-        )
-    keep = [torch.ones(int(w), dtype=torch.bool) for w in widths]
-    stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
-    order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
-    # the first round is as small as the pre-screen measures anyway; rounds then double while their checks pass
-    k_cap = max(1, math.floor(prescreen / prescreen_factor)) if prescreen is not None else math.inf
-    rounds, halvings, exact_estimate, sizes = 0, 0, 0, []
-    use_taylor = fast and prescreen is not None
-    bar = None
-    if progress:
-        from tqdm import tqdm
+@dataclass(frozen=True)
+class _Rounds:
+    """How rounds are sized and checked: ``fast`` mode's knobs (exact mode: one channel, every candidate)."""
 
-        bar = tqdm(
-            total=budget.goal,
-            unit=target,
-            unit_scale=True,
-            desc=f"loss greedy ({'fast' if fast else 'exact'}, {target})",
-        )
-    lcur = ev.trunk(keep_graph=use_taylor)
-    l0 = lcur  # nothing masked yet: the original network's loss
-    while not budget.done(widths):
-        ok = budget.acceptable(widths, avail)
-        cands = [(g, c) for g in range(ngroups) if ok[g] for c in torch.nonzero(keep[g]).flatten().tolist()]
+    fast: bool
+    per_round: int | float
+    prescreen: int | None
+    prescreen_factor: float
+    verify: float | None
+
+    @property
+    def taylor(self) -> bool:
+        """Does every trunk pass keep its graph for the Taylor pre-screen?"""
+        return self.fast and self.prescreen is not None
+
+    def first_cap(self) -> float:
+        """The first round is as small as the pre-screen measures anyway; rounds then double while checks pass."""
+        return max(1, math.floor(self.prescreen / self.prescreen_factor)) if self.prescreen is not None else math.inf
+
+
+class _Greedy:
+    """The loss greedy's state between rounds (widths, masks, measurements, counts) and its named steps."""
+
+    def __init__(self, ev: _Evaluator, budget: _Budget, min_channels: int, protect: set[int], rounds: _Rounds):
+        self.ev, self.budget, self.rounds = ev, budget, rounds
+        self.widths = np.array(ev.width0, dtype=np.int64)
+        self.width0 = self.widths.copy()
+        self.avail = _available(self.widths, min_channels, protect)  # channels each group may still lose
+        if budget.remaining(self.widths - self.avail) > budget.tol:
+            raise ValueError(
+                f"cannot remove {budget.ratio:.1%} of {budget.target} with min_channels={min_channels} "
+                f"and protected groups {sorted(protect)}"
+            )
+        self.avail0 = self.avail.copy()
+        self.keep = [torch.ones(int(w), dtype=torch.bool) for w in self.widths]
+        self.stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
+        self.order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
+        self.k_cap = rounds.first_cap()
+        self.n_rounds, self.halvings, self.exact_estimate, self.sizes = 0, 0, 0, []
+        self.l0 = self.lcur = math.nan
+
+    def run(self, progress: bool) -> tuple[list[torch.Tensor], dict]:
+        """Rounds until the target is met or nothing more may go; (keep masks, stats)."""
+        bar = self._progress_bar() if progress else None
+        self.lcur = self.ev.trunk(keep_graph=self.rounds.taylor)
+        self.l0 = self.lcur  # nothing masked yet: the original network's loss
+        while not self.budget.done(self.widths) and self.round():
+            if bar is not None:
+                bar.n = self.budget.total - self.budget.amount(self.widths)
+                bar.refresh()
+        if bar is not None:
+            bar.close()
+        return self.keep, self.stats()
+
+    def _progress_bar(self) -> tqdm:
+        mode = "fast" if self.rounds.fast else "exact"
+        target = self.budget.target
+        return tqdm(total=self.budget.goal, unit=target, unit_scale=True, desc=f"loss greedy ({mode}, {target})")
+
+    def round(self) -> bool:
+        """Measure the candidates, take the round's channels, mask them for good; False when none can go."""
+        ok = self.budget.acceptable(self.widths, self.avail)
+        cands = [(g, c) for g in range(len(self.keep)) if ok[g] for c in torch.nonzero(self.keep[g]).flatten().tolist()]
         if not cands:
-            break
-        exact_estimate += int(sum(int(keep[g].sum()) for g in range(ngroups) if avail[g] > 0))
-        k = 1
-        if fast:
-            if isinstance(per_round, float):
-                costs = budget.costs(widths)
-                mean_cost = float(np.mean([costs[g] for g, _ in cands]))
-                todo = max(budget.remaining(widths), 0) / max(mean_cost, 1e-12)
-                k = max(1, math.ceil(per_round * todo))
-            else:
-                k = int(per_round)
-            k = int(min(k, k_cap))
-        measure = cands
-        if fast and prescreen is not None:
-            p = max(prescreen, math.ceil(prescreen_factor * k))
-            if p < len(cands):  # the Taylor estimate from the trunk pass's graph (backward run only now)
-                measure = _prescreen(cands, ev.taylor(), stale, lcur, l0, p)
+            return False
+        self.exact_estimate += int(sum(int(k.sum()) for k, a in zip(self.keep, self.avail) if a > 0))
+        k = self.round_size(cands)
+        delta = self.measure(self.to_measure(cands, k))
+        self.stale.update(delta)
+        taken = _take(delta, self.lcur, self.l0, k, self.widths, self.avail, self.budget)
+        if not taken:
+            return False
+        self.remove(*self.mask_checked(taken, delta))
+        return True
+
+    def round_size(self, cands: list[tuple[int, int]]) -> int:
+        """Channels to take this round: 1 (exact), else a share of what remains or a fixed count, capped."""
+        if not self.rounds.fast:
+            return 1
+        per_round = self.rounds.per_round
+        if isinstance(per_round, float):
+            costs = self.budget.costs(self.widths)
+            mean_cost = float(np.mean([costs[g] for g, _ in cands]))
+            todo = max(self.budget.remaining(self.widths), 0) / max(mean_cost, 1e-12)
+            k = max(1, math.ceil(per_round * todo))
+        else:
+            k = int(per_round)
+        return int(min(k, self.k_cap))
+
+    def to_measure(self, cands: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+        """Every candidate, or (fast, pre-screen) those the Taylor estimate and earlier measurements pick."""
+        if not self.rounds.taylor:
+            return cands
+        p = max(self.rounds.prescreen, math.ceil(self.rounds.prescreen_factor * k))
+        if p >= len(cands):
+            return cands
+        # the Taylor estimate from the trunk pass's graph (backward run only now)
+        return _prescreen(cands, self.ev.taylor(), self.stale, self.lcur, self.l0, p)
+
+    def measure(self, cands: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+        """Loss change of masking each candidate alone, its group's variants batched together."""
         by_group: dict[int, list[int]] = {}
-        for g, c in measure:
+        for g, c in cands:
             by_group.setdefault(g, []).append(c)
         delta: dict[tuple[int, int], float] = {}
         for g, chans in by_group.items():
-            losses = ev.variants(g, chans)
+            losses = self.ev.variants(g, chans)
             for c, lv in zip(chans, losses.tolist()):
-                delta[(g, c)] = lv - lcur
-        stale.update(delta)
-        taken = _take(delta, lcur, l0, k, widths, avail, budget)
-        if not taken:
-            break
+                delta[(g, c)] = lv - self.lcur
+        return delta
+
+    def mask_checked(self, taken, delta) -> tuple[list[tuple[int, int]], float, bool]:
+        """Mask the round's channels; the trunk pass measures the result (and serves the next round). Fast mode
+        halves a round whose channels interact more than their single changes predict: (taken, loss, halved)."""
         halved, scale = False, float(np.median(np.abs(list(delta.values()))))
-        while True:  # mask the round's channels; the trunk pass measures the result (and serves the next round)
+        verify, lcur, l0 = self.rounds.verify, self.lcur, self.l0
+        while True:
             for g, c in taken:
-                ev.mask(g, c)
-            lnew = ev.trunk(keep_graph=use_taylor)
+                self.ev.mask(g, c)
+            lnew = self.ev.trunk(keep_graph=self.rounds.taylor)
             pred = lcur + sum(delta[t] for t in taken)
             # one step = verify x the median |single change| among this round's measured candidates
             step = verify * scale + 1e-6 * abs(l0) + 1e-9 if verify is not None else math.inf
-            if not fast or len(taken) == 1 or abs(lnew - pred) <= step or abs(lnew - l0) <= abs(lcur - l0) + step:
-                break  # as predicted, or no further from L0 than one step
+            if not self.rounds.fast or len(taken) == 1 or abs(lnew - pred) <= step:
+                return taken, lnew, halved  # as predicted
+            if abs(lnew - l0) <= abs(lcur - l0) + step:
+                return taken, lnew, halved  # no further from L0 than one step
             # the channels interact more than their single changes predict: keep the first half of the round
             for g, c in taken:
-                ev.mask(g, c, masked=False)
+                self.ev.mask(g, c, masked=False)
             taken, halved = taken[: len(taken) // 2], True
-            halvings += 1
-        k_cap = len(taken) if halved else k_cap * 2
-        ev.commit()
-        lcur = lnew
-        sizes.append(len(taken))
+            self.halvings += 1
+
+    def remove(self, taken: list[tuple[int, int]], lnew: float, halved: bool) -> None:
+        """The round's channels go for good; later rounds are capped to a halved round's size, else double."""
+        self.k_cap = len(taken) if halved else self.k_cap * 2
+        self.ev.commit()
+        self.lcur = lnew
+        self.sizes.append(len(taken))
         for g, c in taken:
-            keep[g][c] = False
-            widths[g] -= 1
-            avail[g] -= 1
-            stale.pop((g, c), None)
-            order.append((g, c))
-        rounds += 1
-        if bar is not None:
-            bar.n = budget.total - budget.amount(widths)
-            bar.refresh()
-    if bar is not None:
-        bar.close()
-    if fast:  # the exact greedy removing the same channels one per round would measure every candidate each round
-        avail0 = np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(width0)])
-        exact_estimate = _exact_passes(width0, avail0, [g for g, _ in order])
-    c = ev.count
-    stats = {
-        "mode": "fast" if fast else "exact",
-        "rounds": rounds,
-        "forward_passes": c.forward_passes,
-        "backward_passes": c.backward_passes,
-        "images_forwarded": c.forward_passes * ev.n,
-        "image_forward_equivalents": c.ife,
-        "pass_equivalents": c.ife / ev.n,
-        "exact_passes_estimate": exact_estimate,
-        "channels_removed": int((width0 - widths).sum()),
-        "removed_fraction": 1.0 - budget.amount(widths) / budget.total,
-        "loss_original": l0,
-        "loss_masked": lcur,
-        "halvings": halvings,
-        "round_sizes": sizes,
-        "removed": order,
-    }
-    return keep, stats
+            self.keep[g][c] = False
+            self.widths[g] -= 1
+            self.avail[g] -= 1
+            self.stale.pop((g, c), None)
+            self.order.append((g, c))
+        self.n_rounds += 1
+
+    def stats(self) -> dict:
+        """The run's cost accounting and result (the module docstring names every key)."""
+        exact_estimate = self.exact_estimate
+        if self.rounds.fast:  # the exact greedy removing the same channels one per round would measure every candidate
+            exact_estimate = _exact_passes(self.width0, self.avail0, [g for g, _ in self.order])
+        c, n = self.ev.count, self.ev.n
+        return {
+            "mode": "fast" if self.rounds.fast else "exact",
+            "rounds": self.n_rounds,
+            "forward_passes": c.forward_passes,
+            "backward_passes": c.backward_passes,
+            "images_forwarded": c.forward_passes * n,
+            "image_forward_equivalents": c.ife,
+            "pass_equivalents": c.ife / n,
+            "exact_passes_estimate": exact_estimate,
+            "channels_removed": int((self.width0 - self.widths).sum()),
+            "removed_fraction": 1.0 - self.budget.amount(self.widths) / self.budget.total,
+            "loss_original": self.l0,
+            "loss_masked": self.lcur,
+            "halvings": self.halvings,
+            "round_sizes": self.sizes,
+            "removed": self.order,
+        }
+
+
+def _available(widths: np.ndarray, min_channels: int, protect: set[int]) -> np.ndarray:
+    """Per group, the channels it may lose: none when protected, else all but ``min_channels``."""
+    return np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(widths)])
 
 
 def _exact_passes(width0: np.ndarray, avail_init: np.ndarray, order: list[int]) -> int:
