@@ -106,62 +106,13 @@ def rm_convert(model, fuse_bn: bool = False, statistics: list | None = None):
     reserved channels' BatchNorm mean 0 and variance 1, which changes nothing in eval mode)."""
     stem_conv, stem_bn, blocks, fc = check_convertible(model)
     device = stem_conv.weight.device
-    layers = []  # per plain layer: (conv weight, BatchNorm state or None, conv bias or None)
-
-    def add(weight, bn_state, scale_shift):
-        if fuse_bn:  # BatchNorm in eval mode folded into the conv
-            scale, shift = scale_shift
-            layers.append((weight * scale.view(-1, 1, 1, 1), None, shift))
-        else:
-            layers.append((weight, bn_state, None))
-
-    def bn_state(bn):
-        return {k: getattr(bn, k).detach().clone() for k in ("weight", "bias", "running_mean", "running_var")}
-
-    add(stem_conv.weight, bn_state(stem_bn), bn_affine(stem_bn))
     eps = stem_bn.eps
+    # per plain layer: (conv weight, BatchNorm state, (scale, shift) of that BatchNorm in eval mode)
+    layers = [(stem_conv.weight, _bn_state(stem_bn), bn_affine(stem_bn))]
     strides = [1]
     for k, block in enumerate(blocks):
-        cin, mid, cout = block.conv1.in_channels, block.mid, block.bn2.num_features
-        if statistics is None:
-            zeros, ones = torch.zeros(cin, device=device), torch.ones(cin, device=device)
-            mean_in, var_in, mean_out, var_out = (
-                zeros,
-                ones,
-                torch.zeros(cout, device=device),
-                torch.ones(cout, device=device),
-            )
-        else:
-            mean_in, var_in, mean_out, var_out = (t.to(device) for t in statistics[k])
-        # the reserving layer: Dirac filters (identity BatchNorm), then conv1 with bn1
-        s1, b1 = bn_affine(block.bn1)
-        weight_a = torch.cat([dirac(cin, cin, device=device), block.conv1.weight])
-        identity = {
-            "weight": torch.sqrt(var_in + eps),
-            "bias": mean_in,
-            "running_mean": mean_in,
-            "running_var": var_in,
-        }
-        bn_a = {key: torch.cat([identity[key], value]) for key, value in bn_state(block.bn1).items()}
-        add(
-            weight_a,
-            bn_a,
-            (torch.cat([torch.ones(cin, device=device), s1]), torch.cat([torch.zeros(cin, device=device), b1])),
-        )
-        # the merging layer: conv2 with bn2 folded, the shortcut as a centre tap, their biases added by the BatchNorm
-        s2, b2 = bn_affine(block.bn2)
-        short_w, short_b = block.shortcut_as_conv()
-        weight_b = torch.zeros(cout, cin + mid, 3, 3, device=device)
-        weight_b[:, cin:] = block.conv2.weight * s2.view(-1, 1, 1, 1)
-        weight_b[:, :cin, 1, 1] = short_w[:, :, 0, 0]
-        bias = b2 + short_b
-        bn_b = {
-            "weight": torch.sqrt(var_out + eps),
-            "bias": mean_out,
-            "running_mean": mean_out - bias,
-            "running_var": var_out,
-        }
-        add(weight_b, bn_b, (torch.ones(cout, device=device), bias))
+        stats = _statistics_of(block, statistics[k] if statistics is not None else None, device)
+        layers += [_reserving_layer(block, stats, eps, device), _merging_layer(block, stats, eps, device)]
         strides += [block.conv1.stride[0], 1]
     arch = {
         "name": "plain",
@@ -172,6 +123,65 @@ def rm_convert(model, fuse_bn: bool = False, statistics: list | None = None):
         "bn": not fuse_bn,
     }
     plain = build_model(arch).to(device)
+    _load_layers(plain, [_folded(w, affine) if fuse_bn else (w, bn, None) for w, bn, affine in layers], eps)
+    plain.fc.load_state_dict(fc.state_dict())
+    return plain.train(model.training)
+
+
+def _bn_state(bn) -> dict[str, torch.Tensor]:
+    """A copy of a BatchNorm's affine parameters and running statistics."""
+    return {k: getattr(bn, k).detach().clone() for k in ("weight", "bias", "running_mean", "running_var")}
+
+
+def _statistics_of(block, statistics: tuple | None, device) -> tuple[torch.Tensor, ...]:
+    """(mean, variance) of the block's input and of its output before the ReLU: measured, or 0 and 1."""
+    if statistics is not None:
+        return tuple(t.to(device) for t in statistics)
+    cin, cout = block.conv1.in_channels, block.bn2.num_features
+    zeros, ones = torch.zeros(cin, device=device), torch.ones(cin, device=device)
+    return zeros, ones, torch.zeros(cout, device=device), torch.ones(cout, device=device)
+
+
+def _reserving_layer(block, stats, eps: float, device) -> tuple:
+    """Dirac filters next to conv1 (the block input kept, through an identity BatchNorm), then conv1 with bn1."""
+    mean_in, var_in, _, _ = stats
+    cin = block.conv1.in_channels
+    s1, b1 = bn_affine(block.bn1)
+    weight = torch.cat([dirac(cin, cin, device=device), block.conv1.weight])
+    identity = {"weight": torch.sqrt(var_in + eps), "bias": mean_in, "running_mean": mean_in, "running_var": var_in}
+    bn = {key: torch.cat([identity[key], value]) for key, value in _bn_state(block.bn1).items()}
+    affine = (torch.cat([torch.ones(cin, device=device), s1]), torch.cat([torch.zeros(cin, device=device), b1]))
+    return weight, bn, affine
+
+
+def _merging_layer(block, stats, eps: float, device) -> tuple:
+    """conv2 with bn2 folded on conv1's channels and the shortcut as a centre tap on the reserved ones; their
+    biases added by the BatchNorm (through its running mean)."""
+    _, _, mean_out, var_out = stats
+    cin, mid, cout = block.conv1.in_channels, block.mid, block.bn2.num_features
+    s2, b2 = bn_affine(block.bn2)
+    short_w, short_b = block.shortcut_as_conv()
+    weight = torch.zeros(cout, cin + mid, 3, 3, device=device)
+    weight[:, cin:] = block.conv2.weight * s2.view(-1, 1, 1, 1)
+    weight[:, :cin, 1, 1] = short_w[:, :, 0, 0]
+    bias = b2 + short_b
+    bn = {
+        "weight": torch.sqrt(var_out + eps),
+        "bias": mean_out,
+        "running_mean": mean_out - bias,
+        "running_var": var_out,
+    }
+    return weight, bn, (torch.ones(cout, device=device), bias)
+
+
+def _folded(weight: torch.Tensor, affine: tuple) -> tuple:
+    """A layer with its BatchNorm (in eval mode) folded into the conv: (weight, no BatchNorm, bias)."""
+    scale, shift = affine
+    return weight * scale.view(-1, 1, 1, 1), None, shift
+
+
+def _load_layers(plain, layers: list[tuple], eps: float) -> None:
+    """Copy (conv weight, BatchNorm state or None, conv bias or None) into the plain network's layers in order."""
     convs = [m for m in plain.features if isinstance(m, nn.Conv2d)]
     bns = [m for m in plain.features if isinstance(m, nn.BatchNorm2d)]
     for k, (weight, bn, bias) in enumerate(layers):
@@ -182,8 +192,6 @@ def rm_convert(model, fuse_bn: bool = False, statistics: list | None = None):
             bns[k].eps = eps
             for key, value in bn.items():
                 getattr(bns[k], key).copy_(value)
-    plain.fc.load_state_dict(fc.state_dict())
-    return plain.train(model.training)
 
 
 @STAGES.register("rm")
