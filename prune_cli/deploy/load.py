@@ -33,28 +33,34 @@ def load(path: str | os.PathLike, stage: str | None = None) -> tuple[nn.Module, 
     ``config`` (the run's resolved config), ``provenance``, ``checkpoint`` and ``run_dir`` (paths).
     Bad input raises ``UserError``.
     """
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError("run", f"{path} does not exist")
-    if path.is_dir():
-        run_dir = path
-        ck_path, ck = _run_checkpoint(path, stage)
-    else:
-        if stage is not None:
-            raise UserError(
-                "--stage", f"{path} is the checkpoint of one stage; --stage picks a stage of a run directory"
-            )
-        ck_path, ck = path, _read(path)
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        if run_dir is not None and not (run_dir / "results.csv").is_file():
-            run_dir = None
+    ck_path, ck, run_dir = _locate(Path(path), stage)
     if not ck.get("done", True):
         raise UserError(
             "--stage" if stage else "run",
             f"{ck_path} is unfinished (its {ck.get('stage')} stage stopped after epoch {ck.get('epoch')}); "
             "resume that run first, or pick a finished stage",
         )
+    model = _rebuild(ck, ck_path)
+    return model, _metadata(model, ck, ck_path, run_dir)
+
+
+def _locate(path: Path, stage: str | None) -> tuple[Path, dict, Path | None]:
+    """(checkpoint path, checkpoint, run directory or None) of a run directory's stage or of a checkpoint file."""
+    if not path.exists():
+        raise UserError("run", f"{path} does not exist")
+    if path.is_dir():
+        return *_run_checkpoint(path, stage), path
+    if stage is not None:
+        raise UserError("--stage", f"{path} is the checkpoint of one stage; --stage picks a stage of a run directory")
+    ck = _read(path)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    if run_dir is not None and not (run_dir / "results.csv").is_file():
+        run_dir = None
+    return path, ck, run_dir
+
+
+def _rebuild(ck: dict, ck_path: Path) -> nn.Module:
+    """The checkpoint's model on the CPU, in eval mode, or one line saying why it does not rebuild."""
     try:
         model = build_model(ck["arch"])
         model.load_state_dict(ck["state_dict"])
@@ -63,7 +69,11 @@ def load(path: str | os.PathLike, stage: str | None = None) -> tuple[nn.Module, 
     except Exception as e:
         raise UserError("run", f"{ck_path} does not rebuild ({one_line(e)})") from None
     model.eval()
+    return model
 
+
+def _metadata(model: nn.Module, ck: dict, ck_path: Path, run_dir: Path | None) -> dict:
+    """What ``load`` tells about the model besides itself (its docstring names every key)."""
     config = ck.get("config") or {}
     dataset = config.get("dataset") or {}
     input_shape, mean, std = _input_of(dataset, ck["arch"])
@@ -71,7 +81,7 @@ def load(path: str | os.PathLike, stage: str | None = None) -> tuple[nn.Module, 
     results = _results_row(run_dir, name) if run_dir is not None else None
     if results is None:
         results = next((_clean(r) for r in reversed(ck.get("rows") or []) if r.get("stage") == name), None)
-    metadata = {
+    return {
         "stage": name,
         "arch": ck["arch"],
         "params": count_params(model),
@@ -87,7 +97,6 @@ def load(path: str | os.PathLike, stage: str | None = None) -> tuple[nn.Module, 
         "checkpoint": str(ck_path),
         "run_dir": str(run_dir) if run_dir is not None else None,
     }
-    return model, metadata
 
 
 def finished_stages(run_dir: Path) -> list[str]:
@@ -123,7 +132,7 @@ def _run_checkpoint(run_dir: Path, stage: str | None) -> tuple[Path, dict]:
 
 
 def _read(path: Path) -> dict:
-
+    """A prune_cli checkpoint from ``path``, or one line saying why it is not one."""
     try:
         ck = load_checkpoint(path)
     except UserError as e:
