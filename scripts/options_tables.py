@@ -1,4 +1,4 @@
-"""Regenerate the README's option tables from the declarations (``python scripts/options_tables.py``).
+"""Regenerate the option tables of docs/options.md from the declarations (``python scripts/options_tables.py``).
 
 The tables sit between ``<!-- options:begin -->`` and ``<!-- options:end -->``; a test checks that they
 equal what the declarations generate, so they cannot drift.
@@ -9,18 +9,18 @@ from pathlib import Path
 
 from prune_cli.run.config import options_reference
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+OPTIONS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 
 
 def main() -> None:
-    text = README.read_text()
+    text = OPTIONS_PAGE.read_text()
     block = f"<!-- options:begin -->\n{options_reference().strip()}\n<!-- options:end -->"
     if "<!-- options:begin -->" in text:
         text = re.sub(r"<!-- options:begin -->.*?<!-- options:end -->", lambda _: block, text, flags=re.S)
     else:
-        raise SystemExit("README.md has no <!-- options:begin --> / <!-- options:end --> markers")
-    README.write_text(text)
-    print(f"wrote the option tables into {README}")
+        raise SystemExit(f"{OPTIONS_PAGE} has no <!-- options:begin --> / <!-- options:end --> markers")
+    OPTIONS_PAGE.write_text(text)
+    print(f"wrote the option tables into {OPTIONS_PAGE}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Shared test setup: one torch thread (small models run faster so, and tests share the machine), and the
-fixtures every test module uses: composing configs in-process, running the installed command, the README."""
+fixtures every test module uses: composing configs in-process, running the installed command, the doc pages."""
 
 import pytest
 import torch
@@ -28,3 +28,8 @@ def cli():
 @pytest.fixture(scope="session")
 def readme():
     return (ROOT / "README.md").read_text()
+
+
+@pytest.fixture(scope="session")
+def options_page():
+    return (ROOT / "docs" / "options.md").read_text()

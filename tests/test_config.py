@@ -1,6 +1,6 @@
 """The config checker against the declarations: every option of every part refuses a wrong type or range
 with its full path, composed configs hold exactly the declared options, YAML defaults equal the declared
-ones, the README's option tables are the generated ones, and the loss criterion fails before training."""
+ones, docs/options.md's tables are the generated ones, and the loss criterion fails before training."""
 
 import copy
 import re
@@ -182,7 +182,7 @@ def test_loss_criterion_error_through_the_command_before_any_data(cli, tmp_path)
     assert not (tmp_path / "run" / "results.csv").exists()
 
 
-def test_readme_option_tables_are_the_generated_ones(readme):
-    found = re.search(r"<!-- options:begin -->\n(.*?)<!-- options:end -->", readme, re.S)
-    assert found, "the README lacks its generated option tables"
+def test_options_page_tables_are_the_generated_ones(options_page):
+    found = re.search(r"<!-- options:begin -->\n(.*?)<!-- options:end -->", options_page, re.S)
+    assert found, "docs/options.md lacks its generated option tables"
     assert found.group(1).strip() == options_reference().strip(), "regenerate: python scripts/options_tables.py"
