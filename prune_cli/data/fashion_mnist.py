@@ -56,64 +56,19 @@ class FashionMNIST(DatasetSpec):
 
     @classmethod
     def read(cls, cfg: dict) -> Raw:
-        import torchvision.datasets as tvd
+        import torchvision.datasets as tvd  # its first import takes seconds: only when Fashion-MNIST is read
 
         root = data_root(cfg)
         raw_folder = os.path.join(root, "FashionMNIST", "raw")
-        sources = _sources(raw_folder)
-        if sources is None and os.path.isdir(DEBIAN_FASHION_MNIST):
-            sources = _sources(DEBIAN_FASHION_MNIST)
-            if sources is not None:
-                log.info("Fashion-MNIST: using Debian's copy in %s", DEBIAN_FASHION_MNIST)
-        if sources is None and cfg["download"]:
-            try:
-                tvd.FashionMNIST(root, train=True, download=True)
-            except Exception as e:
-                raise download_error(
-                    "Fashion-MNIST", root, e, f"put the four *-ubyte.gz files of Fashion-MNIST into {raw_folder}"
-                ) from None
-            sources = _sources(raw_folder)
-        if sources is None:
-            raise UserError(
-                "dataset.root",
-                f"no Fashion-MNIST in {raw_folder}; put {', '.join(f + '[.gz]' for f in FILES)} "
-                f"there, install Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST}), "
-                "or run with dataset.download=true",
-            )
-
-        def load(tv_root: str):
-            try:
-                tr = tvd.FashionMNIST(tv_root, train=True, download=False)
-                te = tvd.FashionMNIST(tv_root, train=False, download=False)
-            except Exception as e:
-                folder = os.path.dirname(next(iter(sources.values())))
-                raise UserError(
-                    "dataset.root",
-                    f"cannot read the Fashion-MNIST files in {folder} ({brief(e)}); "
-                    "replace them with the original idx-ubyte files",
-                ) from None
-            return tr, te
-
+        sources = _find_sources(root, raw_folder, cfg["download"], tvd.FashionMNIST)
         if all(not p.endswith(".gz") for p in sources.values()) and os.path.dirname(sources[FILES[0]]) == raw_folder:
-            tr, te = load(root)
+            tr, te = _read_torchvision(root, sources, tvd.FashionMNIST)
         else:  # decompress (or link) into a private torchvision layout; the data folder stays untouched
             with tempfile.TemporaryDirectory(prefix="prune_cli_fmnist_") as tmp:
                 raw = os.path.join(tmp, "FashionMNIST", "raw")
                 os.makedirs(raw)
-                for f, src in sources.items():
-                    dst = os.path.join(raw, f)
-                    try:
-                        if src.endswith(".gz"):
-                            with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
-                                shutil.copyfileobj(fin, fout)
-                        else:
-                            os.symlink(src, dst)
-                    except (OSError, EOFError) as e:
-                        raise UserError(
-                            "dataset.root", f"cannot decompress {src} ({brief(e)}); replace it with the original file"
-                        ) from None
-                tr, te = load(tmp)
-
+                _unpack(sources, raw)
+                tr, te = _read_torchvision(tmp, sources, tvd.FashionMNIST)
         return Raw(
             tr.data.unsqueeze(1).contiguous(),
             tr.targets.long(),
@@ -123,3 +78,57 @@ class FashionMNIST(DatasetSpec):
             cls.mean,
             cls.std,
         )
+
+
+def _find_sources(root: str, raw_folder: str, download: bool, reader) -> dict[str, str]:
+    """The four files: in ``raw_folder``, else Debian's copy, else downloaded there (``download``), else an error."""
+    sources = _sources(raw_folder)
+    if sources is None and os.path.isdir(DEBIAN_FASHION_MNIST):
+        sources = _sources(DEBIAN_FASHION_MNIST)
+        if sources is not None:
+            log.info("Fashion-MNIST: using Debian's copy in %s", DEBIAN_FASHION_MNIST)
+    if sources is None and download:
+        try:
+            reader(root, train=True, download=True)
+        except Exception as e:
+            raise download_error(
+                "Fashion-MNIST", root, e, f"put the four *-ubyte.gz files of Fashion-MNIST into {raw_folder}"
+            ) from None
+        sources = _sources(raw_folder)
+    if sources is None:
+        raise UserError(
+            "dataset.root",
+            f"no Fashion-MNIST in {raw_folder}; put {', '.join(f + '[.gz]' for f in FILES)} "
+            f"there, install Debian's dataset-fashion-mnist package ({DEBIAN_FASHION_MNIST}), "
+            "or run with dataset.download=true",
+        )
+    return sources
+
+
+def _read_torchvision(tv_root: str, sources: dict[str, str], reader) -> tuple:
+    """(train, test) read by torchvision's loader from ``tv_root/FashionMNIST/raw``, or one line why not."""
+    try:
+        return reader(tv_root, train=True, download=False), reader(tv_root, train=False, download=False)
+    except Exception as e:
+        folder = os.path.dirname(next(iter(sources.values())))
+        raise UserError(
+            "dataset.root",
+            f"cannot read the Fashion-MNIST files in {folder} ({brief(e)}); "
+            "replace them with the original idx-ubyte files",
+        ) from None
+
+
+def _unpack(sources: dict[str, str], raw: str) -> None:
+    """Each file into ``raw``: decompressed from its .gz, or linked."""
+    for f, src in sources.items():
+        dst = os.path.join(raw, f)
+        try:
+            if src.endswith(".gz"):
+                with gzip.open(src, "rb") as fin, open(dst, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+            else:
+                os.symlink(src, dst)
+        except (OSError, EOFError) as e:
+            raise UserError(
+                "dataset.root", f"cannot decompress {src} ({brief(e)}); replace it with the original file"
+            ) from None
