@@ -3,7 +3,7 @@
 Every component (model family, dataset, regularizer, criterion, stage, selection, trainer) lists its
 options as ``Option`` objects. ``check_block`` validates a config block against such a list before
 anything runs and names the full option path in its one-line error (``prune.ratio: must be in (0, 1);
-got 1.5``). The README's option tables are generated from the same declarations (``markdown_table``).
+got 1.5``). The option tables of docs/options.md are generated from the same declarations (``markdown_table``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class Option:
 
     ``item`` types the entries of a ``list`` (and the values of a ``map``); ``fields`` are the options
     of a nested ``section``; ``rule`` is an extra check returning why a value is wrong (or None), and
-    ``rule_doc`` how the README states it.
+    ``rule_doc`` how docs/options.md states it.
     """
 
     name: str
@@ -43,7 +43,7 @@ class Option:
     rule_doc: str = ""
 
     def expects(self) -> str:
-        """What a valid value is, in words (the README's 'type and range' column and error messages)."""
+        """What a valid value is, in words (docs/options.md's 'type and range' column and error messages)."""
         if self.rule_doc:
             text = self.rule_doc
         elif self.kind == "choice":
@@ -215,7 +215,7 @@ def walk(options: Sequence[Option], path: str = ""):
 
 
 def markdown_table(options: Sequence[Option], path: str) -> str:
-    """The README's table of one component's options: option, type and range, default, what it does."""
+    """The docs/options.md table of one component's options: option, type and range, default, what it does."""
     lines = ["| option | type and range | default | what it does |", "|---|---|---|---|"]
     for full, o in walk(options, path):
         default = o.default

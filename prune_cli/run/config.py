@@ -138,7 +138,7 @@ def builtin_parts(registry):
 
 
 def options_reference() -> str:
-    """Markdown tables of every declared option, generated from the declarations (the README embeds them)."""
+    """Markdown tables of every declared option, generated from the declarations (docs/options.md embeds them)."""
     sections = [
         ("Run (top level)", RUN_OPTIONS, ""),
         ("trainer", settings.OPTIONS, "trainer"),
