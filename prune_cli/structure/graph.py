@@ -282,55 +282,12 @@ class ChannelGraph:
 
     def _module(self, node, m: nn.Module) -> None:
         x = self._of(node.args[0]) if node.args else None
-        shape = self._shape(node)
         if isinstance(m, nn.Conv2d):
-            self.pixels[node.target] = int(np.prod(shape[2:]))
-            if m.groups == 1:
-                out = self._new(m.out_channels)
-                self._read(node.args[0])
-                self._param(node.target, "weight", {0: out, 1: x})
-                if m.bias is not None:
-                    self._param(node.target, "bias", {0: out})
-            elif m.groups == m.in_channels == m.out_channels:
-                out = x  # depthwise: output channel i is input channel i
-                self._param(node.target, "weight", {0: out})
-                if m.bias is not None:
-                    self._param(node.target, "bias", {0: out})
-            else:  # grouped: group g's inputs and outputs go together, so only whole groups go
-                out = self._new(m.out_channels)
-                a, b = m.in_channels // m.groups, m.out_channels // m.groups
-                for g in range(m.groups):
-                    unit = np.concatenate([x[g * a : (g + 1) * a], out[g * b : (g + 1) * b]])
-                    self._tie(np.full(len(unit) - 1, unit[0]), unit[1:])
-                self._param(node.target, "weight", {0: out})  # its input dim indexes within a group: it stays
-                if m.bias is not None:
-                    self._param(node.target, "bias", {0: out})
-            self.atoms[node.name] = out
-            self.live[node.name] = np.zeros(len(out), bool)  # a masked channel's rows and bias are zero
+            self._conv(node, m, x)
         elif isinstance(m, nn.Linear):
-            self.pixels[node.target] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
-            src = self._shape(node.args[0])
-            # the atoms name dim 1; only on a [B, features] input is that the dim a linear layer reads
-            if x is None or src is None or len(src) != 2 or len(x) != m.in_features:
-                self._opaque(node, f"linear layer {node.target} on a tensor of {len(src or ())} dims (channels last)")
-                return
-            out = self._new(m.out_features)
-            self._read(node.args[0])
-            self._param(node.target, "weight", {0: out, 1: x})
-            if m.bias is not None:
-                self._param(node.target, "bias", {0: out})
-            self.atoms[node.name] = out
-            self.live[node.name] = np.zeros(len(out), bool)
+            self._linear(node, m, x)
         elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-            for p in ("weight", "bias"):
-                if getattr(m, p, None) is not None:
-                    self._param(node.target, p, {0: x})
-            for b in ("running_mean", "running_var"):
-                if getattr(m, b, None) is not None:
-                    self._param(node.target, b, {0: x})
-            self.atoms[node.name] = x
-            if x is not None:
-                self.live[node.name] = np.zeros(len(x), bool)  # gamma and beta zeroed: 0 whatever comes in
+            self._batchnorm(node, m, x)
         elif isinstance(m, PASS_MODULES + _stochastic_depth()):
             self.atoms[node.name] = x
             if isinstance(m, ACTIVATION_MODULES):
@@ -341,6 +298,57 @@ class ChannelGraph:
             self._flatten(node, x, m.start_dim, m.end_dim)
         else:
             self._opaque(node, f"module {node.target} ({type(m).__name__})")
+
+    def _conv(self, node, m: nn.Conv2d, x) -> None:
+        """A conv's output channels: new atoms (groups 1), its input's (depthwise), or tied to their group's inputs."""
+        self.pixels[node.target] = int(np.prod(self._shape(node)[2:]))
+        if m.groups == 1:
+            out = self._new(m.out_channels)
+            self._read(node.args[0])
+            self._param(node.target, "weight", {0: out, 1: x})
+        elif m.groups == m.in_channels == m.out_channels:
+            out = x  # depthwise: output channel i is input channel i
+            self._param(node.target, "weight", {0: out})
+        else:  # grouped: group g's inputs and outputs go together, so only whole groups go
+            out = self._new(m.out_channels)
+            a, b = m.in_channels // m.groups, m.out_channels // m.groups
+            for g in range(m.groups):
+                unit = np.concatenate([x[g * a : (g + 1) * a], out[g * b : (g + 1) * b]])
+                self._tie(np.full(len(unit) - 1, unit[0]), unit[1:])
+            self._param(node.target, "weight", {0: out})  # its input dim indexes within a group: it stays
+        if m.bias is not None:
+            self._param(node.target, "bias", {0: out})
+        self.atoms[node.name] = out
+        self.live[node.name] = np.zeros(len(out), bool)  # a masked channel's rows and bias are zero
+
+    def _linear(self, node, m: nn.Linear, x) -> None:
+        """A linear layer on [B, features]: new atoms for its outputs; on other inputs it is opaque."""
+        shape = self._shape(node)
+        self.pixels[node.target] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+        src = self._shape(node.args[0])
+        # the atoms name dim 1; only on a [B, features] input is that the dim a linear layer reads
+        if x is None or src is None or len(src) != 2 or len(x) != m.in_features:
+            self._opaque(node, f"linear layer {node.target} on a tensor of {len(src or ())} dims (channels last)")
+            return
+        out = self._new(m.out_features)
+        self._read(node.args[0])
+        self._param(node.target, "weight", {0: out, 1: x})
+        if m.bias is not None:
+            self._param(node.target, "bias", {0: out})
+        self.atoms[node.name] = out
+        self.live[node.name] = np.zeros(len(out), bool)
+
+    def _batchnorm(self, node, m: nn.Module, x) -> None:
+        """A BatchNorm: its parameters and running statistics indexed by its input's atoms, which pass through."""
+        for p in ("weight", "bias"):
+            if getattr(m, p, None) is not None:
+                self._param(node.target, p, {0: x})
+        for b in ("running_mean", "running_var"):
+            if getattr(m, b, None) is not None:
+                self._param(node.target, b, {0: x})
+        self.atoms[node.name] = x
+        if x is not None:
+            self.live[node.name] = np.zeros(len(x), bool)  # gamma and beta zeroed: 0 whatever comes in
 
     def _function(self, node, fn, shape) -> None:
         if fn in PASS_FUNCTIONS or getattr(fn, "__module__", "").startswith("torchvision.ops.stochastic_depth"):
