@@ -1,13 +1,20 @@
-"""Filter grafting: entropy, alpha, the external ring, the noise and internal variants, lr schedules."""
+"""Filter grafting: entropy, alpha, the external ring, the noise and internal variants, lr schedules, and the
+training hook that brings it into every training stage (switched off in iterative pruning's step finetunes)."""
 
 import copy
 import math
 
+import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from prune_cli.core.options import defaults
+from prune_cli.engine.hooks import TRAINING_HOOKS, active_hooks
 from prune_cli.methods.grafting import (
+    BLOCK,
+    Grafting,
     filter_entropy,
     graft_alpha,
     graft_internal,
@@ -253,3 +260,54 @@ def test_lr_schedules():
     assert [f(0) for f in lr_schedules(3, "dlr", 1.0, 10)] == pytest.approx([0.25, 0.75, 1.0])
     with pytest.raises(ValueError):
         lr_schedules(2, "nope", 0.1, 10)
+
+
+# ------------------------------------------------------------------ the training hook
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def graft_settings(**graft):
+    return OmegaConf.create({"lr": 0.1, "gamma": 0.1, "graft": {**defaults(BLOCK.fields), **graft}})
+
+
+def test_the_hook_is_registered_and_on_only_when_a_variant_is_set():
+    assert TRAINING_HOOKS.get("graft") is Grafting
+    assert active_hooks(graft_settings()) == []
+    (hook,) = active_hooks(graft_settings(variant="noise"))
+    assert isinstance(hook, Grafting)
+    model = model_of("resnet20", 0)
+    assert hook.partners(model, copies=True, seed=0, stage="pretrain") == []  # single-network variants
+    assert hook.lr_functions(graft_settings(), 1, 10) is None  # one network: the stage's schedule
+
+
+def test_the_hook_makes_partners_their_lrs_and_the_ring():
+    hook = Grafting.switched_on(graft_settings(variant="external", networks=3, lr_schedules="dlr"))
+    model = model_of("resnet20", 0)
+    copies = hook.partners(model, copies=True, seed=0, stage="finetune")
+    assert len(copies) == 2 and all(same_weights(c, model) for c in copies)
+    fresh = hook.partners(model, copies=False, seed=0, stage="pretrain")
+    assert not same_weights(fresh[0], fresh[1]) and not same_weights(fresh[0], model)  # each its own seed
+    assert [f(0) for f in hook.lr_functions(graft_settings(), 3, 10)] == pytest.approx([0.025, 0.075, 0.1])
+    models = [model, *copies[:1]]
+    expected = [copy.deepcopy(m) for m in models]
+    with torch.no_grad():  # two different networks, so the ring changes both
+        next(models[1].parameters()).mul_(2)
+        next(expected[1].parameters()).mul_(2)
+    graft_ring(expected)
+    hook.after_epoch(models, 0, seed=0)
+    assert all(same_weights(got, want) for got, want in zip(models, expected))
+    assert not same_weights(models[0], model_of("resnet20", 0))
+
+
+def test_step_finetunes_train_without_grafting(tiny, tmp_path):
+    from prune_cli.run import pipeline
+
+    cfg = tiny("prune.steps=2", "prune.step_epochs=1", "schedule.finetune.graft.variant=external")
+    pipeline.run(cfg, tmp_path)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    step = metrics[metrics["stage"] == "prune_step1"]
+    assert len(step) == 1 and step["net"].isna().all()  # one network, as without grafting
+    assert sorted(metrics[metrics["stage"] == "finetune"]["net"]) == [0, 1]

@@ -1,5 +1,6 @@
 """gRDA: the optimizer against its formula step by step (with an lr change), the linear lr schedule by hand,
-the schedule's refusal, and the sparsity columns of a run."""
+the schedule's refusal, the plug-in's registration (its name and block in every training stage), and the sparsity
+columns of a run."""
 
 import math
 
@@ -8,8 +9,10 @@ import torch
 from omegaconf import OmegaConf
 
 from prune_cli.core.errors import UserError
-from prune_cli.engine.loop import lr_at
-from prune_cli.methods.grda import GRDA
+from prune_cli.engine.optimizers import OPTIMIZERS, make_optimizer
+from prune_cli.engine.schedules import LR_SCHEDULES, LRSchedule, lr_at
+from prune_cli.methods.grda import GRDA, GRDABuilder
+from prune_cli.stages import STAGES
 
 
 def test_update_equals_the_formula_step_by_step():
@@ -49,6 +52,30 @@ def test_linear_schedule_by_hand():
     # held for epochs 0-4, ramp from epoch 5 (0.1) to epoch 9 (0.001) over 4 epochs, then held
     assert lrs[:6] == pytest.approx([0.1] * 6)
     assert lrs[6:] == pytest.approx([0.1 - 0.099 * k / 4 for k in (1, 2, 3, 4)])
+
+
+def test_the_plug_in_registers_the_optimizer_and_its_block():
+    assert OPTIMIZERS.get("grda") is GRDABuilder
+    for name in ("pretrain", "sparse_train", "finetune", "scratch"):
+        options = {o.name: o for o in STAGES.get(name).options}
+        assert options["optimizer"].choices == ("sgd", "adam", "grda")
+        assert [f.name for f in options["grda"].fields] == ["c", "mu"]
+    st = OmegaConf.create({"optimizer": "grda", "lr": 0.1, "grda": {"c": 0.2, "mu": 0.6}})
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2))], st)
+    assert isinstance(optimizer, GRDA) and optimizer.defaults == {"lr": 0.1, "c": 0.2, "mu": 0.6}
+
+
+def test_a_registered_schedule_is_offered_by_the_training_stages(monkeypatch):
+    class Halving(LRSchedule):
+        @staticmethod
+        def lr(st, epoch, epochs):
+            return st.lr / 2**epoch
+
+    monkeypatch.setitem(LR_SCHEDULES._parts, "halving", Halving)  # registered for this test only
+    choices = {o.name: o for o in STAGES.get("finetune").options}["lr_schedule"].choices
+    assert choices == ("multistep", "step", "cosine", "constant", "linear", "halving")
+    st = OmegaConf.create({"lr_schedule": "halving", "lr": 0.1})
+    assert [lr_at(st, e, 4) for e in range(3)] == [0.1, 0.05, 0.025]
 
 
 def test_a_linear_schedule_needs_two_milestones(compose, tmp_path):

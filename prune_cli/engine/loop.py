@@ -1,8 +1,9 @@
-"""One training stage: optimizer, per-epoch learning rate, the epoch loop, and a progress bar.
+"""The training loop: ``fit`` runs a stage's ``Trainer`` epoch by epoch, ``train_epoch`` is one pass of steps.
 
-The loop is a plain PyTorch loop: data is already on the device, the regularizer
-adds one term to the loss, and statistics stay on the device until the epoch ends
-(no per-step host sync), so it costs nothing over a hand-written loop.
+The steps are a plain PyTorch loop: data is already on the device, the regularizer adds one term to the loss, and
+statistics stay on the device until the epoch ends (no per-step host sync), so it costs nothing over a
+hand-written loop. The optimizer and the lr schedule come from their registries (``optimizers``, ``schedules``);
+training hooks (``hooks``: extra networks, per-network lr, work after an epoch) act between epochs only.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,35 +23,10 @@ from prune_cli.core.errors import UserError
 from prune_cli.core.seeds import NETWORK_STRIDE, epoch_generator
 from prune_cli.data import Data, batches
 from prune_cli.engine.evaluate import evaluate
+from prune_cli.engine.optimizers import make_optimizer
+from prune_cli.engine.schedules import lr_at
 from prune_cli.engine.settings import MEMORY_FORMATS, resolve_memory_format
 from prune_cli.importance.regularizers import Regularizer
-from prune_cli.methods.grafting import graft_internal, graft_noise, graft_ring, lr_schedules
-from prune_cli.methods.grda import GRDA
-
-
-def make_optimizer(params, st) -> torch.optim.Optimizer:
-    if st.optimizer == "grda":  # no momentum and no weight decay: the threshold is its regularization
-        return GRDA(params, lr=st.lr, c=st.grda.c, mu=st.grda.mu)
-    if st.optimizer == "adam":
-        return torch.optim.Adam(params, lr=st.lr, betas=(st.momentum, 0.999), weight_decay=st.weight_decay)
-    return torch.optim.SGD(params, lr=st.lr, momentum=st.momentum, nesterov=st.nesterov, weight_decay=st.weight_decay)
-
-
-def lr_at(st, epoch: int, epochs: int) -> float:
-    """Learning rate of ``epoch`` (0-based) in a stage of ``epochs`` epochs.
-
-    A pure function, so resuming needs no state."""
-    if st.lr_schedule == "multistep":
-        return st.lr * st.gamma ** sum(epoch >= round(m * epochs) for m in st.milestones)
-    if st.lr_schedule == "step":
-        return st.lr * st.gamma ** (epoch // max(1, round(st.step_size * epochs)))
-    if st.lr_schedule == "cosine":
-        return 0.5 * st.lr * (1 + math.cos(math.pi * epoch / epochs))
-    if st.lr_schedule == "linear":  # held, then a straight ramp to lr * gamma, then held (gRDA's schedule)
-        start, end = round(st.milestones[0] * epochs), round(st.milestones[1] * epochs)
-        share = min(max((epoch - start) / max(end - start, 1), 0.0), 1.0)
-        return st.lr + (st.lr * st.gamma - st.lr) * share
-    return st.lr
 
 
 def autocast(device: torch.device, precision: str):
@@ -143,30 +119,6 @@ def diverged(what: str, stage: str, epoch: int, lr: float, lr_option: str | None
     )
 
 
-def lr_functions(st, n_models: int, epochs: int) -> list[Callable[[int], float]]:
-    """One epoch -> lr function per network: the stage's schedule, or grafting's slr / dlr schedules."""
-    if n_models > 1 and st.graft.lr_schedules != "stage":
-        return lr_schedules(n_models, st.graft.lr_schedules, st.lr, epochs, gamma=st.gamma)
-    return [lambda e: lr_at(st, e, epochs)] * n_models
-
-
-def graft(models: list, g, epoch: int, generator: torch.Generator) -> None:
-    """Filter grafting after an epoch (Meng et al. 2020): the ring between networks, or a single-network variant."""
-    if g.variant == "external":
-        graft_ring(models, A=g.A, c=g.c, scope=g.scope)
-    elif g.variant == "noise":
-        graft_noise(
-            models[0],
-            epoch,
-            sigma0=g.noise_sigma0,
-            decay=g.noise_decay,
-            threshold=g.noise_threshold,
-            generator=generator,
-        )
-    elif g.variant == "internal":
-        graft_internal(models[0], share=g.internal_share, A=g.A, c=g.c)
-
-
 def compiled(net, trainer):
     """``net`` through torch.compile when ``trainer.compile`` (the module itself stays as it was: its parameters
     are the compiled graph's, so its state_dict is what checkpoints save)."""
@@ -184,6 +136,121 @@ def compile_seconds() -> float:
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))  # the outermost timing: no overlaps
 
 
+class Trainer:
+    """One training stage's networks with their optimizers, regularizers and lr functions, trained an epoch at a
+    time (``fit`` runs it). Everything is set up once per stage: the per-step work is ``train_epoch``'s alone, and
+    the hooks act between epochs."""
+
+    def __init__(
+        self,
+        models: list,
+        data: Data,
+        st,
+        *,
+        stage: str,
+        epochs: int,
+        seed: int,
+        trainer,
+        regularizer=None,
+        hooks: Sequence = (),
+        lr_option: str | None = None,
+    ):
+        self.models, self.data, self.st, self.trainer = models, data, st, trainer
+        self.stage, self.epochs, self.seed = stage, epochs, seed
+        self.hooks, self.lr_option = list(hooks), lr_option
+        self.device = data.train.x.device
+        self.layout = resolve_memory_format(trainer.get("memory_format", "auto"), self.device)
+        self.nets = self.training_networks()
+        self.regularizers = [regularizer or Regularizer(models[0])] + [Regularizer(m) for m in models[1:]]
+        self.optimizers = [make_optimizer([p for p in m.parameters() if p.requires_grad], st) for m in models]
+        self.lrs = self.lr_functions()
+        self.progress = show_progress(trainer.progress) and distributed.is_main()
+
+    def training_networks(self) -> list:
+        """The networks in the training layout (and SyncBatchNorm), wrapped as the steps run them: DDP under
+        torchrun, torch.compile with ``trainer.compile``."""
+        sync_bn = distributed.active() and self.trainer.get("sync_bn", False)
+        for model in self.models:
+            model.to(memory_format=MEMORY_FORMATS[self.layout])
+            distributed.sync_batchnorm(model, sync_bn)
+        return [compiled(distributed.wrap(m), self.trainer) for m in self.models]
+
+    def lr_functions(self) -> list[Callable[[int], float]]:
+        """One epoch -> lr function per network: a hook's (per-network schedules), else the stage's schedule."""
+        for hook in self.hooks:
+            lrs = hook.lr_functions(self.st, len(self.models), self.epochs)
+            if lrs is not None:
+                return lrs
+        return [lambda e: lr_at(self.st, e, self.epochs)] * len(self.models)
+
+    def load_optimizer_states(self, states: list | None) -> None:
+        """Resume: the optimizers as the interrupted stage saved them (None entries start afresh)."""
+        for optimizer, state in zip(self.optimizers, states or []):
+            if state is not None:
+                optimizer.load_state_dict(state)
+
+    def train_network(self, k: int, epoch: int) -> dict:
+        """One epoch of network ``k`` in its own data order; its history row (without the test columns)."""
+        tic, compiling = time.perf_counter(), compile_seconds()
+        lr, optimizer, several = self.lrs[k](epoch), self.optimizers[k], len(self.models) > 1
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = train_epoch(
+            self.nets[k],
+            self.data,
+            self.st.batch_size,
+            optimizer,
+            self.regularizers[k],
+            epoch_generator(self.device, self.seed + NETWORK_STRIDE * k, self.stage, epoch),
+            self.trainer.precision,
+            self.progress,
+            desc=f"{self.stage}{f' net {k}' if several else ''} {epoch + 1}/{self.epochs}",
+            memory_format=self.layout,
+        )
+        check_finite(self.models[k], stats, self.stage, epoch, lr, self.lr_option)
+        return {
+            "stage": self.stage,
+            "epoch": epoch + 1,
+            **({"net": k} if several else {}),
+            "lr": lr,
+            **stats,
+            "seconds": time.perf_counter() - tic,
+            **({"compile_seconds": compile_seconds() - compiling} if self.trainer.get("compile") else {}),
+        }
+
+    def after_epoch(self, epoch: int, rows: list[dict]) -> None:
+        """The hooks' work after the epoch's training, timed into the last network's row."""
+        if not self.hooks:
+            return
+        tic = time.perf_counter()
+        for hook in self.hooks:
+            hook.after_epoch(self.models, epoch, self.seed)
+        rows[-1]["seconds"] += time.perf_counter() - tic
+
+    def test(self, epoch: int, rows: list[dict]) -> None:
+        """Every network's test loss and accuracy into its row: every ``trainer.eval_every`` epochs and at the last
+        (NaN in between)."""
+        due = epoch == self.epochs - 1 or (epoch + 1) % self.trainer.eval_every == 0
+        for model, row in zip(self.models, rows):
+            tic = time.perf_counter()
+            top1, loss = float("nan"), float("nan")
+            if due:
+                test = batches(
+                    self.data.test, self.data, self.trainer.eval_batch_size, memory_format=MEMORY_FORMATS[self.layout]
+                )
+                top1, loss = evaluate(model, distributed.my_batches(test), shared=distributed.active())
+                if not math.isfinite(loss):  # the outputs overflow although the weights are still finite
+                    raise diverged(f"the test loss became {loss}", self.stage, epoch, row["lr"], self.lr_option)
+            row.update(test_loss=loss, test_acc=top1)
+            row["seconds"] += time.perf_counter() - tic
+
+    def release(self) -> None:
+        """The networks as a checkpoint rebuilds them: contiguous, plain BatchNorm."""
+        for model in self.models:
+            distributed.sync_batchnorm(model, False)
+            model.to(memory_format=torch.contiguous_format)
+
+
 def fit(
     models: list,
     data: Data,
@@ -199,11 +266,13 @@ def fit(
     history: list | None = None,
     on_epoch_end: Callable[[int, list, list], None] | None = None,
     lr_option: str | None = None,
+    hooks: Sequence = (),
 ) -> list[dict]:
     """Train ``epochs`` epochs (from ``start_epoch`` when resuming); returns the per-epoch history.
 
-    Usually ``models`` holds one network. With external grafting it holds N, trained side by side with
-    their own data order (seed offset per network) and grafted after every epoch; history rows carry ``net``.
+    Usually ``models`` holds one network. ``hooks`` (training hooks, none by default) may have added more, trained
+    side by side with their own data order (seed offset per network) and their own lr functions, and act on them
+    after every epoch; history rows then carry ``net``.
     A non-finite training loss ends the stage with a UserError naming ``lr_option`` (default
     ``schedule.<stage>.lr``), before the epoch is checkpointed: nothing downstream sees NaN weights.
 
@@ -212,73 +281,26 @@ def fit(
     The training steps run through DDP under torchrun and through torch.compile with ``trainer.compile``; the
     networks themselves (what checkpoints save) stay plain modules.
     """
-    device = data.train.x.device
-    layout = resolve_memory_format(trainer.get("memory_format", "auto"), device)
-    sync_bn = distributed.active() and trainer.get("sync_bn", False)
-    for model in models:
-        model.to(memory_format=MEMORY_FORMATS[layout])
-        distributed.sync_batchnorm(model, sync_bn)
-    nets = [compiled(distributed.wrap(m), trainer) for m in models]  # what runs the training steps
-    regularizers = [regularizer or Regularizer(models[0])] + [Regularizer(m) for m in models[1:]]
-    optimizers = [make_optimizer([p for p in m.parameters() if p.requires_grad], st) for m in models]
-    for opt, state in zip(optimizers, optimizer_states or []):
-        if state is not None:
-            opt.load_state_dict(state)
-    lrs = lr_functions(st, len(models), epochs)
+    run = Trainer(
+        models,
+        data,
+        st,
+        stage=stage,
+        epochs=epochs,
+        seed=seed,
+        trainer=trainer,
+        regularizer=regularizer,
+        hooks=hooks,
+        lr_option=lr_option,
+    )
+    run.load_optimizer_states(optimizer_states)
     history = list(history or [])
-    progress = show_progress(trainer.progress) and distributed.is_main()
     for epoch in range(start_epoch, epochs):
-        rows = []
-        for k, (net, optimizer, reg) in enumerate(zip(nets, optimizers, regularizers)):
-            tic, compiling = time.perf_counter(), compile_seconds()
-            lr = lrs[k](epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            which = f" net {k}" if len(models) > 1 else ""
-            stats = train_epoch(
-                net,
-                data,
-                st.batch_size,
-                optimizer,
-                reg,
-                epoch_generator(device, seed + NETWORK_STRIDE * k, stage, epoch),
-                trainer.precision,
-                progress,
-                desc=f"{stage}{which} {epoch + 1}/{epochs}",
-                memory_format=layout,
-            )
-            check_finite(models[k], stats, stage, epoch, lr, lr_option)
-            rows.append(
-                {
-                    "stage": stage,
-                    "epoch": epoch + 1,
-                    **({"net": k} if len(models) > 1 else {}),
-                    "lr": lr,
-                    **stats,
-                    "seconds": time.perf_counter() - tic,
-                    **({"compile_seconds": compile_seconds() - compiling} if trainer.get("compile") else {}),
-                }
-            )
-        if st.graft.variant != "none":
-            tic = time.perf_counter()
-            graft(models, st.graft, epoch, epoch_generator("cpu", seed, "graft", epoch))
-            rows[-1]["seconds"] += time.perf_counter() - tic
-        last = epoch == epochs - 1
-        for model, row in zip(models, rows):
-            tic = time.perf_counter()
-            if last or (epoch + 1) % trainer.eval_every == 0:
-                test = batches(data.test, data, trainer.eval_batch_size, memory_format=MEMORY_FORMATS[layout])
-                top1, loss = evaluate(model, distributed.my_batches(test), shared=distributed.active())
-                if not math.isfinite(loss):  # the outputs overflow although the weights are still finite
-                    raise diverged(f"the test loss became {loss}", stage, epoch, row["lr"], lr_option)
-            else:
-                top1, loss = float("nan"), float("nan")
-            row.update(test_loss=loss, test_acc=top1)
-            row["seconds"] += time.perf_counter() - tic
+        rows = [run.train_network(k, epoch) for k in range(len(models))]
+        run.after_epoch(epoch, rows)
+        run.test(epoch, rows)
         history += rows
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, optimizers, history)
-    for model in models:
-        distributed.sync_batchnorm(model, False)
-        model.to(memory_format=torch.contiguous_format)
+            on_epoch_end(epoch + 1, run.optimizers, history)
+    run.release()
     return history

@@ -28,19 +28,28 @@ What :func:`graft_ring` grafts (``scope``):
 ``num_batches_tracked`` is never touched. A BN "follows" a layer when it comes right after it in
 module registration order and has as many features as the layer has outputs (true of every model
 in ``prune_cli.models``).
+
+A plug-in of the training engine: the ``graft`` block of every training stage switches on the
+:class:`Grafting` training hook (its partner networks, their lr schedules, the graft after each epoch).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from prune_cli.core.options import Choice, Float, Int, Section
+from prune_cli.core.seeds import derived, epoch_generator
+from prune_cli.engine.hooks import TRAINING_HOOKS, TrainingHook
 from prune_cli.importance.histogram import histogram_entropy
+from prune_cli.models import build_model
 
 __all__ = [
+    "Grafting",
     "layer_entropy",
     "filter_entropy",
     "graft_alpha",
@@ -291,3 +300,95 @@ def lr_schedules(
     if kind == "dlr":
         return [cosine((1 + math.cos(math.pi * (n_models - m) / n_models)) / 2) for m in range(1, n_models + 1)]
     raise ValueError(f"lr schedule kind must be same, slr or dlr, not {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the training hook: schedule.<stage>.graft
+
+
+BLOCK = Section(
+    "graft",
+    (
+        Choice(
+            "variant",
+            "none",
+            ("none", "external", "noise", "internal"),
+            "filter grafting: none | external (N networks, ring) | noise | internal",
+        ),
+        Int("networks", 2, "external: networks trained side by side, each with its own data order", lo=2),
+        Choice(
+            "lr_schedules",
+            "stage",
+            ("stage", "slr", "dlr"),
+            "stage: every network uses the stage's schedule | slr: shared step | dlr: per-network cosine",
+        ),
+        Float("A", 0.4, "alpha = (A / pi) * arctan(c * (H_m - H_(m-1))) + 0.5", lo=0.0),
+        Float("c", 500.0, "the entropy-difference scale c of alpha", lo=0.0),
+        Choice(
+            "scope", "all", ("all", "conv_bn", "conv"), "layers grafted: all (conv + linear, with BN) | conv_bn | conv"
+        ),
+        Float("noise_sigma0", 0.01, "noise: std of the noise at epoch 0 ...", lo=0.0),
+        Float("noise_decay", 0.95, "... times decay**epoch", lo=0.0, hi=1.0),
+        Float("noise_threshold", 0.1, "noise: filters with L1 norm below this x the layer mean get noise", lo=0.0),
+        Float(
+            "internal_share",
+            0.1,
+            "internal: share of each layer's filters overwritten by its highest-entropy ones",
+            lo=0.0,
+            hi=0.5,
+            lo_open=True,
+        ),
+    ),
+    "filter grafting (Meng et al., CVPR 2020); variant none = off",
+)
+
+
+@TRAINING_HOOKS.register("graft")
+class Grafting(TrainingHook):
+    """Filter grafting in a training stage, as its ``graft`` block sets it (variant none: off)."""
+
+    options = (BLOCK,)
+
+    def __init__(self, settings):
+        self.settings = settings  # the stage's graft block
+
+    @classmethod
+    def switched_on(cls, st) -> Grafting | None:
+        graft = st.get("graft")  # None: a stage whose block does not declare grafting
+        return cls(graft) if graft is not None and graft.variant != "none" else None
+
+    def partners(self, model, *, copies: bool, seed: int, stage: str) -> list:
+        """External grafting's other networks: new initialisations (seeded per network and stage), or copies of
+        the model when finetuning."""
+        if self.settings.variant != "external":
+            return []
+        partners = []
+        for k in range(1, self.settings.networks):
+            torch.manual_seed(derived(seed + k, stage))
+            partner = copy.deepcopy(model) if copies else build_model(model.arch)
+            partners.append(partner.to(next(model.parameters()).device))
+        return partners
+
+    def lr_functions(self, st, networks: int, epochs: int) -> list[Callable[[int], float]] | None:
+        """slr / dlr: the per-network schedules of :func:`lr_schedules`; stage: the stage's own (None)."""
+        if networks > 1 and self.settings.lr_schedules != "stage":
+            return lr_schedules(networks, self.settings.lr_schedules, st.lr, epochs, gamma=st.gamma)
+        return None
+
+    def after_epoch(self, models: list, epoch: int, seed: int) -> None:
+        """The graft after an epoch: the ring between the networks, or a single-network variant on the model."""
+        g = self.settings
+        if g.variant == "external":
+            graft_ring(models, A=g.A, c=g.c, scope=g.scope)
+        elif g.variant == "noise":
+            generator = epoch_generator("cpu", seed, "graft", epoch)
+            graft_noise(
+                models[0],
+                epoch,
+                sigma0=g.noise_sigma0,
+                decay=g.noise_decay,
+                threshold=g.noise_threshold,
+                generator=generator,
+            )
+        elif g.variant == "internal":
+            graft_internal(models[0], share=g.internal_share, A=g.A, c=g.c)

@@ -150,7 +150,7 @@ def step_finetune_settings(cfg):
     """Iterative pruning's finetune: the schedule's finetune (or first training) block, with prune.step_* (a null
     step_epochs keeps the block's epochs, a null step_lr its lr and lr schedule)."""
     base = cfg.schedule[step_block(cfg)]
-    p, changes = cfg.prune, {"graft": {"variant": "none"}}
+    p, changes = cfg.prune, {}  # the block's training hooks stay off: Prune.run gives the finetune's fit none
     if p.step_epochs is not None:
         changes["epochs"] = p.step_epochs
     if p.step_lr is not None:

@@ -2,8 +2,11 @@
 
 Their differences are declared as class attributes: ``regularized`` (the configured regularizer is
 added to the loss), ``fresh_init`` (the pruned architecture is re-initialised, Liu et al. 2019; with
-``budget: B`` its epochs scale by MACs_dense / MACs_pruned) and ``copy_partners`` (external grafting's
-other networks start as copies of the model rather than fresh initialisations).
+``budget: B`` its epochs scale by MACs_dense / MACs_pruned) and ``copy_partners`` (networks a training
+hook trains beside the model start as copies of it rather than new initialisations).
+
+Their options are the loop's own plus what the engine's registries offer: every registered optimizer and lr
+schedule, and the option blocks of the optimizers and training hooks that methods register.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import copy
 import torch
 
 from prune_cli.core.errors import UserError
-from prune_cli.core.options import Bool, Choice, Float, Int, List, Section, Value
-from prune_cli.core.seeds import derived
+from prune_cli.core.options import Bool, Choice, Float, Int, List, Option, Value
+from prune_cli.engine.hooks import TRAINING_HOOKS, active_hooks
 from prune_cli.engine.loop import fit
+from prune_cli.engine.optimizers import OPTIMIZERS, optimizer_option
+from prune_cli.engine.schedules import LR_SCHEDULE, schedule_option
 from prune_cli.engine.settings import capped_epochs
 from prune_cli.importance.criteria import channel_vectors
 from prune_cli.importance.regularizers import build_regularizer, sparsity_stats
@@ -23,64 +28,14 @@ from prune_cli.models import build_model
 from prune_cli.stages.base import STAGES, Stage
 from prune_cli.structure.counting import count_macs
 
-GRAFT = Section(
-    "graft",
-    (
-        Choice(
-            "variant",
-            "none",
-            ("none", "external", "noise", "internal"),
-            "filter grafting: none | external (N networks, ring) | noise | internal",
-        ),
-        Int("networks", 2, "external: networks trained side by side, each with its own data order", lo=2),
-        Choice(
-            "lr_schedules",
-            "stage",
-            ("stage", "slr", "dlr"),
-            "stage: every network uses the stage's schedule | slr: shared step | dlr: per-network cosine",
-        ),
-        Float("A", 0.4, "alpha = (A / pi) * arctan(c * (H_m - H_(m-1))) + 0.5", lo=0.0),
-        Float("c", 500.0, "the entropy-difference scale c of alpha", lo=0.0),
-        Choice(
-            "scope", "all", ("all", "conv_bn", "conv"), "layers grafted: all (conv + linear, with BN) | conv_bn | conv"
-        ),
-        Float("noise_sigma0", 0.01, "noise: std of the noise at epoch 0 ...", lo=0.0),
-        Float("noise_decay", 0.95, "... times decay**epoch", lo=0.0, hi=1.0),
-        Float("noise_threshold", 0.1, "noise: filters with L1 norm below this x the layer mean get noise", lo=0.0),
-        Float(
-            "internal_share",
-            0.1,
-            "internal: share of each layer's filters overwritten by its highest-entropy ones",
-            lo=0.0,
-            hi=0.5,
-            lo_open=True,
-        ),
-    ),
-    "filter grafting (Meng et al., CVPR 2020); variant none = off",
-)
-
-GRDA = Section(
-    "grda",
-    (
-        Float("c", 0.005, "the threshold's scale c (the authors advise 0 < c < 0.005)", lo=0.0),
-        Float("mu", 0.51, "the threshold's growth exponent mu (advised: 0.501, 0.51, 0.55)", lo=0.0, lo_open=True),
-    ),
-    "optimizer=grda (Chao et al., NeurIPS 2020): threshold c * lr^(1/2 + mu) * n^mu; no momentum, no weight decay",
-)
-
-OPTIONS = (
-    Int("epochs", 30, "epochs of this stage (scratch with budget B scales it)", lo=0),
-    Choice("optimizer", "sgd", ("sgd", "adam", "grda"), "the optimizer (grda: see the grda block)"),
+EPOCHS = Int("epochs", 30, "epochs of this stage (scratch with budget B scales it)", lo=0)
+OPTIMIZER_SETTINGS = (
     Float("lr", 0.1, "initial learning rate", lo=0.0, lo_open=True),
     Float("momentum", 0.9, "SGD momentum (adam: beta1)", lo=0.0, hi=1.0, hi_open=True),
     Bool("nesterov", False, "SGD Nesterov momentum"),
     Float("weight_decay", 5.0e-4, "L2 weight decay", lo=0.0),
-    Choice(
-        "lr_schedule",
-        "multistep",
-        ("multistep", "step", "cosine", "constant", "linear"),
-        "the learning-rate schedule (linear: lr until milestones[0], then linearly to lr * gamma at milestones[1])",
-    ),
+)
+SCHEDULE_SETTINGS = (
     List(
         "milestones",
         [0.5, 0.75],
@@ -91,15 +46,41 @@ OPTIONS = (
     Float(
         "gamma", 0.1, "lr decay factor of multistep / step; linear: the final lr is lr * gamma", lo=0.0, lo_open=True
     ),
+)
+STAGE_SETTINGS = (
     Int("batch_size", 128, "training batch size (default: trainer.batch_size)", lo=1),
     Choice("budget", "E", ("E", "B"), "scratch only: E keeps the epochs; B scales them by MACs_dense / MACs_pruned"),
-    GRAFT,
-    GRDA,
 )
+# the options declared here (other stages copy some); a training stage's ``options`` add the registries' parts
+OPTIONS = (EPOCHS, *OPTIMIZER_SETTINGS, LR_SCHEDULE, *SCHEDULE_SETTINGS, *STAGE_SETTINGS)
+
+
+def training_options() -> tuple[Option, ...]:
+    """A training stage's options: its own, the choice of every registered optimizer and lr schedule, and the
+    blocks registered optimizers and training hooks add (by block name)."""
+    parts = [part for registry in (OPTIMIZERS, TRAINING_HOOKS) for _, part in registry.items()]
+    blocks = sorted((block for part in parts for block in part.options), key=lambda block: block.name)
+    return (
+        EPOCHS,
+        optimizer_option(),
+        *OPTIMIZER_SETTINGS,
+        schedule_option(),
+        *SCHEDULE_SETTINGS,
+        *STAGE_SETTINGS,
+        *blocks,
+    )
+
+
+class RegisteredOptions:
+    """``TrainStage.options``, built when read: by then every module has registered its optimizers and hooks
+    (a tuple built while this module is imported would miss those of the methods, imported after it)."""
+
+    def __get__(self, stage, owner) -> tuple[Option, ...]:
+        return training_options()
 
 
 class TrainStage(Stage):
-    options = OPTIONS
+    options = RegisteredOptions()
     shared_groups = True
     regularized = False
     fresh_init = False
@@ -133,7 +114,11 @@ class TrainStage(Stage):
             model = self.transform(model, ctx)
         for p in model.parameters():  # a model coming from the gates stage was frozen
             p.requires_grad_(True)
-        models = [model] + self.grafting_partners(model, st, cfg.seed)
+        hooks = active_hooks(st)
+        partners = [
+            p for hook in hooks for p in hook.partners(model, copies=self.copy_partners, seed=cfg.seed, stage=self.name)
+        ]
+        models = [model] + partners
         if checkpoint is not None:
             models = [build_model(checkpoint["arch"]).to(ctx.device) for _ in models]
         # built before a resumed state is loaded: a regularizer may initialise weights (e.g. BN gamma = 0.5)
@@ -164,6 +149,7 @@ class TrainStage(Stage):
             optimizer_states=optimizer_states,
             history=history,
             on_epoch_end=save_epoch,
+            hooks=hooks,
         )
         run.histories[self.name] = history
         row = finished_row(self.name, models, history, epochs, ctx)
@@ -173,7 +159,7 @@ class TrainStage(Stage):
         run.save(self.name, [model], done=True, epoch=epochs)
         return model
 
-    # A method that trains through this loop (resume, grafting, the row) overrides these:
+    # A method that trains through this loop (resume, hooks, the row) overrides these:
     def settings(self, st):
         """The training settings ``fit`` gets, from the stage's block."""
         return st
@@ -194,17 +180,6 @@ class TrainStage(Stage):
         ctx.run.write_csv("sparsity.csv", per_layer)
         return {**overall, "removable_channels": removable_channels(model)}
 
-    def grafting_partners(self, model, st, seed: int) -> list:
-        """The other networks of external grafting: fresh initialisations, or copies when finetuning."""
-        if st.graft.variant != "external":
-            return []
-        partners = []
-        for k in range(1, st.graft.networks):
-            torch.manual_seed(derived(seed + k, self.name))
-            partner = copy.deepcopy(model) if self.copy_partners else build_model(model.arch)
-            partners.append(partner.to(next(model.parameters()).device))
-        return partners
-
 
 def removable_channels(model) -> int:
     """Channels whose whole filter is exactly zero: removable without changing the producer conv's output."""
@@ -218,7 +193,8 @@ def removable_channels(model) -> int:
 
 
 def finished_row(stage: str, models: list, history: list[dict], epochs: int, ctx) -> dict:
-    """The stage's results row; with several grafted networks, every one's accuracy and the best one continues."""
+    """The stage's results row; with several networks (a hook's partners), every one's accuracy and the best one
+    continues."""
     seconds = sum(h["seconds"] for h in history)
     per_net = [[h for h in history if h.get("net", 0) == k] for k in range(len(models))]
     finals = [(h[-1]["test_acc"], h[-1]["test_loss"]) if h else ctx.test(m) for h, m in zip(per_net, models)]
