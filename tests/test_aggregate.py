@@ -157,6 +157,22 @@ def test_a_sweep_over_a_non_seed_setting_is_not_averaged(tmp_path, capsys):
     assert "\\begin{tabular}" in latex and "prune.scope=global" in latex and "$\\pm$" in latex
 
 
+def test_a_run_older_than_an_option_groups_at_the_value_it_ran_with(tmp_path):
+    """An old config lacks options declared since (their ``absent``: what those runs ran as): it joins the runs
+    that set them to that value, not the ones that set them otherwise."""
+    make_run(tmp_path / "old", config(0), 60.0)  # before prune.step_grid and the logger block existed
+    new = config(1, prune__step_grid="linear", prune__residual=False)
+    new["logger"] = {"name": "none"}
+    make_run(tmp_path / "new", new, 62.0)
+    make_run(tmp_path / "geometric", config(2, prune__step_grid="geometric"), 50.0)
+    assert report.main([str(tmp_path), "--format", "csv"]) == 0
+    summary = pd.read_csv(tmp_path / "sweep_summary.csv")
+    assert sorted(zip(summary["prune.step_grid"], summary["n"], summary["jobs"])) == [
+        ("geometric", 1, "geometric"),
+        ("linear", 2, "new old"),
+    ]
+
+
 def test_runs_of_one_group_from_different_dense_models_are_flagged(tmp_path):
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()

@@ -12,9 +12,14 @@ from omegaconf import OmegaConf
 from prune_cli.cli.run import CONF_DIR
 from prune_cli.core.errors import UserError
 from prune_cli.core.options import walk
+from prune_cli.importance.criteria import CRITERIA
+from prune_cli.importance.regularizers import REGULARIZERS
 from prune_cli.run import config
-from prune_cli.run.config import NAMED_GROUPS, declared, options_reference, validate
+from prune_cli.run.config import NAMED_GROUPS, declarations_at, declared, options_reference, validate
+from prune_cli.run.resumable import added_option, config_differences
 from prune_cli.stages import STAGES
+
+pytestmark = pytest.mark.xdist_group("composed")  # one worker composes every config once, for all these tests
 
 GROUP_CHOICES = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) for group in NAMED_GROUPS}
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -96,18 +101,11 @@ def bad_values(o):
     return out
 
 
-# a schedule whose composed config holds the stage's block (the default one holds pretrain and finetune)
-SCHEDULE_WITH = {
-    "gates": "pfs",
-    "sparse_train": "sparse",
-    "scratch": "scratch",
-    "stripe": "swp",
-    "rm": "rmnet",
-    "scop": "scop",
-    "cg": "cg",
-    "merge": "merge",
-    "pfp": "pfp",
-}
+def schedule_with(stage: str) -> str:
+    """The first schedule choice that lists ``stage`` (its composed config holds the stage's block)."""
+    return next(
+        s for s in SCHEDULES if stage in yaml.safe_load((CONF_DIR / "schedule" / f"{s}.yaml").read_text())["stages"]
+    )
 
 
 def declaration_cases():
@@ -121,7 +119,7 @@ def declaration_cases():
         cases += [("model=resnet20", p) for p, _ in walk(options, group)]
     for name, stage in config.builtin_parts(STAGES):
         if stage.options:
-            base = f"schedule={SCHEDULE_WITH.get(name, 'default')}"
+            base = f"schedule={schedule_with(name)}"
             cases += [(base, p) for p, _ in walk(stage.options, f"schedule.{name}")]
     return cases
 
@@ -145,6 +143,20 @@ def test_every_declared_option_refuses_bad_values(composed, base, path):
         assert e.value.option == path or e.value.option.startswith(path + "["), (path, value, str(e.value))
 
 
+def test_every_method_part_runs_in_a_preset(composed):
+    """Every stage, regularizer and criterion a method module registers (prune_cli/methods) is used by a preset."""
+    presets = [cfg for key, cfg in composed.items() if key.startswith("experiment=")]
+    used = {
+        "stage": {stage for cfg in presets for stage in cfg["schedule"]["stages"]},
+        "regularizer": {cfg["regularizer"]["name"] for cfg in presets},
+        "criterion": {cfg["criterion"]["name"] for cfg in presets},
+    }
+    for kind, registry in (("stage", STAGES), ("regularizer", REGULARIZERS), ("criterion", CRITERIA)):
+        for name, part in registry.items():
+            if part.__module__.startswith("prune_cli.methods."):
+                assert name in used[kind], f"no preset uses the {kind} {name} ({part.__module__})"
+
+
 def test_unknown_key_is_refused_with_its_path(composed):
     cfg = copy.deepcopy(composed["model=resnet20"])
     cfg["criterion"]["granularty"] = "filter"
@@ -165,6 +177,7 @@ def test_loss_criterion_options_fail_before_training(compose):
         assert str(e.value).startswith(message), str(e.value)
 
 
+@pytest.mark.slow
 def test_loss_criterion_error_through_the_command_before_any_data(cli, tmp_path):
     # CIFAR-10 with no files: reaching the data would fail differently, so this error came first
     r = cli(
@@ -186,3 +199,50 @@ def test_options_page_tables_are_the_generated_ones(options_page):
     found = re.search(r"<!-- options:begin -->\n(.*?)<!-- options:end -->", options_page, re.S)
     assert found, "docs/options.md lacks its generated option tables"
     assert found.group(1).strip() == options_reference().strip(), "regenerate: python scripts/options_tables.py"
+
+
+# what a config written before each option existed meant, as the central table the declarations' absent= replaced
+# held it (a stage block's option is added to every stage)
+ADDED_LATER = {
+    "model.prune_outputs": False,
+    "model.last_maxpool": True,
+    "prune.step_grid": "linear",
+    "prune.residual": False,
+    "schedule.pretrain.grda": {"c": 0.005, "mu": 0.51},
+    "schedule.sparse_train.grda": {"c": 0.005, "mu": 0.51},
+    "schedule.finetune.grda": {"c": 0.005, "mu": 0.51},
+    "logger": {"name": "none"},
+    "latency": "off",
+    "trainer.memory_format": "auto",
+    "trainer.sync_bn": False,
+    "trainer.compile": False,
+    "trainer.compile_backend": "inductor",
+}
+
+
+def test_options_added_later_say_what_older_configs_meant():
+    for name, value in ADDED_LATER.items():
+        assert added_option(name) == value, name
+    for name in ("seed", "trainer.device", "model.width_mult", "logger.name", "schedule.pretrain.grda.c", "nonsense"):
+        assert added_option(name) is None, name  # every config holds these (or none does)
+
+
+def test_an_added_options_older_meaning_is_a_valid_value():
+    for name, value in ADDED_LATER.items():
+        for o in declarations_at(name):
+            if o.kind != "section":
+                assert o.check(value, name) == value, name
+
+
+def test_a_config_older_than_its_options_resumes_as_the_same_run(composed):
+    new = composed["model=resnet20"]
+    old = copy.deepcopy(new)
+    for name in ("model.prune_outputs", "prune.step_grid", "prune.residual", "trainer.compile", "logger"):
+        *parents, leaf = name.split(".")
+        block = old
+        for part in parents:
+            block = block[part]
+        del block[leaf]
+    assert config_differences(old, new) == []
+    new["prune"]["step_grid"] = "geometric"
+    assert config_differences(old, new) == ["prune.step_grid"]

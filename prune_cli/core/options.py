@@ -16,6 +16,16 @@ from typing import Any
 from prune_cli.core.errors import UserError
 
 
+class _Always:
+    """The ``absent`` of an option every config ever written holds (nothing to say about older runs)."""
+
+    def __repr__(self) -> str:
+        return "ALWAYS"
+
+
+ALWAYS = _Always()
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of kind int, float, bool, str, choice, list, map or section.
@@ -24,7 +34,9 @@ class Option:
 
     ``item`` types the entries of a ``list`` (and the values of a ``map``); ``fields`` are the options
     of a nested ``section``; ``rule`` is an extra check returning why a value is wrong (or None), and
-    ``rule_doc`` how docs/options.md states it.
+    ``rule_doc`` how docs/options.md states it. ``absent`` is what a config written before the option existed
+    means (how those runs behaved), so that resuming and grouping old runs compare like with like;
+    ``ALWAYS`` for an option every config holds.
     """
 
     name: str
@@ -41,6 +53,7 @@ class Option:
     fields: tuple[Option, ...] = ()
     rule: Callable[[Any], str | None] | None = None
     rule_doc: str = ""
+    absent: Any = ALWAYS
 
     def expects(self) -> str:
         """What a valid value is, in words (docs/options.md's 'type and range' column and error messages)."""
@@ -151,8 +164,8 @@ def Map(name: str, default, doc: str, item: Option | None = None, **kw) -> Optio
     return Option(name, "map", default, doc, item=item, **kw)
 
 
-def Section(name: str, fields: Sequence[Option], doc: str) -> Option:  # noqa: N802
-    return Option(name, "section", None, doc, fields=tuple(fields))
+def Section(name: str, fields: Sequence[Option], doc: str, **kw) -> Option:  # noqa: N802
+    return Option(name, "section", None, doc, fields=tuple(fields), **kw)
 
 
 def Value(kind: str, **kw) -> Option:  # noqa: N802
@@ -202,6 +215,15 @@ def check_block(block: Mapping | None, options: Sequence[Option], path: str, *, 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else str(key)
+
+
+def find(options: Sequence[Option], path: str) -> Option | None:
+    """The declaration at the dotted ``path`` below ``options`` (a section or one of its fields), else None."""
+    head, _, rest = path.partition(".")
+    option = next((o for o in options if o.name == head), None)
+    if option is None or not rest:
+        return option
+    return find(option.fields, rest) if option.kind == "section" else None
 
 
 def walk(options: Sequence[Option], path: str = ""):

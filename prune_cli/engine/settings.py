@@ -37,12 +37,14 @@ OPTIONS = (
         "layout of conv weights and batches while training; auto: when resuming, the run's recorded one (runs "
         "older than the option: contiguous), else channels_last on cuda, contiguous on cpu and mps (CPU results "
         "stay those of earlier versions; channels_last trains ResNet-20 15-30% faster on a 2-core CPU: set it)",
+        absent="auto",
     ),
     Bool(
         "compile",
         False,
         "train through torch.compile (the first epoch includes the compile time, reported as compile_seconds; "
         "checkpoints hold the uncompiled network's weights)",
+        absent=False,
     ),
     Choice(
         "compile_backend",
@@ -50,6 +52,7 @@ OPTIONS = (
         ("inductor", "aot_eager", "eager"),
         "torch.compile's backend: inductor (generated kernels, the speed-up; needs a C++ compiler on the CPU) | "
         "aot_eager, eager (trace only: check that a network compiles, no speed-up)",
+        absent="inductor",
     ),
     Choice("precision", "fp32", ("fp32", "bf16", "fp16"), "autocast precision (fp16 needs cuda)"),
     Bool(
@@ -57,6 +60,7 @@ OPTIONS = (
         False,
         "distributed runs on CUDA (torchrun): BatchNorm statistics over every process's shard (SyncBatchNorm) "
         "instead of each process's own",
+        absent=False,
     ),
     Bool("deterministic", False, "deterministic kernels (slower on GPU); CPU runs are reproducible anyway"),
     Int("max_epochs", None, "cap every stage's epochs (smoke runs)", lo=1, nullable=True),

@@ -105,6 +105,7 @@ PRUNE_OUTPUTS = Bool(
     False,
     "residual-branch outputs are channel groups too: conv2 computes only the kept ones, added into the stream by "
     "index (SCOP)",
+    absent=False,
 )
 SHORTCUT_DOC = "A: stride-2 subsample + zero-pad channels (the CIFAR papers' choice); B: 1x1 conv + BN"
 STEM = Choice(

@@ -40,6 +40,7 @@ class VGG(Prunable):
             "last_maxpool",
             True,
             "false: no max-pool after the last conv block, the average pool takes its map (Neuron Merging's VGG-16)",
+            absent=True,
         )
         return (head, last_maxpool, WIDTH_MULT)
 

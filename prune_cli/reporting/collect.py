@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -148,8 +149,8 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def added_default(name: str):
-    """The value a setting added after a run was written had for that run (rundir.ADDED_OPTIONS), else ABSENT."""
-
+    """The value a setting added after a run was written had for that run (its declaration's ``absent``, or that of
+    the block holding it), else ABSENT."""
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         value = added_option(".".join(parts[:i]))
@@ -190,8 +191,7 @@ def run_config(run_dir: Path) -> tuple[dict | None, set[str]]:
 
 
 def checkpoint_config(path: Path) -> dict | None:
-    import torch
-
+    """The config a checkpoint file holds, or None when the file cannot be read."""
     for mmap in (True, False):  # mapped: the weights are not read (legacy, non-zip files cannot be mapped)
         try:
             config = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap).get("config")

@@ -15,7 +15,19 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from prune_cli.core.errors import UserError
-from prune_cli.core.options import Choice, Int, List, Option, Str, Value, check_block, markdown_table
+from prune_cli.core.options import (
+    ALWAYS,
+    Choice,
+    Int,
+    List,
+    Option,
+    Section,
+    Str,
+    Value,
+    check_block,
+    find,
+    markdown_table,
+)
 from prune_cli.data import DATASETS
 from prune_cli.engine import settings
 from prune_cli.importance.criteria import CRITERIA
@@ -40,6 +52,7 @@ RUN_OPTIONS = (
         "a run that prunes times the dense and the pruned model on its device (batch 1 and trainer.eval_batch_size): "
         "latency and speed-up columns; off under debug=smoke",
         rule_doc="on or off (true / false)",
+        absent="off",
     ),
 )
 STAGE_LIST = List("stages", [], "the stages to run, in order", item=Value("str"))
@@ -60,6 +73,30 @@ NAMED_GROUPS = {
     "logger": LOGGERS,
 }
 FIXED_GROUPS = {"trainer": settings.OPTIONS, "prune": selection.OPTIONS}
+# a named group's block as a whole, declared where the group came after runs were written (its parts declare the rest)
+GROUP_BLOCKS = (Section("logger", (), "experiment tracking: logger.name picks the logger", absent={"name": "none"}),)
+
+
+def declarations_at(path: str) -> list[Option]:
+    """Every declaration of the config ``path`` in any config: in any part of a named group, in any stage."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        found = [find(RUN_OPTIONS + GROUP_BLOCKS, head)]
+    elif head in NAMED_GROUPS:
+        found = [find(part_options(head, name), rest) for name in NAMED_GROUPS[head].names()]
+    elif head in FIXED_GROUPS:
+        found = [find(FIXED_GROUPS[head], rest)]
+    elif head == "schedule":
+        stage, _, rest = rest.partition(".")
+        found = [find(STAGES.get(stage).options or (), rest)] if rest and stage in STAGES else []
+    else:
+        found = []
+    return [o for o in found if o is not None]
+
+
+def absent_value(path: str):
+    """What a config written before the option at ``path`` existed means (its declared ``absent``), else ALWAYS."""
+    return next((o.absent for o in declarations_at(path) if o.absent is not ALWAYS), ALWAYS)
 
 
 def declared(cfg: dict) -> dict[str, tuple[Option, ...]]:

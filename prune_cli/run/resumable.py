@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 
+from prune_cli.core.options import ALWAYS
+from prune_cli.run.config import absent_value
+
 # options that may change between a run and its resumption without changing its results
 RESUMABLE_DIFFERENCES = (
     "trainer.device",
@@ -18,26 +21,18 @@ RESUMABLE_DIFFERENCES = (
 )
 
 
-# options added after runs were written, with the behaviour those runs had: absent from an old config means this
-# (keys are patterns: a stage block's option is added to every stage)
-ADDED_OPTIONS = {
-    "model.prune_outputs": False,
-    "model.last_maxpool": True,
-    "prune.step_grid": "linear",
-    "prune.residual": False,
-    "schedule.*.grda": {"c": 0.005, "mu": 0.51},
-    "logger": {"name": "none"},
-    "latency": "off",
-    # "auto" keeps a resumed run's recorded format, and a run recorded before the option existed trained contiguous
-    "trainer.memory_format": "auto",
-    "trainer.sync_bn": False,
-    "trainer.compile": False,
-    "trainer.compile_backend": "inductor",
-}
+# gRDA's block is declared by the training stages that the gRDA plug-in is being moved out of; until its own
+# declaration carries absent=, the value runs written before the block behaved as is kept here
+GRDA_BLOCK, GRDA_ABSENT = "schedule.*.grda", {"c": 0.005, "mu": 0.51}
 
 
 def added_option(name: str):
-    return next((value for pattern, value in ADDED_OPTIONS.items() if fnmatch.fnmatchcase(name, pattern)), None)
+    """What a config written before the option ``name`` existed means (its declaration's ``absent``), or None for
+    an option every config holds."""
+    value = absent_value(name)
+    if value is not ALWAYS:
+        return value
+    return GRDA_ABSENT if fnmatch.fnmatchcase(name, GRDA_BLOCK) else None
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
