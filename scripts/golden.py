@@ -6,7 +6,9 @@ runs it) and the smoke run of every preset in ``conf/experiment`` (the overrides
 suite's preset tests), and writes each run's ``results.csv`` without its timing columns (``report.timing_column``) to
 ``OUTDIR/<name>.csv``. ``tests/golden/`` holds the tables captured before the registered-parts redesign (and
 each later preset's first table; the identity columns since they name only the parts a schedule uses);
-``tests/test_presets.py`` compares every run with them. Re-capture only for an intended change of results.
+``tests/test_presets.py`` compares every run with them on the columns each golden table holds, cell for cell as
+text, in the same rows: a column added to results.csv later needs no re-capture (its own test checks it). Re-capture
+only for an intended change of results; a re-captured table holds every column of the run.
 """
 
 from __future__ import annotations
