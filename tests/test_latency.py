@@ -31,9 +31,37 @@ def test_a_model_with_many_times_the_macs_measures_slower():
     narrow, wide = resnet20(0.25).eval(), resnet20(2.0).train()
     state = torch.get_rng_state()
     (narrow_ms, narrow_iqr), (wide_ms, wide_iqr) = latency.time_models([narrow, wide], (3, 16, 16), 32, "cpu")
-    assert wide_ms > narrow_ms > 0 and narrow_iqr >= 0 and wide_iqr >= 0
+    assert wide_ms > narrow_ms > 0 and narrow_iqr < wide_ms  # (the spread's arithmetic: the test below)
     assert wide.training and not narrow.training  # each model's mode restored
     assert torch.equal(torch.get_rng_state(), state)  # inputs from a generator of their own
+
+
+class Ticking(torch.nn.Module):
+    """A model whose forwards take the given milliseconds on the test's clock, one after the other (and say so)."""
+
+    def __init__(self, clock: dict, durations_ms):
+        super().__init__()
+        self.clock, self.durations = clock, iter(durations_ms)
+
+    def forward(self, x):
+        self.clock["now"] += next(self.durations) / 1000
+        self.clock["calls"].append(self)
+        return x
+
+
+def test_time_models_reports_the_median_and_interquartile_range_of_interleaved_forwards(monkeypatch):
+    """On a clock that only the forwards move: one warmup forward each (untimed), then five timed ones, interleaved;
+    the median and the range between the first and third quartiles of each model's five times."""
+    clock = {"now": 0.0, "calls": []}
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock["now"])
+    first = Ticking(clock, [1000, 5, 1, 4, 2, 3])  # the 1000 ms warmup forward is not timed
+    second = Ticking(clock, [1000, 10, 90, 20, 40, 30])
+    (first_ms, first_iqr), (second_ms, second_iqr) = latency.time_models(
+        [first, second], (1,), 2, "cpu", warmup=1, repeats=5
+    )
+    assert (first_ms, first_iqr) == pytest.approx((3.0, 2.0))  # times 1..5: quartiles 2 and 4
+    assert (second_ms, second_iqr) == pytest.approx((30.0, 20.0))  # 10, 20, 30, 40, 90: quartiles 20 and 40
+    assert clock["calls"] == [first, second] * 6  # interleaved: a change of load falls on both alike
 
 
 def test_a_pruning_run_times_dense_and_pruned_and_equals_the_untimed_run(tmp_path):
