@@ -205,6 +205,7 @@ def test_a_run_still_training_gives_its_last_finished_stage(run_dir, tmp_path):
         load(tmp_path / "unfinished.pt")
 
 
+@pytest.mark.slow
 def test_prune_cli_export_writes_a_verified_file(run_dir):
     """The command as a user runs it, in its own process: the run's last finished stage, TorchScript by default."""
     command = Path(sys.executable).parent / "prune-cli-export"  # the installed entry point
@@ -223,6 +224,7 @@ def test_prune_cli_export_writes_a_verified_file(run_dir):
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
 
 
+@pytest.mark.slow
 def test_export_stage_and_output_rules(run_dir, tmp_path, capsys):
     assert export_cli.main([str(run_dir), "--stage", "prune", "--format", "onnx"]) == 0  # another stage: its own name
     out = capsys.readouterr().out

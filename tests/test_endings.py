@@ -23,6 +23,7 @@ def status(run_dir):
     return json.loads((run_dir / "status.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_crash_mid_stage_is_failed_and_the_rerun_resumes(tmp_path, monkeypatch):
     real_epoch = loop.train_epoch
     calls = {"n": 0}
@@ -53,6 +54,7 @@ def test_a_crash_mid_stage_is_failed_and_the_rerun_resumes(tmp_path, monkeypatch
     assert list(pd.read_csv(tmp_path / "results.csv")["stage"]) == ["init", "pretrain", "prune", "finetune"]
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_interrupted_and_the_rerun_resumes(tmp_path):
     """SIGTERM mid-pretrain: interrupted, exit 143; the rerun gives the uninterrupted run's table."""
     overrides = [*RUN, "schedule.pretrain.epochs=15", "trainer.threads=1"]

@@ -134,6 +134,7 @@ def reference_ring(models, scope, A=0.4, c=500.0):
     return models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kw", [("resnet20", {}), ("vgg11", {"head": "li"})])
 @pytest.mark.parametrize("scope", ["conv", "conv_bn", "all"])
 def test_ring_of_three_matches_reference(name, kw, scope):
@@ -302,6 +303,7 @@ def test_the_hook_makes_partners_their_lrs_and_the_ring():
     assert not same_weights(models[0], model_of("resnet20", 0))
 
 
+@pytest.mark.slow
 def test_step_finetunes_train_without_grafting(tiny, tmp_path):
     from prune_cli.run import pipeline
 

@@ -64,6 +64,7 @@ def shape_count(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), sum(macs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS + GROUPED)
 def test_pruned_equals_masked_and_counts_match(name):
     torch.set_num_threads(1)

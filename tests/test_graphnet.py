@@ -39,6 +39,7 @@ class Net(nn.Module):
 '''
 
 
+@pytest.mark.slow
 def test_torchvision_resnet18_prunes_and_its_checkpoint_rebuilds(tmp_path):
     cfg = config(
         *TINY,
@@ -69,6 +70,7 @@ def test_torchvision_resnet18_prunes_and_its_checkpoint_rebuilds(tmp_path):
         torch.testing.assert_close(rebuilt(x), expect(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_network_from_the_users_own_file(tmp_path):
     (tmp_path / "my_net.py").write_text(NET)
     r = run_cli(

@@ -102,6 +102,7 @@ def test_stages_chain_to_the_model(data3):
             torch.testing.assert_close(h, model(inp))
 
 
+@pytest.mark.slow
 def test_masked_loss_equals_pruned_model(small_resnet, data3):
     """The hook-masked network's loss is the physically pruned network's loss."""
     x, y = data3
@@ -116,6 +117,7 @@ def test_masked_loss_equals_pruned_model(small_resnet, data3):
     assert stats["channels_removed"] == round(0.3 * 84) == len(stats["removed"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_dead_channel_first_vital_channel_last(small_resnet, data3, mode):
     x, y = data3
@@ -146,6 +148,7 @@ def test_dead_channel_first_vital_channel_last(small_resnet, data3, mode):
         assert stats["rounds"] == stats["channels_removed"]
 
 
+@pytest.mark.slow
 def test_fast_agrees_with_exact_on_resnet20(data3):
     """>= 90% of the channels the exact greedy removes (30% of params) are removed by the fast mode."""
     x, y = data3
@@ -175,6 +178,7 @@ def test_fast_agrees_with_exact_on_resnet20(data3):
 @pytest.mark.parametrize(
     "name,target", [("resnet20", "params"), ("resnet20", "macs"), ("vgg11", "params"), ("vgg11", "macs")]
 )
+@pytest.mark.slow
 def test_targets_met_within_tolerance(name, target):
     if name == "vgg11":  # 32x32 single-channel input (five 2x2 pools); a quarter width keeps it fast
         x, y = digits(1, 32)
@@ -199,6 +203,7 @@ def test_targets_met_within_tolerance(name, target):
         assert sum(p.numel() for p in prune_channels(model, keep).parameters()) == kept[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_min_channels_and_protect(small_resnet, data3, mode):
     x, y = data3
@@ -236,6 +241,7 @@ def test_subset_sum():
     assert not _subset_sum_hits(costs, counts, 3 * 290 + 2 * 578 + 1154 + 1, 10**6)
 
 
+@pytest.mark.slow
 def test_streams_follow_the_same_rule_as_any_group(small_resnet, data3):
     """prune.residual=true: a residual stream's channel is masked in every BatchNorm holding it, and the exact greedy's
     first rounds are the brute-force ones: each candidate (every other group protected: the streams' channels only)

@@ -19,6 +19,7 @@ def fast(*overrides):
     return config(*TINY, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=1", *overrides)
 
 
+@pytest.mark.slow
 def test_default_run_writes_every_table(tmp_path):
     rows = pipeline.run(fast(), tmp_path)
     results = pd.read_csv(tmp_path / "results.csv")
@@ -63,6 +64,7 @@ def test_default_run_writes_every_table(tmp_path):
     assert rows[-1]["params"] == pruned["params"]
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_table(tmp_path, monkeypatch):
     cfg = fast("schedule.pretrain.epochs=3", "schedule.finetune.epochs=2")
     full = pd.read_csv(Path(tmp_path / "a") / "results.csv") if pipeline.run(cfg, tmp_path / "a") else None
@@ -77,6 +79,7 @@ def test_resume_after_interruption_gives_the_same_table(tmp_path, monkeypatch):
     assert len(metrics) == 5  # no epoch logged twice
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_refuses_other_configs(tmp_path, monkeypatch):
     cfg = fast()
     pipeline.run(cfg, tmp_path)
@@ -88,6 +91,7 @@ def test_rerun_skips_finished_stages_and_refuses_other_configs(tmp_path, monkeyp
     assert (tmp_path / "results.csv").read_text().split("\n")[:5] == before.split("\n")[:5]
 
 
+@pytest.mark.slow
 def test_init_from_skips_the_stages_it_covers(tmp_path, monkeypatch):
     pipeline.run(config(*TINY, "schedule=pretrain", "schedule.pretrain.epochs=1"), tmp_path / "pre")
     ckpt = tmp_path / "pre" / "checkpoints" / "pretrain.pt"
@@ -107,6 +111,7 @@ def test_measure_needs_no_data(tmp_path):
     assert len(rows) == 1 and rows[0]["params"] == 853_018 and rows[0]["macs"] == 125_485_696
 
 
+@pytest.mark.slow
 def test_scratch_reinitialises_and_budget_b_scales_epochs(tmp_path):
     cfg = config(
         *TINY,
@@ -143,6 +148,7 @@ def test_bad_values_fail_before_training(tmp_path, override, option, monkeypatch
     assert err.value.option == option
 
 
+@pytest.mark.slow
 def test_real_cifar_format_through_the_pipeline(tmp_path):
     fakedata.make_cifar10(tmp_path / "data", n_train=100, n_test=80)
     cfg = config(
@@ -158,6 +164,7 @@ def test_real_cifar_format_through_the_pipeline(tmp_path):
     assert rows[-1]["params"] < rows[0]["params"]
 
 
+@pytest.mark.slow
 def test_gates_stage_prunes_to_the_macs_target_against_the_standard_model(tmp_path):
     cfg = config(
         *TINY,
@@ -181,6 +188,7 @@ def test_gates_stage_prunes_to_the_macs_target_against_the_standard_model(tmp_pa
     assert len(gates) == 2 and gates["density"].between(0, 1).all() and gates["val_acc"].notna().all()
 
 
+@pytest.mark.slow
 def test_grafting_trains_two_networks_and_reports_both(tmp_path):
     cfg = config(
         "dataset=digits",
@@ -200,6 +208,7 @@ def test_grafting_trains_two_networks_and_reports_both(tmp_path):
     assert sorted(zip(metrics["epoch"], metrics["net"])) == [(1, 0), (1, 1), (2, 0), (2, 1)]
 
 
+@pytest.mark.slow
 def test_slimming_threshold_removes_exactly_the_requested_share(tmp_path):
     cfg = config(
         *TINY,
@@ -239,6 +248,7 @@ def test_zero_groups_counts_zeroed_consumer_kernels():
     assert stats == {"zero_filters": 0.0, "zero_feature_groups": 4 / 16}
 
 
+@pytest.mark.slow
 def test_iterative_pruning_reaches_the_target_in_steps(tmp_path):
     cfg = fast("prune.steps=3", "prune.step_epochs=1", "prune.target=macs", "prune.ratio=0.6")
     rows = pipeline.run(cfg, tmp_path)
@@ -258,6 +268,7 @@ def test_init_from_a_file_that_is_no_checkpoint(tmp_path):
     assert err.value.option == "init_from"
 
 
+@pytest.mark.slow
 def test_loss_criterion_in_the_prune_stage(tmp_path):
     cfg = fast(
         "criterion=loss",

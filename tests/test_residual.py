@@ -49,6 +49,7 @@ def layer_count(model: torch.nn.Module, shape) -> tuple[int, int]:
     return params, macs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shortcut", ["A", "B"])
 def test_resnet56_streams_pruned_to_half_the_params(shortcut):
     dense = calibrated(
@@ -82,6 +83,7 @@ def test_resnet56_streams_pruned_to_half_the_params(shortcut):
         torch.testing.assert_close(rebuilt(x), got)
 
 
+@pytest.mark.slow
 def test_a_residual_run_prunes_the_streams_and_resumes(tmp_path):
     run = [*TINY, "model.shortcut=A", "schedule.pretrain.epochs=1", "schedule.finetune.epochs=1"]
     cfg = compose_config(*run, "prune.residual=true", "prune.ratio=0.4")
@@ -155,6 +157,7 @@ def test_a_stream_is_scored_by_the_sum_over_its_layers():
 SHARED = {"mobilenet_v2": 22, "mobilenet_v3_small": 15}  # groups several layers hold
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network", list(SHARED))
 def test_torchvision_shared_groups_mask_as_they_prune(network):
     """Depthwise chains with inverted-residual streams (mobilenet_v2), and channels
@@ -222,6 +225,7 @@ def test_a_group_is_offered_only_where_masking_removes_it(op, offered, monkeypat
             torch.testing.assert_close(model(x), pruned(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_residual_checkpoint_continues_only_where_its_groups_are_handled(tmp_path):
     """init_from a network pruned with prune.residual=true: finetuning and pruning again with it work; a stage that
     prunes only one producer's channels, or pruning without prune.residual, is refused in one line."""

@@ -18,6 +18,7 @@ def fast(*overrides):
     return config(*TINY, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=1", *overrides)
 
 
+@pytest.mark.slow
 def test_channels_last_gives_the_contiguous_table_to_float_noise(tmp_path):
     # a small lr: at the default one, two epochs on random labels are chaotic and amplify the layouts' rounding
     calm = ["schedule.pretrain.lr=0.001", "schedule.finetune.lr=0.001"]
@@ -30,6 +31,7 @@ def test_channels_last_gives_the_contiguous_table_to_float_noise(tmp_path):
     pd.testing.assert_series_equal(a["loss"], b["loss"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_under_channels_last_gives_the_uninterrupted_table(tmp_path, monkeypatch):
     cfg = fast("trainer.memory_format=channels_last")
     pipeline.run(cfg, tmp_path / "a")
@@ -58,6 +60,7 @@ def test_a_bad_memory_format_is_refused(tmp_path):
     assert e.value.option == "trainer.memory_format" and "channels_last" in e.value.why
 
 
+@pytest.mark.slow
 def test_compiled_training_resumes_to_the_uncompiled_table(tmp_path, monkeypatch):
     """torch.compile (its eager backend here: tracing without code generation, seconds instead of a minute) gives
     the eager table; checkpoints hold the plain module's weights; an interrupted compiled run resumes to it."""
