@@ -8,12 +8,13 @@ imports neither torch nor Hydra (the one place the package defers an import for 
 from prune_cli.core.version import __version__
 
 
-def load(path, stage=None):
+def load(path, stage=None, trust=()):
     """``(model, metadata)``: the pruned model of a run directory (its last finished stage, or ``stage``) or of a
-    checkpoint file, rebuilt on the CPU in eval mode, without Hydra. See ``prune_cli.deploy.load.load``."""
+    checkpoint file, rebuilt on the CPU in eval mode, without Hydra. ``trust``: the ``model=custom`` factory targets
+    the checkpoint may import and call. See ``prune_cli.deploy.load.load``."""
     from prune_cli.deploy.load import load as load_run
 
-    return load_run(path, stage)
+    return load_run(path, stage, trust)
 
 
 def prune(model, example_input, ratio, **options):

@@ -11,6 +11,7 @@ from helpers import TINY, run_cli
 from helpers import compose_config as config
 from prune_cli.core.checkpoint import load_checkpoint
 from prune_cli.core.errors import UserError
+from prune_cli.core.trust import trusting
 from prune_cli.models import build_model
 from prune_cli.models.graphnet import graph_groups
 from prune_cli.run import pipeline
@@ -101,7 +102,8 @@ def test_the_users_residual_stream_prunes_with_prune_residual(tmp_path, monkeypa
     assert list(layers["layer"]) == ["c1", "c2"]  # c2's channels are c3's too: the stream, pruned as one
     assert (layers["after"] < layers["before"]).all()
     final = load_checkpoint(tmp_path / "run" / "checkpoints" / "finetune.pt")
-    model = build_model(final["arch"])  # the factory network, then the graph removes the same channels again
+    with trusting(["my_net:Net"]):  # the user's own factory, as the run's model.target trusted it
+        model = build_model(final["arch"])  # the factory network, then the graph removes the same channels again
     model.load_state_dict(final["state_dict"])
     assert [g.width(dict(model.named_modules())) for g in model.channel_groups()] == list(layers["after"])
     assert sum(p.numel() for p in model.parameters()) == rows[-1]["params"]
@@ -146,7 +148,8 @@ class Net(nn.Module):
 def test_a_group_whose_zero_does_not_stay_zero_is_not_offered(tmp_path, monkeypatch):
     (tmp_path / "gated_net.py").write_text(GATED)
     monkeypatch.chdir(tmp_path)
-    model = build_model({"name": "custom", "target": "gated_net:Net", "num_classes": 10, "in_channels": 3})
+    with trusting(["gated_net:Net"]):
+        model = build_model({"name": "custom", "target": "gated_net:Net", "num_classes": 10, "in_channels": 3})
     assert [g.name for g in model.channel_groups()] == ["a"]
 
 

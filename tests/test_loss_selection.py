@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
+from prune_cli.core.trust import trusting
 from prune_cli.methods.hgsr import _subset_sum_hits, loss_greedy_select
 from prune_cli.models import build_model, with_shared_groups
 from prune_cli.structure.channels import mask_channels, prune_channels, structure
@@ -310,7 +311,8 @@ def test_the_greedy_masks_a_shared_group_where_masking_does(data3, monkeypatch):
     x, y = data3
     torch.manual_seed(0)
     arch = {"name": "custom", "target": "dw_nets:DepthwiseAfterNorm", "shared": True, "image_size": 8}
-    model = build_model({**arch, "num_classes": 10, "in_channels": 3}).eval()
+    with trusting(["dw_nets:DepthwiseAfterNorm"]):
+        model = build_model({**arch, "num_classes": 10, "in_channels": 3}).eval()
     assert [len(g.role("producer")) for g in model.channel_groups() if g.shared] == [2]
     with torch.no_grad():
         model.get_submodule("net.dw").bias.uniform_(0.5, 1.0)  # what the BatchNorm's mask would not zero

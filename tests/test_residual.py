@@ -17,6 +17,7 @@ from torch import nn
 from helpers import TINY, calibrated, compose_config
 from prune_cli.core.checkpoint import load_checkpoint
 from prune_cli.core.errors import UserError
+from prune_cli.core.trust import trusting
 from prune_cli.importance.criteria import Sample, build_criterion
 from prune_cli.models import build_model, with_shared_groups
 from prune_cli.run import pipeline
@@ -213,7 +214,8 @@ def test_a_group_is_offered_only_where_masking_removes_it(op, offered, monkeypat
     torch.manual_seed(0)
     monkeypatch.setitem(sys.modules, "gated_nets", types.SimpleNamespace(Gated=Gated))
     arch = {"name": "custom", "target": "gated_nets:Gated", "kwargs": {"op": op}, "shared": True, "image_size": 8}
-    model = calibrated(build_model({**arch, "num_classes": 10, "in_channels": 3}), (3, 8, 8))
+    with trusting(["gated_nets:Gated"]):
+        model = calibrated(build_model({**arch, "num_classes": 10, "in_channels": 3}), (3, 8, 8))
     streams = [g for g in model.channel_groups() if g.shared]
     assert bool(streams) == offered
     if offered:

@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="where to write (default: inside the run directory)")
     parser.add_argument("--input-shape", default=None, help="C,H,W when the run's config does not tell it")
     parser.add_argument("--force", action="store_true", help="overwrite an output that holds another run's export")
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="TARGET",
+        help="a model=custom factory (package.module:factory) the checkpoint may import and call; repeatable",
+    )
     args = parser.parse_args(argv)
     try:
         print(_export_run(args))
@@ -48,7 +55,7 @@ def _export_run(args) -> str:
     if args.format not in FORMATS:
         raise UserError("--format", f"unknown format {args.format!r}; choose {' or '.join(FORMATS)}")
     shape = _parse_shape(args.input_shape) if args.input_shape else None
-    model, meta = load(args.run, args.stage)
+    model, meta = load(args.run, args.stage, trust=args.trust)
     shape = shape or meta["input_shape"]
     if shape is None:
         raise UserError("--input-shape", "the run's config does not tell the input shape; give it as C,H,W")

@@ -17,12 +17,13 @@ from torch import nn
 
 from prune_cli.core.checkpoint import load_checkpoint
 from prune_cli.core.errors import UserError, one_line
+from prune_cli.core.trust import trusting
 from prune_cli.data import DATASETS, describe
 from prune_cli.models import build_model
 from prune_cli.structure.counting import count_macs, count_params
 
 
-def load(path: str | os.PathLike, stage: str | None = None) -> tuple[nn.Module, dict]:
+def load(path: str | os.PathLike, stage: str | None = None, trust=()) -> tuple[nn.Module, dict]:
     """``(model, metadata)`` of a run directory (its last finished stage, or ``stage``) or of a checkpoint file.
 
     The model is rebuilt from the checkpoint's ``arch`` (layers methods added included) on the CPU, in eval mode.
@@ -31,7 +32,8 @@ def load(path: str | os.PathLike, stage: str | None = None) -> tuple[nn.Module, 
     ``status.json``), ``input_shape`` ``(C, H, W)``, ``dataset``, ``mean`` and ``std`` (the normalisation
     ``(x / 255 - mean) / std`` per channel, None when the dataset computes them from its train split),
     ``config`` (the run's resolved config), ``provenance``, ``checkpoint`` and ``run_dir`` (paths).
-    Bad input raises ``UserError``.
+    ``trust``: the ``model=custom`` factory targets the checkpoint may import and call (``package.module:factory``);
+    any other target it names is refused (a checkpoint is data). Bad input raises ``UserError``.
     """
     ck_path, ck, run_dir = _locate(Path(path), stage)
     if not ck.get("done", True):
@@ -40,7 +42,8 @@ def load(path: str | os.PathLike, stage: str | None = None) -> tuple[nn.Module, 
             f"{ck_path} is unfinished (its {ck.get('stage')} stage stopped after epoch {ck.get('epoch')}); "
             "resume that run first, or pick a finished stage",
         )
-    model = _rebuild(ck, ck_path)
+    with trusting(trust):
+        model = _rebuild(ck, ck_path)
     return model, _metadata(model, ck, ck_path, run_dir)
 
 

@@ -23,12 +23,37 @@ from torch import nn
 
 from prune_cli.core.errors import UserError
 from prune_cli.core.options import Map, Str
+from prune_cli.core.trust import how_to_allow, trusted
 from prune_cli.models.base import MODELS, Prunable, build_model
 from prune_cli.structure.graph import ChannelGraph
 from prune_cli.structure.groups import ChannelGroup, Slot
 
 PREFIX = "net."  # the factory network is held as ``self.net``
 TRACED = "traced"  # a network of another family with all its graph's groups (prune.residual=true)
+
+
+_imported: dict[str, object] = {}  # target -> factory, once the user allowed it in this process
+
+
+def _import_target(target: str):
+    """The factory ``package.module:factory`` names, if the user allowed it (``core.trust``) now or earlier in this
+    process (a network already built from it is rebuilt by surgery). A module in the folder the command started
+    from is found too, after every installed one (so a file there never shadows a package)."""
+    if target in _imported:
+        return _imported[target]
+    module_name, _, attribute = target.partition(":")
+    if not attribute:
+        raise UserError("model.target", f"{target!r} is not package.module:factory")
+    if not trusted(target):
+        raise UserError("model.target", how_to_allow(target))
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise UserError("model.target", f"cannot import {target} ({type(e).__name__}: {e})") from None
+    _imported[target] = factory
+    return factory
 
 
 def _factory(arch: dict):
@@ -50,15 +75,7 @@ def _factory(arch: dict):
             "num_classes": arch["num_classes"],
             **kwargs,
         }
-    module_name, _, attribute = str(arch["target"]).partition(":")
-    if not attribute:
-        raise UserError("model.target", f"{arch['target']!r} is not package.module:factory")
-    if os.getcwd() not in sys.path:  # a module in the folder the command was started from
-        sys.path.insert(0, os.getcwd())
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as e:
-        raise UserError("model.target", f"cannot import {arch['target']} ({type(e).__name__}: {e})") from None
+    factory = _import_target(str(arch["target"]))
     accepted = inspect.signature(factory).parameters
     for key in ("num_classes", "in_channels"):
         if key in accepted:

@@ -10,23 +10,32 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
+
 from prune_cli.core import distributed
 from prune_cli.core.atomic import write_text
+from prune_cli.core.checkpoint import load_checkpoint
 from prune_cli.core.errors import UserError
+from prune_cli.core.trust import trusting
 from prune_cli.data import describe
 from prune_cli.engine import settings
 from prune_cli.models import build_model
 from prune_cli.run import tables
 from prune_cli.run.config import validate
 from prune_cli.run.context import Context
-from prune_cli.run.rundir import RunDir, load_checkpoint
+from prune_cli.run.rundir import REQUIRED_KEYS, RunDir
 from prune_cli.stages import STAGES
 
 
 def run(cfg, run_dir: Path) -> list[dict]:
     """Run (or resume) the whole schedule of ``cfg`` in ``run_dir``; returns the results rows. ``cfg`` is left as
-    given (the run settles some options, e.g. ``trainer.memory_format: auto``, on its own copy)."""
-    cfg = copy.deepcopy(cfg)
+    given (the run settles some options, e.g. ``trainer.memory_format: auto``, on its own copy). The factory target
+    the config names (``model.target``) is the user's own: the run may import it, and nothing else a file names."""
+    with trusting([cfg.model.get("target")]):
+        return _run(copy.deepcopy(cfg), run_dir)
+
+
+def _run(cfg, run_dir: Path) -> list[dict]:
     run_ = RunDir(cfg, run_dir)
     run_.claim()  # before anything else: a directory another run owns or holds is never written
     validate(cfg)
@@ -100,6 +109,15 @@ def read_init_from(path: str, ctx: Context) -> tuple[dict, object]:
         raise
     except Exception as e:
         raise UserError("init_from", f"{path} is not a prune_cli checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(ck, dict) and ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
+        raise UserError(
+            "init_from",
+            f"{path} holds a plain state_dict (tensors by name, no architecture); init_from takes a checkpoint "
+            "prune_cli wrote: a run's checkpoints/<stage>.pt",
+        )
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise UserError("init_from", f"{path} is not a prune_cli checkpoint (no {', '.join(missing)})")
     if not ck.get("done"):
         raise UserError(
             "init_from",
