@@ -23,6 +23,7 @@ BLOCK = Section(
         Float("mu", 0.51, "the threshold's growth exponent mu (advised: 0.501, 0.51, 0.55)", lo=0.0, lo_open=True),
     ),
     "optimizer=grda (Chao et al., NeurIPS 2020): threshold c * lr^(1/2 + mu) * n^mu; no momentum, no weight decay",
+    absent={"c": 0.005, "mu": 0.51},  # runs written before the block (which could not use gRDA) hold its defaults
 )
 
 
