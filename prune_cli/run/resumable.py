@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
-
 from prune_cli.core.options import ALWAYS
 from prune_cli.run.config import absent_value
 
@@ -21,18 +19,11 @@ RESUMABLE_DIFFERENCES = (
 )
 
 
-# gRDA's block is declared by the training stages that the gRDA plug-in is being moved out of; until its own
-# declaration carries absent=, the value runs written before the block behaved as is kept here
-GRDA_BLOCK, GRDA_ABSENT = "schedule.*.grda", {"c": 0.005, "mu": 0.51}
-
-
 def added_option(name: str):
     """What a config written before the option ``name`` existed means (its declaration's ``absent``), or None for
     an option every config holds."""
     value = absent_value(name)
-    if value is not ALWAYS:
-        return value
-    return GRDA_ABSENT if fnmatch.fnmatchcase(name, GRDA_BLOCK) else None
+    return None if value is ALWAYS else value
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
