@@ -3,12 +3,14 @@ with its full path, composed configs hold exactly the declared options, YAML def
 ones, docs/options.md's tables are the generated ones, and the loss criterion fails before training."""
 
 import copy
+import functools
 import re
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from helpers import compose_config
 from prune_cli.cli.run import CONF_DIR
 from prune_cli.core.errors import UserError
 from prune_cli.core.options import walk
@@ -19,38 +21,40 @@ from prune_cli.run.config import NAMED_GROUPS, declarations_at, declared, option
 from prune_cli.run.resumable import added_option, config_differences
 from prune_cli.stages import STAGES
 
-pytestmark = pytest.mark.xdist_group("composed")  # one worker composes every config once, for all these tests
-
 GROUP_CHOICES = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) for group in NAMED_GROUPS}
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 SCHEDULES = sorted(p.stem for p in (CONF_DIR / "schedule").glob("*.yaml"))
+# one composed config per group choice, schedule and preset
+CONFIG_KEYS = [
+    *(f"{group}={choice}" for group, choices in GROUP_CHOICES.items() for choice in choices),
+    *(f"schedule={schedule}" for schedule in SCHEDULES),
+    *(f"experiment={preset}" for preset in PRESETS),
+]
 
 
-@pytest.fixture(scope="module")
-def composed(compose):
-    """Plain composed configs: one per group choice, schedule and preset (composed once, shared)."""
-    out = {}
-    for group, choices in GROUP_CHOICES.items():
-        for choice in choices:
-            out[f"{group}={choice}"] = compose(f"{group}={choice}")
-    for schedule in SCHEDULES:
-        out[f"schedule={schedule}"] = compose(f"schedule={schedule}")
-    for preset in PRESETS:
-        out[f"experiment={preset}"] = compose(f"experiment={preset}")
-    return {k: OmegaConf.to_container(v, resolve=True) for k, v in out.items()}
+@functools.cache
+def _composed(key: str) -> dict:
+    return OmegaConf.to_container(compose_config(key), resolve=True)
 
 
-def test_every_composed_config_holds_exactly_the_declared_options(composed):
-    for key, cfg in composed.items():
-        for path, options in declared(cfg).items():
-            block = cfg
-            for part in path.split("."):
-                block = block[part]
-            names = {o.name for o in options}
-            assert set(block) - {"name"} == names, (key, path)
-            for o in options:
-                if o.kind == "section":
-                    assert set(block[o.name]) == {f.name for f in o.fields}, (key, path, o.name)
+def composed(key: str) -> dict:
+    """The plain composed config of one override (``group=choice``): composed once per test process, on first use
+    (the tests that need it are spread over the workers), and a copy each time (tests may change it)."""
+    return copy.deepcopy(_composed(key))
+
+
+@pytest.mark.parametrize("key", CONFIG_KEYS)
+def test_every_composed_config_holds_exactly_the_declared_options(key):
+    cfg = composed(key)
+    for path, options in declared(cfg).items():
+        block = cfg
+        for part in path.split("."):
+            block = block[part]
+        names = {o.name for o in options}
+        assert set(block) - {"name"} == names, path
+        for o in options:
+            if o.kind == "section":
+                assert set(block[o.name]) == {f.name for f in o.fields}, (path, o.name)
 
 
 def test_yaml_values_equal_the_declared_defaults():
@@ -125,8 +129,8 @@ def declaration_cases():
 
 
 @pytest.mark.parametrize("base,path", declaration_cases(), ids=lambda v: v)
-def test_every_declared_option_refuses_bad_values(composed, base, path):
-    cfg = composed[base]
+def test_every_declared_option_refuses_bad_values(base, path):
+    cfg = composed(base)
     options = dict(walk(config.RUN_OPTIONS))
     for prefix, declared_options in declared(cfg).items():
         options.update(dict(walk(declared_options, prefix)))
@@ -139,13 +143,13 @@ def test_every_declared_option_refuses_bad_values(composed, base, path):
             block = block[part]
         block[leaf] = value
         with pytest.raises(UserError) as e:
-            validate(OmegaConf.create(bad))
+            config.check_resolved(bad)  # validate() without wrapping the plain config in OmegaConf and back
         assert e.value.option == path or e.value.option.startswith(path + "["), (path, value, str(e.value))
 
 
-def test_every_method_part_runs_in_a_preset(composed):
+def test_every_method_part_runs_in_a_preset():
     """Every stage, regularizer and criterion a method module registers (prune_cli/methods) is used by a preset."""
-    presets = [cfg for key, cfg in composed.items() if key.startswith("experiment=")]
+    presets = [composed(f"experiment={preset}") for preset in PRESETS]
     used = {
         "stage": {stage for cfg in presets for stage in cfg["schedule"]["stages"]},
         "regularizer": {cfg["regularizer"]["name"] for cfg in presets},
@@ -157,8 +161,8 @@ def test_every_method_part_runs_in_a_preset(composed):
                 assert name in used[kind], f"no preset uses the {kind} {name} ({part.__module__})"
 
 
-def test_unknown_key_is_refused_with_its_path(composed):
-    cfg = copy.deepcopy(composed["model=resnet20"])
+def test_unknown_key_is_refused_with_its_path():
+    cfg = composed("model=resnet20")
     cfg["criterion"]["granularty"] = "filter"
     with pytest.raises(UserError, match="unknown option") as e:
         validate(OmegaConf.create(cfg))
@@ -234,8 +238,8 @@ def test_an_added_options_older_meaning_is_a_valid_value():
                 assert o.check(value, name) == value, name
 
 
-def test_a_config_older_than_its_options_resumes_as_the_same_run(composed):
-    new = composed["model=resnet20"]
+def test_a_config_older_than_its_options_resumes_as_the_same_run():
+    new = composed("model=resnet20")
     old = copy.deepcopy(new)
     for name in ("model.prune_outputs", "prune.step_grid", "prune.residual", "trainer.compile", "logger"):
         *parents, leaf = name.split(".")

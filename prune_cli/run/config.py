@@ -119,7 +119,11 @@ def resolve(cfg) -> dict:
 
 def validate(cfg) -> dict:
     """The composed config as a plain dict, once every option and every rule across options holds."""
-    plain = resolve(cfg)
+    return check_resolved(resolve(cfg))
+
+
+def check_resolved(plain: dict) -> dict:
+    """``plain`` (a resolved config as a plain dict) once every option and every rule across options holds."""
     expected = {o.name for o in RUN_OPTIONS} | set(NAMED_GROUPS) | set(FIXED_GROUPS) | {"schedule"}
     for key in plain:
         if key not in expected:
