@@ -133,6 +133,7 @@ def run_file(path, fmt, x):
         return torch.jit.load(str(path))(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_exported_outputs_equal_pytorch(kind, fmt, tmp_path):

@@ -62,6 +62,7 @@ def _checkpoint(path, target: str, state_dict=None):
     return path
 
 
+@pytest.mark.slow
 def test_a_checkpoint_naming_a_target_runs_nothing_unless_trusted(tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     monkeypatch.chdir(tmp_path)
@@ -87,6 +88,7 @@ def test_a_trusted_target_loads_and_only_while_trusted(tmp_path, monkeypatch):
     assert not trusted("sec_net:Net")  # the trust lasted the call
 
 
+@pytest.mark.slow
 def test_init_from_a_checkpoint_of_another_target_is_refused_before_data(tmp_path):
     (tmp_path / "sec_net.py").write_text(NET)
     ck = _checkpoint(tmp_path / "evil.pt", "os:system")
@@ -101,6 +103,7 @@ def _arch(target: str) -> dict:
     return {"name": "custom", "target": target, "num_classes": 10, "in_channels": 3, "image_size": 8}
 
 
+@pytest.mark.slow
 def test_init_from_a_plain_state_dict_says_so(tmp_path):
     torch.save(build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3}).state_dict(), tmp_path / "sd.pt")
     r = run_cli(*TINY, f"init_from={tmp_path / 'sd.pt'}", "hydra.run.dir=run", cwd=tmp_path)
