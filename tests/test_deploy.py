@@ -264,10 +264,17 @@ def test_export_stage_and_output_rules(run_dir, tmp_path, capsys):
         ),
         (["{run}", "--input-shape", "3,8"], "error: --input-shape: expected C,H,W (three positive integers)"),
         (["{run}", "--output", "{tmp}/junk.pt"], "error: --output: {tmp}/junk.pt exists and is not a prune_cli export"),
+        (["{run}", "--input-shape", "5,8,8"], "error: --input-shape: the model does not run on 5x8x8 inputs ("),
+        (["{run}", "--output", "{tmp}/junk.pt/m.pt"], "error: --output: cannot write {tmp}/junk.pt/m.pt ("),
+        (
+            ["{run}", "--output", "{tmp}/m.onnx", "--format", "torchscript"],
+            "error: --format: torchscript does not match --output {tmp}/m.onnx (its suffix .onnx means onnx)",
+        ),
         ([], "error: prune-cli-export: the following arguments are required: run"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, run_dir, tmp_path, capsys):
+    """Each refusal is one line naming the argument, exit 2, and writes nothing (no file, no temporary file)."""
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     fill = lambda s: s.format(tmp=tmp_path, run=run_dir)
     try:
@@ -277,3 +284,14 @@ def test_bad_input_is_one_line_and_exit_2(args, message, run_dir, tmp_path, caps
     captured = capsys.readouterr()
     assert code == 2 and captured.out == ""
     assert captured.err.startswith(fill(message)) and captured.err.count("\n") == 1, captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+    assert (tmp_path / "junk.pt").read_text() == "not a checkpoint"
+
+
+@pytest.mark.slow
+def test_the_output_suffix_names_the_format(run_dir, tmp_path):
+    assert export_cli.main([str(run_dir), "--output", str(tmp_path / "m.onnx")]) == 0
+    assert deploy.embedded(tmp_path / "m.onnx")["format"] == "onnx"
+    assert export_cli.main([str(run_dir), "--output", str(tmp_path / "m.bin")]) == 0
+    assert deploy.embedded(tmp_path / "m.bin")["format"] == "torchscript"  # no suffix of a format: the default
+    assert not list(tmp_path.glob(".*"))

@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Export the pruned model of a prune_cli run as TorchScript or ONNX.",
     )
     parser.add_argument("run", type=Path, help="a run directory (its last finished stage) or a checkpoint file")
-    parser.add_argument("--format", default="torchscript", help="torchscript (model.pt, default) or onnx (model.onnx)")
+    parser.add_argument(
+        "--format",
+        default=None,
+        help="torchscript (model.pt) or onnx (model.onnx); default: what --output ends in, else torchscript",
+    )
     parser.add_argument("--stage", default=None, help="export this stage's checkpoint instead of the last finished one")
     parser.add_argument("--output", type=Path, default=None, help="where to write (default: inside the run directory)")
     parser.add_argument("--input-shape", default=None, help="C,H,W when the run's config does not tell it")
@@ -52,15 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export_run(args) -> str:
-    if args.format not in FORMATS:
-        raise UserError("--format", f"unknown format {args.format!r}; choose {' or '.join(FORMATS)}")
+    args.format = _format(args.format, args.output)
     shape = _parse_shape(args.input_shape) if args.input_shape else None
     model, meta = load(args.run, args.stage, trust=args.trust)
     shape = shape or meta["input_shape"]
     if shape is None:
         raise UserError("--input-shape", "the run's config does not tell the input shape; give it as C,H,W")
     if args.input_shape:
-        meta = {**meta, "input_shape": shape, "macs": count_macs(model, shape)}
+        meta = {**meta, "input_shape": shape, "macs": _macs(model, shape)}
     out = args.output or _default_output(meta, args.format)
     if out.is_dir():
         out = out / f"model{FORMATS[args.format]}"
@@ -82,6 +85,29 @@ def _export_run(args) -> str:
         f"wrote {out} ({kind}; stage {meta['stage']} of {source}{note}; params {meta['params'] / 1e6:.4f}M, "
         f"MACs {macs}; input [batch, {', '.join(map(str, shape))}]; {checked})"
     )
+
+
+def _format(fmt: str | None, output: Path | None) -> str:
+    """The format asked for, else the one ``--output``'s suffix names (``.onnx``, ``.pt``), else torchscript; a
+    suffix of the other format is refused rather than written under a misleading name."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError("--format", f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
+    named = next((f for f, ext in FORMATS.items() if output is not None and output.suffix == ext), None)
+    if fmt is not None and named is not None and named != fmt:
+        raise UserError(
+            "--format",
+            f"{fmt} does not match --output {output} (its suffix {output.suffix} means {named}); drop one of them",
+        )
+    return fmt or named or "torchscript"
+
+
+def _macs(model, shape: tuple[int, int, int]) -> int:
+    """The model's MACs at ``shape``; a shape it cannot run on is ``--input-shape``'s error."""
+    try:
+        return count_macs(model, shape)
+    except Exception as e:
+        shown = "x".join(map(str, shape))
+        raise UserError("--input-shape", f"the model does not run on {shown} inputs ({one_line(e)})") from None
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:

@@ -2,7 +2,9 @@
 
 Every way a run can end leaves its ``status.json`` true and prints one line:
 
-- bad input: ``error: <option>: <why>``, status ``failed``, exit 2;
+- bad input: ``error: <option>: <why>``, status ``failed``, exit 2 (also ``sys.exit`` called by code the run
+  calls, e.g. a ``model=custom`` factory);
+- a full disk: ``error: <path>: no space left on device``, exit 2 (no partial file is left; docs/endings.md);
 - a crash: ``error: <Type>: <message>``, status ``failed``, the traceback in ``traceback.txt``, exit 1;
 - Ctrl-C / SIGTERM: ``interrupted``, status ``interrupted``, exit 130 / 143.
 
@@ -14,6 +16,7 @@ re-raises instead. In a ``-m`` sweep a failing job is recorded in its directory 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -50,7 +53,9 @@ def app(cfg) -> None:
 
     def record(status: str, why: str) -> None:
         if lock.owns(run_dir):  # a directory refused because another run owns it is left as it is
-            tables.write_status(run_dir, status, why)
+            # a full disk: the line on stderr says it, and the record it could not replace stays whole
+            with contextlib.suppress(UserError, OSError):
+                tables.write_status(run_dir, status, why)
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -60,6 +65,13 @@ def app(cfg) -> None:
             raise
         record("failed", str(e))
         say(f"error: {e}")
+        if not sweeping:
+            sys.exit(2)
+    except SystemExit as e:  # code the run calls (a user's factory, a hook) is not the command: a failed run
+        if full_error:
+            raise
+        record("failed", f"sys.exit({e.code!r}) called during the run")
+        say(f"error: sys.exit({e.code!r}) called during the run")
         if not sweeping:
             sys.exit(2)
     except (KeyboardInterrupt, Terminated) as e:
@@ -72,7 +84,8 @@ def app(cfg) -> None:
         why = f"{type(e).__name__}: {e}".splitlines()[0]
         record("failed", why)
         if lock.owns(run_dir):
-            (run_dir / "traceback.txt").write_text(traceback.format_exc())
+            with contextlib.suppress(OSError):  # a full disk must not turn the one line into a traceback
+                (run_dir / "traceback.txt").write_text(traceback.format_exc())
         if distributed.is_main():
             print(f"error: {why} (traceback in {run_dir / 'traceback.txt'})", file=sys.stderr)
         else:  # a crash on another rank is its own: say which

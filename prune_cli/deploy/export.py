@@ -14,7 +14,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from torch.jit import TracerWarning
 
+from prune_cli.core.atomic import write_bytes
 from prune_cli.core.errors import UserError, one_line
 from prune_cli.core.version import __version__
 from prune_cli.models.layers import fold
@@ -45,9 +45,11 @@ def export(
 ) -> float | None:
     """Write ``model`` (a float32 CPU copy in eval mode, training-time factors folded) to ``path`` as ``fmt``
     (``torchscript``: ``torch.jit.trace``; ``onnx``: opset 17, input ``input`` [batch, C, H, W], output
-    ``logits``), with ``metadata`` embedded as JSON (``prune_cli.json``). The file is written beside ``path``,
-    read back and run on a random batch of another size; only if its outputs equal PyTorch's (rtol and atol 1e-4)
-    does it replace ``path``. Returns the largest difference (None: ONNX without onnxruntime to check it).
+    ``logits``), with ``metadata`` embedded as JSON (``prune_cli.json``). The file is made in memory, read back
+    and run on a random batch of another size; only if its outputs equal PyTorch's (rtol and atol 1e-4) is it
+    written to ``path`` (atomically: a full disk is ``error: <path>: no space left on device``, an unwritable
+    destination ``error: --output: cannot write <path> (<why>)``). Returns the largest difference (None: ONNX
+    without onnxruntime to check it).
     A model that does not export is refused with ``UserError`` naming its first layer that fails and why.
     """
     if fmt not in FORMATS:
@@ -65,21 +67,16 @@ def export(
             "--input-shape", f"the model does not run on {_shape(input_shape)} inputs ({one_line(e)})"
         ) from None
     blob = json.dumps({"prune_cli": __version__, "format": fmt, **(metadata or {})}, default=str)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    buffer = io.BytesIO()  # torch's file writers abort the process on a full disk: they write to memory only
     try:
-        try:
-            difference = _write(model, Path(tmp), fmt, example, check, blob)
-        except _Refused as e:
-            culprit = _culprit(model, fmt, example, check)
-            raise UserError("--format", f"cannot export {culprit or 'the model'} as {fmt}: {e}") from None
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        difference = _write(model, buffer, fmt, example, check, blob)
+    except _Refused as e:
+        culprit = _culprit(model, fmt, example, check)
+        raise UserError("--format", f"cannot export {culprit or 'the model'} as {fmt}: {e}") from None
+    try:
+        write_bytes(path, buffer.getvalue())  # atomic: a failed write leaves no partial file
+    except OSError as e:
+        raise UserError("--output", f"cannot write {path} ({e.strerror or type(e).__name__})") from None
     return difference
 
 
@@ -277,12 +274,6 @@ def _culprit(model: nn.Module, fmt: str, example, check) -> str | None:
 
 def _shape(input_shape) -> str:
     return "x".join(str(s) for s in input_shape)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def embedded(path: str | os.PathLike) -> dict | None:

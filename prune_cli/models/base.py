@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from prune_cli.core.errors import UserError
 from prune_cli.core.options import Float, Option
 from prune_cli.core.registry import Registry
 from prune_cli.models.layers import KINDS, apply_layers
@@ -28,6 +29,20 @@ WIDTH_MULT = Float(
     lo=0.0,
     lo_open=True,
 )
+
+
+def scaled_widths(name: str, base: list[int], width_mult: float) -> list[int]:
+    """``base`` widths times ``width_mult``, rounded; a multiplier that rounds a layer to no channel is refused
+    here, before any data is read (a network of one-channel layers would leave nothing to prune)."""
+    widths = [round(w * width_mult) for w in base]
+    if min(widths, default=1) < 1:
+        narrowest = min(base)
+        raise UserError(
+            "model.width_mult",
+            f"{width_mult:g} rounds {name}'s {narrowest}-channel layers to 0 channels; "
+            f"use at least {0.5 / narrowest:.3g}",
+        )
+    return widths
 
 
 class Prunable(nn.Module, abc.ABC):

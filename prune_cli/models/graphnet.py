@@ -52,6 +52,8 @@ def _import_target(target: str):
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
         raise UserError("model.target", f"cannot import {target} ({type(e).__name__}: {e})") from None
+    except SystemExit as e:
+        raise UserError("model.target", f"importing {module_name} called sys.exit({e.code!r})") from None
     _imported[target] = factory
     return factory
 
@@ -275,7 +277,10 @@ class GraphNet(Prunable):
         if self.arch["name"] == TRACED:
             return build_model(self.arch["base"])
         factory, kwargs = _factory(self.arch)
-        return factory(**kwargs)
+        try:
+            return factory(**kwargs)
+        except SystemExit as e:  # the user's code ending the process would end the run with no record
+            raise UserError("model.target", f"the factory called sys.exit({e.code!r})") from None
 
     def _graph(self, net: nn.Module):
         size = self.arch["image_size"]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_cli.core.options import Bool, Choice
-from prune_cli.models.base import MODELS, WIDTH_MULT, Prunable
+from prune_cli.models.base import MODELS, WIDTH_MULT, Prunable, scaled_widths
 from prune_cli.models.layers import bn_affine
 from prune_cli.structure.groups import ChannelGroup
 
@@ -142,7 +142,7 @@ class ResNet(Prunable):
     ):
         super().__init__()
         blocks, base, default_shortcut, default_stem = VARIANTS[name]
-        stage_widths = [max(1, round(w * width_mult)) for w in base]
+        stage_widths = scaled_widths(name, base, width_mult)
         shortcut, stem = shortcut or default_shortcut, stem or default_stem
         if widths is None:
             widths = [w for n, w in zip(blocks, stage_widths) for _ in range(n)]

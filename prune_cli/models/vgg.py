@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from prune_cli.core.options import Bool, Choice
-from prune_cli.models.base import MODELS, WIDTH_MULT, Prunable
+from prune_cli.models.base import MODELS, WIDTH_MULT, Prunable, scaled_widths
 from prune_cli.models.resnet import init_weights
 from prune_cli.structure.groups import ChannelGroup
 
@@ -57,7 +57,7 @@ class VGG(Prunable):
         super().__init__()
         layout = CONFIGS[name] if last_maxpool else CONFIGS[name][:-1]
         if widths is None:
-            widths = [max(1, round(w * width_mult)) for w in layout if w != M]
+            widths = scaled_widths(name, [w for w in layout if w != M], width_mult)
         self.arch = dict(
             name=name,
             num_classes=num_classes,

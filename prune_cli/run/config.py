@@ -37,8 +37,12 @@ from prune_cli.run.logger import LOGGERS
 from prune_cli.stages import STAGES
 from prune_cli.structure import selection
 
+# every generator a seed feeds takes it: torch's (64-bit) after the widest derivation (seeds.epoch_generator,
+# seed x 1_000_003 plus the grafting stride) and NumPy's legacy 32-bit seeding
+SEED_MAX = 2**32 - 1
+
 RUN_OPTIONS = (
-    Int("seed", 0, "seeds model init, data order, augmentation, subsets and data-driven criteria", lo=0),
+    Int("seed", 0, "seeds model init, data order, augmentation, subsets and data-driven criteria", lo=0, hi=SEED_MAX),
     Str(
         "init_from",
         None,

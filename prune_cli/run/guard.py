@@ -33,3 +33,6 @@ class RunDirGuard(Callback):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except OSError as e:  # reading the directory failed: say so, not "in use"
+            print(f"error: hydra.run.dir: cannot read {run_dir} ({e.strerror or type(e).__name__})", file=sys.stderr)
+            sys.exit(2)
