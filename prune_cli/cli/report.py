@@ -1,5 +1,9 @@
 """``prune-cli-report DIR...``: aggregate any directories of runs (sweeps, or runs collected by hand), pivot
-(``--by``, ``--columns``), print md / csv / latex / json and plot (``--plots``)."""
+(``--by``, ``--columns``), print md / csv / latex / json and plot (``--plots``).
+
+It reads its DIRs and never writes them (a read-only archive is fine): the tables go to stdout, files only into
+``--output DIR``. Exit codes: 0 every job done; 1 a job failed, is dead (killed), unreadable, interrupted or never
+started; 2 bad input (one line ``error: <what>: <why>``)."""
 
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import pandas as pd
 from prune_cli.core.errors import UserError
 from prune_cli.reporting import plots
 from prune_cli.reporting.aggregate import VALUES, Summary, collect
-from prune_cli.reporting.collect import NOT_DONE
+from prune_cli.reporting.collect import NOT_DONE, jobs_markdown
 from prune_cli.reporting.render import (
     FORMATS,
+    emit,
     pivot,
     render,
     sort_key,
@@ -22,7 +27,7 @@ from prune_cli.reporting.render import (
     summary_notes,
     summary_title,
     sweep_plots,
-    write_summary,
+    write_tables,
 )
 
 
@@ -51,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", metavar="KEY[,KEY]", help="pivot: these keys' values become the columns")
     parser.add_argument("--value", choices=list(VALUES), default="top1", help="what a pivot's cells show (top1)")
     parser.add_argument("--format", choices=FORMATS, default="md", help="how the table is printed (md)")
-    parser.add_argument("--plots", action="store_true", help="write the sweep plots and each run's plots")
-    parser.add_argument("--output", type=Path, metavar="DIR", help="where the summary and sweep plots go (the DIR)")
+    parser.add_argument("--plots", action="store_true", help="write the sweep plots and each run's plots (--output)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="a folder for files: the tables (sweep.* and sweep_summary.*) and the plots",
+    )
     args = parser.parse_args(argv)
     try:
         return report(args)
@@ -65,21 +75,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args) -> int:
+    """Print the tables (and write them, and the plots, into --output); the exit status (0, or 1: not all done)."""
     for d in args.dirs:
         if not d.is_dir():
             raise UserError("dir", f"{d} is not a directory")
-    by, columns = keys_of(args.by), keys_of(args.columns)
-    out = args.output if args.output is not None else args.dirs[0] if len(args.dirs) == 1 else None
+    by, columns, out = keys_of(args.by), keys_of(args.columns), args.output
     if args.plots:
-        if out is None:
-            raise UserError("--output", "--plots over several directories needs a directory for the sweep plots")
         try:
             plots.require()
         except plots.Unavailable as e:
             raise UserError("--plots", str(e)) from None
+        if out is None:
+            raise UserError("--output", "--plots writes files: name a folder for them (--output DIR)")
     jobs, summary = collect(args.dirs)
     if not jobs:
         raise UserError("dir", f"no runs found below {' '.join(map(str, args.dirs))}")
+    check_keys(summary, by, columns)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_tables(out, jobs, summary)
+    emit(table_text(args, summary, jobs, by, columns))
+    status = 1 if summary.missing or any(row["status"] in NOT_DONE for _, row in jobs) else 0
+    if args.plots:
+        status = max(status, write_plots(summary, out, jobs))
+    return status
+
+
+def check_keys(summary: Summary, by: list[str], columns: list[str]) -> None:
+    """Refuse a --by / --columns key that does not group these runs, the seed, or one key given twice."""
     for option, keys in (("--by", by), ("--columns", columns)):
         for k in keys:
             if k == "seed":
@@ -89,31 +112,27 @@ def report(args) -> int:
                 raise UserError(option, f"no setting {k} groups these runs (they differ in: {differ})")
     if set(by) & set(columns):
         raise UserError("--columns", f"{', '.join(sorted(set(by) & set(columns)))} is already a row key (--by)")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_summary(out, summary)
+
+
+def table_text(args, summary: Summary, jobs: list, by: list[str], columns: list[str]) -> str:
+    """What is printed: a pivot (--columns), else the summary (md without --by: the jobs table first)."""
     if columns:
         title, names, cells, raw = pivot(summary, by, columns, args.value)
-        text = render(args.format, title, names, cells, raw, summary_notes(summary)[1:])
-    else:
-        if by:  # the key columns reordered: these first, then the others; groups sorted by them
-            summary.keys = [*by, *[k for k in summary.keys if k not in by]]
-            summary.groups.sort(key=lambda g: [sort_key(g["label"][k]) for k in by])
-            for g in summary.groups:
-                g["row"] = {**{k: g["label"][k] for k in summary.keys}, **g["row"]}
-        names, cells = summary_cells(summary)
-        text = render(args.format, summary_title(summary), names, cells, summary.rows, summary_notes(summary))
-        if args.format == "md" and not by:  # the jobs first, as after a sweep
-            text = "".join((d / "sweep.md").read_text() + "\n" for d in args.dirs) + text
-    print(text, end="")
-    status = 1 if any(row["status"] in NOT_DONE for _, row in jobs) else 0
-    if args.plots:
-        status = max(status, write_plots(summary, out, [path for path, _ in jobs]))
-    return status
+        return render(args.format, title, names, cells, raw, summary_notes(summary)[1:])
+    if by:  # the key columns reordered: these first, then the others; groups sorted by them
+        summary.keys = [*by, *[k for k in summary.keys if k not in by]]
+        summary.groups.sort(key=lambda g: [sort_key(g["label"][k]) for k in by])
+        for g in summary.groups:
+            g["row"] = {**{k: g["label"][k] for k in summary.keys}, **g["row"]}
+    names, cells = summary_cells(summary)
+    text = render(args.format, summary_title(summary), names, cells, summary.rows, summary_notes(summary))
+    if args.format == "md" and not by:  # the jobs first, as after a sweep
+        text = jobs_markdown([row for _, row in jobs], []) + "\n" + text
+    return text
 
 
-def write_plots(summary: Summary, out: Path, run_paths: list[Path]) -> int:
-    """The sweep plots into ``out`` and each run's plots into its directory; one line to stderr saying where, one
+def write_plots(summary: Summary, out: Path, jobs: list[tuple[Path, dict]]) -> int:
+    """The sweep plots into ``out`` and each run's plots into ``out/<job>``; one line to stderr saying where, one
     line per file that could not be plotted. Returns the exit status (1 if any could not)."""
 
     status, written = 0, []
@@ -122,11 +141,16 @@ def write_plots(summary: Summary, out: Path, run_paths: list[Path]) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"error: plots: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         status = 1
-    for path in run_paths:
+    for path, row in jobs:
         try:
-            written += plots.run_plots(path)
+            written += plots.run_plots(path, out / job_folder(str(row["job"])))
         except (OSError, ValueError, KeyError, pd.errors.ParserError) as e:
             print(f"error: {path}: cannot plot ({type(e).__name__}: {e})".splitlines()[0], file=sys.stderr)
             status = 1
     print(f"plots: wrote {len(written)} files ({', '.join(sorted({p.name for p in written}))})", file=sys.stderr)
     return status
+
+
+def job_folder(job: str) -> Path:
+    """Where a job's plots go below --output: its name as a relative path (a lone run: --output itself)."""
+    return Path(*[part for part in Path(job).parts if part not in ("/", ".", "..")])

@@ -18,9 +18,11 @@ from prune_cli.reporting.collect import (
     added_default,
     checkpoint_source,
     job_record,
-    job_table,
+    job_rows,
     number,
+    run_identity,
 )
+from prune_cli.reporting.expected import missing_jobs
 from prune_cli.run.resumable import RESUMABLE_DIFFERENCES
 from prune_cli.run.tables import fmt
 
@@ -56,6 +58,9 @@ class Summary:
     notes: list[str] = field(default_factory=list)  # dense checks that failed, one line each
     not_done: list[str] = field(default_factory=list)  # one line per job that did not finish
     jobs: int = 0
+    copies: list[str] = field(default_factory=list)  # "A = B": directories that hold one run, counted once
+    missing: list[str] = field(default_factory=list)  # one line per sweep job that never started
+    expected: int = 0  # how many jobs the sweeps asked for (0: not known, e.g. runs collected by hand)
 
     @property
     def rows(self) -> list[dict]:
@@ -63,14 +68,38 @@ class Summary:
 
 
 def collect(roots: list[Path]) -> tuple[list[tuple[Path, dict]], Summary]:
-    """Every job below ``roots`` as (its directory, its sweep row; sweep.csv / sweep.md written into each root),
-    and their groups. With several roots a job is named by its path."""
-    jobs = []
+    """Every job below ``roots`` as (its directory, its sweep row), copies of one run counted once, and their
+    groups, with the sweeps' jobs that never started. With several roots a job is named by its path. Nothing is
+    written."""
+    jobs, missing, expected = [], [], 0
     for root in roots:
-        for row in job_table(root):
+        rows = job_rows(root)
+        for row in rows:
             path = root / row["job"]
             jobs.append((path, row if len(roots) == 1 else {**row, "job": str(path)}))
-    return jobs, summarize(jobs)
+        asked, never = missing_jobs(root, [root / row["job"] for row in rows])
+        expected += asked
+        missing += never if len(roots) == 1 else [f"{root / m}" for m in never]
+    jobs, copies = drop_copies(jobs)
+    summary = summarize(jobs)
+    summary.copies, summary.missing, summary.expected = copies, missing, expected
+    return jobs, summary
+
+
+def drop_copies(jobs: list[tuple[Path, dict]]) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """The jobs with each run once (copies share a run_id, or, written before run_id, their results), and one
+    "A = B" per run held by several directories. The copy kept is a finished one if any, else the first."""
+    same: dict[str, list[int]] = {}
+    for i, (path, _) in enumerate(jobs):
+        identity = run_identity(path)
+        same.setdefault(identity if identity is not None else f"path {i}", []).append(i)
+    dropped, copies = set(), []
+    for indices in same.values():
+        if len(indices) > 1:
+            kept = next((i for i in indices if jobs[i][1].get("status") == "done"), indices[0])
+            dropped |= set(indices) - {kept}
+            copies.append(" = ".join(str(jobs[i][1]["job"]) for i in [kept, *(i for i in indices if i != kept)]))
+    return [job for i, job in enumerate(jobs) if i not in dropped], copies
 
 
 def grouped(name: str) -> bool:

@@ -1,5 +1,5 @@
-"""Reading run directories: one row per job (sweep.csv / sweep.md), every setting of a run from its config, and its
-results and provenance."""
+"""Reading run directories (never writing them): one row per job (sweep.csv / sweep.md), every setting of a run
+from its config, its results, provenance and identity."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from prune_cli.core.atomic import write_text
+from prune_cli.run.lock import lock_owner
 from prune_cli.run.resumable import added_option
 from prune_cli.run.tables import IDENTITY, deltas, dynamic, identity, markdown_table, write_csv
 from prune_cli.stages.base import dense_and_final
@@ -24,7 +25,10 @@ def run_dirs(root: Path) -> list[Path]:
     """Every run below ``root``: a directory with Hydra's .hydra/ or our results.csv / status.json."""
     found = {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
     found |= {p.parent for p in root.rglob("results.csv")} | {p.parent for p in root.rglob("status.json")}
-    return sorted(found, key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts])
+    # numbered job directories in numeric order; a name that is no number (a copy "1.bak") after the numbers
+    return sorted(
+        found, key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.relative_to(root).parts]
+    )
 
 
 def job_row(run_dir: Path, root: Path) -> dict:
@@ -42,13 +46,19 @@ def read_job(run_dir: Path, row: dict) -> dict:
     if overrides.is_file():
         row["overrides"] = " ".join(OmegaConf.load(overrides))
     status_file, results = run_dir / "status.json", run_dir / "results.csv"
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {"status": "unknown", "error": ""}
+    status = (
+        json.loads(status_file.read_text(encoding="utf-8"))
+        if status_file.is_file()
+        else {"status": "unknown", "error": ""}
+    )
     row["status"] = status["status"] if results.is_file() or status["status"] == "failed" else "failed"
     if status.get("error"):
         row["error"] = status["error"]
+    if status["status"] == "running" and lock_owner(run_dir) is None:  # no live process holds it: killed
+        row["status"], row["error"] = "dead", "the run ended without recording how (killed?)"
     provenance = run_dir / "run.json"
     if provenance.is_file():
-        where = json.loads(provenance.read_text())
+        where = json.loads(provenance.read_text(encoding="utf-8"))
         row.update({k: where.get(k) for k in PROVENANCE_COLUMNS})
     if not results.is_file():
         return row
@@ -82,7 +92,8 @@ def read_job(run_dir: Path, row: dict) -> dict:
 PROVENANCE_COLUMNS = ("prune_cli", "torch", "device")
 
 
-NOT_DONE = ("failed", "unreadable", "interrupted")  # a sweep or report with such a job exits non-zero
+# a sweep or report with such a job exits non-zero; dead: status.json says running but no process holds the lock
+NOT_DONE = ("failed", "unreadable", "interrupted", "dead")
 
 
 SWEEP_COLUMNS = [
@@ -102,19 +113,45 @@ SWEEP_COLUMNS = [
 ]
 
 
-def job_table(root: Path) -> list[dict]:
-    """One row per run below ``root`` (failed runs included, with their error), written to sweep.csv / sweep.md."""
+def job_rows(root: Path) -> list[dict]:
+    """One row per run below ``root`` (failed runs included, with their error); nothing is written."""
     root = Path(root)
-    rows = [job_row(d, root) for d in run_dirs(root)]
-    write_csv(root / "sweep.csv", rows)
+    return [job_row(d, root) for d in run_dirs(root)]
+
+
+def jobs_markdown(rows: list[dict], notes: list[str]) -> str:
+    """The jobs table as sweep.md shows it: a row per job, then the jobs that did not finish and ``notes``."""
     columns = [c for c in SWEEP_COLUMNS if any(c in r for r in rows)]
     text = markdown_table(rows, columns) + "\n"
     not_done = [r for r in rows if r["status"] in NOT_DONE]
     if not_done:
         listed = "; ".join(f"{r['job']} ({r['status']}): {r.get('error', 'no results')}" for r in not_done)
         text += f"\nnot done: {listed}\n"
-    write_text(root / "sweep.md", text)
-    return rows
+    return text + "".join(f"\n{n}\n" for n in notes)
+
+
+def write_jobs(out_dir: Path, rows: list[dict], text: str) -> None:
+    """sweep.csv (the rows) and sweep.md (``text``) into ``out_dir``."""
+    write_csv(Path(out_dir) / "sweep.csv", rows)
+    write_text(Path(out_dir) / "sweep.md", text)
+
+
+def run_identity(run_dir: Path) -> str | None:
+    """What one run is, whatever directory holds it: the run_id of its run.json, else (a run written before run_id
+    existed) the hash of its results.csv and its checkpoints' names and sizes; None when it has neither."""
+    try:
+        recorded = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        return f"run_id {recorded}"
+    results = run_dir / "results.csv"
+    if not results.is_file():
+        return None
+    digest = hashlib.sha256(results.read_bytes())
+    for path in sorted((run_dir / "checkpoints").glob("*.pt")):
+        digest.update(f"\0{path.name}\0{path.stat().st_size}".encode())
+    return f"content {digest.hexdigest()}"
 
 
 def number(value) -> float | None:

@@ -81,21 +81,24 @@ def tradeoff(lines: list[dict], x: str, xlabel: str):
     return fig
 
 
-def run_plots(run_dir: Path) -> list[Path]:
-    """widths (from layers.csv) and curves (from metrics.csv) into ``run_dir``; each only where its table exists
-    and has rows (a run that did not prune has no layers.csv, one that did not train no epochs)."""
+def run_plots(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
+    """widths (from layers.csv) and curves (from metrics.csv) of the run in ``run_dir`` into ``out_dir`` (default
+    ``run_dir``); each only where its table exists and has rows (a run that did not prune has no layers.csv, one
+    that did not train no epochs)."""
     run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     title = run_title(run_dir)
     written = []
     layers, metrics = run_dir / "layers.csv", run_dir / "metrics.csv"
     if layers.is_file() and layers.stat().st_size:
         df = pd.read_csv(layers)
         if len(df) and {"layer", "before", "after"} <= set(df.columns):
-            written += save(widths(df, title), run_dir / "widths")
+            written += save(widths(df, title), out_dir / "widths")
     if metrics.is_file() and metrics.stat().st_size:
         df = pd.read_csv(metrics)
         if len(df) and {"stage", "epoch"} <= set(df.columns):
-            written += save(curves(df, title), run_dir / "curves")
+            written += save(curves(df, title), out_dir / "curves")
     return written
 
 

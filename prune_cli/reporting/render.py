@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +13,7 @@ import pandas as pd
 from prune_cli.core.atomic import write_text
 from prune_cli.reporting import plots
 from prune_cli.reporting.aggregate import AMOUNT_KEYS, VALUES, Summary, key_text
-from prune_cli.reporting.collect import SPEEDUP_COLUMNS, number
+from prune_cli.reporting.collect import SPEEDUP_COLUMNS, jobs_markdown, number, write_jobs
 from prune_cli.run.tables import fmt, markdown_table, write_csv
 
 FORMATS = ("md", "csv", "latex", "json")
@@ -82,6 +83,16 @@ def summary_notes(summary: Summary) -> list[str]:
     notes += [f"dense check: {n}" for n in summary.notes]
     if summary.not_done:
         notes.append(f"not done ({len(summary.not_done)} of {summary.jobs} jobs): {'; '.join(summary.not_done)}")
+    return notes + job_notes(summary)
+
+
+def job_notes(summary: Summary) -> list[str]:
+    """The sweeps' jobs that never started and the directories that hold one run, one line each (if any)."""
+    notes = []
+    if summary.missing:
+        notes.append(f"never started ({len(summary.missing)} of {summary.expected} jobs): {'; '.join(summary.missing)}")
+    if summary.copies:
+        notes.append(f"copies of one run, counted once: {'; '.join(summary.copies)}")
     return notes
 
 
@@ -89,12 +100,39 @@ def summary_title(summary: Summary) -> str:
     return f"runs grouped by every setting but the seed: {len(summary.groups)} group(s) of {summary.jobs} job(s)"
 
 
-def write_summary(root: Path, summary: Summary) -> None:
-    """sweep_summary.csv (numbers in full) and sweep_summary.md (the printed table) into ``root``."""
-    write_csv(root / SUMMARY_CSV, summary.rows)
+def summary_markdown(summary: Summary) -> str:
+    """The summary table as sweep_summary.md holds it (and a sweep prints it)."""
     columns, cells = summary_cells(summary)
-    text = render("md", summary_title(summary), columns, cells, summary.rows, summary_notes(summary))
-    write_text(root / SUMMARY_MD, text)
+    return render("md", summary_title(summary), columns, cells, summary.rows, summary_notes(summary))
+
+
+def write_tables(out_dir: Path, jobs: list[tuple[Path, dict]], summary: Summary) -> None:
+    """sweep.csv / sweep.md (a row per job) and sweep_summary.csv (numbers in full) / sweep_summary.md (the printed
+    table) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    rows = [row for _, row in jobs]
+    write_jobs(out_dir, rows, jobs_markdown(rows, job_notes(summary)))
+    write_csv(out_dir / SUMMARY_CSV, summary.rows)
+    write_text(out_dir / SUMMARY_MD, summary_markdown(summary))
+
+
+# what a terminal without UTF-8 shows instead of the tables' few non-ASCII signs
+ASCII_FALLBACKS = str.maketrans({"±": "+/-", "→": "->", "−": "-", "—": "--", "–": "-", "×": "x", "≥": ">=", "≤": "<="})
+
+
+def emit(text: str, stream=None) -> None:
+    """Write ``text`` to ``stream`` (stdout) in an encoding it can take: under a locale without UTF-8 the signs
+    above in ASCII and anything else that cannot be encoded as "?", never a UnicodeEncodeError."""
+    stream = stream if stream is not None else sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        text = text.translate(ASCII_FALLBACKS).encode(encoding, errors="replace").decode(encoding)
+    except LookupError:  # a stream naming an encoding Python does not know: ASCII is safe anywhere
+        text = text.translate(ASCII_FALLBACKS).encode("ascii", errors="replace").decode("ascii")
+    stream.write(text)
+    stream.flush()
 
 
 def pivot(summary: Summary, by: list[str], columns: list[str], value: str) -> tuple[str, list[str], list, list]:

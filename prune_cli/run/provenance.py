@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import socket
 import subprocess
+import uuid
 from pathlib import Path
 
 import torch
@@ -24,6 +25,13 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def run_id(earlier: dict | None) -> str:
+    """A run's unique id (uuid4 hex): the one its earlier run.json recorded (a resumed run keeps it), else a new one.
+    Copies of a run directory share it, so reports count them once."""
+    recorded = (earlier or {}).get("run_id")
+    return recorded if isinstance(recorded, str) and recorded else uuid.uuid4().hex
 
 
 def provenance(trainer_cfg, device: torch.device, recorded: dict | None = None) -> dict:

@@ -20,7 +20,7 @@ from prune_cli.run import tables
 from prune_cli.run.config import resolve
 from prune_cli.run.lock import acquire, lock_owner
 from prune_cli.run.logger import build_logger
-from prune_cli.run.provenance import provenance
+from prune_cli.run.provenance import provenance, run_id
 from prune_cli.run.resumable import config_differences
 
 REQUIRED_KEYS = ("config", "stage", "done", "arch", "state_dict", "rows", "histories")
@@ -72,6 +72,7 @@ class RunDir:
         self.rows: list[dict] = []
         self.histories: dict[str, list[dict]] = {}
         self.provenance: dict = {}
+        self.data_fingerprint: str | None = None  # of the data this run trains on, once known (``check_data``)
         self.logger = build_logger(cfg.logger, self.dir)
 
     def record_provenance(self, device: torch.device) -> None:
@@ -79,13 +80,38 @@ class RunDir:
 
         The resolved memory format replaces ``auto`` in ``cfg.trainer``: every stage trains in it (a resumed run in
         the format its checkpoints record)."""
-        recorded = None  # a new run: auto resolves for the device
-        if any(self.ckpt_dir.glob("*.pt")):  # resumed: as its checkpoints were written (run.json says how)
-            previous = self.dir / "run.json"
-            recorded = json.loads(previous.read_text()) if previous.is_file() else {}
-        self.provenance = provenance(self.cfg.trainer, device, recorded)
+        previous = self.dir / "run.json"
+        earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+        # a new run: auto resolves for the device; resumed: as its checkpoints were written (run.json says how)
+        recorded = earlier if any(self.ckpt_dir.glob("*.pt")) else None
+        self.provenance = {"run_id": run_id(earlier), **provenance(self.cfg.trainer, device, recorded)}
         self.cfg.trainer.memory_format = self.provenance["memory_format"]
+        if recorded and "data" in recorded:  # what the run read stays recorded until it reads the data again
+            self.provenance["data"] = recorded["data"]
         write_text(self.dir / "run.json", json.dumps(self.provenance, indent=2) + "\n")
+
+    def check_data(self, fingerprint: str) -> None:
+        """Refuse data that differ from those the run's checkpoints were trained on (a checkpoint written before
+        fingerprints were recorded says nothing); the checkpoints written from now on record ``fingerprint``."""
+        for path in sorted(self.ckpt_dir.glob("*.pt")):
+            recorded = read_run_checkpoint(path).get("data_fingerprint")
+            if recorded is None:
+                continue
+            if recorded != fingerprint:
+                raise UserError(
+                    "dataset.root",
+                    f"the data differ from those the run's checkpoints were trained on ({path} records data "
+                    f"{recorded}, the files now give {fingerprint}); restore those files, or start a new run in "
+                    "another directory",
+                )
+            break  # every checkpoint of the run was checked against the same data when it was written
+        self.data_fingerprint = fingerprint
+
+    def record_data(self, data: dict) -> None:
+        """Add what the run read (the root given, the folder read, the fingerprint) to run.json and its checkpoints."""
+        self.provenance["data"] = data
+        if distributed.is_main():
+            write_text(self.dir / "run.json", json.dumps(self.provenance, indent=2) + "\n")
 
     def checkpoint(self, stage: str) -> dict | None:
         path = self.ckpt_dir / f"{stage}.pt"
@@ -116,6 +142,7 @@ class RunDir:
                 "epoch": epoch,
                 "rows": self.rows,
                 "histories": self.histories,
+                "data_fingerprint": self.data_fingerprint,  # None: this process read no data (see check_data)
                 **(extra or {}),
             },
         )
