@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
+import prune_cli
 from helpers import TINY, compose_config, run_cli
 from prune_cli.cli.run import main
 from prune_cli.core import atomic
@@ -186,3 +189,48 @@ def test_a_width_multiplier_that_empties_layers_is_refused_under_its_own_name(tm
     )
     lock.release(tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+NET = nn.Sequential(
+    nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)
+)
+X = torch.zeros(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "args,options,error,message",
+    [
+        ((NET, torch.zeros(1, 4, 8, 8), 0.5), {}, ValueError, "example_input: the model does not run on an input of"),
+        ((NET, (X,), 0.5), {}, TypeError, "example_input must be one tensor (a batch of inputs), got tuple"),
+        ((NET, X.to("meta"), 0.5), {}, ValueError, "example_input is on the meta device"),
+        ((NET, X, 0.5), {"scope": "layer"}, ValueError, "scope must be one of ('global', 'group'), got 'layer'"),
+        ((NET, X, 0.5), {"normalize": "max"}, ValueError, "normalize must be one of ('mean', 'none'), got 'max'"),
+        ((NET, X, 0.5), {"target": "flops"}, ValueError, "target must be one of ('channels', 'params', 'macs')"),
+        ((NET, X, 0.5), {"criterion": "l3"}, ValueError, "criterion must be one of ('l1', 'l2', 'random')"),
+        ((NET, X, 0.5), {"min_channels": -1}, ValueError, "min_channels must be an integer >= 0, got -1"),
+        ((NET, X, 0.5), {"ratios": 0.5}, TypeError, "unknown option 'ratios'; the options are target, criterion"),
+        ((NET, X, "half"), {}, TypeError, "ratio must be a number in (0, 1), got str"),
+        ((NET, X, 1.5), {}, ValueError, "ratio must be in (0, 1), got 1.5"),
+        ((nn.Linear(5, 3), torch.zeros(1, 5), 0.5), {}, ValueError, "model: no channel can be pruned ("),
+    ],
+)
+def test_the_python_api_refuses_in_one_message_naming_the_argument(args, options, error, message, capfd):
+    with pytest.raises(error) as e, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_cli.prune(*args, **options)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    out, err = capfd.readouterr()
+    assert out == "" and "Traceback" not in err  # torch.fx prints nothing either
+
+
+def test_the_python_api_on_a_model_with_meta_parameters():
+    with pytest.raises(ValueError, match="the model's parameters are on the meta device"):
+        prune_cli.prune(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)).to("meta"), X, 0.5)
+
+
+def test_integer_inputs_stay_integers_in_the_trace():
+    """A network reading token indices (an embedding first) is traced on them as given, not cast to float."""
+    net = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.warns(UserWarning, match="Embedding"):  # its own channels are the embedding's: kept, and said
+        pruned, table = prune_cli.prune(net, torch.zeros(1, 5, dtype=torch.long), 0.3)
+    assert table["params_removed"] >= 0.3 and pruned(torch.ones(2, 5, dtype=torch.long)).shape == (2, 2)

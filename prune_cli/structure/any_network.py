@@ -14,10 +14,57 @@ import numpy as np
 import torch
 from torch import nn
 
+from prune_cli.core.errors import UserError, one_line
 from prune_cli.structure.graph import ChannelGraph
 from prune_cli.structure.selection import check_target
 
 CRITERIA = ("l1", "l2", "random")
+SCOPES = ("global", "group")
+NORMALIZE = ("mean", "none")
+
+
+def check_options(ratio, target, criterion, scope, normalize, min_channels, seed) -> None:
+    """Refuse, naming the argument and its accepted values, any option this API would not honour as given."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+        raise TypeError(f"ratio must be a number in (0, 1), got {type(ratio).__name__}")
+    check_target(target, ratio)
+    for name, value, accepted in (("criterion", criterion, CRITERIA), ("scope", scope, SCOPES)):
+        if value not in accepted:
+            raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    for name, value, least in (("min_channels", min_channels, 0), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer >= {least}, got {type(value).__name__}")
+        if value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value}")
+
+
+def check_example(model: nn.Module, example_input) -> None:
+    """Refuse an example input the model cannot be traced on, naming the argument and why (the model runs on it
+    once here, in eval mode, so a failure is one message rather than a torch.fx traceback)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(
+            f"example_input must be one tensor (a batch of inputs), got {type(example_input).__name__}; "
+            "networks of several inputs are not supported"
+        )
+    if example_input.device.type == "meta" or any(p.device.type == "meta" for p in model.parameters()):
+        where = "example_input is" if example_input.device.type == "meta" else "the model's parameters are"
+        raise ValueError(f"{where} on the meta device: scores and counts need real values (load the weights first)")
+    param = next(model.parameters(), None)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.eval()(example_input.to(param.device) if param is not None else example_input)
+    except Exception as e:
+        raise ValueError(
+            f"example_input: the model does not run on an input of shape {tuple(example_input.shape)} ({one_line(e)})"
+        ) from None
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def channel_scores(
@@ -66,9 +113,10 @@ def select(
     seed: int = 0,
 ) -> set[int]:
     """The channels to remove: the fewest lowest-scoring ones whose removal takes away ``ratio`` of ``target``."""
-    check_target(target, ratio)
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    check_options(ratio, target, criterion, scope, normalize, min_channels, seed)
+    if not graph.groups:
+        why = graph.warnings[0] if graph.warnings else "no conv or linear layer whose outputs another layer reads"
+        raise ValueError(f"model: no channel can be pruned ({why})")
     order = _order(graph, channel_scores(graph, criterion, normalize, seed), scope, min_channels)
     total_channels = sum(len(g.channels) for g in graph.groups)
     dense = graph.count(set())
@@ -89,12 +137,38 @@ def select(
     return set(order[:hi])
 
 
+SELECT_DEFAULTS = {
+    "target": "params",
+    "criterion": "l1",
+    "scope": "global",
+    "normalize": "mean",
+    "min_channels": 1,
+    "seed": 0,
+}
+
+
+def _known(options: dict) -> dict:
+    """``options``, once every name is one :func:`select` takes."""
+    unknown = sorted(set(options) - set(SELECT_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r}; the options are {', '.join(SELECT_DEFAULTS)}")
+    return options
+
+
 def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options) -> tuple[nn.Module, dict]:
     """``(pruned model, table)``: a copy of ``model`` without the channels :func:`select` picks with ``options``
     (target, criterion, scope, normalize, min_channels, seed; ``model`` is left as it was), and what happened:
     params and MACs before and after (exact counts), channels removed, groups, and the channels the graph could
-    not prune with the reason for each."""
-    graph = ChannelGraph(model, example_input)
+    not prune with the reason for each.
+
+    Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument (unknown option values list the
+    accepted ones); nothing is printed."""
+    check_options(ratio, **{**SELECT_DEFAULTS, **_known(options)})
+    check_example(model, example_input)
+    try:
+        graph = ChannelGraph(model, example_input)
+    except UserError as e:  # the graph's one line, as the Python API's exception
+        raise ValueError(str(e)) from None
     removed = select(graph, ratio, **options)
     pruned = graph.pruned(removed)
     (p0, m0), (p1, m1) = graph.count(set()), graph.count(removed)

@@ -136,7 +136,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     modes = [(m, m.training) for m in model.modules()]
     param = next(model.parameters(), None)
     if param is not None:  # the network's device and precision
-        example = example.to(param.device, param.dtype if param.is_floating_point() else example.dtype)
+        floating = param.is_floating_point() and example.is_floating_point()  # indices stay integers
+        example = example.to(param.device, param.dtype if floating else example.dtype)
     gm.eval()
     try:
         with torch.no_grad():
