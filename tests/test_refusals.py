@@ -176,7 +176,7 @@ def test_the_report_lists_unreadable_runs_and_exits_non_zero(tmp_path, capsys):
     pipeline.run(compose_config(*TINY, "schedule=measure"), tmp_path / "good")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "results.csv").write_text("")
-    assert report.main([str(tmp_path)]) == 1
+    assert report.main([str(tmp_path), "--output", str(tmp_path)]) == 1  # the tables only where it is told
     sweep = pd.read_csv(tmp_path / "sweep.csv")
     assert dict(zip(sweep["job"], sweep["status"])) == {"empty": "unreadable", "good": "done"}
     assert "results.csv is empty" in (tmp_path / "sweep.md").read_text()
