@@ -33,3 +33,19 @@ def readme():
 @pytest.fixture(scope="session")
 def options_page():
     return (ROOT / "docs" / "options.md").read_text()
+
+
+UNMARKED_LIMIT_S = 5.0  # a test not marked slow should take a fraction of this; past it, the session names it
+_unmarked_slow: list[tuple[float, str]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > UNMARKED_LIMIT_S and "slow" not in report.keywords:
+        _unmarked_slow.append((report.duration, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unmarked_slow:
+        terminalreporter.section(f"tests over {UNMARKED_LIMIT_S:g} s not marked slow (mark them or make them cheaper)")
+        for seconds, nodeid in sorted(_unmarked_slow, reverse=True):
+            terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")

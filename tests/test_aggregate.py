@@ -229,12 +229,13 @@ def test_report_failures_are_one_line(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == "error: --plots: matplotlib is not installed (pip install 'prune-cli[plots]')\n"
 
 
+@pytest.mark.slow
 def test_a_cli_sweep_prints_one_table_per_criterion_and_plots(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    # smoke size (one epoch per stage, no timing) on all of TINY's images, at a quarter of ResNet-20's width, one
-    # thread (the suite's two workers share two cores)
+    # smoke size (one epoch per stage, no timing) on all of TINY's images at 8x8, at a quarter of ResNet-20's
+    # width, one thread (the suite's two workers share two cores)
     small = [*TINY, "debug=smoke", "dataset.subset=null", "dataset.test_subset=null", "model.width_mult=0.25"]
-    small += ["trainer.threads=1"]
+    small += ["dataset.image_size=8", "trainer.threads=1"]
     r = run_cli("-m", *small, "criterion=l1,random", "seed=0,1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     jobs = pd.read_csv(sweep / "sweep.csv")

@@ -1,11 +1,12 @@
 """The installed command as a user runs it: help, one-line errors, sweeps and their aggregation."""
 
-import subprocess
-import sys
-
 import pandas as pd
+import pytest
 
 from helpers import run_cli as cli
+from prune_cli.cli import report
+
+pytestmark = pytest.mark.slow  # every test starts the command in a process of its own
 
 TINY = [
     "dataset=synthetic",
@@ -57,7 +58,7 @@ def test_missing_data_names_where_it_looked(tmp_path):
     assert last.startswith("error: dataset.root:") and str(tmp_path / "nodata") in last
 
 
-def test_sweep_aggregates_and_keeps_jobs_when_one_fails(tmp_path):
+def test_sweep_aggregates_and_keeps_jobs_when_one_fails(tmp_path, capsys):
     r = cli("-m", *TINY, "prune.ratio=0.3,1.5,0.6", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert r.returncode == 1  # one job failed
     sweep = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
@@ -69,17 +70,9 @@ def test_sweep_aggregates_and_keeps_jobs_when_one_fails(tmp_path):
     assert (done["params_removed_%"].diff().dropna() > 0).all()  # a larger ratio removes more
     assert "failed" in (tmp_path / "sweep" / "sweep.md").read_text()
 
-    # the same aggregation as a command, on any directory of runs
+    # the same aggregation as the report command (its entry point, in this process), on any directory of runs
     (tmp_path / "sweep" / "sweep.csv").unlink()
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from prune_cli.cli.report import main; sys.exit(main())",
-            str(tmp_path / "sweep"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 1 and "| job |" in r.stdout  # non-zero: a job failed
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "sweep"), "--output", str(tmp_path / "sweep")]) == 1  # a job failed
+    assert "| job |" in capsys.readouterr().out
     assert pd.read_csv(tmp_path / "sweep" / "sweep.csv").equals(sweep)

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import results_table
 
 HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # torchrun starts three processes a launch
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
@@ -52,6 +55,9 @@ def test_torchrun_sweep_writes_once(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", "prune_cli", "-m", "seed=0,1", "debug=smoke", "latency=off", "trainer.progress=false"]
     args += ["model.width_mult=0.25", "trainer.threads=1"]  # two ranks on two cores
+    # 64 + 32 synthetic 8x8 images made in memory: no dataset module to import and read in every rank
+    args += ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32", "dataset.image_size=8"]
+    args += ["dataset.subset=null", "dataset.test_subset=null"]
     r = launch([*TORCHRUN, *args, f"hydra.sweep.dir={sweep}"], tmp_path, env={"TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr
     for job in ("0", "1"):

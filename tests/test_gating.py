@@ -174,6 +174,7 @@ def test_gated_convs_and_the_arch_rebuild():
         assert torch.equal(rebuilt.eval()(x), model.eval()(x))
 
 
+@pytest.mark.slow
 def test_a_run_writes_dynamic_macs_and_resumes(compose, tmp_path, monkeypatch):
     cfg = compose(*TINY, "schedule=cg", "schedule.cg.epochs=2", "schedule.cg.p=2", "model.width_mult=0.25")
     rows = pipeline.run(cfg, tmp_path / "a")
@@ -203,6 +204,7 @@ def test_refusals(compose, tmp_path):
     assert e.value.option == "schedule.cg.p" and "4 input channels" in e.value.why
 
 
+@pytest.mark.slow
 def test_a_bad_option_is_one_line_before_any_data(cli, tmp_path):
     r = cli(
         "experiment=cg_resnet20_cifar10",

@@ -19,6 +19,9 @@ from prune_cli.run import pipeline
 
 CLASSES = ("cat", "dog", "eel")
 
+# DataLoader worker processes (their start-up is slow: the case with them is an end-to-end one)
+WORKER_PROCESSES = pytest.param(2, marks=pytest.mark.slow)
+
 
 def make_folder(root, sizes=((10, 12), (8, 8))) -> None:
     """3 classes; train: 4 images each, val: 2 (one class missing from val); two sizes, random RGB PNGs."""
@@ -100,7 +103,7 @@ def folder_config(root, *overrides):
     return config("dataset=imagefolder", f"dataset.root={root}", "dataset.image_size=8", *overrides).dataset
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, WORKER_PROCESSES])
 def test_streamed_batches_equal_in_memory_ones(tmp_path, workers):
     make_folder(tmp_path)
     options = ("dataset.pad=2", "dataset.flip=true", "dataset.val_split=3", f"dataset.workers={workers}")
@@ -136,7 +139,7 @@ def test_auto_streams_what_does_not_fit_and_never_refuses_it(tmp_path, monkeypat
     assert e.value.option == "dataset.image_size" and "half the free memory" in str(e.value)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, WORKER_PROCESSES])
 def test_a_file_that_cannot_be_decoded_while_streaming_is_one_line(tmp_path, workers):
     make_folder(tmp_path)
     data = load_data(folder_config(tmp_path, "dataset.stream=always", f"dataset.workers={workers}"), 0, "cpu")
@@ -161,6 +164,7 @@ def test_streamed_statistics_equal_those_of_the_decoded_images(tmp_path, monkeyp
         assert np.allclose(std, want_std, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_a_streamed_run_gives_the_in_memory_results(tmp_path):
     make_folder(tmp_path / "images")
     results = {}

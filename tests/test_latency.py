@@ -25,6 +25,7 @@ def resnet20(width_mult):
     return build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3, "width_mult": width_mult})
 
 
+@pytest.mark.slow
 def test_a_model_with_many_times_the_macs_measures_slower():
     """The one timed check: 64x the MACs (8x the channels), medians of interleaved repeats. The wide model's forward
     (~20 ms alone at batch 32) is long against what a busy machine adds to the narrow one's (~2 ms alone)."""
@@ -64,6 +65,7 @@ def test_time_models_reports_the_median_and_interquartile_range_of_interleaved_f
     assert clock["calls"] == [first, second] * 6  # interleaved: a change of load falls on both alike
 
 
+@pytest.mark.slow
 def test_a_pruning_run_times_dense_and_pruned_and_equals_the_untimed_run(tmp_path):
     # no pretrain: the dense row is init, rebuilt from the config (its random state untouched: the tables agree)
     overrides = [*SMALL, "schedule.stages=[prune,finetune]", "schedule.finetune.epochs=1"]
@@ -82,6 +84,7 @@ def test_a_pruning_run_times_dense_and_pruned_and_equals_the_untimed_run(tmp_pat
     assert "latency" not in summary_off
 
 
+@pytest.mark.slow
 def test_iterative_pruning_times_the_dense_row_model(tmp_path, monkeypatch):
     """With prune.steps=2 the stage removes channels from a model already pruned once: the dense one timed is
     the pretrain checkpoint's (the tables' dense row), the pruned one the stage's result."""

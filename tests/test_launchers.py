@@ -2,10 +2,13 @@
 sweep, and logger=tensorboard mirrors metrics.csv as scalars (read back with TensorBoard's own reader)."""
 
 import pandas as pd
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import TINY, compose_config, run_cli
 from prune_cli.run import pipeline
+
+pytestmark = pytest.mark.slow  # a launcher's processes, and a whole run
 
 # the smallest sweep that still prunes: one epoch of each training stage at a quarter of ResNet-20's width
 SMALL = [*TINY, "dataset.image_size=8", "model.width_mult=0.25", "schedule.pretrain.epochs=1"]

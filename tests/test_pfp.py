@@ -470,6 +470,7 @@ def test_geometric_cascade_keeps_equal_ratios():
     assert [kept_share(0.75, k, 3, "linear") for k in (1, 2, 3)] == [0.75, 0.5, 0.25]
 
 
+@pytest.mark.slow
 def test_pfp_cascade_run(tmp_path):
     """schedule=pfp with two geometric steps retrained with the finetune block's own settings: the removed share
     of params meets the target, the step's retraining is the finetune block's, the row names the sample."""

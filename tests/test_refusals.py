@@ -75,6 +75,7 @@ def test_a_diverging_stage_stops_with_its_learning_rate(tmp_path, monkeypatch, c
     assert not (tmp_path / "checkpoints").exists()  # the diverged epoch is not checkpointed, nothing was pruned
 
 
+@pytest.mark.slow
 def test_a_directory_holding_another_run_is_refused_and_left_as_it_was(tmp_path, monkeypatch, capsys):
     run = [*TINY, "schedule.pretrain.epochs=1", "schedule.finetune.epochs=1", f"hydra.run.dir={tmp_path}"]
     assert command(monkeypatch, capsys, *run)[0] == 0
@@ -86,6 +87,7 @@ def test_a_directory_holding_another_run_is_refused_and_left_as_it_was(tmp_path,
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_not(tmp_path, monkeypatch, capsys):
     tmp_path.mkdir(exist_ok=True)
     holder = subprocess.Popen(

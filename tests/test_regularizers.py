@@ -483,6 +483,7 @@ def small_group_fraction(model, rel: float = 0.05) -> float:
     return float(torch.cat(fr).mean())
 
 
+@pytest.mark.slow
 def test_hgsr_training_drives_feature_groups_to_zero(digits, one_thread):
     """HGSR (default form: squared, l2 kernels, feature groups, mix 0.5) at lam 1e-3, 10 epochs of SGD.
 
@@ -525,6 +526,7 @@ def test_hgsr_training_drives_feature_groups_to_zero(digits, one_thread):
     assert fracs["hgsr_acc"] > 0.5  # and the network still works
 
 
+@pytest.mark.slow
 def test_polarization_training_is_bimodal(digits, one_thread):
     torch.manual_seed(0)
     model = TinyNet(24, bn=True)
