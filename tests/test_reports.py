@@ -256,5 +256,7 @@ def test_a_killed_joblib_worker_fails_its_job_and_the_table_is_written(tmp_path)
     assert r.returncode == 1
     assert "error: hydra.launcher: the sweep stopped before its last job" in r.stderr
     jobs = pd.read_csv(sweep / "sweep.csv")
-    assert dict(zip(jobs["job"].astype(str), jobs["status"])) == {"0": "done", "1": "failed"}
+    statuses = dict(zip(jobs["job"].astype(str), jobs["status"]))
+    # the pool stops every worker: job 0 finished first (done) or was stopped with it (dead), never "running"
+    assert statuses["1"] == "failed" and statuses["0"] in ("done", "dead")
     assert (sweep / "sweep_summary.md").is_file() and "| 1 | failed |" in r.stdout
