@@ -147,6 +147,7 @@ def test_every_declared_option_refuses_bad_values(base, path):
         assert e.value.option == path or e.value.option.startswith(path + "["), (path, value, str(e.value))
 
 
+@pytest.mark.slow  # composes all 27 presets
 def test_every_method_part_runs_in_a_preset():
     """Every stage, regularizer and criterion a method module registers (prune_cli/methods) is used by a preset."""
     presets = [composed(f"experiment={preset}") for preset in PRESETS]
