@@ -11,6 +11,8 @@ import copy
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from prune_cli.core import distributed
 from prune_cli.core.atomic import write_text
@@ -21,10 +23,10 @@ from prune_cli.data import describe
 from prune_cli.engine import settings
 from prune_cli.models import build_model
 from prune_cli.run import tables
-from prune_cli.run.config import validate
+from prune_cli.run.config import resolve, validate
 from prune_cli.run.context import Context
 from prune_cli.run.rundir import REQUIRED_KEYS, RunDir
-from prune_cli.stages import STAGES
+from prune_cli.stages import STAGES, pruning_stages
 
 
 def run(cfg, run_dir: Path) -> list[dict]:
@@ -45,18 +47,18 @@ def _run(cfg, run_dir: Path) -> list[dict]:
     names = list(cfg.schedule.stages)
     stages = [STAGES.get(name)() for name in names]
     model = ctx.build(seed_salt="init")
-    ck = None
+    ck, start = None, 0
     if cfg.init_from is not None:
         ck, model = read_init_from(cfg.init_from, ctx)
+        start = init_from_start(cfg.init_from, ck, stages)
     view = model  # build and check every component before any data is read, each on the model it will get
     for stage in stages:
         check_shared_groups(stage, view, cfg)
         view = stage.prepare(ctx, view) or view
 
-    start = 0
     if ck is not None:
+        check_init_from_identity(cfg.init_from, ck, cfg)  # after the checks above: theirs name the cause first
         run_.restore(ck)
-        start = names.index(ck["stage"]) + 1 if ck["stage"] in names else 0
     else:
         top1, loss = ctx.test(model) if names else (float("nan"), float("nan"))
         run_.rows = [ctx.measure("init", model, top1, loss)]
@@ -131,6 +133,84 @@ def read_init_from(path: str, ctx: Context) -> tuple[dict, object]:
         return ck, load_model(ck, ctx.device)
     except Exception as e:
         raise UserError("init_from", f"{path} does not rebuild ({type(e).__name__}: {e})") from None
+
+
+def init_from_start(path: str, ck: dict, stages: list) -> int:
+    """The first stage of the schedule to run on the checkpoint ``init_from`` names (docs/configuration.md).
+
+    After the checkpoint's stage when the schedule lists it; else, for a pruned checkpoint (a stage that prunes is
+    among its rows), after the schedule's first pruning stage (from its start if it has none); else after the last
+    stage of the schedule the checkpoint has been through (its rows). Refused in one line when that would run a stage
+    the checkpoint has been through again (a duplicate row), train a pruned network in a stage that trains the
+    network before pruning (``Stage.dense_only``: the pruned network saved under a dense stage's name), or leave
+    nothing to run of a schedule that lacks the checkpoint's stage."""
+    names = [stage.name for stage in stages]
+    history = [row["stage"] for row in ck["rows"]]
+    pruned_by = next((name for name in history if name in pruning_stages()), None)
+    if ck["stage"] in names:
+        start = names.index(ck["stage"]) + 1
+    elif pruned_by is not None:
+        first_pruning = next((i for i, stage in enumerate(stages) if stage.prunes), None)
+        start = 0 if first_pruning is None else first_pruning + 1
+    else:
+        start = max((i + 1 for i, name in enumerate(names) if name in history), default=0)
+    refuse_init_from_start(path, ck, stages, start, pruned_by)
+    return start
+
+
+def refuse_init_from_start(path: str, ck: dict, stages: list, start: int, pruned_by: str | None) -> None:
+    """One line naming init_from and the schedule's stages when starting at ``start`` breaks a rule above."""
+    names = [stage.name for stage in stages]
+    history = [row["stage"] for row in ck["rows"]]
+    schedule = f"the schedule [{', '.join(names)}]"
+    again = [name for name in names[start:] if name in history]
+    if again:
+        raise UserError(
+            "init_from",
+            f"{path} has been through {', '.join(again)} already (its rows hold them): {schedule} would run them "
+            f"again; list only the stages after its {ck['stage']} stage",
+        )
+    dense = [stage.name for stage in stages[start:] if stage.dense_only]
+    if pruned_by is not None and dense:
+        raise UserError(
+            "init_from",
+            f"{path} holds a network its {pruned_by} stage pruned, and {', '.join(dense)} of {schedule} trains the "
+            "network before pruning; start from a checkpoint made before pruning, or list only stages that follow it",
+        )
+    if names and start == len(names) and ck["stage"] not in names:
+        raise UserError(
+            "init_from",
+            f"{path} comes from a {ck['stage']} stage {schedule} lacks, and nothing of the schedule is left to run "
+            "after the stages its rows hold: start from an earlier checkpoint, or list the stages to run after it",
+        )
+
+
+def check_init_from_identity(path: str, ck: dict, cfg) -> None:
+    """Refuse a checkpoint whose stages acted with other settings than the ones this run's table names for them
+    (e.g. pruned at ``prune.ratio=0.5`` while the table says 0.3): the rows it brings would be mislabelled."""
+    mine = acted(resolve(cfg), list(cfg.schedule.stages))
+    try:
+        theirs = acted(ck["config"], [row["stage"] for row in ck["rows"] if row["stage"] in STAGES])
+    except (OmegaConfBaseException, KeyError, AttributeError, TypeError):  # written without these groups
+        return
+    differ = [k for k in mine if k in theirs and mine[k] != theirs[k]]
+    if differ:
+        raise UserError(
+            "init_from",
+            f"{path} was made with {', '.join(f'{k}={theirs[k]}' for k in differ)}; this run's table would say "
+            f"{', '.join(f'{k}={mine[k]}' for k in differ)}: run with the checkpoint's settings, or start from a "
+            "checkpoint made before the stages that read them",
+        )
+
+
+def acted(config: dict, stages: list[str]) -> dict:
+    """The table's identity columns (``tables.identity``) that ``stages`` read in the plain ``config``: those whose
+    value is not the blank a table shows for a group no stage reads."""
+    listed, blank = (
+        tables.identity(OmegaConf.create({**config, "schedule": {**config["schedule"], "stages": names}}))
+        for names in (stages, [])
+    )
+    return {k: v for k, v in listed.items() if v != blank[k]}
 
 
 def init_from_identity(ck: dict, ctx: Context) -> list[tuple[str, object, object]]:

@@ -22,6 +22,7 @@ class Stage(abc.ABC):
     options: tuple[Option, ...] | None = None
     prunes: bool = False
     reforms: bool = False  # it changes the network's form, not its function (the tables' dense row precedes it)
+    dense_only: bool = False  # it trains the network a later stage prunes: init_from never gives it a pruned one
     reads: tuple[str, ...] = ()  # config groups it acts on besides its block ("criterion", "prune", "regularizer")
     shared_groups: bool = False  # it handles channels several layers share (a model pruned with prune.residual)
 

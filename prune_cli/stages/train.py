@@ -211,11 +211,14 @@ def finished_row(stage: str, models: list, history: list[dict], epochs: int, ctx
 class Pretrain(TrainStage):
     """Trains the dense network."""
 
+    dense_only = True
+
 
 @STAGES.register("sparse_train")
 class SparseTrain(TrainStage):
     """Trains with the configured regularizer added to the loss."""
 
+    dense_only = True
     regularized = True
     reads = ("regularizer",)
 
