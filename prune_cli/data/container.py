@@ -59,6 +59,8 @@ class Data:
     std: torch.Tensor
     pad: int
     flip: bool
+    fingerprint: str = ""  # the hash of the decoded arrays as read (``fingerprint.fingerprint``): the data's identity
+    source: str | None = None  # the folder read when it is not dataset.root (a reader's documented fallback)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -26,6 +26,7 @@ from prune_cli.core.options import Bool, Float, Int, Option, Str, check_block, w
 from prune_cli.core.registry import Registry
 from prune_cli.core.seeds import SUBSET_STREAM, TEST_SUBSET_SEED, TEST_SUBSET_STREAM, VAL_STREAM, numpy_rng
 from prune_cli.data.container import Data, Split
+from prune_cli.data.fingerprint import fingerprint
 from prune_cli.data.stream import StreamedImages
 
 DATASETS = Registry("dataset", "dataset.name")
@@ -98,6 +99,7 @@ class Raw:
     num_classes: int
     mean: tuple[float, ...]  # per channel, 0..1 pixel units
     std: tuple[float, ...]
+    source: str | None = None  # the folder read, when the reader fell back from dataset.root to another one
 
 
 class DatasetSpec(abc.ABC):
@@ -170,6 +172,7 @@ def load_data(cfg, seed: int, device: torch.device | str) -> Data:
     name, pad = spec.name, values["pad"]
     raw = spec.read(values)
     _check_raw(raw, name)
+    identity = fingerprint(raw.x_train, raw.y_train, raw.x_test, raw.y_test)  # of all the files hold, before subsets
 
     h, w = raw.x_train.shape[2:]
     if pad >= min(h, w):
@@ -205,6 +208,8 @@ def load_data(cfg, seed: int, device: torch.device | str) -> Data:
         std=torch.tensor(raw.std, dtype=torch.float32, device=device),
         pad=pad,
         flip=values["flip"],
+        fingerprint=identity,
+        source=raw.source,
     )
 
 

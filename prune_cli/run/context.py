@@ -25,8 +25,16 @@ class Context:
 
     @property
     def data(self):
+        """The dataset, read on first use: checked against the data the run's checkpoints were trained on, and what was
+        read recorded in run.json (a fallback folder also printed) before any stage gets it."""
         if self._data is None:
-            self._data = load_data(self.cfg.dataset, self.cfg.seed, self.device)
+            data = load_data(self.cfg.dataset, self.cfg.seed, self.device)
+            self.run.check_data(data.fingerprint)
+            root = str(self.cfg.dataset.get("root"))
+            if data.source is not None and distributed.is_main():
+                print(f"dataset.root: {root} has no {data.name} files; read {data.source}")
+            self.run.record_data({"root": root, "read": data.source or root, "fingerprint": data.fingerprint})
+            self._data = data
         return self._data
 
     def arch(self) -> dict:
