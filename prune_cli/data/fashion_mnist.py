@@ -8,7 +8,6 @@ Compressed or borrowed files are unpacked into a temporary folder: the data fold
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import shutil
 import tempfile
@@ -16,8 +15,6 @@ import tempfile
 from prune_cli.core.errors import UserError
 from prune_cli.data.files import brief, data_root, download_error
 from prune_cli.data.spec import DATASETS, DatasetSpec, Raw, dataset_options
-
-log = logging.getLogger(__package__)  # log lines keep the name "prune_cli.data" they always had
 
 # Debian's `dataset-fashion-mnist` package installs the four original .gz files here
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -61,7 +58,8 @@ class FashionMNIST(DatasetSpec):
         root = data_root(cfg)
         raw_folder = os.path.join(root, "FashionMNIST", "raw")
         sources = _find_sources(root, raw_folder, cfg["download"], tvd.FashionMNIST)
-        if all(not p.endswith(".gz") for p in sources.values()) and os.path.dirname(sources[FILES[0]]) == raw_folder:
+        folder_read = os.path.dirname(sources[FILES[0]])
+        if all(not p.endswith(".gz") for p in sources.values()) and folder_read == raw_folder:
             tr, te = _read_torchvision(root, sources, tvd.FashionMNIST)
         else:  # decompress (or link) into a private torchvision layout; the data folder stays untouched
             with tempfile.TemporaryDirectory(prefix="prune_cli_fmnist_") as tmp:
@@ -77,6 +75,7 @@ class FashionMNIST(DatasetSpec):
             cls.num_classes,
             cls.mean,
             cls.std,
+            source=None if folder_read == raw_folder else folder_read,  # the run records and prints the fallback
         )
 
 
@@ -84,9 +83,7 @@ def _find_sources(root: str, raw_folder: str, download: bool, reader) -> dict[st
     """The four files: in ``raw_folder``, else Debian's copy, else downloaded there (``download``), else an error."""
     sources = _sources(raw_folder)
     if sources is None and os.path.isdir(DEBIAN_FASHION_MNIST):
-        sources = _sources(DEBIAN_FASHION_MNIST)
-        if sources is not None:
-            log.info("Fashion-MNIST: using Debian's copy in %s", DEBIAN_FASHION_MNIST)
+        sources = _sources(DEBIAN_FASHION_MNIST)  # Raw.source names it: the run prints and records the fallback
     if sources is None and download:
         try:
             reader(root, train=True, download=True)

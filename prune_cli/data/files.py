@@ -50,13 +50,22 @@ def decode_image(path: str, fix: str, mode: str = "RGB", size: int | None = None
     unless ``size`` is None. A file that cannot be decoded is a UserError naming it, ``fix`` saying what to do."""
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            img = eight_bit(img).convert(mode)
             if size is not None and img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
             arr = np.asarray(img)
             return arr[:, :, None] if arr.ndim == 2 else arr
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
         raise UserError("dataset.root", f"cannot decode {path} ({brief(e)}); {fix}") from None
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """``img`` with 16-bit grey values (PIL modes I;16*, and I as 16-bit PNGs open) scaled to 8 bits (value >> 8):
+    PIL's own conversion clips them at 255, which turns almost every pixel white."""
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    values = np.asarray(img).astype(np.int64)
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
 
 
 def decode_images(paths: list[str], fix: str, mode: str = "RGB", size: int | None = None) -> np.ndarray:

@@ -99,6 +99,11 @@ class ImageFolder(DatasetSpec):
             if not os.path.isdir(sub):
                 continue
             files = sorted(f for f in os.listdir(sub) if f.lower().endswith(EXTENSIONS))
+            if not files:  # kept, the class would have no image to learn or test it by, and nothing would say so
+                raise UserError(
+                    "dataset.root",
+                    f"class folder {sub} holds no image ({', '.join(EXTENSIONS)}); add its images or remove the folder",
+                )
             paths += [os.path.join(sub, f) for f in files]
             labels += [k] * len(files)
         if not paths:
