@@ -46,7 +46,7 @@ RUN_OPTIONS = (
     Str(
         "init_from",
         None,
-        "a checkpoints/<stage>.pt to start from; the schedule's stages up to it are skipped",
+        "a checkpoints/<stage>.pt to start from; the schedule starts after that stage (docs: How a run is configured)",
         nullable=True,
     ),
     Choice(
