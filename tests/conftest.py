@@ -1,5 +1,6 @@
-"""Shared test setup: one torch thread (small models run faster so, and tests share the machine), and the
-fixtures every test module uses: composing configs in-process, running the installed command, the doc pages."""
+"""Shared test setup: one torch thread (small models run faster so, and tests share the machine), the fixtures
+every test module uses (composing configs in-process, running the installed command, the doc pages), the slow
+tests run first, and a note at the end of a session naming the tests not marked slow that took long."""
 
 import pytest
 import torch
@@ -33,6 +34,12 @@ def readme():
 @pytest.fixture(scope="session")
 def options_page():
     return (ROOT / "docs" / "options.md").read_text()
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first, each kind in its own order: the two workers then end together, instead of one running
+    the last long test alone while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 UNMARKED_LIMIT_S = 5.0  # a test not marked slow should take a fraction of this; past it, the session names it
