@@ -2,10 +2,13 @@
 every test module uses (composing configs in-process, running the installed command, the doc pages), the slow
 tests run first, and a note at the end of a session naming the tests not marked slow that took long."""
 
+import sys
+
 import pytest
 import torch
 
 from helpers import ROOT, TINY, compose_config, run_cli
+from prune_cli.cli.run import main
 
 torch.set_num_threads(1)
 
@@ -24,6 +27,26 @@ def tiny(compose):
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def command(monkeypatch, capsys):
+    """``prune-cli ARGS`` through its entry point in this process: (exit code, stderr), as ``cli`` gives them from a
+    new interpreter, seconds sooner. What only a process shows (--help, a sweep, signals, torchrun) uses ``cli``."""
+
+    def run(*args, env=None):
+        for key, value in {"HYDRA_FULL_ERROR": "0", **(env or {})}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", ["prune-cli", *args])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,11 @@
 """The command as a user runs it: help and a sweep from the installed command in a process of its own, one-line
 errors from its entry point in this process (the same exit codes and stderr), and the sweep's aggregation."""
 
-import sys
-
 import pandas as pd
 import pytest
 
 from helpers import run_cli as cli
 from prune_cli.cli import report
-from prune_cli.cli.run import main
 
 TINY = [
     "dataset=synthetic",
@@ -21,18 +18,6 @@ TINY = [
     "trainer.threads=1",  # two test workers on two cores
     "latency=off",  # timing is tested in test_latency.py
 ]
-
-
-def command(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """``prune-cli ARGS`` in this process, as ``run_cli`` runs it in a new one: (exit code, stderr)."""
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    monkeypatch.setattr(sys, "argv", ["prune-cli", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -51,25 +36,24 @@ def test_help_lists_groups_and_choices(tmp_path):
         assert text in out
 
 
-def test_bad_value_is_one_line_and_nonzero(tmp_path, monkeypatch, capsys):
-    code, err = command(monkeypatch, capsys, *TINY, "prune.ratio=1.5", f"hydra.run.dir={tmp_path}/run")
+def test_bad_value_is_one_line_and_nonzero(tmp_path, command):
+    code, err = command(*TINY, "prune.ratio=1.5", f"hydra.run.dir={tmp_path}/run")
     assert code == 2
     assert err.strip().splitlines()[-1] == "error: prune.ratio: must be a number in (0, 1) or null; got 1.5"
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "results.csv").exists()
 
 
-def test_misspelled_key_and_choice_fail_with_hydras_message(tmp_path, monkeypatch, capsys):
+def test_misspelled_key_and_choice_fail_with_hydras_message(tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
-    code, err = command(monkeypatch, capsys, "prune.ratoi=0.5")
+    code, err = command("prune.ratoi=0.5")
     assert code != 0 and "prune.ratoi" in err and "Traceback" not in err
-    code, err = command(monkeypatch, capsys, "model=resnet57")
+    code, err = command("model=resnet57")
     assert code != 0 and "resnet57" in err and "Available options" in err
 
 
-def test_missing_data_names_where_it_looked(tmp_path, monkeypatch, capsys):
-    args = ["dataset=cifar10", f"dataset.root={tmp_path}/nodata", f"hydra.run.dir={tmp_path}/run"]
-    code, err = command(monkeypatch, capsys, *args)
+def test_missing_data_names_where_it_looked(tmp_path, command):
+    code, err = command("dataset=cifar10", f"dataset.root={tmp_path}/nodata", f"hydra.run.dir={tmp_path}/run")
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: dataset.root:") and str(tmp_path / "nodata") in last

@@ -182,19 +182,17 @@ def test_loss_criterion_options_fail_before_training(compose):
         assert str(e.value).startswith(message), str(e.value)
 
 
-@pytest.mark.slow
-def test_loss_criterion_error_through_the_command_before_any_data(cli, tmp_path):
+def test_loss_criterion_error_through_the_command_before_any_data(command, tmp_path):
     # CIFAR-10 with no files: reaching the data would fail differently, so this error came first
-    r = cli(
+    code, err = command(
         "criterion=loss",
         "criterion.channels_per_round=0",
         "dataset=cifar10",
         f"dataset.root={tmp_path}/none",
         f"hydra.run.dir={tmp_path}/run",
-        cwd=tmp_path,
     )
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
+    assert code == 2
+    assert err.strip().splitlines() == [
         "error: criterion.channels_per_round: a share in (0, 1] or a count >= 1 (got 0)"
     ]
     assert not (tmp_path / "run" / "results.csv").exists()

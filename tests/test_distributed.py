@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun (2 CPU processes, gloo): one epoch equals a single process training on
-the same global batches, and a whole run (a sweep of two) writes its tables once, into rank 0's directories."""
+the same global batches, a whole run (a sweep of two) writes its tables once, into rank 0's directories, and a
+launcher with worker processes of its own is refused."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import torch
 from helpers import results_table
 
 HERE = Path(__file__).resolve().parent
-pytestmark = pytest.mark.slow  # torchrun starts three processes a launch
-
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
@@ -26,6 +25,7 @@ def launch(args, cwd, env=None):
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=240)
 
 
+@pytest.mark.slow  # torchrun starts three processes a launch
 def test_two_processes_train_as_one(tmp_path):
     """No BatchNorm (whose batch statistics would differ per shard): the weights after one epoch, 6 steps of 32
     images and one of 8, match the single-process run to 1e-5, and so do the epoch's loss and accuracy."""
@@ -46,6 +46,7 @@ def test_two_processes_train_as_one(tmp_path):
         assert abs(a["history"][0][metric] - b["history"][0][metric]) < 1e-5, metric
 
 
+@pytest.mark.slow
 def test_torchrun_sweep_writes_once(tmp_path):
     """A BatchNorm ResNet through pretrain, prune and finetune, two seeds: rank 0's sweep directory holds both jobs'
     tables and the sweep table; the other rank leaves nothing behind; the summary is printed once per job; a
@@ -77,16 +78,12 @@ def test_torchrun_sweep_writes_once(tmp_path):
     assert [results_table(sweep / job) for job in ("0", "1")] == tables
 
 
-def test_a_launcher_with_its_own_workers_is_refused_under_torchrun(tmp_path):
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    r = subprocess.run(
-        [sys.executable, "-m", "prune_cli", "-m", "seed=0,1", "hydra/launcher=joblib"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
+def test_a_launcher_with_its_own_workers_is_refused_under_torchrun(command, monkeypatch, tmp_path):
+    """As rank 0 of two sees it (torchrun's environment): refused before joining the group or starting Hydra."""
+    monkeypatch.chdir(tmp_path)
+    code, err = command(
+        "-m", "seed=0,1", "hydra/launcher=joblib", env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     )
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+    assert code == 2 and err.strip().splitlines() == [
         "error: hydra/launcher: joblib starts its own worker processes; under torchrun sweep with the basic one"
     ]

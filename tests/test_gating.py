@@ -204,14 +204,12 @@ def test_refusals(compose, tmp_path):
     assert e.value.option == "schedule.cg.p" and "4 input channels" in e.value.why
 
 
-@pytest.mark.slow
-def test_a_bad_option_is_one_line_before_any_data(cli, tmp_path):
-    r = cli(
+def test_a_bad_option_is_one_line_before_any_data(command, tmp_path):
+    code, err = command(
         "experiment=cg_resnet20_cifar10",
         "schedule.cg.p=1",
         f"dataset.root={tmp_path}/none",
         f"hydra.run.dir={tmp_path}/run",
-        cwd=tmp_path,
     )
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: schedule.cg.p: must be an integer >= 2; got 1"]
+    assert code == 2
+    assert err.strip().splitlines() == ["error: schedule.cg.p: must be an integer >= 2; got 1"]
