@@ -87,7 +87,7 @@ def test_seeds_are_averaged_with_the_statistics_computed_by_hand(tmp_path, capsy
     make_run(tmp_path / "l1_s3", config(3), status="failed", error="prune.ratio: boom")
     make_run(tmp_path / "random_s0", config(0, "random"), 55.0, 70.0)
 
-    assert report.main([str(tmp_path)]) == 1  # a job failed
+    assert report.main([str(tmp_path), "--output", str(tmp_path)]) == 1  # a job failed
     out = capsys.readouterr().out
     summary = pd.read_csv(tmp_path / "sweep_summary.csv", keep_default_na=False, na_values=[""])
     assert list(summary["criterion"]) == ["l1", "random"]
@@ -129,7 +129,7 @@ def test_a_sweep_over_a_non_seed_setting_is_not_averaged(tmp_path, capsys):
         for seed, top1 in enumerate(finals):
             cfg = config(seed, prune__scope=scope, schedule__finetune__lr=lr)
             make_run(tmp_path / f"{scope}_{lr}_{seed}", cfg, top1, hydra=False)
-    assert report.main([str(tmp_path), "--format", "csv"]) == 0
+    assert report.main([str(tmp_path), "--format", "csv", "--output", str(tmp_path)]) == 0
     summary = pd.read_csv(tmp_path / "sweep_summary.csv")
     assert len(summary) == 3 and list(summary["n"]) == [2, 2, 2]
     for (scope, lr), finals in runs.items():
@@ -165,7 +165,7 @@ def test_a_run_older_than_an_option_groups_at_the_value_it_ran_with(tmp_path):
     new["logger"] = {"name": "none"}
     make_run(tmp_path / "new", new, 62.0)
     make_run(tmp_path / "geometric", config(2, prune__step_grid="geometric"), 50.0)
-    assert report.main([str(tmp_path), "--format", "csv"]) == 0
+    assert report.main([str(tmp_path), "--format", "csv", "--output", str(tmp_path)]) == 0
     summary = pd.read_csv(tmp_path / "sweep_summary.csv")
     assert sorted(zip(summary["prune.step_grid"], summary["n"], summary["jobs"])) == [
         ("geometric", 1, "geometric"),
@@ -194,7 +194,7 @@ def test_runs_of_one_group_from_different_dense_models_are_flagged(tmp_path):
     # fpgm: two runs of seed 0 whose dense rows differ -> flagged
     make_run(runs / "fpgm_0", config(0, "fpgm"), 60.0, 70.0)
     make_run(runs / "fpgm_0_again", config(0, "fpgm"), 61.0, 71.0)
-    assert report.main([str(runs)]) == 0
+    assert report.main([str(runs), "--output", str(runs)]) == 0
     summary = pd.read_csv(runs / "sweep_summary.csv")
     assert dict(zip(summary["criterion"], summary["dense_check"])) == {
         "l1": "differ",
@@ -253,7 +253,7 @@ def test_a_cli_sweep_prints_one_table_per_criterion_and_plots(tmp_path, capsys):
     # on demand, for one run: its channel widths and training curves
     run = tmp_path / "run"
     shutil.copytree(sweep / "0", run)
-    assert report.main([str(run), "--plots"]) == 0
+    assert report.main([str(run), "--plots", "--output", str(run)]) == 0
     assert "plots: wrote 8 files" in capsys.readouterr().err
     for name in ("widths", "curves"):
         assert (run / f"{name}.png").read_bytes().startswith(b"\x89PNG")
