@@ -18,6 +18,8 @@ from prune_cli.cli.run import main
 from prune_cli.core import atomic
 from prune_cli.core.errors import UserError
 from prune_cli.core.seeds import NETWORK_STRIDE, derived, epoch_generator, numpy_rng
+from prune_cli.deploy.export import export
+from prune_cli.models import build_model
 from prune_cli.run import lock, pipeline
 from prune_cli.run.config import SEED_MAX, validate
 
@@ -77,6 +79,15 @@ def test_torchs_writer_on_dev_full(tmp_path, monkeypatch):
         atomic.save_torch(tmp_path / "prune.pt", {"w": torch.zeros(1000)})
     assert str(e.value) == f"{tmp_path / 'prune.pt'}: no space left on device"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_on_a_full_disk_is_one_error_and_leaves_no_file(small_disk):
+    """torch.jit.save writing to a full disk aborted the process (exit 134); the export is made in memory."""
+    model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3})  # 1.1 MB: more than the disk
+    with pytest.raises(UserError) as e:
+        export(model, small_disk / "model.pt", "torchscript", (3, 8, 8))
+    assert str(e.value) == f"{small_disk / 'model.pt'}: no space left on device"
+    assert list(small_disk.iterdir()) == []
 
 
 def test_the_lock_on_a_full_disk_is_refused_and_left_whole(small_disk):

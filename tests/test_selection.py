@@ -1,10 +1,13 @@
 """Selection to a target: met within tolerance, minimum channels, protected layers, thresholds."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from prune_cli.models import build_model
-from prune_cli.structure.channels import structure
+from prune_cli.stages.prune import step_target
+from prune_cli.structure.channels import prune_channels, structure
 from prune_cli.structure.selection import Budget, select
 
 
@@ -69,3 +72,47 @@ def test_threshold_removes_exactly_the_channels_below_it():
         if not expect.any():  # the floor keeps the best channel
             expect[s.argmax()] = True
         assert torch.equal(k, expect)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("ratio", [0.2, 0.3, 0.5])
+def test_the_closest_reachable_amount_is_taken(scope, ratio):
+    """Where whole channels cannot land within tolerance, the amount closest to the ratio wins, above it or below
+    (a narrow ResNet-20 of 84 channels: 0.2 is 16.8 channels, so 17 go, not 16)."""
+    model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3, "width_mult": 0.25})
+    st = structure(model, (3, 16, 16))
+    scores = [model.get_submodule(g.conv).weight.detach().abs().sum((1, 2, 3)) for g in model.channel_groups()]
+    keep = select(scores, st, target="channels", ratio=ratio, scope=scope)
+    assert sum(int((~k).sum()) for k in keep) == round(ratio * sum(model.widths))
+
+
+def prune_in_steps(name, width_mult, steps, ratio, target, scope, shape=(3, 8, 8)):
+    """The removed share of the dense ``target`` after ``steps`` iterative steps as the prune stage takes them
+    (step_target, the dense widths, the full search on the last step only), L1 scores, no finetuning."""
+    p = SimpleNamespace(ratio=ratio, steps=steps, step_grid="linear", tolerance=1e-3)
+    model = build_model({"name": name, "num_classes": 10, "in_channels": 3, "width_mult": width_mult})
+    dense, dense_widths = Budget(structure(model, shape), model.widths, target).total, model.widths
+    for step in range(1, steps + 1):
+        st = structure(model, shape)
+        step_ratio, tolerance = step_target(p, step, dense, Budget(st, model.widths, target).total)
+        scores = [model.get_submodule(g.conv).weight.detach().abs().sum((1, 2, 3)) for g in model.channel_groups()]
+        keep = select(
+            scores,
+            st,
+            target=target,
+            ratio=step_ratio,
+            scope=scope,
+            tolerance=tolerance,
+            dense_widths=dense_widths,
+            fill=step == steps,
+        )
+        model = prune_channels(model, keep)
+    return 1 - Budget(structure(model, shape), model.widths, target).total / dense, model.widths
+
+
+def test_many_iterative_steps_end_where_one_step_ends():
+    """100 steps of layer scope end within tolerance, with the widths one step gives (each step ranks by the
+    share of the dense layer gone, so the layers whose channels are cheapest are not drained first)."""
+    removed, widths = prune_in_steps("resnet20", 0.5, 100, 0.5, "params", "layer")
+    assert abs(removed - 0.5) <= 1e-3 * 0.5
+    assert widths == prune_in_steps("resnet20", 0.5, 1, 0.5, "params", "layer")[1]

@@ -35,6 +35,7 @@ class Prune(Stage):
     prunes = True
     reads = ("criterion", "prune")
     shared_groups = True
+    steering: dict = {}  # iterative steps: the selection's reference widths and tolerance (step_target)
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
@@ -59,12 +60,13 @@ class Prune(Stage):
         model = self.groups_of(fold(model), ctx)
         dense_widths = model.widths
         dense_amount = Budget(structure(model, ctx.input_shape), dense_widths, p.target).total
-        extra = {}
+        extra, self.steering = {}, {}
         for step in range(1, p.steps + 1):
             ratio = p.ratio
             if ratio is not None and p.steps > 1:  # cumulative share of the DENSE amount, as a share of the current one
                 current = Budget(structure(model, ctx.input_shape), model.widths, p.target).total
-                ratio = 1 - dense_amount * kept_share(p.ratio, step, p.steps, p.step_grid) / current
+                ratio, tolerance = step_target(p, step, dense_amount, current)
+                self.steering = {"dense_widths": dense_widths, "tolerance": tolerance, "fill": step == p.steps}
             keep, scores, stats = self.select(model, ctx, ratio)
             model, compensation = self.compensate(model, keep, ctx)
             extra.update(stats, **compensation)
@@ -87,7 +89,7 @@ class Prune(Stage):
     # A method that prunes through this loop (steps, finetunes between them, the row) overrides these:
     def select(self, model, ctx, ratio: float | None) -> tuple:
         """(keep masks, scores, columns for the row) of one step: here the criterion and the selection."""
-        return choose(model, ctx, ratio)
+        return choose(model, ctx, ratio, **self.steering)
 
     def compensate(self, model, keep, ctx) -> tuple:
         """(the model to remove the channels from, columns for the row): a stage that adjusts the kept weights
@@ -103,6 +105,16 @@ def kept_share(ratio: float, step: int, steps: int, grid: str) -> float:
     """The share of the dense amount left after ``step`` of ``steps``: equal removals (linear) or equal ratios
     between steps (geometric, PFP's cascade)."""
     return 1 - ratio * step / steps if grid == "linear" else (1 - ratio) ** (step / steps)
+
+
+def step_target(p, step: int, dense_amount: float, current: float) -> tuple[float, float]:
+    """(ratio, tolerance) of one iterative step, as shares of the CURRENT amount: the cumulative share of the
+    dense amount ``kept_share`` leaves after ``step``, with the error ``prune.tolerance`` allows on that share of
+    the dense amount (relative to the whole ratio, not to the step's small part of it, so steps end within
+    tolerance of the target). A step that has nothing left to remove asks for almost nothing (it removes none)."""
+    removed_by_now = 1 - kept_share(p.ratio, step, p.steps, p.step_grid)
+    ratio = max(1 - dense_amount * (1 - removed_by_now) / current, 1e-9)
+    return ratio, p.tolerance * removed_by_now * dense_amount / (current * ratio)
 
 
 def check_steps(cfg: dict) -> None:
@@ -158,8 +170,9 @@ def step_finetune_settings(cfg):
     return OmegaConf.merge(base, changes)
 
 
-def choose(model, ctx, ratio: float | None):
-    """Keep masks, the scores behind them and the selection's statistics for one pruning step."""
+def choose(model, ctx, ratio: float | None, dense_widths=None, tolerance: float | None = None, fill: bool = True):
+    """Keep masks, the scores behind them and the selection's statistics for one pruning step (iterative steps:
+    ``dense_widths``, ``tolerance`` from ``step_target`` and ``fill`` on the last step only steer the selection)."""
     cfg, p = ctx.cfg, ctx.cfg.prune
     model.eval()
     groups = model.channel_groups()
@@ -169,6 +182,11 @@ def choose(model, ctx, ratio: float | None):
     criterion = build_criterion(cfg.criterion)
     sample = ctx.sample(criterion.sample_size) if criterion.needs_data else None
     prune = OmegaConf.to_container(p, resolve=True)
+    if dense_widths is not None:
+        prune["dense_widths"] = list(dense_widths)
+    if tolerance is not None:
+        prune["tolerance"] = tolerance
+    prune["fill"] = fill
     return criterion.choose(
         model,
         structure(model, ctx.input_shape),

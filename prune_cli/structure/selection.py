@@ -2,8 +2,8 @@
 
 The target is a fraction of channels, params or MACs removed. ``layer`` scope removes the same share
 of every layer; ``global`` scope ranks all channels together. Either way the share is found by search
-until the removed amount is within ``tolerance`` (relative) of the target, as far as whole channels
-allow. ``Budget`` measures amounts for every selector (this one, the loss greedy, the PFS gates).
+until the removed amount is within ``tolerance`` (relative) of the target; where whole channels cannot
+land that close, the closest amount they reach, above or below. ``Budget`` measures amounts for every selector (this one, the loss greedy, the PFS gates).
 The ``prune.*`` options are declared here.
 """
 
@@ -64,7 +64,13 @@ OPTIONS = (
         absent=False,
     ),
     Bool("protect_last", False, "keep the groups that feed the classifier whole (VGG's last conv, as HGSR does)"),
-    Float("tolerance", 0.001, "relative error allowed on the target where whole channels allow", lo=0, lo_open=True),
+    Float(
+        "tolerance",
+        0.001,
+        "relative error allowed on the target where whole channels allow; else the closest reachable amount",
+        lo=0,
+        lo_open=True,
+    ),
     List("skip", [], "layer-name patterns never pruned, e.g. [layers.0.7] or [conv13]", item=Value("str")),
     Map(
         "layer_ratios",
@@ -132,12 +138,22 @@ class Budget:
 
 
 def removable_order(
-    scores: list[torch.Tensor], min_channels: int, protect: set[int], scope: str, normalize: str
+    scores: list[torch.Tensor],
+    min_channels: int,
+    protect: set[int],
+    scope: str,
+    normalize: str,
+    dense_widths: list[int] | None = None,
 ) -> list[tuple[int, int, float]]:
     """(group, channel, rank key) of every channel that may go, lowest key first.
 
     The ``min_channels`` best channels of each group and every channel of a protected group never appear.
+    ``dense_widths`` (iterative steps): the groups' widths before the first step, so ``layer`` scope ranks by the
+    share of the DENSE layer gone, not of what is left (else every step starts again at each layer's first channel
+    and the layers listed first are drained).
     """
+    if dense_widths is not None and len(dense_widths) != len(scores):
+        dense_widths = None  # groups were removed whole: the current widths are the reference
     out = []
     for g, s in enumerate(scores):
         if g in protect:
@@ -146,7 +162,9 @@ def removable_order(
         order = torch.argsort(s, stable=True)
         removable = order[: max(0, len(s) - min_channels)]
         if scope == "layer":  # rank by position within the layer: i-th weakest of a layer = i / width
-            out += [(g, int(c), i / len(s)) for i, c in enumerate(removable)]
+            dense = dense_widths[g] if dense_widths is not None else len(s)
+            gone = dense - len(s)
+            out += [(g, int(c), (gone + i) / dense) for i, c in enumerate(removable)]
         else:
             out += [(g, int(c), float(s[c])) for c in removable]
     out.sort(key=lambda t: t[2])
@@ -165,20 +183,18 @@ def select(
     protect: set[int] = frozenset(),
     tolerance: float = 1e-3,
     threshold: float | None = None,
+    dense_widths: list[int] | None = None,
+    fill: bool = True,
 ) -> list[torch.Tensor]:
-    """Keep masks (bool, one per group): remove the lowest-ranked channels until ``ratio`` of ``target`` is gone.
+    """Keep masks (bool, one per group): remove the lowest-ranked channels until ``ratio`` of ``target`` is gone
+    (the closest amount whole channels reach along the ranking; docs/methods.md "Selection").
 
-    With ``threshold`` (and no ratio) every removable channel scoring below it goes instead.
+    With ``threshold`` (and no ratio) every removable channel scoring below it goes instead. ``fill=False`` (an
+    iterative step before the last) keeps strict rank order: the longest prefix of the ranking that does not pass
+    the ratio (the next step makes up the difference), so small steps do not drain the layers whose channels are
+    cheapest, and the last step, with every means, is never handed an amount already passed.
     """
     widths = [len(s) for s in scores]
-    order = removable_order(scores, min_channels, protect, scope, normalize)
-    budget = Budget(structure, widths, target)
-
-    def widths_after(k: int) -> np.ndarray:
-        w = np.array(widths)
-        np.subtract.at(w, [g for g, _, _ in order[:k]], 1)
-        return w
-
     if threshold is not None and ratio is None:
         raw = [
             (g, c)
@@ -186,9 +202,28 @@ def select(
             if float(scores[g][c]) < threshold
         ]
         return masks_from(widths, raw)
+    order = removable_order(scores, min_channels, protect, scope, normalize, dense_widths)
+    budget = Budget(structure, widths, target)
+    chosen, w = _walk(order, widths, budget, ratio, tolerance, fill)
+    if fill and abs(budget.removed(w) - ratio) > tolerance * ratio:  # short of the band: one more may be closer
+        taken = set(chosen)
+        over = _least_overshoot([(g, c) for g, c, _ in order if (g, c) not in taken], w, budget, ratio)
+        if over is not None and over[1] - ratio < ratio - budget.removed(w):
+            chosen.append(over[0])
+    return masks_from(widths, chosen)
 
-    # largest k whose removal does not exceed the target (removed fraction grows with k)
-    lo, hi = 0, len(order)
+
+def _walk(order, widths, budget: Budget, ratio: float, tolerance: float, fill: bool) -> tuple[list, np.ndarray]:
+    """(channels, widths after removing them): the longest prefix of ``order`` that does not pass ``ratio``, then
+    (with ``fill``) each following channel that keeps the removed amount within ``ratio * (1 + tolerance)``, until
+    within the tolerance band."""
+
+    def widths_after(k: int) -> np.ndarray:
+        w = np.array(widths)
+        np.subtract.at(w, [g for g, _, _ in order[:k]], 1)
+        return w
+
+    lo, hi = 0, len(order)  # largest k whose removal does not pass the target (removed grows with k)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if budget.removed(widths_after(mid)) <= ratio:
@@ -197,17 +232,33 @@ def select(
             hi = mid - 1
     chosen = [(g, c) for g, c, _ in order[:lo]]
     w = widths_after(lo)
-    # whole channels overshoot: fill the remaining gap with the next-ranked channels that still fit
-    if abs(budget.removed(w) - ratio) > tolerance * ratio:
+    if fill and abs(budget.removed(w) - ratio) > tolerance * ratio:  # whole channels overshoot: fill the gap
         for g, c, _ in order[lo:]:
             w[g] -= 1
-            if budget.removed(w) <= ratio * (1 + tolerance) and w[g] >= min_channels:
+            if budget.removed(w) <= ratio * (1 + tolerance):
                 chosen.append((g, c))
                 if abs(budget.removed(w) - ratio) <= tolerance * ratio:
                     break
             else:
                 w[g] += 1
-    return masks_from(widths, chosen)
+    return chosen, w
+
+
+def _least_overshoot(candidates, w: np.ndarray, budget: Budget, ratio: float):
+    """((group, channel), removed amount) of the candidate whose removal on top of widths ``w`` passes ``ratio``
+    by the least (the amount depends on the group alone: its lowest-ranked candidate stands for it); None when
+    there is no candidate."""
+    best, seen = None, set()
+    for g, c in candidates:
+        if g in seen:
+            continue
+        seen.add(g)
+        w[g] -= 1
+        amount = budget.removed(w)
+        w[g] += 1
+        if best is None or amount < best[1]:
+            best = ((g, c), amount)
+    return best
 
 
 def masks_from(widths: list[int], removed: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -258,6 +309,8 @@ def choose_channels(
     return select(
         scores,
         structure,
+        dense_widths=prune.get("dense_widths"),
+        fill=prune.get("fill", True),
         target=prune["target"],
         ratio=ratio,
         scope=prune["scope"],
