@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import prune_cli
-from helpers import TINY, compose_config, run_cli
+from helpers import TINY, compose_config
 from prune_cli.cli.run import main
 from prune_cli.core import atomic
 from prune_cli.core.errors import UserError
@@ -122,15 +122,11 @@ def test_a_new_run_directory_on_a_full_disk_is_one_line(small_disk, monkeypatch,
     assert code == 2 and lines == [f"error: {small_disk / 'run'}: no space left on device"]
 
 
-@pytest.mark.slow
-def test_a_checkpoint_on_a_full_disk_fails_the_run_in_one_line(small_disk, tmp_path):
+def test_a_checkpoint_on_a_full_disk_fails_the_run_in_one_line(small_disk, monkeypatch, capsys):
     run_dir = small_disk / "run"
-    r = run_cli(*TINY, "schedule.pretrain.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # ResNet-20: 1+ MB
-    assert r.returncode == 2, r.stderr
-    assert (
-        r.stderr.strip().splitlines()[-1]
-        == f"error: {run_dir / 'checkpoints' / 'pretrain.pt'}: no space left on device"
-    )
+    args = [*TINY, "schedule.pretrain.epochs=1", f"hydra.run.dir={run_dir}"]  # ResNet-20's checkpoint: 1+ MB
+    code, lines = command(args, monkeypatch, capsys)
+    assert code == 2 and lines[-1] == f"error: {run_dir / 'checkpoints' / 'pretrain.pt'}: no space left on device"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
     assert temporaries(run_dir) == [] and not (run_dir / "traceback.txt").exists()
 

@@ -3,8 +3,8 @@
 The target is a fraction of channels, params or MACs removed. ``layer`` scope removes the same share
 of every layer; ``global`` scope ranks all channels together. Either way the share is found by search
 until the removed amount is within ``tolerance`` (relative) of the target; where whole channels cannot
-land that close, the closest amount they reach, above or below. ``Budget`` measures amounts for every selector (this one, the loss greedy, the PFS gates).
-The ``prune.*`` options are declared here.
+land that close, the closest amount they reach, above or below. ``Budget`` measures amounts for every
+selector (this one, the loss greedy, the PFS gates). The ``prune.*`` options are declared here.
 """
 
 from __future__ import annotations
