@@ -2,6 +2,7 @@
 every test module uses (composing configs in-process, running the installed command, the doc pages), the slow
 tests run first, and a note at the end of a session naming the tests not marked slow that took long."""
 
+import subprocess
 import sys
 
 import pytest
@@ -31,8 +32,8 @@ def cli():
 
 @pytest.fixture
 def command(monkeypatch, capsys):
-    """``prune-cli ARGS`` through its entry point in this process: (exit code, stderr), as ``cli`` gives them from a
-    new interpreter, seconds sooner. What only a process shows (--help, a sweep, signals, torchrun) uses ``cli``."""
+    """``prune-cli ARGS`` through its entry point in this process: its exit code, stdout and stderr, as ``cli`` gives
+    them from a new interpreter, seconds sooner. What only a process shows (a sweep, signals, torchrun) uses ``cli``."""
 
     def run(*args, env=None):
         for key, value in {"HYDRA_FULL_ERROR": "0", **(env or {})}.items():
@@ -44,7 +45,8 @@ def command(monkeypatch, capsys):
             code = 0
         except SystemExit as e:
             code = e.code
-        return code, capsys.readouterr().err
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["prune-cli", *args], code, out, err)
 
     return run
 

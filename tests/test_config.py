@@ -184,15 +184,15 @@ def test_loss_criterion_options_fail_before_training(compose):
 
 def test_loss_criterion_error_through_the_command_before_any_data(command, tmp_path):
     # CIFAR-10 with no files: reaching the data would fail differently, so this error came first
-    code, err = command(
+    r = command(
         "criterion=loss",
         "criterion.channels_per_round=0",
         "dataset=cifar10",
         f"dataset.root={tmp_path}/none",
         f"hydra.run.dir={tmp_path}/run",
     )
-    assert code == 2
-    assert err.strip().splitlines() == [
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
         "error: criterion.channels_per_round: a share in (0, 1] or a count >= 1 (got 0)"
     ]
     assert not (tmp_path / "run" / "results.csv").exists()

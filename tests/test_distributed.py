@@ -81,9 +81,7 @@ def test_torchrun_sweep_writes_once(tmp_path):
 def test_a_launcher_with_its_own_workers_is_refused_under_torchrun(command, monkeypatch, tmp_path):
     """As rank 0 of two sees it (torchrun's environment): refused before joining the group or starting Hydra."""
     monkeypatch.chdir(tmp_path)
-    code, err = command(
-        "-m", "seed=0,1", "hydra/launcher=joblib", env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
-    )
-    assert code == 2 and err.strip().splitlines() == [
+    r = command("-m", "seed=0,1", "hydra/launcher=joblib", env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: hydra/launcher: joblib starts its own worker processes; under torchrun sweep with the basic one"
     ]

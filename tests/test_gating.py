@@ -205,11 +205,11 @@ def test_refusals(compose, tmp_path):
 
 
 def test_a_bad_option_is_one_line_before_any_data(command, tmp_path):
-    code, err = command(
+    r = command(
         "experiment=cg_resnet20_cifar10",
         "schedule.cg.p=1",
         f"dataset.root={tmp_path}/none",
         f"hydra.run.dir={tmp_path}/run",
     )
-    assert code == 2
-    assert err.strip().splitlines() == ["error: schedule.cg.p: must be an integer >= 2; got 1"]
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: schedule.cg.p: must be an integer >= 2; got 1"]
