@@ -4,6 +4,8 @@ ones, docs/options.md's tables are the generated ones, and the loss criterion fa
 
 import copy
 import functools
+import json
+import os
 import re
 
 import pytest
@@ -32,19 +34,31 @@ CONFIG_KEYS = [
 ]
 
 
-@functools.cache
-def _composed(key: str) -> dict:
-    return OmegaConf.to_container(compose_config(key), resolve=True)
+@pytest.fixture(scope="session")
+def composed(tmp_path_factory, testrun_uid):
+    """The plain composed config of one override (``group=choice``), a copy each time (tests may change it).
 
+    Composed once per session (~0.1 s each): the first test process to need a config writes it to a folder the
+    xdist workers of this session share, the others read it."""
+    shared = tmp_path_factory.getbasetemp().parent / f"composed-{testrun_uid}"
+    shared.mkdir(exist_ok=True)
 
-def composed(key: str) -> dict:
-    """The plain composed config of one override (``group=choice``): composed once per test process, on first use
-    (the tests that need it are spread over the workers), and a copy each time (tests may change it)."""
-    return copy.deepcopy(_composed(key))
+    @functools.cache
+    def plain(key: str) -> str:
+        path = shared / f"{key}.json"
+        if path.is_file():
+            return path.read_text()
+        text = json.dumps(OmegaConf.to_container(compose_config(key), resolve=True))
+        partial = path.with_name(f"{path.name}.{os.getpid()}")
+        partial.write_text(text)
+        partial.replace(path)  # whole or absent, for the other worker
+        return text
+
+    return lambda key: json.loads(plain(key))
 
 
 @pytest.mark.parametrize("key", CONFIG_KEYS)
-def test_every_composed_config_holds_exactly_the_declared_options(key):
+def test_every_composed_config_holds_exactly_the_declared_options(composed, key):
     cfg = composed(key)
     for path, options in declared(cfg).items():
         block = cfg
@@ -129,7 +143,7 @@ def declaration_cases():
 
 
 @pytest.mark.parametrize("base,path", declaration_cases(), ids=lambda v: v)
-def test_every_declared_option_refuses_bad_values(base, path):
+def test_every_declared_option_refuses_bad_values(composed, base, path):
     cfg = composed(base)
     options = dict(walk(config.RUN_OPTIONS))
     for prefix, declared_options in declared(cfg).items():
@@ -148,7 +162,7 @@ def test_every_declared_option_refuses_bad_values(base, path):
 
 
 @pytest.mark.slow  # composes all 27 presets
-def test_every_method_part_runs_in_a_preset():
+def test_every_method_part_runs_in_a_preset(composed):
     """Every stage, regularizer and criterion a method module registers (prune_cli/methods) is used by a preset."""
     presets = [composed(f"experiment={preset}") for preset in PRESETS]
     used = {
@@ -162,7 +176,7 @@ def test_every_method_part_runs_in_a_preset():
                 assert name in used[kind], f"no preset uses the {kind} {name} ({part.__module__})"
 
 
-def test_unknown_key_is_refused_with_its_path():
+def test_unknown_key_is_refused_with_its_path(composed):
     cfg = composed("model=resnet20")
     cfg["criterion"]["granularty"] = "filter"
     with pytest.raises(UserError, match="unknown option") as e:
@@ -237,7 +251,7 @@ def test_an_added_options_older_meaning_is_a_valid_value():
                 assert o.check(value, name) == value, name
 
 
-def test_a_config_older_than_its_options_resumes_as_the_same_run():
+def test_a_config_older_than_its_options_resumes_as_the_same_run(composed):
     new = composed("model=resnet20")
     old = copy.deepcopy(new)
     for name in ("model.prune_outputs", "prune.step_grid", "prune.residual", "trainer.compile", "logger"):
