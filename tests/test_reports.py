@@ -257,6 +257,8 @@ def test_a_killed_joblib_worker_fails_its_job_and_the_table_is_written(tmp_path)
     assert "error: hydra.launcher: the sweep stopped before its last job" in r.stderr
     jobs = pd.read_csv(sweep / "sweep.csv")
     statuses = dict(zip(jobs["job"].astype(str), jobs["status"]))
-    # the pool stops every worker: job 0 finished first (done) or was stopped with it (dead), never "running"
-    assert statuses["1"] == "failed" and statuses["0"] in ("done", "dead")
+    # the pool stops every worker: job 0 finished first (done), was stopped with it (dead) or, on a loaded machine,
+    # never started (listed as such); never "running"
+    assert statuses["1"] == "failed"
+    assert statuses.get("0") in ("done", "dead") or ("never started" in r.stdout + r.stderr and "0" not in statuses)
     assert (sweep / "sweep_summary.md").is_file() and "| 1 | failed |" in r.stdout
