@@ -8,10 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from prune_cli.core.checkpoint import load_checkpoint
 from prune_cli.core.errors import UserError
 from prune_cli.engine.optimizers import OPTIMIZERS, make_optimizer
 from prune_cli.engine.schedules import LR_SCHEDULES, LRSchedule, lr_at
 from prune_cli.methods.grda import GRDA, GRDABuilder
+from prune_cli.models import build_model
 from prune_cli.stages import STAGES
 
 
@@ -91,8 +93,14 @@ def test_a_run_reports_sparsity_and_removable_channels(compose, tmp_path):
     from helpers import TINY
     from prune_cli.run import pipeline
 
-    cfg = compose(*TINY, "schedule=grda", "schedule.sparse_train.epochs=2", "schedule.sparse_train.grda.c=0.5")
+    cfg = compose(*TINY, "schedule=grda", "schedule.sparse_train.epochs=2", "schedule.sparse_train.grda.c=2.0")
     rows = pipeline.run(cfg, tmp_path)
     last = rows[-1]
     assert last["stage"] == "sparse_train" and last["weight_sparsity"] > 0.5
-    assert last["removable_channels"] >= 0
+    # removable channels counted independently: the channel groups' filters that are exactly zero
+    ck = load_checkpoint(tmp_path / "checkpoints" / "sparse_train.pt")
+    model = build_model(ck["arch"])
+    model.load_state_dict(ck["state_dict"])
+    modules = dict(model.named_modules())
+    zero = sum(int((modules[g.conv].weight.flatten(1) == 0).all(1).sum()) for g in model.channel_groups())
+    assert last["removable_channels"] == zero and 0 < zero < sum(model.widths)
