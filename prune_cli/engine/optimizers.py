@@ -7,6 +7,8 @@ method's own module); the training stages list those blocks among their options 
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from prune_cli.core.options import Choice, Option
@@ -16,7 +18,7 @@ OPTIMIZERS = Registry("optimizer", "schedule.<stage>.optimizer")
 DEFAULT = "sgd"
 
 
-class OptimizerBuilder:
+class OptimizerBuilder(abc.ABC):
     """Makes one kind of torch optimizer from a training stage's settings (``lr``, ``momentum``, ...)."""
 
     name: str = ""
@@ -24,8 +26,9 @@ class OptimizerBuilder:
     note: str = ""  # what the ``optimizer`` option's doc says of it
 
     @classmethod
+    @abc.abstractmethod
     def build(cls, params, st) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """The optimizer of ``params`` with the stage's settings ``st``; every registered optimizer defines it."""
 
 
 @OPTIMIZERS.register("sgd")

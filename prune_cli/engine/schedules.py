@@ -6,6 +6,7 @@ Each schedule is a pure function of the epoch and the stage's settings (``lr``, 
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import replace
 
@@ -15,15 +16,15 @@ from prune_cli.core.registry import Registry
 LR_SCHEDULES = Registry("lr schedule", "schedule.<stage>.lr_schedule")
 
 
-class LRSchedule:
+class LRSchedule(abc.ABC):
     """One rule for the learning rate of each epoch of a stage."""
 
     name: str = ""
 
     @staticmethod
+    @abc.abstractmethod
     def lr(st, epoch: int, epochs: int) -> float:
-        """The lr of ``epoch`` (0-based) in a stage of ``epochs`` epochs."""
-        raise NotImplementedError
+        """The lr of ``epoch`` (0-based) in a stage of ``epochs`` epochs; every registered schedule defines it."""
 
 
 @LR_SCHEDULES.register("multistep")
