@@ -1,6 +1,8 @@
 """The command as a user runs it: a sweep from the installed command in a process of its own; help and one-line
 errors from its entry point in this process (the same exit codes and output); the sweep's aggregation."""
 
+import os
+
 import pandas as pd
 import pytest
 
@@ -45,12 +47,21 @@ def test_bad_value_is_one_line_and_nonzero(tmp_path, command):
     assert not (tmp_path / "run" / "results.csv").exists()
 
 
-def test_misspelled_key_and_choice_fail_with_hydras_message(tmp_path, monkeypatch, command):
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("prune.ratoi=0.5", "error: prune.ratoi: Could not override 'prune.ratoi'. To append to your config use +"),
+        ("model=resnet57", "error: model: no choice 'resnet57' (available: custom, resnet110, "),
+        ("prune.ratio=[", "error: prune.ratio=[: no viable alternative at input '['"),
+        ("~nokey", "error: hydra: Could not delete from config. 'nokey' does not exist."),
+    ],
+)
+def test_hydras_own_errors_are_one_line(tmp_path, monkeypatch, command, override, line):
     monkeypatch.chdir(tmp_path)
-    r = command("prune.ratoi=0.5")
-    assert r.returncode != 0 and "prune.ratoi" in r.stderr and "Traceback" not in r.stderr
-    r = command("model=resnet57")
-    assert r.returncode != 0 and "resnet57" in r.stderr and "Available options" in r.stderr
+    r = command(override)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(line), r.stderr
+    assert os.environ["HYDRA_FULL_ERROR"] == "0" and "_PRUNE_CLI_USER_HYDRA_FULL_ERROR" not in os.environ
 
 
 def test_missing_data_names_where_it_looked(tmp_path, command):

@@ -10,6 +10,9 @@ Every way a run can end leaves its ``status.json`` true and prints one line:
 
 Under ``torchrun`` every process runs this; rank 0 alone writes and prints (``distributed.py``).
 
+Hydra's own errors (an unknown key or choice, an override it cannot parse) are one line too, ``error: <key>: <why>``,
+exit 2; so is a launcher that stops a ``-m`` sweep (a killed joblib worker), after the sweep's tables, exit 1.
+
 Finished stages' checkpoints and tables stay intact, so the same command resumes. HYDRA_FULL_ERROR=1
 re-raises instead. In a ``-m`` sweep a failing job is recorded in its directory and the sweep goes on.
 """
@@ -25,11 +28,17 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 
 from prune_cli.core import distributed
 from prune_cli.core.errors import UserError
+from prune_cli.reporting import callback
 from prune_cli.run import lock, pipeline, tables
+
+# main() has Hydra raise what it would print as a traceback; the user's own HYDRA_FULL_ERROR is kept here (the
+# launcher's worker processes inherit it)
+USER_FULL_ERROR = "_PRUNE_CLI_USER_HYDRA_FULL_ERROR"
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 # the wheel ships the config as prune_cli/conf; a source checkout keeps it at the top level
@@ -49,7 +58,7 @@ def app(cfg) -> None:
     hc = HydraConfig.get()
     run_dir = distributed.shared(Path(hc.runtime.output_dir))  # every rank works in rank 0's directory
     sweeping = hc.mode == RunMode.MULTIRUN
-    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    full_error = os.environ.get(USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
     def record(status: str, why: str) -> None:
         if lock.owns(run_dir):  # a directory refused because another run owns it is left as it is
@@ -103,9 +112,38 @@ def say(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+def hydra_error(e: Exception) -> str:
+    """One line for an error Hydra raises around the runs: a config it cannot compose, or a launcher that stopped."""
+    if isinstance(e, MissingConfigException) and "/" in (e.missing_cfg_file or ""):
+        group, choice = e.missing_cfg_file.rsplit("/", 1)
+        return f"{group}: no choice '{choice}' (available: {', '.join(e.options or [])})"
+    if not isinstance(e, HydraException):  # jobs catch their own errors: this one is the launcher's
+        return f"hydra.launcher: {type(e).__name__}: {str(e).strip()}".splitlines()[0]
+    key = getattr(e.__cause__, "full_key", None) or "hydra"
+    if isinstance(e, OverrideParseException):
+        key = e.override
+    return f"{key}: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
 def main() -> None:
     distributed.start()  # before Hydra: under torchrun, ranks other than 0 get a scratch output directory
-    app()
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ[USER_FULL_ERROR] = user_full_error or "0"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except Exception as e:
+        if user_full_error == "1":
+            raise
+        callback.tables_of_stopped_sweeps()
+        say(f"error: {hydra_error(e)}")
+        sys.exit(2 if isinstance(e, HydraException) else 1)
+    finally:
+        del os.environ[USER_FULL_ERROR]
+        if user_full_error is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_full_error
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ class SweepTable(Callback):
             print(f"error: hydra.sweep.dir: {root}: {why}", file=sys.stderr)
             sys.exit(2)
         # a launcher that stops the sweep (a joblib worker killed) never reaches on_multirun_end: the tables of the
-        # jobs that ran are still written, the killed job's as dead, when the process exits
+        # jobs that ran are still written, the killed job's as dead, by the command or else when the process exits
+        _OPEN.append((self, root))
         atexit.register(self.after_launcher_stopped, root)
 
     def on_multirun_end(self, config, **kwargs) -> None:
@@ -49,7 +50,7 @@ class SweepTable(Callback):
 
     def after_launcher_stopped(self, root: Path) -> None:
         if not self.finished and root.is_dir():
-            print(f"error: hydra.launcher: the sweep stopped before its last job; the jobs in {root}:", file=sys.stderr)
+            print(f"the sweep stopped before its last job; the jobs in {root}:", file=sys.stderr)
             self.finish(root)
 
     def finish(self, root: Path) -> int:
@@ -75,6 +76,16 @@ class SweepTable(Callback):
             print(f"error: plots: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
             failed = True
         return 1 if failed else 0
+
+
+_OPEN: list[tuple[SweepTable, Path]] = []  # the sweeps started in this process
+
+
+def tables_of_stopped_sweeps() -> None:
+    """Write the tables of sweeps a launcher stopped (the command calls this before its closing line)."""
+    while _OPEN:
+        table, root = _OPEN.pop()
+        table.after_launcher_stopped(root)
 
 
 def unwritable(root: Path) -> str | None:
