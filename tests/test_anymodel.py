@@ -54,7 +54,21 @@ def test_scores_sum_normalised_producer_norms_and_the_lowest_go():
     removed = select(graph, 0.25, target="channels", scope="global")
     ranked = sorted((c for g in graph.groups for c in g.channels), key=lambda c: scores[c])
     total = sum(len(g.channels) for g in graph.groups)
-    assert len(removed) == -(-total // 4) and removed == set(ranked[: len(removed)])
+    assert len(removed) == round(total / 4) and removed == set(ranked[: len(removed)])  # 30 channels: 7.5 -> 8
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.55])
+def test_the_removed_amount_is_the_closest_any_prefix_of_the_ranking_reaches(ratio):
+    torch.manual_seed(0)
+    graph = ChannelGraph(Net().eval(), torch.randn(2, 3, 8, 8))
+    scores = channel_scores(graph, "l1", "mean")
+    ranked = sorted((c for g in graph.groups for c in g.channels), key=lambda c: (scores[c], c))
+    dense = graph.count(set())[0]
+    removed = select(graph, ratio, target="params")
+    got = 1 - graph.count(removed)[0] / dense
+    # by brute force: the best prefix of the ranking (the rule may also skip a channel that would pass the band)
+    best = min(abs(1 - graph.count(set(ranked[:k]))[0] / dense - ratio) for k in range(len(ranked) + 1))
+    assert abs(got - ratio) <= best + 1e-12
 
 
 def test_prune_meets_the_target_and_leaves_the_model_alone():
@@ -63,7 +77,7 @@ def test_prune_meets_the_target_and_leaves_the_model_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 8, 8)
     pruned, table = prune_cli.prune(model, x, 0.4, target="params")
-    assert 0.4 <= table["params_removed"] < 0.5
+    assert table["params_removed"] == pytest.approx(0.4, abs=0.03)
     assert table["params_pruned"] == sum(p.numel() for p in pruned.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert pruned(x).shape == (2, 5) and pruned.fc.in_features == 16 * pruned.stem.out_channels  # 4x4 per channel

@@ -236,8 +236,9 @@ def test_the_python_api_on_a_model_with_meta_parameters():
 
 
 def test_integer_inputs_stay_integers_in_the_trace():
-    """A network reading token indices (an embedding first) is traced on them as given, not cast to float."""
+    """A network reading token indices (an embedding first) is traced on them as given, not cast to float. (Each of
+    the 16 hidden units is 43 of the 770 params: 5 of them come closest to 30%.)"""
     net = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(40, 16), nn.ReLU(), nn.Linear(16, 2))
     with pytest.warns(UserWarning, match="Embedding"):  # its own channels are the embedding's: kept, and said
         pruned, table = prune_cli.prune(net, torch.zeros(1, 5, dtype=torch.long), 0.3)
-    assert table["params_removed"] >= 0.3 and pruned(torch.ones(2, 5, dtype=torch.long)).shape == (2, 2)
+    assert table["params_removed"] == pytest.approx(5 * 43 / 770) and pruned(torch.ones(2, 5, dtype=torch.long)).shape == (2, 2)

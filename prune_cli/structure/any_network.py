@@ -5,7 +5,8 @@ layers producing it (every conv / linear whose output rows it indexes) of that r
 mean row norm, so layers of different scale compare (``normalize="mean"``; ``"none"`` sums raw norms). The
 lowest-scoring channels go first, over the whole network (``scope="global"``) or share by share in every group
 (``scope="group"``: the lowest 1/n of each group of n, then the next), until ``ratio`` of the ``target``
-(channels, params or MACs, counted exactly from the graph) is removed; every group keeps at least ``min_channels``.
+(channels, params or MACs, counted exactly from the graph) is removed, by the pipeline's rule (the closest amount
+whole channels reach, ``closest``); every group keeps at least ``min_channels``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prune_cli.structure.selection import check_target
 CRITERIA = ("l1", "l2", "random")
 SCOPES = ("global", "group")
 NORMALIZE = ("mean", "none")
+TOLERANCE = 1e-3  # relative, as ``prune.tolerance``'s default
 
 
 def check_options(ratio, target, criterion, scope, normalize, min_channels, seed) -> None:
@@ -112,7 +114,8 @@ def select(
     min_channels: int = 1,
     seed: int = 0,
 ) -> set[int]:
-    """The channels to remove: the fewest lowest-scoring ones whose removal takes away ``ratio`` of ``target``."""
+    """The channels to remove: the lowest-scoring ones whose removal takes away the amount of ``target`` closest to
+    ``ratio`` (within ``TOLERANCE * ratio`` where whole channels allow), as the pipeline selects."""
     check_options(ratio, target, criterion, scope, normalize, min_channels, seed)
     if not graph.groups:
         why = graph.warnings[0] if graph.warnings else "no conv or linear layer whose outputs another layer reads"
@@ -121,20 +124,50 @@ def select(
     total_channels = sum(len(g.channels) for g in graph.groups)
     dense = graph.count(set())
 
-    def amount(k: int) -> float:
-        """The share of the target removed with the first k channels of the order."""
+    def amount(chosen: list[int]) -> float:
+        """The share of the target removed with the ``chosen`` channels."""
         if target == "channels":
-            return k / total_channels
+            return len(chosen) / total_channels
         i = 0 if target == "params" else 1
-        return 1 - graph.count(set(order[:k]))[i] / dense[i]
+        return 1 - graph.count(set(chosen))[i] / dense[i]
 
-    if amount(len(order)) < ratio:
+    if amount(order) < ratio * (1 - TOLERANCE):
         raise ValueError(f"{ratio:.0%} of the {target} cannot be removed with min_channels={min_channels}")
-    lo, hi = 0, len(order)  # the smallest prefix that reaches the ratio: amount(lo) < ratio <= amount(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if amount(mid) >= ratio else (mid, hi)
-    return set(order[:hi])
+    return set(closest(order, amount, ratio, {c: g for g, group in enumerate(graph.groups) for c in group.channels}))
+
+
+def closest(order: list[int], amount, ratio: float, group_of: dict[int, int]) -> list[int]:
+    """The channels to remove by the selection engine's rule (docs/methods.md "Selection"): the longest prefix of
+    ``order`` that does not pass ``ratio``; then each following channel that keeps the amount within
+    ``ratio * (1 + TOLERANCE)`` until within the band; if still outside it, whichever lands closest of that, that
+    plus the one channel more that passes the ratio by the least, and the ranking's next prefix. A channel's cost
+    depends on its group alone, so a group whose next channel passed the band is not tried again."""
+    lo, hi = 0, len(order)  # the largest k whose first k channels do not pass the ratio (amount grows with k)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if amount(order[:mid]) <= ratio else (lo, mid - 1)
+    chosen = order[:lo]
+    now = amount(chosen)
+    passed: dict[int, tuple[int, float]] = {}  # group -> (its next channel, the amount it reached)
+    for c in order[lo:]:
+        if abs(now - ratio) <= TOLERANCE * ratio:
+            return chosen
+        if group_of[c] in passed:
+            continue
+        with_c = amount([*chosen, c])
+        if with_c <= ratio * (1 + TOLERANCE):
+            chosen, now = [*chosen, c], with_c
+        else:
+            passed[group_of[c]] = (c, with_c)
+    if abs(now - ratio) > TOLERANCE * ratio:  # short of the band: passing the ratio may land closer
+        options = [(now, chosen)]
+        if passed:  # the one channel more that passes the ratio by the least
+            over = min(([*chosen, c] for c, _ in passed.values()), key=amount)
+            options.append((amount(over), over))
+        if lo < len(order):  # the ranking's next prefix, without the fill
+            options.append((amount(order[: lo + 1]), order[: lo + 1]))
+        chosen = min(options, key=lambda option: abs(option[0] - ratio))[1]  # ties: the first, below the ratio
+    return chosen
 
 
 SELECT_DEFAULTS = {

@@ -204,17 +204,25 @@ def select(
         return masks_from(widths, raw)
     order = removable_order(scores, min_channels, protect, scope, normalize, dense_widths)
     budget = Budget(structure, widths, target)
-    chosen, w = _walk(order, widths, budget, ratio, tolerance, fill)
-    if fill and abs(budget.removed(w) - ratio) > tolerance * ratio:  # short of the band: one more may be closer
+    chosen, w, lo = _walk(order, widths, budget, ratio, tolerance, fill)
+    if fill and abs(budget.removed(w) - ratio) > tolerance * ratio:  # short of the band: passing it may be closer
         taken = set(chosen)
+        options = [(budget.removed(w), chosen)]
         over = _least_overshoot([(g, c) for g, c, _ in order if (g, c) not in taken], w, budget, ratio)
-        if over is not None and over[1] - ratio < ratio - budget.removed(w):
-            chosen.append(over[0])
+        if over is not None:  # the one channel more that passes the ratio by the least
+            options.append((over[1], [*chosen, over[0]]))
+        if lo < len(order):  # the ranking's next prefix, without the fill
+            prefix = order[: lo + 1]
+            w = np.array(widths)
+            np.subtract.at(w, [g for g, _, _ in prefix], 1)
+            options.append((budget.removed(w), [(g, c) for g, c, _ in prefix]))
+        chosen = min(options, key=lambda option: abs(option[0] - ratio))[1]  # ties: the first, below the ratio
     return masks_from(widths, chosen)
 
 
-def _walk(order, widths, budget: Budget, ratio: float, tolerance: float, fill: bool) -> tuple[list, np.ndarray]:
-    """(channels, widths after removing them): the longest prefix of ``order`` that does not pass ``ratio``, then
+def _walk(order, widths, budget: Budget, ratio: float, tolerance: float, fill: bool) -> tuple[list, np.ndarray, int]:
+    """(channels, widths after removing them, the prefix's length): the longest prefix of ``order`` that does not
+    pass ``ratio``, then
     (with ``fill``) each following channel that keeps the removed amount within ``ratio * (1 + tolerance)``, until
     within the tolerance band."""
 
@@ -241,7 +249,7 @@ def _walk(order, widths, budget: Budget, ratio: float, tolerance: float, fill: b
                     break
             else:
                 w[g] += 1
-    return chosen, w
+    return chosen, w, lo
 
 
 def _least_overshoot(candidates, w: np.ndarray, budget: Budget, ratio: float):
