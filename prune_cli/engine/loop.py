@@ -51,10 +51,12 @@ def train_epoch(
     progress: bool,
     desc: str = "",
     memory_format: str = "contiguous",
+    aux_loss=None,
 ) -> dict:
     """One pass over the training split; returns mean train loss, train accuracy and the regularizer's value.
 
     ``memory_format`` (channels_last | contiguous): the batches' layout, the one the model was put in.
+    ``aux_loss(y)``: the network's auxiliary heads' weighted loss of the step's forward (or None), added to the loss.
     Distributed (``model`` wrapped by :func:`distributed.wrap`): every rank draws the same global batches and
     trains on its shard; the epoch's statistics are summed over ranks once, at the end."""
     model.train()
@@ -79,6 +81,9 @@ def train_epoch(
         with autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
+            aux = aux_loss(y) if aux_loss is not None else None
+            if aux is not None:
+                loss = loss + aux
         reg = regularizer.penalty()
         optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks: each rank adds world x its share of the global batch's mean loss
@@ -206,6 +211,7 @@ class Trainer:
             self.progress,
             desc=f"{self.stage}{f' net {k}' if several else ''} {epoch + 1}/{self.epochs}",
             memory_format=self.layout,
+            aux_loss=getattr(self.models[k], "aux_loss", None),
         )
         check_finite(self.models[k], stats, self.stage, epoch, lr, self.lr_option)
         return {

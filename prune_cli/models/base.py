@@ -55,6 +55,11 @@ class Prunable(nn.Module, abc.ABC):
         """The ``model.*`` options of the variant ``name`` (besides ``name`` itself)."""
         return (WIDTH_MULT,)
 
+    def aux_loss(self, y: torch.Tensor) -> torch.Tensor | None:
+        """The weighted loss of auxiliary heads of the last training forward, added to the training loss (None:
+        the network has none)."""
+        return None
+
     @abc.abstractmethod
     def channel_groups(self) -> list[ChannelGroup]:
         """The prunable channel groups, in forward order; one per entry of ``widths``."""

@@ -1,10 +1,11 @@
 """Networks prune_cli did not write: ``model=torchvision`` (``model.network=resnet18``) and ``model=custom``
 (``model.target=package.module:factory``, ``model.kwargs={...}``), pruned through their traced channel graph.
 
-By default the stages get the graph's groups (``graph.py``) of one shape: a conv (groups 1), the BatchNorm right
-after it, and the layers that read exactly those channels. With ``shared`` (``prune.residual=true``) also those
-several layers hold (residual streams, depthwise chains, concatenated or flattened channels), as slots with
-positions; the prune stage then wraps any network, a built-in one too (``traced``: its own arch as the factory).
+Simple groups (``graph.py``) have one shape: a conv (groups 1), the BatchNorm right after it if there is one (none:
+the conv's output is where the mask applies), and the layers that read exactly those channels. With ``shared``
+(``prune.residual``: ``auto`` for these networks, or ``true``) also those several layers hold (residual streams,
+depthwise chains, concatenated or flattened channels), as slots with positions; ``prune.residual=true`` wraps any
+network so, a built-in one too (``traced``: its own arch as the factory).
 A pruned network is stored as its factory and the kept channels of every group, relative to the unpruned factory
 network: ``build_model(arch)`` builds the factory network and removes the other channels again (nothing pickled).
 """
@@ -19,10 +20,11 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prune_cli.core.errors import UserError
-from prune_cli.core.options import Map, Str
+from prune_cli.core.options import Float, Map, Str
 from prune_cli.core.trust import how_to_allow, trusted
 from prune_cli.models.base import MODELS, Prunable, build_model
 from prune_cli.structure.graph import ChannelGraph
@@ -31,6 +33,17 @@ from prune_cli.structure.groups import ChannelGroup, Slot
 PREFIX = "net."  # the factory network is held as ``self.net``
 TRACED = "traced"  # a network of another family with all its graph's groups (prune.residual=true)
 
+
+AUX_WEIGHT = Float(
+    "aux_weight",
+    None,
+    "training loss weight of each auxiliary head's cross-entropy (null: 0.4 for Inception v3, else 0.3, as "
+    "torchvision's recipes)",
+    lo=0.0,
+    nullable=True,
+    absent=None,
+)
+RECIPE_AUX_WEIGHTS = {"inception_v3": 0.4}  # GoogLeNet's paper and recipe: 0.3, the default
 
 _imported: dict[str, object] = {}  # target -> factory, once the user allowed it in this process
 
@@ -89,11 +102,12 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
     """The graph's groups the pipeline can prune, as channel groups (module names as in ``graph.model``) with
     their channel ids, in order.
 
-    Always those of one conv (groups 1) with its BatchNorm and layers reading exactly those channels, in order (no
-    other layer touches them). With ``shared``, also the groups several layers produce or hold at other positions
-    (residual streams, depthwise chains, concatenations), if a BatchNorm holds them. Either way only channels no
-    layer reads nonzero when their producers' rows and BatchNorms' entries are zeroed (the graph's ``unsafe``), so
-    that the stages' mask is removing them."""
+    Always those of one conv (groups 1) with its BatchNorm, if any, and layers reading exactly those channels, in
+    order (no other layer touches them). With ``shared``, also the groups several layers produce or hold at other
+    positions (residual streams, depthwise chains, concatenations). Every producer is a conv; every BatchNorm
+    holding the channels is an affine BatchNorm2d; a group without one is masked at its producers' output (rows
+    and biases zeroed). Either way only channels no layer reads nonzero when their producers' rows and BatchNorms'
+    entries are zeroed (the graph's ``unsafe``), so that the stages' mask is removing them."""
     out: list[tuple[ChannelGroup, list[int]]] = []
     unsafe = {int(graph.root[a]) for a in graph.unsafe}
     layers: dict[tuple[str, int], np.ndarray] = {}  # (module, dim) -> the channel of every position, model order
@@ -119,11 +133,12 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
         consumers = tuple(s.module for s in slots if s.role == "consumer")
         feature_maps = all(isinstance(graph.modules[s.module], nn.Conv2d) for s in producers) and all(
             isinstance(graph.modules[s.module], nn.BatchNorm2d) and graph.modules[s.module].affine for s in norms
-        )  # what the activation criteria read; the mask zeroes gamma and beta
-        if not producers or not norms or not feature_maps:
+        )  # what the activation criteria read; the mask zeroes gamma and beta (no BatchNorm: the producers' output)
+        if not producers or not feature_maps:
             continue
         simple = (
-            len(producers) == len(norms) == 1
+            len(producers) == 1
+            and len(norms) <= 1
             and all(s.positions is None for s in slots)
             and graph.modules[producers[0].module].groups == 1
             and consumers
@@ -132,7 +147,8 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
             continue
         name = producers[0].module if simple else _unique(group.name, names)
         names.add(name)
-        channel_group = ChannelGroup(name, producers[0].module, norms[0].module, consumers)
+        mask_point = (norms or producers)[0].module  # no BatchNorm: the conv is its own mask point (as plain nets)
+        channel_group = ChannelGroup(name, producers[0].module, mask_point, consumers)
         out.append((channel_group if simple else replace(channel_group, shared=tuple(slots)), order))
     return out
 
@@ -199,6 +215,7 @@ class GraphNet(Prunable):
                 Str("network", "resnet18", "a torchvision classification network (random init, model.num_classes)"),
                 Map("kwargs", {}, "more keyword arguments of the network's builder"),
                 weights,
+                AUX_WEIGHT,
             )
         return (
             Str("target", "", "package.module:factory, importable from where prune-cli starts"),
@@ -206,6 +223,7 @@ class GraphNet(Prunable):
                 "kwargs", {}, "keyword arguments of the factory (num_classes / in_channels are passed if it takes them)"
             ),
             weights,
+            AUX_WEIGHT,
         )
 
     def __init__(
@@ -220,6 +238,7 @@ class GraphNet(Prunable):
         target: str = "",
         kwargs: dict | None = None,
         weights_path: str | None = None,
+        aux_weight: float | None = None,
         base: dict | None = None,
         **ignored,  # options of the built-in families a caller may pass to every model (width_mult 1.0)
     ):
@@ -232,7 +251,7 @@ class GraphNet(Prunable):
             options = {"base": base}
         else:
             options = {"network": network} if name == "torchvision" else {"target": target}
-            options.update(kwargs=dict(kwargs or {}), weights_path=weights_path)
+            options.update(kwargs=dict(kwargs or {}), weights_path=weights_path, aux_weight=aux_weight)
         self.arch = dict(
             name=name,
             num_classes=num_classes,
@@ -310,7 +329,25 @@ class GraphNet(Prunable):
         }
 
     def forward(self, x):
-        return self.net(x)
+        """The network's logits; of a tuple or named tuple of logits (GoogLeNet's and Inception's training-mode
+        outputs), the first, the others kept for :meth:`aux_loss`."""
+        out = self.net(x)
+        if isinstance(out, torch.Tensor):
+            return out
+        main, *heads = out
+        if self.training:
+            self._aux = [h for h in heads if isinstance(h, torch.Tensor)]  # a head switched off is None
+        return main
+
+    def aux_loss(self, y: torch.Tensor) -> torch.Tensor | None:
+        """``model.aux_weight`` x the auxiliary heads' cross-entropy of the last training forward."""
+        heads, self._aux = getattr(self, "_aux", []), []
+        if not heads:
+            return None
+        weight = self.arch.get("aux_weight")
+        if weight is None:
+            weight = RECIPE_AUX_WEIGHTS.get(self.arch.get("network"), 0.3)
+        return weight * sum(F.cross_entropy(h, y) for h in heads)
 
     def channel_groups(self) -> list[ChannelGroup]:
         return list(self._groups)
