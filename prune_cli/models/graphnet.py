@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prune_cli.core.errors import UserError
+from prune_cli.core.errors import UserError, one_line
 from prune_cli.core.options import Float, Map, Str
 from prune_cli.core.trust import how_to_allow, trusted
 from prune_cli.models.base import MODELS, Prunable, build_model
@@ -96,6 +96,37 @@ def _factory(arch: dict):
         if key in accepted:
             kwargs.setdefault(key, arch[key])
     return factory, kwargs
+
+
+def load_weights(net: nn.Module, path: str, num_classes: int) -> None:
+    """Load a state_dict file (read as data alone) into the unpruned network ``net``. A file of the same
+    architecture with another number of classes (ImageNet weights for a 10-class dataset) loads all but the
+    classifier, whose outputs are the classes: it keeps its random init, and a note on stderr says so. Anything
+    else that does not fit is one line naming the option."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError("model.weights_path", f"cannot read {path} ({one_line(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError("model.weights_path", f"{path} is not a state_dict (a dict of tensors)")
+    own = net.state_dict()
+    head = {
+        k
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape and own[k].shape[:1] == (num_classes,) and v.dim() == own[k].dim()
+    }
+    for k in head:  # in place: the file's module versions (``_metadata``) stay with it
+        state[k] = own[k]
+    try:
+        net.load_state_dict(state)
+    except Exception as e:
+        raise UserError("model.weights_path", f"does not fit the network ({one_line(e)})") from None
+    if head:
+        print(
+            f"note: model.weights_path: {', '.join(sorted(head))} hold another number of classes than "
+            f"{num_classes}: the classifier starts from random init",
+            file=sys.stderr,
+        )
 
 
 def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[int]]]:
@@ -262,12 +293,7 @@ class GraphNet(Prunable):
         )
         net = self._factory_network()
         if kept is None and options.get("weights_path"):
-            try:
-                net.load_state_dict(torch.load(options["weights_path"], map_location="cpu", weights_only=True))
-            except Exception as e:
-                raise UserError(
-                    "model.weights_path", f"cannot load it into {name} ({type(e).__name__}: {str(e)[:200]})"
-                ) from None
+            load_weights(net, options["weights_path"], num_classes)
         self._take(self._graph(net), kept or {})
 
     @classmethod
