@@ -2,8 +2,11 @@
 
 One gate ``g_c`` per channel of every channel group of the model (ResNets: the first conv of each
 BasicBlock; VGG: every conv, exactly ``model.channel_groups()``) multiplies the output of the group's
-BatchNorm (a forward hook, before the ReLU). The weights stay at their random initialisation
-(:func:`freeze_weights`); only the gates are trained, with
+BatchNorm (a forward hook, before the ReLU). A group several layers hold (``prune.residual=true``: a residual
+stream, a depthwise chain) has one gate per channel too, applied at the channel's positions in every BatchNorm
+holding it: the gate scales the channel wherever it lives, as the mask zeroes it there.
+
+The weights stay at their random initialisation (:func:`freeze_weights`); only the gates are trained, with
 
     loss = CE + lam * (sum_c |g_c| / C_total - r) ** 2
 
@@ -26,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prune_cli.structure.groups import Slot
+
 __all__ = ["Gates", "freeze_weights", "select_epoch", "train_gates"]
 
 
 class Gates:
-    """One gate per channel of every channel group, multiplying the group's BN output.
+    """One gate per channel of every channel group, multiplying the channel's output of every BatchNorm of the group.
 
     Build it after moving the model to its device (or call :meth:`to`). ``params[i]`` is the 1-D gate
     vector of ``model.channel_groups()[i]``.
@@ -42,12 +47,12 @@ class Gates:
         self.params: list[nn.Parameter] = []
         self._hooks = []
         for group in self.groups:
-            bn = modules[group.bn]
-            p = nn.Parameter(
-                torch.full((bn.num_features,), float(init), device=bn.weight.device, dtype=bn.weight.dtype)
-            )
+            norms = group.role("norm")
+            like = modules[norms[0].module].weight
+            p = nn.Parameter(torch.full((group.width(modules),), float(init), device=like.device, dtype=like.dtype))
             self.params.append(p)
-            self._hooks.append(bn.register_forward_hook(_gate_hook(p)))
+            for slot in norms:
+                self._hooks.append(modules[slot.module].register_forward_hook(_gate_hook(p, slot)))
         self.total = sum(p.numel() for p in self.params)
 
     def remove(self) -> None:
@@ -95,10 +100,21 @@ class Gates:
         return self
 
 
-def _gate_hook(gate: nn.Parameter):
+def _gate_hook(gate: nn.Parameter, slot: Slot):
+    """A forward hook multiplying the norm's output channels by the gate: channel i of the group at
+    ``slot.positions[i]`` (every one of them), the other channels of the layer by 1."""
+    index = slot.index()
+    if index is not None:
+        channel = torch.arange(len(index)).repeat_interleave(index.shape[1])
+        index = index.flatten()
+
     def hook(module, inputs, out):
         shape = (1, -1) + (1,) * (out.dim() - 2)
-        return out * gate.to(out.dtype).view(shape)
+        scale = gate.to(out.dtype)
+        if index is not None:  # differentiable: the gates at their positions, 1 elsewhere
+            ones = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
+            scale = ones.index_put((index.to(out.device),), scale[channel.to(out.device)])
+        return out * scale.view(shape)
 
     return hook
 

@@ -1,6 +1,7 @@
 """The gates stage (Pruning from Scratch, Wang et al. AAAI 2020): channel gates trained on the frozen
 random init, then the global top gates kept so that the MACs reduction meets ``prune.ratio``
-(the gates themselves: ``gates``)."""
+(the gates themselves: ``gates``). With ``prune.residual=true`` the groups several layers hold are gated and
+pruned too (a residual stream's channel: one gate, at every BatchNorm holding it)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from prune_cli.engine.evaluate import evaluate
 from prune_cli.engine.settings import capped_epochs
 from prune_cli.methods.pfs.gates import Gates, train_gates
 from prune_cli.methods.pfs.selection import select_top_gates
+from prune_cli.models import with_shared_groups
 from prune_cli.stages.base import STAGES, Stage
 from prune_cli.stages.prune import finish_pruning
 from prune_cli.structure.channels import structure
@@ -26,6 +28,7 @@ class GatesStage(Stage):
 
     prunes = True
     reads = ("prune",)
+    shared_groups = True
     options = (
         Int("epochs", 10, "epochs of gate training (10 in the paper)", lo=1),
         Float("lr", 0.01, "Adam learning rate of the gates", lo=0.0, lo_open=True),
@@ -53,9 +56,14 @@ class GatesStage(Stage):
                 "the gates stage keeps the best-validation epoch; hold out a validation split (PFS: 5000)",
             )
 
+    def prepare(self, ctx, model):
+        gated = groups_of(model, ctx)
+        return gated if gated is not model else None  # the stages after it get shared groups
+
     def run(self, model, ctx, checkpoint):
         cfg, st, data = ctx.cfg, ctx.cfg.schedule[self.name], ctx.data
         tic = time.perf_counter()
+        model = groups_of(model, ctx)
         gates = Gates(model)
 
         def train_batches(epoch):
@@ -108,3 +116,8 @@ class GatesStage(Stage):
             time.perf_counter() - tic,
             extra={"chosen_epoch": result["epoch"] + 1, "gates_qualified": result["qualified"]},
         )
+
+
+def groups_of(model, ctx):
+    """``model`` with the channel groups the run prunes: with ``prune.residual``, those several layers hold too."""
+    return with_shared_groups(model, ctx.input_shape) if ctx.cfg.prune.residual else model
