@@ -47,11 +47,11 @@ class Gates:
         self.params: list[nn.Parameter] = []
         self._hooks = []
         for group in self.groups:
-            norms = group.role("norm")
-            like = modules[norms[0].module].weight
+            points = group.role("norm") or group.role("producer")  # without BatchNorm: where the mask zeroes it
+            like = modules[points[0].module].weight
             p = nn.Parameter(torch.full((group.width(modules),), float(init), device=like.device, dtype=like.dtype))
             self.params.append(p)
-            for slot in norms:
+            for slot in points:
                 self._hooks.append(modules[slot.module].register_forward_hook(_gate_hook(p, slot)))
         self.total = sum(p.numel() for p in self.params)
 

@@ -16,9 +16,8 @@ from prune_cli.engine.evaluate import evaluate
 from prune_cli.engine.settings import capped_epochs
 from prune_cli.methods.pfs.gates import Gates, train_gates
 from prune_cli.methods.pfs.selection import select_top_gates
-from prune_cli.models import with_shared_groups
 from prune_cli.stages.base import STAGES, Stage
-from prune_cli.stages.prune import finish_pruning
+from prune_cli.stages.prune import Prune, finish_pruning
 from prune_cli.structure.channels import structure
 
 
@@ -29,6 +28,7 @@ class GatesStage(Stage):
     prunes = True
     reads = ("prune",)
     shared_groups = True
+    groups_of = Prune.groups_of  # the groups the prune stage takes (prune.residual: those several layers hold too)
     options = (
         Int("epochs", 10, "epochs of gate training (10 in the paper)", lo=1),
         Float("lr", 0.01, "Adam learning rate of the gates", lo=0.0, lo_open=True),
@@ -57,13 +57,13 @@ class GatesStage(Stage):
             )
 
     def prepare(self, ctx, model):
-        gated = groups_of(model, ctx)
+        gated = self.groups_of(model, ctx)
         return gated if gated is not model else None  # the stages after it get shared groups
 
     def run(self, model, ctx, checkpoint):
         cfg, st, data = ctx.cfg, ctx.cfg.schedule[self.name], ctx.data
         tic = time.perf_counter()
-        model = groups_of(model, ctx)
+        model = self.groups_of(model, ctx)
         gates = Gates(model)
 
         def train_batches(epoch):
@@ -116,8 +116,3 @@ class GatesStage(Stage):
             time.perf_counter() - tic,
             extra={"chosen_epoch": result["epoch"] + 1, "gates_qualified": result["qualified"]},
         )
-
-
-def groups_of(model, ctx):
-    """``model`` with the channel groups the run prunes: with ``prune.residual``, those several layers hold too."""
-    return with_shared_groups(model, ctx.input_shape) if ctx.cfg.prune.residual else model
