@@ -107,7 +107,7 @@ def test_a_residual_run_prunes_the_streams_and_resumes(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("schedule", ["merge", "pfp"])
+@pytest.mark.parametrize("schedule", ["pfp"])  # merge and gates take shared groups (test_shared_methods.py)
 def test_stages_that_need_one_producer_refuse_it(tmp_path, schedule):
     with pytest.raises(UserError) as e:
         pipeline.run(compose_config(*TINY, "prune.residual=true", f"schedule={schedule}"), tmp_path)

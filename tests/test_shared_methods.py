@@ -5,12 +5,14 @@ against explicit loops over the group's slots."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pandas as pd
 import pytest
 import torch
 
 from helpers import TINY, calibrated, compose_config
+from prune_cli.methods.merging import merge_removed
 from prune_cli.methods.pfs.gates import Gates, train_gates
 from prune_cli.methods.pfs.selection import select_top_gates
 from prune_cli.models import build_model, with_shared_groups
@@ -89,7 +91,7 @@ def test_schedule_pfs_prunes_the_streams_with_prune_residual(tmp_path):
     """The gates stage takes shared groups (it used to refuse them): the stem's stream loses channels and the MACs
     reduction, against the standard ResNet-20 (the 0.25-wide one is 93.5% below it already), is met."""
     tiny = [*TINY, "model.width_mult=0.25", "model.shortcut=A", "dataset.val_split=32", "prune.target=macs"]
-    epochs = ["schedule.gates.epochs=1", "schedule.scratch.epochs=1"]
+    epochs = ["schedule.gates.epochs=1", "schedule.scratch.epochs=0"]
     rows = pipeline.run(
         compose_config(*tiny, *epochs, "schedule=pfs", "prune.residual=true", "prune.ratio=0.96"), tmp_path
     )
@@ -97,5 +99,143 @@ def test_schedule_pfs_prunes_the_streams_with_prune_residual(tmp_path):
     standard = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3})
     reference = structure(standard, (3, 16, 16)).count(standard.widths)[1]
     assert abs(1 - rows[1]["macs"] / reference - 0.96) <= 1e-3 * 0.96 and rows[2]["macs"] == rows[1]["macs"]
+    layers = pd.read_csv(tmp_path / "layers.csv").set_index("layer")
+    assert layers.loc[STEM, "after"] < layers.loc[STEM, "before"] == 4
+
+
+# ------------------------------------------------------------------ Neuron Merging
+
+
+def loop_z(model, group, keep, lam: float, threshold: float, bn_form: str) -> list[list[float]]:
+    """The group's merge matrix by explicit loops: a channel's filter is its rows in every producer side by side; z
+    and the bias term are each BatchNorm's (the official or the exact relation), averaged over the BatchNorms."""
+    modules = dict(model.named_modules())
+    n, kept = len(keep), [c for c in range(len(keep)) if keep[c]]
+    rows = [[] for _ in range(n)]
+    for slot in group.role("producer"):
+        for c in range(n):
+            for q in where(slot, c):
+                rows[c] += modules[slot.module].weight[q].flatten().tolist()
+    norms = [(modules[slot.module], [where(slot, c)[0] for c in range(n)]) for slot in group.role("norm")]
+    length = [math.sqrt(sum(v * v for v in row)) for row in rows]
+    z = [[1.0 if c == k else 0.0 for k in kept] for c in range(n)]
+    for p in (c for c in range(n) if not keep[c]):
+        cos, scale, bias = [], [], []
+        for k in kept:
+            s = length[p] / length[k]
+            terms = [bn_relation(bn, at[p], at[k], s, bn_form) for bn, at in norms]
+            cos.append(sum(a * b for a, b in zip(rows[p], rows[k])) / (length[p] * length[k]))
+            scale.append(sum(t[0] for t in terms) / len(terms))
+            bias.append(sum(t[1] for t in terms) / len(terms))
+        finite = [d for d in bias if d != math.inf]
+        lo, hi = min(finite), max(finite)
+        score = [lam * (1 - c) + (1 - lam) * ((d - lo) / (hi - lo) if hi > lo else 0.0) for c, d in zip(cos, bias)]
+        best = min((i for i in range(len(kept)) if bias[i] != math.inf), key=lambda i: score[i])
+        if cos[best] >= threshold:
+            z[p][best] = scale[best]
+    return z
+
+
+def bn_relation(bn, p: int, k: int, s: float, bn_form: str) -> tuple[float, float]:
+    """(z, bias term) of entries p and k of one BatchNorm, for filters of norm ratio s (docs/methods.md)."""
+    g, b, mu, var = (t.tolist() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    if bn_form == "official":
+        z = s * (g[k] / g[p]) * (var[p] / var[k])
+        return z, abs((g[k] / var[k]) * (s * (mu[p] - var[p] * b[p] / g[p]) - mu[k]) + b[k]) / z
+    sp, sk = math.sqrt(var[p] + bn.eps), math.sqrt(var[k] + bn.eps)
+    z = s * g[p] * sk / (g[k] * sp)
+    return z, abs(b[p] - z * b[k] + g[p] * (s * mu[k] - mu[p]) / sp) / z if z > 0 else math.inf
+
+
+def loop_merged(model, keep, lam: float, threshold: float, bn_form: str):
+    """A copy of ``model`` whose consumers, slot by slot, add z_p times a removed channel's columns to its match's,
+    at every position of the two channels (the removed columns stay, for the mask or the surgery to drop), and the
+    merge matrix of every group. Group by group, in order, each matched on the weights the earlier ones left (a
+    block's conv2 reads the merged conv1 channels and produces the stream), as the stage does."""
+    merged = copy.deepcopy(model)
+    modules = dict(merged.named_modules())
+    matrices = []
+    with torch.no_grad():
+        for group, k in zip(merged.channel_groups(), keep):
+            if k.all() or not group.role("consumer"):
+                matrices.append(None)
+                continue
+            z, kept = loop_z(merged, group, k.tolist(), lam, threshold, bn_form), torch.nonzero(k).flatten().tolist()
+            matrices.append(z)
+            for slot in group.role("consumer"):
+                weight = modules[slot.module].weight
+                before = weight.clone()
+                for i, c in enumerate(kept):
+                    for p in range(len(k)):
+                        if p != c and z[p][i] != 0:
+                            for qc, qp in zip(where(slot, c), where(slot, p)):
+                                weight[:, qc] += z[p][i] * before[:, qp]
+    return merged, matrices
+
+
+@pytest.mark.parametrize("bn_form", ["official", "exact"])
+def test_merging_a_stream_equals_the_loop_over_its_slots(streams, bn_form):
+    model = copy.deepcopy(streams)
+    generator = torch.Generator().manual_seed(4)
+    keep = [torch.rand(w, generator=generator) < 0.6 for w in model.widths]
+    for k in keep:
+        k[0] = True
+    stem = group_index(model, STEM)
+    keep[stem] = torch.tensor([True, False, True, False])
+    want, matrices = loop_merged(model, keep, 0.85, -1.0, bn_form)  # threshold -1: every removed channel merges
+    got = copy.deepcopy(model)
+    merged = merge_removed(got, keep, 0.85, -1.0, bn_form)
+    assert merged == sum(
+        sum(any(v != 0 for v in z[p]) for p in range(len(z)) if not keep[g][p]) for g, z in enumerate(matrices) if z
+    )
+    assert all(any(matrices[stem][p]) for p in (1, 3))  # the stream's removed channels merged
+    for slot in (s for g in model.channel_groups() for s in g.role("consumer")):
+        torch.testing.assert_close(got.get_submodule(slot.module).weight, want.get_submodule(slot.module).weight)
+    x = images(8, 5)
+    mask_channels(want, keep)
+    with torch.no_grad():
+        torch.testing.assert_close(prune_channels(got, keep).eval()(x), want(x), rtol=1e-5, atol=1e-5)
+
+
+def make_stream_multiple(model, group, p: int, k: int, s: float, z: float) -> None:
+    """In every producer, channel p's filter becomes s times channel k's; in every BatchNorm, p's entries give
+    BN_p(s u) = z BN_k(u) (the exact relation with c = 0): the stream then carries p = z k everywhere."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for slot in group.role("producer"):
+            weight = modules[slot.module].weight
+            (qp,), (qk,) = where(slot, p), where(slot, k)
+            weight[qp] = s * weight[qk]
+        for slot in group.role("norm"):
+            bn = modules[slot.module]
+            (qp,), (qk,) = where(slot, p), where(slot, k)
+            sigma = torch.sqrt(bn.running_var + bn.eps)
+            bn.weight[qp] = z * bn.weight[qk] * sigma[qp] / (s * sigma[qk])
+            bn.bias[qp] = z * bn.bias[qk] - bn.weight[qp] * (s * bn.running_mean[qk] - bn.running_mean[qp]) / sigma[qp]
+
+
+def test_merging_a_stream_channel_proportional_to_a_kept_one_is_exact(streams):
+    """The paper's exactness case on the stem's stream (ten producers and BatchNorms, at offsets in stages 2 and 3):
+    removing channel 3, a positive multiple of channel 1 in every layer, and merging it gives the dense network."""
+    model = copy.deepcopy(streams)
+    stem = group_index(model, STEM)
+    make_stream_multiple(model, model.channel_groups()[stem], 3, 1, s=1.7, z=1.3)
+    keep = [torch.ones(w, dtype=torch.bool) for w in model.widths]
+    keep[stem][3] = False
+    x = images(8, 6)
+    with torch.no_grad():
+        dense, plain = model(x), prune_channels(model, keep)(x)
+        merged = copy.deepcopy(model)
+        assert merge_removed(merged, keep, 0.85, 0.1, "exact") == 1
+        torch.testing.assert_close(prune_channels(merged, keep)(x), dense, rtol=1e-5, atol=1e-5)
+    assert (plain - dense).abs().max() > 1e-2  # pruning alone changes the outputs
+
+
+def test_schedule_merge_prunes_and_merges_the_streams_with_prune_residual(tmp_path):
+    """The merge stage takes shared groups (it used to refuse them): the stem's stream loses channels, merged."""
+    tiny = [*TINY, "model.width_mult=0.25", "model.shortcut=A", "schedule.pretrain.epochs=0"]
+    rows = pipeline.run(compose_config(*tiny, "schedule=merge", "prune.residual=true", "prune.ratio=0.4"), tmp_path)
+    assert [r["stage"] for r in rows] == ["init", "pretrain", "merge"] and rows[2]["merged_channels"] > 0
+    assert abs(1 - rows[2]["params"] / rows[1]["params"] - 0.4) < 1e-3  # as close as whole channels allow
     layers = pd.read_csv(tmp_path / "layers.csv").set_index("layer")
     assert layers.loc[STEM, "after"] < layers.loc[STEM, "before"] == 4
