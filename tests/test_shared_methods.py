@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+import types
 
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from helpers import TINY, calibrated, compose_config
+from prune_cli.core.trust import trusting
 from prune_cli.methods.merging import merge_removed
 from prune_cli.methods.pfs.gates import Gates, train_gates
 from prune_cli.methods.pfs.selection import select_top_gates
@@ -229,6 +233,44 @@ def test_merging_a_stream_channel_proportional_to_a_kept_one_is_exact(streams):
         assert merge_removed(merged, keep, 0.85, 0.1, "exact") == 1
         torch.testing.assert_close(prune_channels(merged, keep)(x), dense, rtol=1e-5, atol=1e-5)
     assert (plain - dense).abs().max() > 1e-2  # pruning alone changes the outputs
+
+
+class DepthwiseResidual(nn.Module):
+    """A stream (stem and project, each with its BatchNorm) around an inverted residual: 1x1 expand, 3x3 depthwise."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(in_channels, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.expand, self.bn1 = nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.depthwise, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.project, self.bn3 = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(self.bn2(self.depthwise(torch.relu(self.bn1(self.expand(x))))))
+        return self.fc(torch.relu(x + self.bn3(self.project(h))).mean((2, 3)))
+
+
+def test_a_depthwise_chain_is_pruned_without_merging(monkeypatch):
+    """The expand-depthwise chain (a grouped conv among its producers) is pruned plainly: its consumer keeps its
+    weights; the stream around it merges, into the expand conv and the classifier."""
+    monkeypatch.setitem(sys.modules, "shared_nets", types.SimpleNamespace(DepthwiseResidual=DepthwiseResidual))
+    arch = {"name": "custom", "target": "shared_nets:DepthwiseResidual", "shared": True, "image_size": 8}
+    with trusting(["shared_nets:DepthwiseResidual"]):
+        model = calibrated(build_model({**arch, "num_classes": 10, "in_channels": 3}), SHAPE)
+    assert [g.name for g in model.channel_groups()] == ["stem", "expand"]
+    keep = [torch.tensor([True, True, False, True]), torch.arange(8) % 3 != 1]
+    merged = copy.deepcopy(model)
+    assert merge_removed(merged, keep, 0.85, -1.0, "exact") == 1  # the stream's channel, none of the chain's
+    torch.testing.assert_close(merged.net.project.weight, model.net.project.weight, rtol=0, atol=0)
+    for name in ("expand", "fc"):
+        assert not torch.equal(getattr(merged.net, name).weight, getattr(model.net, name).weight)
+    x = images(4, 7)
+    with torch.no_grad():
+        pruned = prune_channels(merged, keep)(x)
+        mask_channels(merged, keep)
+        torch.testing.assert_close(pruned, merged(x), rtol=1e-5, atol=1e-5)
 
 
 def test_schedule_merge_prunes_and_merges_the_streams_with_prune_residual(tmp_path):
