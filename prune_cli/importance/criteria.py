@@ -12,6 +12,10 @@ Two granularities for the weight-based criteria (``l1``, ``l2``, ``fpgm``,
 
 ``bn_scale``, ``apoz``, ``hrank``, ``taylor`` and ``random`` ignore it.
 
+The activation criteria (``apoz``, ``hrank``, ``taylor``) read a group's BatchNorm output; in a network without
+BatchNorm, its producer conv's output (the mask zeroes its rows and biases: ``ChannelGroup.mask_points``).
+``bn_scale`` refuses a group without BatchNorm, naming it, before any data is read (``check_groups``).
+
 Scores come back as float32 CPU tensors, one 1-D tensor per channel group, in
 ``model.channel_groups()`` order. Scoring never changes the model: weights,
 gradients (``.grad``), train/eval mode of every module and hooks are as before.
@@ -90,6 +94,9 @@ class Criterion(abc.ABC):
     def own_threshold(cls, options: Mapping[str, Any]) -> bool:
         """Whether, with these options, the criterion picks its own threshold when ``prune.ratio`` is null."""
         return False
+
+    def check_groups(self, model: Prunable) -> None:
+        """Refuse, in one line and before any data is read, channel groups the criterion cannot score."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
@@ -213,7 +220,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor, torch.Tensor | None], None]) -> Iterator[None]:
-    """Calls ``hook(group_index, bn_output, index)`` on every forward of every BN of every group (``index``: where
+    """Calls ``hook(group_index, bn_output, index)`` on every forward of every BN of every group (a group without
+    BatchNorm: of every producer conv, whose output the mask zeroes; ``ChannelGroup.mask_points``) (``index``: where
     the group's channels are in that output, [channels, positions per channel]; None: all of it, in order);
     removed on exit. A hook of a group with several BatchNorms (a residual stream) is called once per BN: what it
     sums is summed over them (``_at``)."""
@@ -221,7 +229,7 @@ def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor, torch.Tensor |
     handles = []
     try:
         for g, group in enumerate(model.channel_groups()):
-            for slot in group.role("norm"):
+            for slot in group.mask_points():
                 index = slot.index()
                 handles.append(
                     modules[slot.module].register_forward_hook(
@@ -462,12 +470,21 @@ class BNScale(Criterion):
                 "or use criterion.rule=ratio to meet a ratio",
             )
 
-    def _scores(self, model, granularity, sample):
+    def check_groups(self, model):
         modules = _modules(model)
-        groups = model.channel_groups()
-        norms = [g.role("norm") for g in groups]
-        if not all(isinstance(modules[s.module], nn.BatchNorm2d) for slots in norms for s in slots):
-            raise UserError("criterion.name", "bn_scale needs a BatchNorm after every pruned conv; this model has none")
+        for group in model.channel_groups():
+            norms = group.role("norm")
+            if not norms or not all(isinstance(modules[s.module], nn.BatchNorm2d) for s in norms):
+                raise UserError(
+                    "criterion.name",
+                    f"bn_scale needs a BatchNorm after every pruned conv; {group.name} has none (use l1, or a "
+                    "criterion reading activations)",
+                )
+
+    def _scores(self, model, granularity, sample):
+        self.check_groups(model)
+        modules = _modules(model)
+        norms = [g.role("norm") for g in model.channel_groups()]
         # a group with several BatchNorms (a residual stream): the sum of its |gamma| in each
         return [sum(_at(modules[s.module].weight.abs(), s.index()) for s in slots) for slots in norms]
 

@@ -117,7 +117,7 @@ def _positions(slot: Slot, channels: torch.Tensor) -> torch.Tensor:
 
 def mask_channels(model: Prunable, keep: list[torch.Tensor]) -> None:
     """Zero removed channels in place (every producer's filters and bias, every BN's gamma and beta): the outputs
-    then equal the pruned model's."""
+    then equal the pruned model's. A group without BatchNorm is zero at its producers' outputs (rows and bias)."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for group, k in zip(model.channel_groups(), keep):

@@ -33,7 +33,9 @@ class Slot:
 class ChannelGroup:
     name: str  # stable name, e.g. "layers.1.0" or "conv3"; what prune.skip / layer_ratios patterns match
     conv: str  # module name of the producer conv (its output channels; the first one if there are several)
-    bn: str  # module name of the BatchNorm after it: where a channel mask applies (the first one if several)
+    # module name of the BatchNorm after it: where a channel mask applies (the first one if several); a network
+    # without BatchNorm names the conv itself (its output is where the mask applies)
+    bn: str
     consumers: tuple[str, ...]  # modules whose input channels are these channels
     # every layer holding the channels, for a group that several layers produce (a residual stream, a depthwise
     # chain) or whose channels sit at other positions than 0..n-1 (concatenations, padded streams); empty: the
@@ -48,6 +50,11 @@ class ChannelGroup:
 
     def role(self, role: str) -> list[Slot]:
         return [s for s in self.slots if s.role == role]
+
+    def mask_points(self) -> list[Slot]:
+        """Where a masked channel is zero and the activation criteria read it: its BatchNorms' outputs, or, in a
+        network without BatchNorm, its producers' outputs (their rows and biases zeroed)."""
+        return self.role("norm") or self.role("producer")
 
     def width(self, modules: dict[str, nn.Module]) -> int:
         """The number of channels (``modules``: the model's named modules)."""
