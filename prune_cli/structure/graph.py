@@ -8,15 +8,50 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
 - depthwise conv (groups = in = out channels): its output channel i *is* its input channel i (tied), and the
   layer's groups shrink with it; another grouped conv (groups G): each of its groups, inputs and outputs, is
   one channel (tied), so a whole group goes and G shrinks (every group keeps its size: the layer stays one conv);
-- BatchNorm, activations, pooling, dropout, stochastic depth, identity: the same atoms pass through;
+- a layer is known by what it computes, not by its class: ``F.conv2d`` / ``F.linear`` / ``F.batch_norm`` /
+  ``F.group_norm`` whose weight and bias are a module's own parameters (read directly, or computed from them by
+  elementwise operations and reductions with ``keepdim``, as weight standardisation does) are mapped as the
+  layers; a weight dim such a computation reduces over (standardisation's input dim) is not sliceable, so its
+  channels are unprunable (removing one would change the statistics of the rest); a grouped functional conv or a
+  functional GroupNorm only on a ``Conv2d`` / ``GroupNorm`` module's parameters (whose ``groups`` /
+  ``num_groups`` then shrink); subclasses of the torch layers that keep their forward are the layers;
+- GroupNorm (module or functional): each norm group's channels are one channel (tied: a group goes whole, its
+  statistics never mix a removed channel with kept ones), and ``num_groups`` shrinks with ``num_channels``;
+  LayerNorm over the channels (``F.layer_norm`` after a permute) mixes them all: unprunable;
+- BatchNorm, activations, pooling, dropout, stochastic depth, identity, ``nn.Upsample`` / ``F.interpolate``: the
+  same atoms pass through;
 - ``+ - * /`` of two tensors with the same channel count: channel i of every operand tied (residual sums,
   squeeze-excitation's ``x * scale``); an operand with one channel (or none) broadcasts and ties nothing;
 - ``cat`` along channels: the operands' atoms one after another (DenseNet);
+- ``chunk(n, 1)``, and ``split(s, 1)`` with ``s = x.shape[1] // n`` computed at run time: each piece has its
+  channel range's atoms, and channel j of every piece is tied (the pieces keep equal widths, so the pruned
+  network's own split still splits right); a slice ``x[:, a:b]`` / ``narrow`` / ``split`` with constant sizes:
+  each piece has its range's atoms, and the channels the constants count (those before ``a`` and before ``b``,
+  or after them for negative bounds) are unprunable, the only way the constants stay right; a partial residual
+  add (``cat([x1 + f(x1), x2])``) then follows from the rules above;
+- channel shuffle (``view(B, g, C // g, H, W)``, ``transpose(1, 2)``, ``view(B, C, H, W)``): a permutation of
+  the atoms; the constant dim of the split view (``g`` here) keeps its size, so the atoms of each of the other
+  dim's positions (a shuffle column: channel j of every group) are tied and go together; a view whose split
+  sizes are both constants, or a merge back to a constant width, is opaque;
 - ``flatten`` / ``view(B, -1)`` of [B, C, H, W]: each atom repeated H x W times (a linear layer's input dim
   then holds H x W columns per channel);
-- means or pools over the spatial dims keep the atoms; anything else (channel shuffle, reshapes or permutes
-  across channels, splits, unknown modules with parameters, custom functions): every atom it touches is
-  unprunable, with a warning naming the operation.
+- means or pools over the spatial dims keep the atoms; anything else (reshapes or permutes across channels,
+  unknown modules with parameters, custom functions): every atom it touches is unprunable, with a warning
+  naming the operation. Computations on parameters alone (a weight's standardisation) have no atoms.
+
+Every mode: a network that computes other things in training mode (GoogLeNet's and Inception's auxiliary heads,
+which run only then) is traced in both modes, and both traces' atoms join one union-find (a layer's parameters
+are shared, so its dims tie the two); the training-mode output (a tuple or named tuple of logits) is the
+network's output too. ``count`` counts every parameter once (auxiliary heads included); its MACs are the
+eval-mode forward's (what inference costs: a layer that runs only in training mode adds none), each layer's
+weight elements x output pixels, summed over its calls.
+
+Tracing: symbolic first; a network symbolic tracing cannot follow (an ``if`` on a shape, padding computed from
+the input size) is traced on the concrete example instead (every traced operation also run on the example, so
+shape questions get numbers and such branches take the example's way). The graph of such a network holds for
+the example's input size: the pruned network runs its own code, so it runs at that size, and at another size
+only if its code takes the same way through the channels there. Only when neither trace serves is the network
+refused, naming the module.
 
 Masking (the stages zero a channel's producer rows, biases and BatchNorm entries) equals removing it only where no
 conv or linear layer reads the channel nonzero: ``live`` follows which channels of each tensor may be nonzero
@@ -25,7 +60,7 @@ reads. The network's input and output channels are unprunable. A *group* is the 
 same layers (a conv's outputs; a residual stream's channels, shared by every block writing into it). Removing a
 channel removes its atoms everywhere: the producers' output rows, the BN entries, the consumers' input
 columns. :meth:`ChannelGraph.masked` is the separate check: the unmodified network with every traced tensor
-multiplied by 0 at the removed channels' atoms.
+multiplied by 0 at the removed channels' atoms (in each mode, that mode's trace).
 """
 
 from __future__ import annotations
@@ -38,6 +73,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -63,27 +99,29 @@ PASS_MODULES = ACTIVATION_MODULES + (
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
+    nn.Upsample,  # UpsamplingNearest2d / UpsamplingBilinear2d are subclasses
 )
 ACTIVATION_FUNCTIONS = {  # the functional nonlinearities, by the module's name
     torch.relu: "ReLU",
-    torch.nn.functional.relu: "ReLU",
-    torch.nn.functional.relu6: "ReLU6",
-    torch.nn.functional.silu: "SiLU",
-    torch.nn.functional.gelu: "GELU",
-    torch.nn.functional.hardswish: "Hardswish",
-    torch.nn.functional.hardsigmoid: "Hardsigmoid",
+    F.relu: "ReLU",
+    F.relu6: "ReLU6",
+    F.silu: "SiLU",
+    F.gelu: "GELU",
+    F.hardswish: "Hardswish",
+    F.hardsigmoid: "Hardsigmoid",
     torch.sigmoid: "Sigmoid",
     torch.tanh: "Tanh",
 }
 PASS_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | {
-    torch.nn.functional.dropout,
-    torch.nn.functional.max_pool2d,
-    torch.nn.functional.avg_pool2d,
-    torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.adaptive_max_pool2d,
+    F.dropout,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
 }
 SHIFTING_MODULES = (nn.Sigmoid, nn.Hardsigmoid)  # they map 0 to 0.5: a zeroed channel stops being zero
-SHIFTING_FUNCTIONS = {torch.sigmoid, torch.nn.functional.hardsigmoid}
+SHIFTING_FUNCTIONS = {torch.sigmoid, F.hardsigmoid}
 MULTIPLYING = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}  # 0 times a finite factor is 0
 DIVIDING = {operator.truediv, torch.div, "div"}  # 0 / c is 0 (a masked channel must not divide: 0 / 0)
 IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
@@ -91,6 +129,17 @@ PASS_METHODS = {"relu", "relu_", "sigmoid", "contiguous", "clone", "detach", "fl
 ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul, operator.truediv}
 ELEMENTWISE |= {torch.add, torch.sub, torch.mul, torch.div}
 ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
+# what a weight may be computed by from its module's parameters (row i of the result from row i of each)
+WEIGHT_FUNCTIONS = ELEMENTWISE | {operator.neg, operator.pow, torch.sqrt, torch.rsqrt, torch.abs, torch.pow}
+WEIGHT_FUNCTIONS |= {torch.clamp, torch.exp, torch.neg, torch.sign, torch.tanh, torch.sigmoid}
+WEIGHT_METHODS = ELEMENTWISE_METHODS | {"sqrt", "rsqrt", "abs", "pow", "clamp", "clamp_min", "clamp_max", "neg"}
+WEIGHT_METHODS |= {"exp", "sign", "to", "float", "contiguous", "detach", "type_as"}
+REDUCING_FUNCTIONS = {torch.mean, torch.var, torch.std, torch.sum, torch.amax, torch.amin}
+REDUCING_FUNCTIONS |= {torch.var_mean, torch.std_mean}
+REDUCING_METHODS = {"mean", "var", "std", "sum", "amax", "amin"}
+SPLITTING = {torch.split, torch.chunk, torch.narrow, "split", "chunk", "narrow"}
+TRANSPOSING = {torch.transpose, "transpose", "permute", torch.permute}
+LEAF_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
 
 def _stochastic_depth() -> tuple[type, ...]:
@@ -102,13 +151,23 @@ def _stochastic_depth() -> tuple[type, ...]:
     return (StochasticDepth,)
 
 
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    """A node's argument by position or keyword."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
 class _Tracer(fx.Tracer):
-    """fx's tracer, remembering the module it was in when tracing failed (named in the error)."""
+    """fx's tracer, remembering the module it was in when tracing failed (named in the error); a subclass of a
+    torch layer that keeps the layer's forward is that layer (a leaf)."""
 
     def __init__(self):
         super().__init__()
         self.path: list[str] = []
         self.failed_in: str | None = None  # the innermost module being traced when tracing failed
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        same = any(isinstance(m, layer) and type(m).forward is layer.forward for layer in LEAF_LAYERS)
+        return same or super().is_leaf_module(m, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.path.append(self.path_of_module(m))
@@ -122,33 +181,160 @@ class _Tracer(fx.Tracer):
             self.path.pop()
 
 
-def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """The model's fx graph with every node's output shape (one forward of ``example``), or one line naming the
-    module that cannot be traced."""
+class _ValueProxy(fx.Proxy):
+    """A proxy that also knows its value on the example: shape questions get numbers (a branch on the data
+    itself still cannot be traced: the graph would hold for this example alone)."""
+
+    @property
+    def value(self):
+        return self.tracer.values.get(self.node)
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def ndim(self):
+        return self.value.ndim
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    @property
+    def device(self):
+        return self.value.device
+
+    def size(self, dim=None):
+        return self.value.size() if dim is None else self.value.size(dim)
+
+    def dim(self):
+        return self.value.dim()
+
+    def __len__(self):
+        return len(self.value)
+
+
+class _ConcreteTracer(_Tracer):
+    """A tracer that runs every traced operation on the example as well (the fallback when symbolic tracing
+    fails): the graph is the example's way through the network."""
+
+    def __init__(self, example: torch.Tensor):
+        super().__init__()
+        self.example = example
+        self.values: dict[fx.Node, object] = {}
+        self.forwards: list = []  # the leaf modules' own forwards, innermost last
+        self.real_attributes = False  # while running a real operation: module attributes are themselves
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        return attr_val if self.real_attributes else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.forwards.append(forward)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.forwards.pop()
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        real = lambda a: self.values.get(a.node) if isinstance(a, fx.Proxy) else a  # noqa: E731
+        args, kwargs = fx.node.map_aggregate(args, real), fx.node.map_aggregate(kwargs, real)
+        self.real_attributes = True
+        try:
+            self.values[proxy.node] = self._run(kind, target, args, kwargs)
+        finally:
+            self.real_attributes = False
+        return proxy
+
+    def _run(self, kind, target, args, kwargs):
+        """One traced operation's value on the example."""
+        if kind == "placeholder":
+            first = not any(n.op == "placeholder" for n in self.values)
+            return self.example if first else (args[0] if args else None)
+        if kind == "get_attr":
+            value = self.root
+            for part in target.split("."):
+                value = getattr(value, part)
+            return value
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "call_module":
+            return self.forwards[-1](*args, **kwargs)
+        return None
+
+
+def _graph(model: nn.Module, example: torch.Tensor) -> fx.Graph:
+    """The model's fx graph in its present mode: traced symbolically, or on the concrete example if that fails;
+    one line naming the module when neither serves."""
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        return tracer.trace(model)
     except Exception as e:
-        where = tracer.failed_in or type(model).__name__
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        symbolic, where = e, tracer.failed_in
+    concrete = _ConcreteTracer(example)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's own warnings about constants
+            return concrete.trace(model)
+    except Exception:
+        where = where or concrete.failed_in or type(model).__name__
+        why = str(symbolic).splitlines()[0] if str(symbolic) else type(symbolic).__name__
         raise UserError("model", f"{where or 'the top-level module'} cannot be traced by torch.fx ({why})") from None
-    gm = fx.GraphModule(model, graph)
+
+
+def _shapes(gm: fx.GraphModule, example: torch.Tensor, training: bool) -> None:
+    """Every node's output shape (one forward of ``example`` in the given mode; the random state stays)."""
+    if training and example.shape[0] == 1:  # BatchNorm needs two values per channel in training mode
+        example = torch.cat([example, example])
+    gm.train(training)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            ShapeProp(gm).propagate(example)
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        mode = "in training mode " if training else ""
+        raise UserError(
+            "model", f"the network fails {mode}on an input of shape {tuple(example.shape)} ({why})"
+        ) from None
+
+
+def traces(model: nn.Module, example: torch.Tensor) -> list[tuple[bool, fx.GraphModule]]:
+    """``[(training, graph module)]`` with every node's output shape: the eval-mode trace, then the training-mode
+    one if it computes anything else (GoogLeNet's auxiliary heads). The model's modes are left as they were."""
     modes = [(m, m.training) for m in model.modules()]
     param = next(model.parameters(), None)
     if param is not None:  # the network's device and precision
         floating = param.is_floating_point() and example.is_floating_point()  # indices stay integers
         example = example.to(param.device, param.dtype if floating else example.dtype)
-    gm.eval()
+    out: list[tuple[bool, fx.GraphModule]] = []
+    buffers = [(b, b.clone()) for b in model.buffers()]  # a training-mode forward updates BatchNorm statistics
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example)
-    except Exception as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError("model", f"the network fails on an input of shape {tuple(example.shape)} ({why})") from None
+        for training in (False, True):
+            model.train(training)
+            gm = fx.GraphModule(model, _graph(model, example))
+            if out and gm.code == out[0][1].code:
+                break
+            _shapes(gm, example, training)
+            out.append((training, gm))
     finally:
         for m, training in modes:  # gm shares the modules: every one's own mode back
             m.training = training
-    return gm
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    return out
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """The model's eval-mode fx graph with every node's output shape, or one line naming the module that cannot
+    be traced."""
+    return traces(model, example)[0][1]
 
 
 @dataclass
@@ -160,28 +346,47 @@ class Group:
     layers: list[str] = field(default_factory=list)
 
 
+class _BothModes(nn.Module):
+    """A masked network whose modes trace differently: each mode runs its own trace (the modules are shared)."""
+
+    def __init__(self, eval_trace: fx.GraphModule, train_trace: fx.GraphModule):
+        super().__init__()
+        self.eval_trace, self.train_trace = eval_trace, train_trace
+
+    def forward(self, *args, **kwargs):
+        return (self.train_trace if self.training else self.eval_trace)(*args, **kwargs)
+
+
 class ChannelGraph:
-    """Coupled channels of ``model`` (traced on ``example``, one batch of inputs)."""
+    """Coupled channels of ``model`` (traced on ``example``, one batch of inputs, in every mode)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
         self.model = model
-        self.gm = trace(model, example)
         self.modules = dict(model.named_modules())
         self.parent: list[int] = []
         self.blocked: set[int] = set()
         self.why: dict[int, str] = {}  # a blocked atom -> the operation that blocked it
-        self.atoms: dict[str, np.ndarray] = {}  # node name -> atom per channel (None: no channel dim)
         self.dims: dict[tuple[str, str], dict[int, np.ndarray]] = {}  # (module, param) -> {dim: atoms}
-        self.pixels: dict[str, int] = {}  # conv / linear module -> output pixels per image
+        self.pixels: dict[tuple[str, str], int] = {}  # (module, weight) -> output pixels per image, eval-mode calls
         self.pads: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # padding module -> atoms it pads before / after
-        # per traced tensor: which channels may be nonzero when their channel's producer rows and BatchNorm entries
-        # are zeroed (the stages' mask): after a sigmoid or a "+ 1", say; a multiplication by a zero channel or a
-        # layer whose rows are zeroed makes them zero again
-        self.live: dict[str, np.ndarray] = {}
+        self.norm_groups: dict[str, np.ndarray] = {}  # GroupNorm module -> the atoms it normalises
         self.unsafe: set[int] = set()  # atoms a conv / linear layer reads while live: the mask would not remove them
         self.activations: set[str] = set()  # the nonlinearities the network applies (ReLU, SiLU, ...)
         self.warnings: list[str] = []
-        self._propagate()
+        self.traces: list[tuple[bool, fx.GraphModule, dict, dict]] = []  # (training, trace, atoms, live)
+        for training, gm in traces(model, example):
+            self.training, self.gm = training, gm
+            self.atoms: dict[str, np.ndarray] = {}  # node name -> atom per channel (None: no channel dim)
+            # per traced tensor: which channels may be nonzero when their channel's producer rows and BatchNorm
+            # entries are zeroed (the stages' mask): after a sigmoid or a "+ 1", say; a multiplication by a zero
+            # channel or a layer whose rows are zeroed makes them zero again
+            self.live: dict[str, np.ndarray] = {}
+            self.derived: set[str] = set()  # nodes computed from parameters alone (a standardised weight)
+            self.pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # a split -> its pieces' (atoms, live)
+            self.grids: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # a channel-split view -> 2-D (atoms, live)
+            self._propagate()
+            self.traces.append((training, gm, self.atoms, self.live))
+        _, self.gm, self.atoms, self.live = self.traces[0]
         self._classes()
 
     # ------------------------------------------------------------------ atoms and their union-find
@@ -203,6 +408,11 @@ class ChannelGraph:
             if rx != ry:
                 self.parent[ry] = rx
 
+    def _tie_rows(self, grid: np.ndarray) -> None:
+        """Every row of ``grid`` one channel: its atoms tied."""
+        for row in grid:
+            self._tie(np.full(len(row) - 1, row[0]), row[1:])
+
     def _read(self, arg) -> None:
         """A conv / linear layer reads ``arg``: its live channels (nonzero though masked) make masking no removal."""
         atoms = self._of(arg)
@@ -214,6 +424,11 @@ class ChannelGraph:
             self.blocked.add(a)
             self.why.setdefault(a, why)
 
+    def _warn(self, msg: str) -> None:
+        if msg not in self.warnings:  # the training-mode trace meets the same operations again
+            self.warnings.append(msg)
+            warnings.warn(msg, stacklevel=4)
+
     # ------------------------------------------------------------------ propagation over the trace
 
     @staticmethod
@@ -224,13 +439,16 @@ class ChannelGraph:
     def _of(self, arg) -> np.ndarray | None:
         return self.atoms.get(arg.name) if isinstance(arg, fx.Node) else None
 
+    def _tensor(self, module: str, name: str) -> torch.Tensor:
+        return getattr(self.modules[module], name)
+
     def _opaque(self, node, what: str) -> None:
         """An operation the graph cannot map: every channel it touches is unprunable."""
         touched = [self._of(a) for a in node.all_input_nodes]
+        touched += [grid for a in node.all_input_nodes for grid, _ in [self.grids.get(a.name, (None, None))]]
+        touched += [p for a in node.all_input_nodes for p, _ in self.pieces.get(a.name, [])]
         if any(t is not None for t in touched):
-            msg = f"{what} ({node.name}) cannot be mapped: the channels it touches are unprunable"
-            self.warnings.append(msg)
-            warnings.warn(msg, stacklevel=3)
+            self._warn(f"{what} ({node.name}) cannot be mapped: the channels it touches are unprunable")
         for t in touched:
             if t is not None:
                 self._block(t, what)
@@ -240,17 +458,33 @@ class ChannelGraph:
             self._block(out, what)
             self.atoms[node.name] = out
 
+    def _parametric(self, node) -> bool:
+        """Is ``node`` computed from parameters alone (a weight's standardisation, a counter's update)?"""
+        inputs = node.all_input_nodes
+        return (
+            node.op in ("call_function", "call_method")
+            and bool(inputs)
+            and all(a.op == "get_attr" or a.name in self.derived for a in inputs)
+        )
+
     def _propagate(self) -> None:
         for node in self.gm.graph.nodes:
             shape = self._shape(node)
+            first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            if self._parametric(node):
+                self.derived.add(node.name)
+                continue
             if node.op == "placeholder":
                 if shape is not None and len(shape) >= 2:
                     self.atoms[node.name] = self._new(shape[1])
                     self._block(self.atoms[node.name], "the network's input")
-            elif node.op == "output":
+            elif node.op == "output":  # every tensor it returns, in a (named) tuple or not
                 for arg in node.all_input_nodes:
-                    if self._of(arg) is not None:
-                        self._block(self._of(arg), "the network's output")
+                    for atoms in [self._of(arg)] + [p for p, _ in self.pieces.get(arg.name, [])]:
+                        if atoms is not None:
+                            self._block(atoms, "the network's output")
+            elif first is not None and first.name in self.grids and node.op != "call_module":
+                self._grid(node, shape)
             elif node.op == "call_module":
                 self._module(node, self.modules[node.target])
             elif node.op == "call_function":
@@ -258,15 +492,20 @@ class ChannelGraph:
             elif node.op == "call_method":
                 self._method(node, shape)
             # get_attr (a parameter or buffer read directly) has no atoms of its own
-            if self.atoms.get(node.name) is not None and node.name not in self.live:  # passed through: as its input
-                first = next((a for a in node.all_input_nodes if self.live.get(a.name) is not None), None)
-                same = first is not None and len(self.live[first.name]) == len(self.atoms[node.name])
-                self.live[node.name] = self.live[first.name] if same else np.ones(len(self.atoms[node.name]), bool)
-            overwritten = self._overwritten(node)
-            if overwritten is not None and node.name in self.live:  # later reads of the input read this result
-                before = self.live.get(overwritten.name)
-                if before is not None and len(before) == len(self.live[node.name]):
-                    self.live[overwritten.name] = before | self.live[node.name]
+            self._follow_live(node)
+
+    def _follow_live(self, node) -> None:
+        """A node's live channels where no rule set them (passed through: as its input's), and an in-place
+        operation's on the tensor it overwrites."""
+        if self.atoms.get(node.name) is not None and node.name not in self.live:
+            first = next((a for a in node.all_input_nodes if self.live.get(a.name) is not None), None)
+            same = first is not None and len(self.live[first.name]) == len(self.atoms[node.name])
+            self.live[node.name] = self.live[first.name] if same else np.ones(len(self.atoms[node.name]), bool)
+        overwritten = self._overwritten(node)
+        if overwritten is not None and node.name in self.live:  # later reads of the input read this result
+            before = self.live.get(overwritten.name)
+            if before is not None and len(before) == len(self.live[node.name]):
+                self.live[overwritten.name] = before | self.live[node.name]
 
     def _overwritten(self, node) -> fx.Node | None:
         """The input an in-place operation overwrites (``x.add_(1)``, ``x += y``, ``Hardsigmoid(inplace=True)``)."""
@@ -283,12 +522,19 @@ class ChannelGraph:
 
     def _module(self, node, m: nn.Module) -> None:
         x = self._of(node.args[0]) if node.args else None
+        weight = [(node.target, "weight")]
+        bias = [(node.target, "bias")] if getattr(m, "bias", None) is not None else []
         if isinstance(m, nn.Conv2d):
-            self._conv(node, m, x)
+            self._conv(node, x, (weight, set()), bias, m.groups, m, tuple(m.weight.shape))
         elif isinstance(m, nn.Linear):
-            self._linear(node, m, x)
-        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-            self._batchnorm(node, m, x)
+            self._linear(node, x, (weight, set()), bias, tuple(m.weight.shape))
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d | nn.GroupNorm):
+            names = ("weight", "bias", "running_mean", "running_var")
+            own = [(node.target, p) for p in names if isinstance(getattr(m, p, None), torch.Tensor)]
+            if isinstance(m, nn.GroupNorm):
+                self._group_norm(node, x, m.num_groups, own, node.target)
+            else:
+                self._norm(node, x, own)
         elif isinstance(m, PASS_MODULES + _stochastic_depth()):
             self.atoms[node.name] = x
             if isinstance(m, ACTIVATION_MODULES):
@@ -300,77 +546,210 @@ class ChannelGraph:
         else:
             self._opaque(node, f"module {node.target} ({type(m).__name__})")
 
-    def _conv(self, node, m: nn.Conv2d, x) -> None:
-        """A conv's output channels: new atoms (groups 1), its input's (depthwise), or tied to their group's inputs."""
-        self.pixels[node.target] = int(np.prod(self._shape(node)[2:]))
-        if m.groups == 1:
-            out = self._new(m.out_channels)
+    # ------------------------------------------------------------------ layers: modules and functional calls
+
+    def _fits(self, params: list[tuple[str, str]], shape: tuple[int, ...]) -> bool:
+        """Do the parameters ``params`` index a weight of ``shape`` dim by dim (each dim the same size, or 1)?"""
+        for module, name in params:
+            p = tuple(self._tensor(module, name).shape)
+            if len(p) != len(shape) or any(a not in (1, b) for a, b in zip(p, shape)):
+                return False
+        return True
+
+    def _index_params(self, node, params, shape, reduced: set[int], index: dict[int, np.ndarray]) -> None:
+        """Index every parameter in ``params`` (making a weight of ``shape``) by ``index``: {dim: atoms}; the atoms
+        of a dim the weight's computation reduces over are unprunable (removing one changes the statistics)."""
+        for module, name in params:
+            p = tuple(self._tensor(module, name).shape)
+            self._param(module, name, {d: atoms for d, atoms in index.items() if p[d] == shape[d]})
+        for d in sorted(reduced & set(index)):
+            self._block(index[d], f"a weight computed by a reduction over its dim {d} ({node.name})")
+
+    def _macs(self, node, params, shape, linear: bool) -> None:
+        """The eval-mode forward's output pixels per image of a conv / linear layer (a linear layer: per position
+        of its input), by its full-size parameter; summed over the layer's calls."""
+        full = next(((m, p) for m, p in params if tuple(self._tensor(m, p).shape) == shape), None)
+        out = self._shape(node)
+        if full is not None and out is not None and not self.training:
+            self.pixels[full] = self.pixels.get(full, 0) + int(np.prod(out[1:-1] if linear else out[2:]))
+
+    def _conv(self, node, x, weight, bias, groups: int, owner, shape) -> None:
+        """A conv's output channels: new atoms (groups 1), its input's (depthwise), or tied to their group's inputs.
+        ``weight``: ([(module, parameter)] it is computed from, the dims reduced over); ``bias``: [(module, name)];
+        a grouped conv only on a ``Conv2d``'s parameters (its ``groups`` shrink with it)."""
+        params, reduced = weight
+        self._macs(node, params, shape, linear=False)
+        if x is None or not self._fits(params, shape) or not self._fits(bias, shape[:1]):
+            self._opaque(node, f"conv {node.name} on parameters it cannot index")
+            return
+        if groups > 1 and not isinstance(owner, nn.Conv2d):
+            self._opaque(node, f"grouped conv {node.name} on parameters of {type(owner).__name__} (fixed groups)")
+            return
+        if groups == 1:
+            out = self._new(shape[0])
             self._read(node.args[0])
-            self._param(node.target, "weight", {0: out, 1: x})
-        elif m.groups == m.in_channels == m.out_channels:
+            index = {0: out, 1: x}
+        elif groups == len(x) == shape[0]:
             out = x  # depthwise: output channel i is input channel i
-            self._param(node.target, "weight", {0: out})
+            index = {0: out}
         else:  # grouped: group g's inputs and outputs go together, so only whole groups go
-            out = self._new(m.out_channels)
-            a, b = m.in_channels // m.groups, m.out_channels // m.groups
-            for g in range(m.groups):
-                unit = np.concatenate([x[g * a : (g + 1) * a], out[g * b : (g + 1) * b]])
-                self._tie(np.full(len(unit) - 1, unit[0]), unit[1:])
-            self._param(node.target, "weight", {0: out})  # its input dim indexes within a group: it stays
-        if m.bias is not None:
-            self._param(node.target, "bias", {0: out})
+            out = self._new(shape[0])
+            self._tie_rows(np.concatenate([x.reshape(groups, -1), out.reshape(groups, -1)], axis=1))
+            index = {0: out}  # its input dim indexes within a group: it stays
+        self._index_params(node, params, shape, reduced, index)
+        self._index_params(node, bias, shape[:1], set(), {0: out})
         self.atoms[node.name] = out
         self.live[node.name] = np.zeros(len(out), bool)  # a masked channel's rows and bias are zero
 
-    def _linear(self, node, m: nn.Linear, x) -> None:
+    def _linear(self, node, x, weight, bias, shape) -> None:
         """A linear layer on [B, features]: new atoms for its outputs; on other inputs it is opaque."""
-        shape = self._shape(node)
-        self.pixels[node.target] = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+        params, reduced = weight
+        self._macs(node, params, shape, linear=True)
         src = self._shape(node.args[0])
         # the atoms name dim 1; only on a [B, features] input is that the dim a linear layer reads
-        if x is None or src is None or len(src) != 2 or len(x) != m.in_features:
-            self._opaque(node, f"linear layer {node.target} on a tensor of {len(src or ())} dims (channels last)")
+        if x is None or src is None or len(src) != 2 or len(x) != shape[1]:
+            self._opaque(node, f"linear layer {node.name} on a tensor of {len(src or ())} dims (channels last)")
             return
-        out = self._new(m.out_features)
+        if not self._fits(params, shape) or not self._fits(bias, shape[:1]):
+            self._opaque(node, f"linear layer {node.name} on parameters it cannot index")
+            return
+        out = self._new(shape[0])
         self._read(node.args[0])
-        self._param(node.target, "weight", {0: out, 1: x})
-        if m.bias is not None:
-            self._param(node.target, "bias", {0: out})
+        self._index_params(node, params, shape, reduced, {0: out, 1: x})
+        self._index_params(node, bias, shape[:1], set(), {0: out})
         self.atoms[node.name] = out
         self.live[node.name] = np.zeros(len(out), bool)
 
-    def _batchnorm(self, node, m: nn.Module, x) -> None:
+    def _norm(self, node, x, params) -> None:
         """A BatchNorm: its parameters and running statistics indexed by its input's atoms, which pass through."""
-        for p in ("weight", "bias"):
-            if getattr(m, p, None) is not None:
-                self._param(node.target, p, {0: x})
-        for b in ("running_mean", "running_var"):
-            if getattr(m, b, None) is not None:
-                self._param(node.target, b, {0: x})
+        if x is not None and not self._fits(params, (len(x),)):
+            self._opaque(node, f"batch norm {node.name} on parameters it cannot index")
+            return
+        for module, name in params:
+            self._param(module, name, {0: x})
         self.atoms[node.name] = x
         if x is not None:
             self.live[node.name] = np.zeros(len(x), bool)  # gamma and beta zeroed: 0 whatever comes in
 
+    def _group_norm(self, node, x, num_groups, params, owner: str | None) -> None:
+        """A GroupNorm: each norm group's channels tied into one (a group goes whole, so no kept channel's
+        statistics change); its parameters indexed by the atoms; ``num_groups`` shrinks with them."""
+        fixed = owner is None or not isinstance(self.modules.get(owner), nn.GroupNorm)
+        if x is None or fixed or len(x) % num_groups or not self._fits(params, (len(x),)):
+            self._opaque(node, f"group norm {node.name} (its groups fixed by the code)")
+            return
+        self._tie_rows(x.reshape(num_groups, -1))
+        for module, name in params:
+            self._param(module, name, {0: x})
+        if owner in self.norm_groups:
+            self._tie(self.norm_groups[owner], x)
+        self.norm_groups.setdefault(owner, x)
+        self.atoms[node.name] = x
+        self.live[node.name] = np.zeros(len(x), bool)  # a removed group is zero in, so zero out (beta zeroed)
+
+    def _sources(self, arg) -> tuple[list[tuple[str, str]], set[int]] | None:
+        """The module parameters a weight is computed from, and the dims a reduction in that computation runs over
+        (row i from row i elsewhere); None when it is computed otherwise (or is no parameter)."""
+        if arg is None:
+            return [], set()
+        if not isinstance(arg, fx.Node):
+            return None
+        if arg.op == "get_attr":
+            module, _, name = arg.target.rpartition(".")
+            ok = module in self.modules and isinstance(getattr(self.modules[module], name, None), torch.Tensor)
+            return ([(module, name)], set()) if ok else None
+        if arg.name not in self.derived:
+            return None
+        fn = arg.target
+        reducing = fn in REDUCING_FUNCTIONS or (arg.op == "call_method" and fn in REDUCING_METHODS)
+        pure = fn in WEIGHT_FUNCTIONS or (arg.op == "call_method" and fn in WEIGHT_METHODS)
+        picking = fn is operator.getitem and isinstance(arg.args[1], int)  # one result of var_mean
+        if not (reducing or pure or picking):
+            return None
+        params, reduced = [], set()
+        for a in arg.all_input_nodes:
+            found = self._sources(a)
+            if found is None:
+                return None
+            params += [p for p in found[0] if p not in params]
+            reduced |= found[1]
+        if reducing:
+            src = self._shape(arg.args[0])
+            meta = arg.meta.get("tensor_meta")
+            meta = meta if hasattr(meta, "shape") or meta is None else meta[0]  # var_mean: two tensors
+            dims = _arg(arg, 1, "dim")
+            if src is None or meta is None or len(meta.shape) != len(src):  # without keepdim rows no longer line up
+                return None
+            dims = range(len(src)) if dims is None else [dims] if isinstance(dims, int) else dims
+            reduced |= {d % len(src) for d in dims if src[d % len(src)] > 1}
+        return params, reduced
+
+    def _functional(self, node, fn) -> None:
+        """``F.conv2d`` / ``F.linear`` / ``F.batch_norm`` / ``F.group_norm`` on a module's own parameters."""
+        x = self._of(node.args[0])
+        names = {
+            F.conv2d: ("weight", "bias"),
+            F.linear: ("weight", "bias"),
+            F.batch_norm: ("running_mean", "running_var", "weight", "bias"),
+            F.group_norm: ("num_groups", "weight", "bias"),
+        }[fn]
+        args = [_arg(node, i + 1, name) for i, name in enumerate(names)]
+        found = [self._sources(a) for a in args if isinstance(a, fx.Node) or a is None]
+        if any(f is None for f in found):
+            self._opaque(node, f"function {fn.__name__} on a weight not computed from a module's parameters")
+            return
+        if fn is F.conv2d or fn is F.linear:
+            weight, bias = found
+            shape = self._shape(args[0])
+            if not weight[0] or bias[1] or shape is None:
+                self._opaque(node, f"function {fn.__name__} without a module's weight")
+            elif fn is F.conv2d:
+                owner = self.modules[weight[0][0][0]]
+                self._conv(node, x, weight, bias[0], _arg(node, 6, "groups", 1), owner, shape)
+            else:
+                self._linear(node, x, weight, bias[0], shape)
+            return
+        params = [p for f in found for p in f[0]]
+        if any(f[1] for f in found):
+            self._opaque(node, f"function {fn.__name__} on parameters computed by a reduction")
+        elif fn is F.batch_norm:
+            self._norm(node, x, params)
+        else:
+            owner = params[0][0] if params else None
+            self._group_norm(node, x, args[0], params, owner)
+
+    # ------------------------------------------------------------------ functions and methods
+
     def _function(self, node, fn, shape) -> None:
-        if fn in PASS_FUNCTIONS or getattr(fn, "__module__", "").startswith("torchvision.ops.stochastic_depth"):
-            self.atoms[node.name] = self._of(node.args[0])
+        first = node.args[0] if node.args else None
+        if fn is operator.getitem and isinstance(first, fx.Node) and first.name in self.pieces:
+            self.atoms[node.name], self.live[node.name] = self.pieces[first.name][node.args[1]]
+        elif isinstance(fn, type) and issubclass(fn, tuple):  # a named tuple of outputs (GoogLeNetOutputs)
+            items = [*node.args, *node.kwargs.values()]
+            self.pieces[node.name] = [(self._of(a), self.live.get(getattr(a, "name", None))) for a in items]
+        elif fn in PASS_FUNCTIONS or getattr(fn, "__module__", "").startswith("torchvision.ops.stochastic_depth"):
+            self.atoms[node.name] = self._of(first)
             if fn in ACTIVATION_FUNCTIONS:
                 self.activations.add(ACTIVATION_FUNCTIONS[fn])
-            if fn in SHIFTING_FUNCTIONS and self._of(node.args[0]) is not None:
-                self.live[node.name] = np.ones(len(self._of(node.args[0])), bool)
+            if fn in SHIFTING_FUNCTIONS and self._of(first) is not None:
+                self.live[node.name] = np.ones(len(self._of(first)), bool)
+        elif fn in (F.conv2d, F.linear, F.batch_norm, F.group_norm):
+            self._functional(node, fn)
         elif fn in ELEMENTWISE:
             self._elementwise(node, shape)
         elif fn is torch.cat:
             self._cat(node)
+        elif fn in SPLITTING:
+            self._split(node, fn.__name__)
+        elif fn is torch.reshape:
+            self._reshape(node, shape)
         elif fn is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            self._flatten(node, self._of(node.args[0]), start, end)
+            self._flatten(node, self._of(first), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
         elif fn is torch.mean:
-            self._reduce(node, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
-        elif fn is operator.getitem and shape is not None and self._of(node.args[0]) is not None:
-            self._index(node)
-        elif fn is torch.nn.functional.pad and len(shape or ()) == 4:
+            self._reduce(node, _arg(node, 1, "dim"))
+        elif fn is operator.getitem and shape is not None and self._of(first) is not None:
+            self._getitem(node)
+        elif fn is F.pad and len(shape or ()) == 4:
             self._pad(node)
         elif fn in (getattr, operator.getitem) and shape is None:
             pass  # x.shape, sizes: no channels
@@ -379,25 +758,23 @@ class ChannelGraph:
 
     def _method(self, node, shape) -> None:
         name = node.target
+        first = node.args[0]
         if name in PASS_METHODS:
-            self.atoms[node.name] = self._of(node.args[0])
+            self.atoms[node.name] = self._of(first)
             if name in ("relu", "relu_", "sigmoid"):
                 self.activations.add("ReLU" if name.startswith("relu") else "Sigmoid")
-            if name == "sigmoid" and self._of(node.args[0]) is not None:
-                self.live[node.name] = np.ones(len(self._of(node.args[0])), bool)
+            if name == "sigmoid" and self._of(first) is not None:
+                self.live[node.name] = np.ones(len(self._of(first)), bool)
         elif name in ELEMENTWISE_METHODS:
             self._elementwise(node, shape)
         elif name == "mean":
-            self._reduce(node, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+            self._reduce(node, _arg(node, 1, "dim"))
         elif name == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            self._flatten(node, self._of(node.args[0]), start, -1)
-        elif name in ("view", "reshape") and shape is not None and len(shape) == 2:
-            src = self._shape(node.args[0])
-            if src and src[0] == shape[0]:  # x.view(B, -1): a flatten
-                self._flatten(node, self._of(node.args[0]), 1, -1)
-            else:
-                self._opaque(node, f"method {name}")
+            self._flatten(node, self._of(first), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+        elif name in ("view", "reshape"):
+            self._reshape(node, shape)
+        elif name in SPLITTING:
+            self._split(node, name)
         elif name in ("size", "dim") or shape is None:
             pass
         else:
@@ -438,7 +815,7 @@ class ChannelGraph:
 
     def _cat(self, node) -> None:
         tensors = node.args[0]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim = _arg(node, 1, "dim", 0)
         parts = [self._of(t) for t in tensors]
         ndim = len(self._shape(node))
         if dim % ndim == 1 and all(p is not None for p in parts):
@@ -447,38 +824,158 @@ class ChannelGraph:
         else:
             self._opaque(node, "cat along a dim other than the channels")
 
-    def _index(self, node) -> None:
-        """``x[:, :, ...]``: indexing that keeps every channel (spatial subsampling) keeps the atoms."""
+    # ------------------------------------------------------------------ pieces of the channels
+
+    def _share_of(self, size, src: fx.Node) -> int | None:
+        """n when ``size`` is ``src.shape[1] // n`` (or ``src.size(1) // n``), computed at run time; else None."""
+        if not (isinstance(size, fx.Node) and size.target is operator.floordiv and isinstance(size.args[1], int)):
+            return None
+        width = size.args[0]
+        if isinstance(width, fx.Node) and width.target == "size" and width.args[0] is src:
+            return size.args[1] if _arg(width, 1, "dim") == 1 else None
+        if not (isinstance(width, fx.Node) and width.target is operator.getitem and width.args[1] == 1):
+            return None
+        shape = width.args[0]
+        of_src = isinstance(shape, fx.Node) and shape.args and shape.args[0] is src
+        whole = of_src and ((shape.target is getattr and shape.args[1] == "shape") or shape.target == "size")
+        return size.args[1] if whole and len(shape.args) <= 2 else None
+
+    def _equal_parts(self, x: np.ndarray, n: int) -> np.ndarray:
+        """``x`` in ``n`` equal parts whose channel j is one channel (the parts keep equal widths when pruned)."""
+        parts = x.reshape(n, -1)
+        self._tie_rows(parts.T)
+        return parts
+
+    def _split(self, node, name: str) -> None:
+        """``split`` / ``chunk`` / ``narrow``: each piece its channel range (the rules in the module docstring)."""
+        src = node.args[0]
+        x, shape = self._of(src), self._shape(src)
+        if x is None or shape is None:
+            self._opaque(node, f"{name} of a tensor without channels")
+            return
+        if name == "narrow":
+            dim, start, length = _arg(node, 1, "dim"), _arg(node, 2, "start"), _arg(node, 3, "length")
+            if dim % len(shape) != 1:
+                self.atoms[node.name] = x
+            elif isinstance(start, int) and isinstance(length, int):
+                self._range(node, src, start, start + length)
+            else:
+                self._opaque(node, f"narrow of the channels by computed bounds ({node.name})")
+            return
+        live, meta = self.live[src.name], node.meta.get("tensor_meta")
+        widths = [m.shape[1] if len(m.shape) > 1 else 0 for m in meta]
+        if _arg(node, 2, "dim", 0) % len(shape) != 1:
+            self.pieces[node.name] = [(x, live)] * len(meta)  # along another dim: every piece has every channel
+            return
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size", node.kwargs.get("chunks"))
+        size = node.kwargs.get("split_size_or_sections", size)
+        n = size if name == "chunk" else self._share_of(size, src)
+        if isinstance(n, int) and len(x) % n == 0 and len(set(widths)) == 1:
+            parts = self._equal_parts(x, n)
+            self.pieces[node.name] = list(zip(parts, live.reshape(n, -1)))
+            return
+        self._block(x, f"{name} into constant sizes ({node.name})")  # the pruned network would split the same
+        ends = np.cumsum(widths)
+        self.pieces[node.name] = [(x[e - w : e], live[e - w : e]) for w, e in zip(widths, ends)]
+
+    def _range(self, node, src: fx.Node, start, stop) -> None:
+        """A slice ``[start:stop]`` of ``src``'s channels: a constant bound keeps the channels it counts (those
+        before it, or after it when negative) unprunable; a bound ``C // n`` computed at run time ties the n
+        parts' channel j together instead."""
+        x, live = self._of(src), self.live[src.name]
+        bounds = []
+        for b in (start, stop):
+            if isinstance(b, fx.Node):
+                n = self._share_of(b, src)
+                if n is None or len(x) % n:
+                    self._opaque(node, f"a slice of the channels by a computed bound ({node.name})")
+                    return
+                self._equal_parts(x, n)
+                b = len(x) // n
+            elif not (b is None or isinstance(b, int)):
+                self._opaque(node, f"a slice of the channels by {b!r}")
+                return
+            elif b is not None:
+                self._block(x[:b] if b >= 0 else x[b:], f"a slice of the channels at a constant bound ({node.name})")
+            bounds.append(b)
+        self.atoms[node.name], self.live[node.name] = x[slice(*bounds)], live[slice(*bounds)]
+
+    def _getitem(self, node) -> None:
+        """``x[:, :, ...]`` keeps every channel (spatial subsampling), ``x[:, a:b]`` takes a range of them."""
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         whole = slice(None)
         if len(index) >= 2 and index[0] == whole and index[1] == whole:
             self.atoms[node.name] = self._of(node.args[0])
+        elif len(index) >= 2 and index[0] == whole and isinstance(index[1], slice) and index[1].step in (None, 1):
+            if all(i == whole or i is Ellipsis for i in index[2:]):
+                self._range(node, node.args[0], index[1].start, index[1].stop)
+            else:
+                self._opaque(node, "indexing along the channels and other dims")
         else:
             self._opaque(node, "indexing along the channels")
 
-    def _pad(self, node) -> None:
-        """``F.pad`` of [B, C, H, W]: padding along the channels (the option-A shortcut) adds channels of zeros,
-        new atoms that join the residual stream they are added to; the input's channels keep theirs (a later
-        stage's channel that carries an earlier one goes only with it). A padded channel can go when the module
-        doing the padding names its widths (``channel_padding = (attribute before, attribute after)``),
-        which surgery then lowers; otherwise the widths are fixed and those channels are unprunable."""
-        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
-        x = self._of(node.args[0])
-        left, right = (pad[4], pad[5]) if len(pad) >= 6 else (0, 0)
-        if len(pad) > 6 or x is None:
-            self._opaque(node, "padding beyond the channels")
-            return
-        before, after = self._new(left), self._new(right)
-        stack = list(node.meta.get("nn_module_stack", {}))
-        owner = stack[-1] if stack else None
-        if owner is not None and getattr(self.modules[owner], "channel_padding", None):
-            self.pads[owner] = (before, after)
+    # ------------------------------------------------------------------ views: flatten and channel shuffle
+
+    @staticmethod
+    def _sizes(node) -> tuple:
+        """The sizes a ``view`` / ``reshape`` asks for (given one by one or as one tuple)."""
+        sizes = tuple(node.args[1:]) or tuple(node.kwargs.get("shape", ()))
+        return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], tuple | list) else sizes
+
+    def _reshape(self, node, shape) -> None:
+        """``view`` / ``reshape``: a flatten to [B, -1], a split of the channels into a grid (a shuffle's first
+        step), the same shape, or opaque. A constant channel count in the sizes could not follow a pruned width."""
+        src_node = node.args[0]
+        src, x, sizes = self._shape(src_node), self._of(src_node), self._sizes(node)
+        if shape is None or src is None or x is None or len(sizes) != len(shape):
+            self._opaque(node, f"{node.target} of a tensor without channels")
+        elif len(shape) == 5 and len(src) == 4 and shape[1] * shape[2] == src[1] and shape[3:] == src[2:]:
+            self._split_view(node, x, shape, sizes)
+        elif not (len(shape) == 2 and src[0] == shape[0]) and shape != src:
+            self._opaque(node, f"{node.target} across the channels")
         else:
-            self._block(np.concatenate([before, after]), "zero-padded channels (fixed padding widths)")
-        self.atoms[node.name] = np.concatenate([before, x, after])
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0)
-        filled = np.full(left + right, bool(value))  # padded with zeros: nothing to mask; with a constant: live
-        self.live[node.name] = np.concatenate([filled[:left], self.live[node.args[0].name], filled[left:]])
+            if isinstance(sizes[1], int) and sizes[1] != -1:  # view(B, 512): fixed whatever is pruned
+                self._block(x, f"a {node.target} to a constant width ({node.name})")
+            if len(shape) == 2 and len(src) > 2:
+                self._flatten(node, x, 1, -1)
+            else:
+                self.atoms[node.name] = x
+
+    def _split_view(self, node, x, shape, sizes) -> None:
+        """[B, C, H, W] viewed as [B, A, C / A, H, W]: the atoms as an A x C / A grid. The constant one of A and
+        C / A keeps its size, so the other one's positions go whole: each column (A constant: channel j of every
+        group, a shuffle's column) or row is one channel; both constant: unprunable."""
+        a, b = (isinstance(s, int) and s != -1 for s in sizes[1:3])
+        grid, live = x.reshape(shape[1], shape[2]), self.live[node.args[0].name].reshape(shape[1], shape[2])
+        if a and not b:
+            self._tie_rows(grid.T)
+        elif b and not a:
+            self._tie_rows(grid)
+        else:
+            self._block(x, f"a view of the channels into constant sizes ({node.name})")
+        self.grids[node.name] = (grid, live)
+
+    def _grid(self, node, shape) -> None:
+        """An operation on a channel grid: passed through, transposed (a shuffle), merged back, or opaque."""
+        grid, live = self.grids[node.args[0].name]
+        name, src = node.target, self._shape(node.args[0])
+        dims = [d % 5 for d in self._sizes(node)] if name in ("permute", torch.permute) else None
+        swap = (name in ("transpose", torch.transpose) and sorted(d % 5 for d in node.args[1:3]) == [1, 2]) or (
+            dims == [0, 2, 1, 3, 4]
+        )
+        merge = name in ("view", "reshape", torch.reshape, "flatten", torch.flatten) and shape is not None
+        merge = merge and len(shape) == 4 and shape[1] == grid.size and shape[2:] == src[3:]
+        if name in PASS_METHODS or name in PASS_FUNCTIONS:
+            self.grids[node.name] = (grid, live)
+        elif swap:
+            self.grids[node.name] = (grid.T, live.T)
+        elif merge:
+            width = self._sizes(node)[1] if name in ("view", "reshape", torch.reshape) else -1
+            if isinstance(width, int) and width != -1:
+                self._block(grid, f"a view to a constant width ({node.name})")
+            self.atoms[node.name], self.live[node.name] = grid.ravel(), live.ravel()
+        else:
+            self._opaque(node, f"{getattr(name, '__name__', name)} of a channel grid")
 
     def _flatten(self, node, x, start: int, end: int) -> None:
         src = self._shape(node.args[0])
@@ -496,13 +993,39 @@ class ChannelGraph:
         else:
             self._opaque(node, "a mean over the channels")
 
+    def _pad(self, node) -> None:
+        """``F.pad`` of [B, C, H, W]: padding along the channels (the option-A shortcut) adds channels of zeros,
+        new atoms that join the residual stream they are added to; the input's channels keep theirs (a later
+        stage's channel that carries an earlier one goes only with it). A padded channel can go when the module
+        doing the padding names its widths (``channel_padding = (attribute before, attribute after)``),
+        which surgery then lowers; otherwise the widths are fixed and those channels are unprunable."""
+        pad = _arg(node, 1, "pad")
+        x = self._of(node.args[0])
+        left, right = (pad[4], pad[5]) if len(pad) >= 6 else (0, 0)
+        if len(pad) > 6 or x is None:
+            self._opaque(node, "padding beyond the channels")
+            return
+        before, after = self._new(left), self._new(right)
+        stack = list(node.meta.get("nn_module_stack", {}))
+        owner = stack[-1] if stack else None
+        if owner is not None and getattr(self.modules[owner], "channel_padding", None):
+            if owner in self.pads:  # the other mode's trace: the same padded channels
+                self._tie(self.pads[owner][0], before), self._tie(self.pads[owner][1], after)
+            self.pads.setdefault(owner, (before, after))
+        else:
+            self._block(np.concatenate([before, after]), "zero-padded channels (fixed padding widths)")
+        self.atoms[node.name] = np.concatenate([before, x, after])
+        value = _arg(node, 3, "value", 0) or 0
+        filled = np.full(left + right, bool(value))  # padded with zeros: nothing to mask; with a constant: live
+        self.live[node.name] = np.concatenate([filled[:left], self.live[node.args[0].name], filled[left:]])
+
     def _param(self, module: str, param: str, dims: dict[int, np.ndarray | None]) -> None:
         key = (module, param)
         known = self.dims.setdefault(key, {})
         for d, atoms in dims.items():
             if atoms is None:
                 continue
-            if d in known:  # a layer called twice: its channels are the same channels both times
+            if d in known:  # a layer called twice (or in both modes' traces): the same channels every time
                 self._tie(known[d], atoms)
             else:
                 known[d] = atoms
@@ -557,7 +1080,8 @@ class ChannelGraph:
 
     def count(self, removed: set[int]) -> tuple[int, int]:
         """(params, MACs per image) after removing the ``removed`` channels: parameter elements from the kept sizes of
-        every indexed dim, MACs = conv / linear weight elements x output pixels. Computed, not measured."""
+        every indexed dim, MACs = conv / linear weight elements x output pixels of the eval-mode forward (a layer run
+        only in training mode adds none). Computed, not measured."""
         params = macs = 0
         removed = np.fromiter(removed, np.int64, len(removed))
         for name, p in self.model.named_parameters():
@@ -567,12 +1091,12 @@ class ChannelGraph:
             for d, size in enumerate(p.shape):
                 n *= int(self._kept(dims[d], removed).sum()) if d in dims else size
             params += n
-            if pname == "weight" and module in self.pixels:
-                macs += n * self.pixels[module]
+            macs += n * self.pixels.get((module, pname), 0)
         return params, macs
 
     def pruned(self, removed: set[int]) -> nn.Module:
-        """A copy of the model without the ``removed`` channels (every layer sliced; depthwise groups follow)."""
+        """A copy of the model without the ``removed`` channels (every layer sliced; depthwise groups, GroupNorm
+        groups and padding widths follow); its state dict keeps the modules' versions."""
         if removed & self.unprunable:
             raise ValueError("an unprunable channel cannot be removed")
         model = copy.deepcopy(self.model)
@@ -597,35 +1121,47 @@ class ChannelGraph:
                 m = modules[module]
                 for attribute, atoms in zip(m.channel_padding, sides):
                     setattr(m, attribute, int(self._kept(atoms, removed).sum()))
+            for module, atoms in self.norm_groups.items():
+                m, kept = modules[module], int(self._kept(atoms, removed).sum())
+                size = m.num_channels // m.num_groups  # every group keeps its size: whole groups went
+                m.num_channels, m.num_groups = kept, kept // size
         return model
 
-    def masked(self, removed: set[int]) -> fx.GraphModule:
-        """The unmodified network, traced, with every tensor multiplied by 0 at the removed channels' atoms."""
-        gm = copy.deepcopy(self.gm)
+    def masked(self, removed: set[int]) -> nn.Module:
+        """The unmodified network, traced, with every tensor multiplied by 0 at the removed channels' atoms; one
+        trace per mode where the modes trace differently (a module running the one of its mode)."""
         removed = np.fromiter(removed, np.int64, len(removed))
-        for node in list(gm.graph.nodes):
-            atoms = self.atoms.get(node.name)
-            if atoms is None or node.op in ("placeholder", "output"):
+        root = copy.deepcopy(self.model)
+        masked = {training: self._masked(root, gm, atoms, removed) for training, gm, atoms, _ in self.traces}
+        return masked[False] if len(masked) == 1 else _BothModes(masked[False], masked[True])
+
+    def _masked(self, root: nn.Module, gm: fx.GraphModule, atoms: dict, removed: np.ndarray) -> fx.GraphModule:
+        """One trace on ``root``'s modules with the removed channels' atoms multiplied by 0."""
+        out = fx.GraphModule(root, copy.deepcopy(gm.graph))
+        shapes = {node.name: self._shape(node) for node in gm.graph.nodes}
+        device = next(iter(root.buffers()), next(iter(root.parameters()), torch.zeros(0))).device
+        for node in list(out.graph.nodes):
+            a = atoms.get(node.name)
+            if a is None or node.op in ("placeholder", "output"):
                 continue
-            keep = self._kept(atoms, removed)
+            keep = self._kept(a, removed)
             if bool(keep.all()):
                 continue
-            shape = self._shape(node)
-            mask = keep.float().reshape(1, -1, *([1] * (len(shape) - 2)))
+            mask = keep.float().reshape(1, -1, *([1] * (len(shapes[node.name]) - 2)))
             name = f"_mask_{node.name}"
-            gm.register_buffer(name, mask.to(next(iter(gm.buffers()), mask).device))
-            with gm.graph.inserting_after(node):
-                getter = gm.graph.get_attr(name)
-            with gm.graph.inserting_after(getter):
-                product = gm.graph.call_function(operator.mul, (node, getter))
+            out.register_buffer(name, mask.to(device))
+            with out.graph.inserting_after(node):
+                getter = out.graph.get_attr(name)
+            with out.graph.inserting_after(getter):
+                product = out.graph.call_function(operator.mul, (node, getter))
             node.replace_all_uses_with(product, delete_user_cb=lambda user, p=product: user is not p)
-        gm.graph.lint()
-        gm.recompile()
-        return gm
+        out.graph.lint()
+        out.recompile()
+        return out
 
 
 def _resize(m: nn.Module) -> None:
-    """A sliced layer's size attributes follow its tensors."""
+    """A sliced layer's size attributes follow its tensors (a GroupNorm's: ``ChannelGraph.pruned``)."""
     if isinstance(m, nn.Conv2d):
         if m.groups > 1:  # whole groups went (depthwise: one channel each); every group keeps its size
             m.groups = m.weight.shape[0] // (m.out_channels // m.groups)
