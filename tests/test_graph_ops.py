@@ -140,6 +140,26 @@ def test_the_training_trace_leaves_the_statistics_and_the_random_state_alone():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+class TooSmallInTraining(nn.Module):
+    """Its training-mode branch pools 16 x 16 windows (Inception's aux head needs a 299 x 299 input so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        s = self.conv(x)
+        s = F.avg_pool2d(s, 16) if self.training else s
+        return self.fc(s.mean((2, 3)))
+
+
+def test_a_network_that_fails_in_training_mode_on_the_example_is_refused_in_one_line(capsys):
+    with pytest.raises(UserError) as e:
+        ChannelGraph(TooSmallInTraining().eval(), torch.randn(2, 3, 8, 8))
+    assert e.value.option == "model" and "in training mode on an input of shape (2, 3, 8, 8)" in e.value.why
+    assert "\n" not in e.value.why and capsys.readouterr().err == ""  # no traceback printed
+
+
 # ---------------------------------------------------------------------- 2. state-dict metadata
 
 

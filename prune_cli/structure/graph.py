@@ -65,7 +65,9 @@ multiplied by 0 at the removed channels' atoms (in each mode, that mode's trace)
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -294,10 +296,12 @@ def _shapes(gm: fx.GraphModule, example: torch.Tensor, training: bool) -> None:
         example = torch.cat([example, example])
     gm.train(training)
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        # ShapeProp prints the failing node's traceback before raising: the user gets one line instead
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example)
     except Exception as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cause = e.__cause__ or e  # ShapeProp's own error names the node; its cause says what went wrong
+        why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         mode = "in training mode " if training else ""
         raise UserError(
             "model", f"the network fails {mode}on an input of shape {tuple(example.shape)} ({why})"
@@ -582,7 +586,7 @@ class ChannelGraph:
         if x is None or not self._fits(params, shape) or not self._fits(bias, shape[:1]):
             self._opaque(node, f"conv {node.name} on parameters it cannot index")
             return
-        if groups > 1 and not isinstance(owner, nn.Conv2d):
+        if groups > 1 and not (isinstance(owner, nn.Conv2d) and owner.groups == groups):
             self._opaque(node, f"grouped conv {node.name} on parameters of {type(owner).__name__} (fixed groups)")
             return
         if groups == 1:
