@@ -49,6 +49,7 @@ def test_torchvision_resnet18_prunes_and_its_checkpoint_rebuilds(tmp_path):
         "schedule.pretrain.epochs=1",
         "schedule.finetune.epochs=1",
         "prune.ratio=0.4",
+        "prune.residual=false",  # the simple groups only (auto: every group of the graph)
     )
     rows = pipeline.run(cfg, tmp_path)
     assert [r["stage"] for r in rows] == ["init", "pretrain", "prune", "finetune"]
@@ -87,7 +88,7 @@ def test_a_network_from_the_users_own_file(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     layers = pd.read_csv(tmp_path / "run" / "layers.csv")
-    assert list(layers["layer"]) == ["c1"]  # c2's channels form the residual stream with c3: they stay whole here
+    assert list(layers["layer"]) == ["c1", "c2"]  # prune.residual=auto: c2's channels are c3's too, pruned as one
     assert (layers["after"] < layers["before"]).all()
 
 
@@ -150,7 +151,7 @@ def test_a_group_whose_zero_does_not_stay_zero_is_not_offered(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with trusting(["gated_net:Net"]):
         model = build_model({"name": "custom", "target": "gated_net:Net", "num_classes": 10, "in_channels": 3})
-    assert [g.name for g in model.channel_groups()] == ["a"]
+    assert [g.name for g in model.channel_groups()] == ["a", "c"]  # c has no BatchNorm: its output is the mask
 
 
 def test_neuron_merging_refuses_a_network_with_other_activations(tmp_path, monkeypatch):

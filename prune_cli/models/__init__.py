@@ -12,4 +12,16 @@ def with_shared_groups(model: Prunable, input_shape: tuple[int, int, int]) -> Pr
     return graphnet.GraphNet.around(model, input_shape)
 
 
-__all__ = ["MODELS", "Prunable", "build_model", "with_shared_groups"]
+def offers_shared_groups(model: Prunable, residual) -> bool:
+    """Whether ``prune.residual`` (``auto`` | true | false) gives ``model`` every group of its traced graph:
+    ``auto`` does for a traced network (torchvision, custom, or one pruned so before), not for a built-in family,
+    whose papers prune block-internal channels."""
+    return residual is True or (residual == "auto" and isinstance(model, graphnet.GraphNet))
+
+
+def pruned_groups(model: Prunable, input_shape: tuple[int, int, int], residual) -> Prunable:
+    """``model`` (not copied) with the channel groups a run with ``prune.residual`` prunes."""
+    return with_shared_groups(model, input_shape) if offers_shared_groups(model, residual) else model
+
+
+__all__ = ["MODELS", "Prunable", "build_model", "offers_shared_groups", "pruned_groups", "with_shared_groups"]

@@ -146,7 +146,11 @@ def check_resolved(plain: dict) -> dict:
     LOGGERS.get(plain["logger"]["name"]).check_config(plain)
     for name in plain["schedule"]["stages"]:
         STAGES.get(name).check_config(plain)
-        if plain["prune"]["residual"] and "prune" in STAGES.get(name).reads and not STAGES.get(name).shared_groups:
+        if (
+            plain["prune"]["residual"] is True
+            and "prune" in STAGES.get(name).reads
+            and not STAGES.get(name).shared_groups
+        ):
             raise UserError("prune.residual", f"the {name} stage prunes only channels one layer produces")
     if plain["init_from"] is not None and not Path(plain["init_from"]).is_file():
         raise UserError("init_from", f"no checkpoint file at {plain['init_from']}")

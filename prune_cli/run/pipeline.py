@@ -87,7 +87,7 @@ def check_shared_groups(stage, model, cfg) -> None:
     handle them, and is pruned again only with ``prune.residual=true``."""
     if not any(g.shared for g in model.channel_groups()):
         return
-    option = "prune.residual" if cfg.prune.residual else "init_from"
+    option = "prune.residual" if cfg.prune.residual is True else "init_from"
     if not stage.shared_groups:
         raise UserError(
             option,

@@ -18,6 +18,10 @@ RESUMABLE_DIFFERENCES = (
     "dataset.workers",
 )
 
+# options whose ``auto`` a resumed run settles as its checkpoints recorded: a run recorded before ``auto`` existed
+# (or with true / false) goes on as it ran
+SETTLED_ON_RESUME = ("prune.residual",)
+
 
 def added_option(name: str):
     """What a config written before the option ``name`` existed means (its declaration's ``absent``), or None for
@@ -33,8 +37,23 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if name in RESUMABLE_DIFFERENCES:
             continue
         a, b = old.get(k, added_option(name)), new.get(k)
+        if name in SETTLED_ON_RESUME and b == "auto":
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_differences(a, b, f"{name}.")
         elif a != b:
             out.append(name)
+    return out
+
+
+def settled_on_resume(old: dict, new: dict) -> dict:
+    """{option: the value the run ``old`` recorded} of the options ``SETTLED_ON_RESUME`` that ``new`` leaves at auto."""
+    out = {}
+    for name in SETTLED_ON_RESUME:
+        block, recorded = new, old
+        *parents, leaf = name.split(".")
+        for part in parents:
+            block, recorded = block.get(part, {}), recorded.get(part, {})
+        if block.get(leaf) == "auto":
+            out[name] = recorded.get(leaf, added_option(name))
     return out

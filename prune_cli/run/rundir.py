@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from prune_cli.core import distributed
 from prune_cli.core.atomic import save_torch, write_text
@@ -21,7 +22,7 @@ from prune_cli.run.config import resolve
 from prune_cli.run.lock import acquire, lock_owner
 from prune_cli.run.logger import build_logger
 from prune_cli.run.provenance import provenance, run_id
-from prune_cli.run.resumable import config_differences
+from prune_cli.run.resumable import config_differences, settled_on_resume
 
 REQUIRED_KEYS = ("config", "stage", "done", "arch", "state_dict", "rows", "histories")
 
@@ -123,6 +124,10 @@ class RunDir:
         if distributed.is_main():
             check_directory(self.dir, self.config)
             acquire(self.dir)
+        for path in sorted(self.ckpt_dir.glob("*.pt"))[:1]:  # resumed: an option left at auto runs as recorded
+            for name, value in settled_on_resume(read_run_checkpoint(path)["config"], self.config).items():
+                OmegaConf.update(self.cfg, name, value)
+                self.config = resolve(self.cfg)
 
     def save(self, stage: str, models: list, *, done: bool, epoch: int = 0, optimizers=(), extra: dict | None = None):
         """``state_dict`` is the model that continues; ``states`` / ``optimizers`` hold every network of the stage."""

@@ -17,7 +17,7 @@ from prune_cli.engine.loop import fit, show_progress
 from prune_cli.engine.settings import capped_epochs
 from prune_cli.importance.criteria import CRITERIA, build_criterion, channel_vectors
 from prune_cli.importance.regularizers import ZERO_THRESHOLD
-from prune_cli.models import with_shared_groups
+from prune_cli.models import offers_shared_groups, pruned_groups, with_shared_groups
 from prune_cli.models.layers import fold
 from prune_cli.stages.base import STAGES, Stage
 from prune_cli.stages.latency import time_pruning
@@ -43,15 +43,17 @@ class Prune(Stage):
         check_steps(cfg)
 
     def prepare(self, ctx, model):
-        build_criterion(ctx.cfg.criterion)
+        criterion = build_criterion(ctx.cfg.criterion)
         groups = self.groups_of(model, ctx)
-        check_selection(ctx, groups)
+        criterion.check_groups(groups)
+        check_selection(ctx, groups, self.shared_groups)
         return groups if groups is not model else None  # the stages after it get shared groups
 
     def groups_of(self, model, ctx):
-        """``model`` with the channel groups this run prunes: with ``prune.residual``, every group of its traced
-        graph (a network of a built-in family is wrapped as it is, named by its traced layers)."""
-        return with_shared_groups(model, ctx.input_shape) if ctx.cfg.prune.residual else model
+        """``model`` with the channel groups this run prunes: with ``prune.residual=true``, or ``auto`` on a traced
+        network, every group of its traced graph (a network of a built-in family is wrapped as it is, named by its
+        traced layers); a stage that prunes one producer's channels only gets the simple groups."""
+        return pruned_groups(model, ctx.input_shape, ctx.cfg.prune.residual if self.shared_groups else False)
 
     def run(self, model, ctx, checkpoint):
         cfg, p = ctx.cfg, ctx.cfg.prune
@@ -101,6 +103,15 @@ class Prune(Stage):
         return pruned
 
 
+def regularized_groups(model, ctx):
+    """``model`` as sparse training regularizes it: with ``regularizer.layers=prunable``, offering the groups the
+    run's pruning stage will prune (every group of the traced graph where ``prune.residual`` gives them)."""
+    pruning = [STAGES.get(name) for name in ctx.cfg.schedule.stages if STAGES.get(name).prunes]
+    if ctx.cfg.regularizer.get("layers") != "prunable" or not pruning or not pruning[0].shared_groups:
+        return model
+    return pruned_groups(model, ctx.input_shape, ctx.cfg.prune.residual)
+
+
 def kept_share(ratio: float, step: int, steps: int, grid: str) -> float:
     """The share of the dense amount left after ``step`` of ``steps``: equal removals (linear) or equal ratios
     between steps (geometric, PFP's cascade)."""
@@ -125,9 +136,10 @@ def check_steps(cfg: dict) -> None:
         )
 
 
-def check_selection(ctx, model) -> None:
+def check_selection(ctx, model, shared_groups: bool = False) -> None:
     """Refuse ``prune.*`` settings that can do nothing on this model: patterns that match no layer, a
-    ``min_channels`` above a layer's width, a ratio that no selection can reach."""
+    ``min_channels`` above a layer's width, a ratio that no selection can reach (naming ``prune.residual`` when
+    every group of the traced graph would reach it and the stage can prune them: ``shared_groups``)."""
     p = ctx.cfg.prune
     names, widths = [g.name for g in model.channel_groups()], model.widths
     for option, patterns in (("prune.skip", list(p.skip)), ("prune.layer_ratios", list(p.layer_ratios))):
@@ -143,15 +155,29 @@ def check_selection(ctx, model) -> None:
         )
     if p.ratio is None or p.layer_ratios:
         return
+    most = most_removable(ctx, model)
+    if most >= p.ratio * (1 - p.tolerance):
+        return
+    why = f"{p.ratio} of the {p.target} cannot be removed: with prune.min_channels, skip and protect_last as set "
+    if not shared_groups or any(g.shared for g in model.channel_groups()) or offers_shared_groups(model, p.residual):
+        raise UserError("prune.ratio", f"{why}at most {most:.4f} can go")
+    every = most_removable(ctx, with_shared_groups(model, ctx.input_shape))
+    offer = "would reach it" if every >= p.ratio * (1 - p.tolerance) else "would not reach it either"
+    raise UserError(
+        "prune.ratio",
+        f"{why}at most {most:.4f} can go with the groups of prune.residual={str(p.residual).lower()}; "
+        f"prune.residual=true offers every group of the traced graph (at most {every:.4f}: {offer})",
+    )
+
+
+def most_removable(ctx, model) -> float:
+    """The largest share of ``prune.target`` any selection can remove from ``model``'s groups under
+    ``prune.min_channels``, ``skip`` and ``protect_last``."""
+    p = ctx.cfg.prune
+    names, widths = [g.name for g in model.channel_groups()], model.widths
     protect = matching(names, p.skip) | (model.last_groups() if p.protect_last else set())
     least = [w if g in protect else p.min_channels for g, w in enumerate(widths)]
-    most = Budget(structure(model, ctx.input_shape), widths, p.target).removed(least)
-    if most < p.ratio * (1 - p.tolerance):
-        raise UserError(
-            "prune.ratio",
-            f"{p.ratio} of the {p.target} cannot be removed: with prune.min_channels, skip and protect_last as set "
-            f"at most {most:.4f} can go",
-        )
+    return Budget(structure(model, ctx.input_shape), widths, p.target).removed(least)
 
 
 def step_block(cfg) -> str:

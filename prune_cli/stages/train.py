@@ -26,6 +26,7 @@ from prune_cli.importance.criteria import channel_vectors
 from prune_cli.importance.regularizers import build_regularizer, sparsity_stats
 from prune_cli.models import build_model
 from prune_cli.stages.base import STAGES, Stage
+from prune_cli.stages.prune import regularized_groups
 from prune_cli.structure.counting import count_macs
 
 EPOCHS = Int("epochs", 30, "epochs of this stage (scratch with budget B scales it)", lo=0)
@@ -99,7 +100,7 @@ class TrainStage(Stage):
 
     def prepare(self, ctx, model) -> None:
         if self.regularized:  # a regularizer that selects no layer of this model fails now, not after pretraining
-            build_regularizer(ctx.cfg.regularizer, copy.deepcopy(model))  # a copy: it may set BN scales
+            build_regularizer(ctx.cfg.regularizer, copy.deepcopy(regularized_groups(model, ctx)))  # it may set BNs
 
     def run(self, model, ctx, checkpoint):
         cfg, run = ctx.cfg, ctx.run
@@ -170,7 +171,7 @@ class TrainStage(Stage):
 
     def loss_terms(self, model, ctx):
         """What ``fit`` adds to the loss and the gradients (a ``Regularizer``), or None."""
-        return build_regularizer(ctx.cfg.regularizer, model) if self.regularized else None
+        return build_regularizer(ctx.cfg.regularizer, regularized_groups(model, ctx)) if self.regularized else None
 
     def row_extras(self, model, ctx) -> dict:
         """Columns the stage adds to its row (and files it writes) once trained."""

@@ -56,11 +56,13 @@ OPTIONS = (
         "normalize", "none", ("none", "max", "l2", "mean"), "global scope: divide each layer's scores by this first"
     ),
     Int("min_channels", 1, "never leave a layer with fewer channels", lo=1),
-    Bool(
+    Choice(
         "residual",
-        False,
-        "also prune channels several layers share (residual streams, depthwise chains, concatenations), taken from "
-        "the traced channel graph",
+        "auto",
+        ("auto", True, False),
+        "true: also prune channels several layers share (residual streams, depthwise chains, concatenations), taken "
+        "from the traced channel graph; auto: so for traced networks (torchvision, custom), block-internal channels "
+        "for the built-in ones; false: channels one conv produces",
         absent=False,
     ),
     Bool("protect_last", False, "keep the groups that feed the classifier whole (VGG's last conv, as HGSR does)"),
