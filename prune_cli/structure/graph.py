@@ -292,8 +292,6 @@ def _graph(model: nn.Module, example: torch.Tensor) -> fx.Graph:
 
 def _shapes(gm: fx.GraphModule, example: torch.Tensor, training: bool) -> None:
     """Every node's output shape (one forward of ``example`` in the given mode; the random state stays)."""
-    if training and example.shape[0] == 1:  # BatchNorm needs two values per channel in training mode
-        example = torch.cat([example, example])
     gm.train(training)
     try:
         # ShapeProp prints the failing node's traceback before raising: the user gets one line instead
@@ -321,10 +319,12 @@ def traces(model: nn.Module, example: torch.Tensor) -> list[tuple[bool, fx.Graph
     try:
         for training in (False, True):
             model.train(training)
-            gm = fx.GraphModule(model, _graph(model, example))
+            # BatchNorm needs two values per channel in training mode: a batch of one goes twice
+            batch = torch.cat([example, example]) if training and example.shape[0] == 1 else example
+            gm = fx.GraphModule(model, _graph(model, batch))
             if out and gm.code == out[0][1].code:
                 break
-            _shapes(gm, example, training)
+            _shapes(gm, batch, training)
             out.append((training, gm))
     finally:
         for m, training in modes:  # gm shares the modules: every one's own mode back
