@@ -129,24 +129,25 @@ def test_a_checkpoint_without_a_fingerprint_resumes_as_before(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_command_exits_2_on_a_refused_start(tmp_path, cli):
-    """The refusals above as the user meets them: one line on stderr, exit code 2, the run's files unchanged."""
+def test_the_command_exits_2_on_a_refused_start(tmp_path, command):
+    """The refusals above as the user meets them: one line on stderr, exit code 2, the run's files unchanged (through
+    the entry point in this process: a new interpreter for each of the four commands would add seconds, no check)."""
     make_folder(tmp_path / "images")
     run = ["schedule=pretrain", "schedule.pretrain.epochs=1", f"dataset.root={tmp_path / 'images'}", *FOLDER_RUN]
-    first = cli(*run, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    first = command(*run, f"hydra.run.dir={tmp_path / 'run'}")
     assert first.returncode == 0, first.stderr
     before = digests(tmp_path / "run" / "checkpoints")
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "images" / "val" / "b" / "1.png")
-    changed = cli(*run, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    changed = command(*run, f"hydra.run.dir={tmp_path / 'run'}")
     assert changed.returncode == 2
     assert changed.stderr.strip().startswith("error: dataset.root: the data differ from those the run's checkpoints")
     assert len(changed.stderr.strip().splitlines()) == 1 and digests(tmp_path / "run" / "checkpoints") == before
     epochs = ["schedule.pretrain.epochs=1", "schedule.finetune.epochs=1"]
-    pruned = cli(*TINY, *epochs, f"hydra.run.dir={tmp_path / 'prune'}", cwd=tmp_path)
+    pruned = command(*TINY, *epochs, f"hydra.run.dir={tmp_path / 'prune'}")
     assert pruned.returncode == 0, pruned.stderr
     source = tmp_path / "prune" / "checkpoints" / "prune.pt"
     before = digests(tmp_path / "prune")
-    again = cli(*TINY, "schedule=pretrain", f"init_from={source}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    again = command(*TINY, "schedule=pretrain", f"init_from={source}", f"hydra.run.dir={tmp_path / 'again'}")
     assert again.returncode == 2 and again.stderr.strip().startswith("error: init_from: ")
     assert "[pretrain]" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     assert digests(tmp_path / "prune") == before and not (tmp_path / "again" / "checkpoints").exists()
