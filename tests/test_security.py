@@ -2,16 +2,15 @@
 
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fakedata
 import prune_cli
-from helpers import TINY, run_cli
+from helpers import TINY
 from prune_cli import data as D
+from prune_cli.cli import export as export_cli
 from prune_cli.core.errors import UserError
 from prune_cli.core.trust import trusted, trusting
 from prune_cli.models import build_model
@@ -63,7 +62,7 @@ def _checkpoint(path, target: str, state_dict=None):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_naming_a_target_runs_nothing_unless_trusted(tmp_path, monkeypatch):
+def test_a_checkpoint_naming_a_target_runs_nothing_unless_trusted(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "ran"
     monkeypatch.chdir(tmp_path)
     ck = _checkpoint(tmp_path / "evil.pt", "os:system")
@@ -72,8 +71,10 @@ def test_a_checkpoint_naming_a_target_runs_nothing_unless_trusted(tmp_path, monk
     assert "model.target: the checkpoint names the factory os:system" in e.value.why
     assert "model.target=os:system" in e.value.why and "--trust os:system" in e.value.why
     assert "trust=['os:system']" in e.value.why
-    r = subprocess.run([sys.executable, "-m", "prune_cli.cli.export", str(ck)], capture_output=True, text=True)
-    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--trust os:system" in r.stderr
+    capsys.readouterr()
+    assert export_cli.main([str(ck)]) == 2  # the export command's entry point, in this process
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--trust os:system" in err
     assert not marker.exists() and not list(tmp_path.glob("model.*"))
 
 
@@ -89,10 +90,11 @@ def test_a_trusted_target_loads_and_only_while_trusted(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_init_from_a_checkpoint_of_another_target_is_refused_before_data(tmp_path):
+def test_init_from_a_checkpoint_of_another_target_is_refused_before_data(tmp_path, monkeypatch, command):
     (tmp_path / "sec_net.py").write_text(NET)
     ck = _checkpoint(tmp_path / "evil.pt", "os:system")
-    r = run_cli(*TINY, "model=custom", "model.target=sec_net:Net", f"init_from={ck}", "hydra.run.dir=run", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # where the user runs the command: sec_net.py and the relative run directory
+    r = command(*TINY, "model=custom", "model.target=sec_net:Net", f"init_from={ck}", "hydra.run.dir=run")
     assert r.returncode == 2, r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith(f"error: init_from: {ck}") and "model.target=os:system" in line
@@ -104,9 +106,10 @@ def _arch(target: str) -> dict:
 
 
 @pytest.mark.slow
-def test_init_from_a_plain_state_dict_says_so(tmp_path):
+def test_init_from_a_plain_state_dict_says_so(tmp_path, monkeypatch, command):
     torch.save(build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3}).state_dict(), tmp_path / "sd.pt")
-    r = run_cli(*TINY, f"init_from={tmp_path / 'sd.pt'}", "hydra.run.dir=run", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = command(*TINY, f"init_from={tmp_path / 'sd.pt'}", "hydra.run.dir=run")
     assert r.returncode == 2
     assert r.stderr.strip() == (
         f"error: init_from: {tmp_path / 'sd.pt'} holds a plain state_dict (tensors by name, no architecture); "
