@@ -388,6 +388,40 @@ def test_a_channel_shuffle_permutes_the_channels(groups_constant):
     assert pruned.c.in_channels == 6  # half the columns (3 of 6) or rows (2 of 4) went
 
 
+class OtherWays(nn.Module):
+    """Pieces and grids read some other way than one piece at a time or a grid operation."""
+
+    def __init__(self, way: str):
+        super().__init__()
+        self.way, self.a, self.b = way, nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        b, c, h, w = y.shape
+        if self.way == "reversed pieces":  # a tuple of pieces, sliced, concatenated whole: followed
+            y = torch.cat(y.chunk(2, 1)[::-1], 1)
+        elif self.way == "stacked pieces":
+            y = torch.stack(y.chunk(2, 1), 1).flatten(1, 2)
+        else:  # a grid added to its flipped self
+            g = y.view(b, 2, c // 2, h, w)
+            y = (g + g.flip(2)).reshape(b, c, h, w)
+        return self.b(F.relu(y))
+
+
+@pytest.mark.parametrize("way", ["reversed pieces", "stacked pieces", "flipped grid"])
+def test_pieces_and_grids_read_other_ways_are_followed_or_kept(way):
+    torch.manual_seed(0)
+    model, x = OtherWays(way).eval(), torch.randn(2, 3, 4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = ChannelGraph(model, x)
+    if way == "reversed pieces":  # channel j of both halves together
+        assert [len(g.channels) for g in graph.groups] == [4] and not caught
+        check(model, x, graph=graph)
+    else:  # the conv's channels meet an operation the graph cannot map
+        assert graph.groups == [] and any("cannot be mapped" in str(w.message) for w in caught)
+
+
 # ---------------------------------------------------------------------- 7. upsampling
 
 

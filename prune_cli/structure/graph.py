@@ -448,14 +448,11 @@ class ChannelGraph:
 
     def _opaque(self, node, what: str) -> None:
         """An operation the graph cannot map: every channel it touches is unprunable."""
-        touched = [self._of(a) for a in node.all_input_nodes]
-        touched += [grid for a in node.all_input_nodes for grid, _ in [self.grids.get(a.name, (None, None))]]
-        touched += [p for a in node.all_input_nodes for p, _ in self.pieces.get(a.name, [])]
-        if any(t is not None for t in touched):
+        touched = self._carried(node)
+        if touched:
             self._warn(f"{what} ({node.name}) cannot be mapped: the channels it touches are unprunable")
         for t in touched:
-            if t is not None:
-                self._block(t, what)
+            self._block(t, what)
         shape = self._shape(node)
         if shape is not None and len(shape) >= 2:
             out = self._new(shape[1])
@@ -474,7 +471,6 @@ class ChannelGraph:
     def _propagate(self) -> None:
         for node in self.gm.graph.nodes:
             shape = self._shape(node)
-            first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             if self._parametric(node):
                 self.derived.add(node.name)
                 continue
@@ -483,11 +479,11 @@ class ChannelGraph:
                     self.atoms[node.name] = self._new(shape[1])
                     self._block(self.atoms[node.name], "the network's input")
             elif node.op == "output":  # every tensor it returns, in a (named) tuple or not
-                for arg in node.all_input_nodes:
-                    for atoms in [self._of(arg)] + [p for p, _ in self.pieces.get(arg.name, [])]:
-                        if atoms is not None:
-                            self._block(atoms, "the network's output")
-            elif first is not None and first.name in self.grids and node.op != "call_module":
+                for atoms in self._carried(node):
+                    self._block(atoms, "the network's output")
+            elif self._unfollowed(node):  # a channel grid or a tuple of pieces read some other way
+                self._opaque(node, f"{getattr(node.target, '__name__', node.target)} of pieces of the channels")
+            elif node.args and getattr(node.args[0], "name", None) in self.grids:
                 self._grid(node, shape)
             elif node.op == "call_module":
                 self._module(node, self.modules[node.target])
@@ -497,6 +493,27 @@ class ChannelGraph:
                 self._method(node, shape)
             # get_attr (a parameter or buffer read directly) has no atoms of its own
             self._follow_live(node)
+
+    def _carried(self, node) -> list[np.ndarray]:
+        """The atoms of every channel ``node`` reads: its inputs', their pieces' and their grids'."""
+        found = []
+        for a in node.all_input_nodes:
+            found += [self._of(a), self.grids.get(a.name, (None, None))[0]]
+            found += [p for p, _ in self.pieces.get(a.name, [])]
+        return [atoms for atoms in found if atoms is not None]
+
+    def _unfollowed(self, node) -> bool:
+        """Does ``node`` read a tuple of pieces other than by taking one, or a channel grid other than as the
+        operand of a grid operation (``_grid``)?"""
+        first = node.args[0] if node.args else None
+        index = node.args[1] if node.target is operator.getitem and len(node.args) > 1 else None
+        taking = isinstance(index, int | slice) or node.target is torch.cat  # one piece, some, or all in a row
+        for a in node.all_input_nodes:
+            if a.name in self.pieces and not (taking and a is first):
+                return True
+            if a.name in self.grids and a is not first:
+                return True
+        return False
 
     def _follow_live(self, node) -> None:
         """A node's live channels where no rule set them (passed through: as its input's), and an in-place
@@ -727,7 +744,11 @@ class ChannelGraph:
     def _function(self, node, fn, shape) -> None:
         first = node.args[0] if node.args else None
         if fn is operator.getitem and isinstance(first, fx.Node) and first.name in self.pieces:
-            self.atoms[node.name], self.live[node.name] = self.pieces[first.name][node.args[1]]
+            picked = self.pieces[first.name][node.args[1]]
+            if isinstance(node.args[1], slice):  # some of the pieces, still a tuple
+                self.pieces[node.name] = picked
+            else:
+                self.atoms[node.name], self.live[node.name] = picked
         elif isinstance(fn, type) and issubclass(fn, tuple):  # a named tuple of outputs (GoogLeNetOutputs)
             items = [*node.args, *node.kwargs.values()]
             self.pieces[node.name] = [(self._of(a), self.live.get(getattr(a, "name", None))) for a in items]
@@ -818,13 +839,17 @@ class ChannelGraph:
             self.live[node.name] = np.ones(len(full[0]), bool) if broadcast else np.logical_or.reduce(tracked)
 
     def _cat(self, node) -> None:
+        """``cat`` along the channels: the operands' atoms one after another (a split's pieces, too)."""
         tensors = node.args[0]
+        if isinstance(tensors, fx.Node):  # the pieces of a split, as they are
+            pieces = self.pieces.get(tensors.name, [(None, None)])
+        else:
+            pieces = [(self._of(t), self.live.get(getattr(t, "name", None))) for t in tensors]
         dim = _arg(node, 1, "dim", 0)
-        parts = [self._of(t) for t in tensors]
         ndim = len(self._shape(node))
-        if dim % ndim == 1 and all(p is not None for p in parts):
-            self.atoms[node.name] = np.concatenate(parts)
-            self.live[node.name] = np.concatenate([self.live[t.name] for t in tensors])
+        if dim % ndim == 1 and all(p is not None for p, _ in pieces):
+            self.atoms[node.name] = np.concatenate([p for p, _ in pieces])
+            self.live[node.name] = np.concatenate([live for _, live in pieces])
         else:
             self._opaque(node, "cat along a dim other than the channels")
 
@@ -963,6 +988,9 @@ class ChannelGraph:
         """An operation on a channel grid: passed through, transposed (a shuffle), merged back, or opaque."""
         grid, live = self.grids[node.args[0].name]
         name, src = node.target, self._shape(node.args[0])
+        if node.op == "call_module":  # a module on the grid: an activation passes it through
+            passing = isinstance(self.modules[name], ACTIVATION_MODULES + (nn.Identity,))
+            name = "contiguous" if passing else f"module {name}"
         dims = [d % 5 for d in self._sizes(node)] if name in ("permute", torch.permute) else None
         swap = (name in ("transpose", torch.transpose) and sorted(d % 5 for d in node.args[1:3]) == [1, 2]) or (
             dims == [0, 2, 1, 3, 4]
