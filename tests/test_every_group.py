@@ -16,10 +16,12 @@ from helpers import compose_config as config
 from prune_cli.core.checkpoint import load_checkpoint
 from prune_cli.core.errors import UserError
 from prune_cli.core.trust import trusting
+from prune_cli.importance.regularizers import build_regularizer
+from prune_cli.methods.hgsr import loss_greedy_select
 from prune_cli.models import build_model, with_shared_groups
 from prune_cli.run import pipeline
 from prune_cli.stages.train import SparseTrain
-from prune_cli.structure.channels import mask_channels
+from prune_cli.structure.channels import mask_channels, structure
 
 PLAIN = '''
 import torch
@@ -157,3 +159,21 @@ def test_sparse_training_regularizes_the_groups_the_prune_stage_prunes(user_nets
         for i in range(w.shape[1])
     )
     assert penalty == pytest.approx(cfg.regularizer.lam * expected, rel=1e-5)
+
+
+def test_the_loss_greedy_and_swp_work_without_batchnorm(user_nets):
+    """The loss greedy's Taylor pre-screen reads a BN-free stream at its producers' outputs; SWP zeroes a dead
+    filter's bias where there is no BatchNorm to zero (its output is then 0, as removal makes it)."""
+    with trusting(["plain_net:Net"]):
+        model = build_model({"name": "custom", "target": "plain_net:Net", "num_classes": 10, "in_channels": 3})
+    shared = with_shared_groups(model, (3, 16, 16))
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    keep, stats = loss_greedy_select(
+        shared, x, y, structure=structure(shared, (3, 16, 16)), target="channels", ratio=0.5, prescreen=2
+    )
+    assert sum(int(k.sum()) for k in keep) == 7 and stats["backward_passes"] > 0  # 14 channels, 7 removed
+    swp = build_regularizer({"name": "swp"}, model)
+    with torch.no_grad():
+        model.net.c1.skeleton[2] = 0.0
+    swp.before_step()
+    assert model.net.c1.bias[2] == 0 and (model.net.c1.bias[[0, 1, 3]] != 0).all()

@@ -274,7 +274,7 @@ class _Evaluator:
         # the mask acts on the group's BatchNorm outputs; a group several layers hold also on its producers' outputs,
         # as masking zeroes their rows (a depthwise conv with a bias after the BatchNorm would be nonzero otherwise)
         self.hooks = [
-            modules[s.module].register_forward_hook(self._hook(i, s.index(), s.role == "norm"))
+            modules[s.module].register_forward_hook(self._hook(i, s.index(), s in g.mask_points()))
             for i, g in enumerate(groups)
             for s in (g.role("producer") + g.role("norm") if g.shared else g.role("norm"))
         ]

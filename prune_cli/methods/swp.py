@@ -92,7 +92,8 @@ class FilterSkeleton(Regularizer):
         if self.hparams["zero_dead_bn"]:
             for conv, bn in self._bns:
                 alive = (conv.skeleton != 0).flatten(1).any(1).to(bn.weight.dtype)
-                for t in (bn.weight, bn.bias):
+                outputs = (bn.weight, bn.bias) if bn is not conv else (conv.bias,)  # no BatchNorm: the conv's bias
+                for t in (t for t in outputs if t is not None):
                     t.mul_(alive)
                     if t.grad is not None:
                         t.grad.mul_(alive)
