@@ -55,12 +55,13 @@ def test_an_empty_class_folder_is_one_line_naming_it(tmp_path, split):
 
 
 @pytest.mark.slow
-def test_the_command_exits_2_on_an_empty_class_folder(tmp_path, cli):
+def test_the_command_exits_2_on_an_empty_class_folder(tmp_path, monkeypatch, command):
     make_folder(tmp_path / "images")
     (tmp_path / "images" / "train" / "c").mkdir()
     before = digests(tmp_path / "images")
     run = [o for o in TINY if not o.startswith("dataset")]
-    out = cli(*run, "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}", "dataset.image_size=8", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # the run directory Hydra makes by default is the working directory's
+    out = command(*run, "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}", "dataset.image_size=8")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert out.stderr.strip() == (
         f"error: dataset.root: class folder {tmp_path / 'images' / 'train' / 'c'} holds no image "
