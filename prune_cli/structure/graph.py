@@ -32,26 +32,31 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
 - channel shuffle (``view(B, g, C // g, H, W)``, ``transpose(1, 2)``, ``view(B, C, H, W)``): a permutation of
   the atoms; the constant dim of the split view (``g`` here) keeps its size, so the atoms of each of the other
   dim's positions (a shuffle column: channel j of every group) are tied and go together; a view whose split
-  sizes are both constants, or a merge back to a constant width, is opaque;
+  sizes are both constants, or a merge back to a constant width, keeps its channels unprunable;
 - ``flatten`` / ``view(B, -1)`` of [B, C, H, W]: each atom repeated H x W times (a linear layer's input dim
-  then holds H x W columns per channel);
+  then holds H x W columns per channel); a view to a constant width (``view(B, 512)``) keeps its channels
+  unprunable (the pruned network's view could not follow);
 - means or pools over the spatial dims keep the atoms; anything else (reshapes or permutes across channels,
-  unknown modules with parameters, custom functions): every atom it touches is unprunable, with a warning
-  naming the operation. Computations on parameters alone (a weight's standardisation) have no atoms.
+  unknown modules with parameters, custom functions, split pieces or channel grids read any other way than
+  above): every atom it touches is unprunable, with a warning naming the operation. Computations on parameters
+  alone (a weight's standardisation) have no atoms.
 
 Every mode: a network that computes other things in training mode (GoogLeNet's and Inception's auxiliary heads,
 which run only then) is traced in both modes, and both traces' atoms join one union-find (a layer's parameters
 are shared, so its dims tie the two); the training-mode output (a tuple or named tuple of logits) is the
-network's output too. ``count`` counts every parameter once (auxiliary heads included); its MACs are the
-eval-mode forward's (what inference costs: a layer that runs only in training mode adds none), each layer's
-weight elements x output pixels, summed over its calls.
+network's output too. The network must run in training mode on the example (a batch of one goes twice, for
+BatchNorm; Inception v3's auxiliary head needs 299 x 299), else it is refused in one line. ``count`` counts
+every parameter once (auxiliary heads included); its MACs are the eval-mode forward's (what inference costs: a
+layer that runs only in training mode adds none), each layer's weight elements x output pixels, summed over its
+calls.
 
 Tracing: symbolic first; a network symbolic tracing cannot follow (an ``if`` on a shape, padding computed from
 the input size) is traced on the concrete example instead (every traced operation also run on the example, so
-shape questions get numbers and such branches take the example's way). The graph of such a network holds for
-the example's input size: the pruned network runs its own code, so it runs at that size, and at another size
-only if its code takes the same way through the channels there. Only when neither trace serves is the network
-refused, naming the module.
+shape questions get numbers and such branches take the example's way; a branch on the data itself still cannot
+be traced). The graph of such a network holds for the example's input size: the pruned network runs its own
+code, so it runs at that size, and at another size only if its code takes the same way through the channels
+there (the masked check, the trace itself, runs at the example's shape). Only when neither trace serves is the
+network refused, naming the module.
 
 Masking (the stages zero a channel's producer rows, biases and BatchNorm entries) equals removing it only where no
 conv or linear layer reads the channel nonzero: ``live`` follows which channels of each tensor may be nonzero
