@@ -248,14 +248,17 @@ class _ConcreteTracer(_Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
-        real = lambda a: self.values.get(a.node) if isinstance(a, fx.Proxy) else a  # noqa: E731
-        args, kwargs = fx.node.map_aggregate(args, real), fx.node.map_aggregate(kwargs, real)
+        args, kwargs = fx.node.map_aggregate(args, self._real), fx.node.map_aggregate(kwargs, self._real)
         self.real_attributes = True
         try:
             self.values[proxy.node] = self._run(kind, target, args, kwargs)
         finally:
             self.real_attributes = False
         return proxy
+
+    def _real(self, a):
+        """A traced value's value on the example (anything else is itself)."""
+        return self.values.get(a.node) if isinstance(a, fx.Proxy) else a
 
     def _run(self, kind, target, args, kwargs):
         """One traced operation's value on the example."""
@@ -449,6 +452,7 @@ class ChannelGraph:
         return self.atoms.get(arg.name) if isinstance(arg, fx.Node) else None
 
     def _tensor(self, module: str, name: str) -> torch.Tensor:
+        """A module's parameter or buffer, by the module's name and its own."""
         return getattr(self.modules[module], name)
 
     def _opaque(self, node, what: str) -> None:
@@ -747,6 +751,7 @@ class ChannelGraph:
     # ------------------------------------------------------------------ functions and methods
 
     def _function(self, node, fn, shape) -> None:
+        """A call of a function (``torch.*``, ``F.*``, an operator) on traced tensors, by the rules above."""
         first = node.args[0] if node.args else None
         if fn is operator.getitem and isinstance(first, fx.Node) and first.name in self.pieces:
             picked = self.pieces[first.name][node.args[1]]
@@ -787,6 +792,7 @@ class ChannelGraph:
             self._opaque(node, f"function {getattr(fn, '__name__', fn)}")
 
     def _method(self, node, shape) -> None:
+        """A tensor method (``x.view``, ``x.chunk``, ``x.relu``, ...) by the rules above."""
         name = node.target
         first = node.args[0]
         if name in PASS_METHODS:
