@@ -10,6 +10,7 @@ import torch
 
 from helpers import ROOT, TINY, compose_config, run_cli
 from prune_cli.cli.run import main
+from prune_cli.run import pipeline
 
 torch.set_num_threads(1)
 
@@ -23,6 +24,14 @@ def compose():
 def tiny(compose):
     """Compose a tiny synthetic run with 2 pretrain and 1 finetune epochs, plus overrides."""
     return lambda *overrides: compose(*TINY, "schedule.pretrain.epochs=2", "schedule.finetune.epochs=1", *overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny, tmp_path_factory):
+    """One finished ``tiny()`` run (pretrain, prune, finetune) a session's tests share: its config object, directory
+    and rows. Tests only read it; one that writes into a run works on a copy of the directory."""
+    cfg, run_dir = tiny(), tmp_path_factory.mktemp("tiny_run")
+    return cfg, run_dir, pipeline.run(cfg, run_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Whole runs through the real config (Hydra's compose API): tables, checkpoints, resume, init_from, budgets."""
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -20,9 +21,9 @@ def fast(*overrides):
 
 
 @pytest.mark.slow
-def test_default_run_writes_every_table(tmp_path):
-    rows = pipeline.run(fast(), tmp_path)
-    results = pd.read_csv(tmp_path / "results.csv")
+def test_default_run_writes_every_table(tiny_run):
+    _, run_dir, rows = tiny_run  # fast(): the run this session's tests share
+    results = pd.read_csv(run_dir / "results.csv")
     assert list(results["stage"]) == ["init", "pretrain", "prune", "finetune"]
     for col in [
         "stage",
@@ -49,16 +50,16 @@ def test_default_run_writes_every_table(tmp_path):
     assert results.iloc[1]["epochs"] == 2 and results.iloc[-1]["epochs"] == 1
     trained = results.iloc[1:]
     assert (trained["best_top1"] >= trained["top1"] - 1e-9).all()
-    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(zip(metrics["stage"], metrics["epoch"])) == [("pretrain", 1), ("pretrain", 2), ("finetune", 1)]
     assert metrics.iloc[-1]["test_acc"] == results.iloc[-1]["top1"]
-    layers = pd.read_csv(tmp_path / "layers.csv")
+    layers = pd.read_csv(run_dir / "layers.csv")
     assert len(layers) == 9 and (layers["after"] <= layers["before"]).all() and (layers["after"] >= 1).all()
-    scores = pd.read_csv(tmp_path / "scores.csv")
+    scores = pd.read_csv(run_dir / "scores.csv")
     assert len(scores) == layers["before"].sum() and scores["kept"].sum() == layers["after"].sum()
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (run_dir / "summary.md").read_text()
     assert "| stage |" in summary and "dense -> pruned" in summary
-    ck = torch.load(tmp_path / "checkpoints" / "finetune.pt", weights_only=True)
+    ck = torch.load(run_dir / "checkpoints" / "finetune.pt", weights_only=True)
     assert ck["done"] and ck["arch"]["widths"] == list(layers["after"])
     assert set(ck) >= {"config", "stage", "arch", "state_dict", "optimizer", "epoch", "rows"}
     assert rows[-1]["params"] == pruned["params"]
@@ -80,9 +81,9 @@ def test_resume_after_interruption_gives_the_same_table(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages_and_refuses_other_configs(tmp_path, monkeypatch):
-    cfg = fast()
-    pipeline.run(cfg, tmp_path)
+def test_rerun_skips_finished_stages_and_refuses_other_configs(tiny_run, tmp_path, monkeypatch):
+    cfg, finished, _ = tiny_run  # fast(), run once for the session: a copy of its directory is rerun
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     before = (tmp_path / "results.csv").read_text()
     monkeypatch.setattr(loop, "train_epoch", lambda *a, **k: pytest.fail("a finished stage ran again"))
     pipeline.run(cfg, tmp_path)  # the same config object: a run leaves it as it was given

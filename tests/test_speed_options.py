@@ -61,16 +61,16 @@ def test_a_bad_memory_format_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_resumes_to_the_uncompiled_table(tmp_path, monkeypatch):
+def test_compiled_training_resumes_to_the_uncompiled_table(tiny_run, tmp_path, monkeypatch):
     """torch.compile (its eager backend here: tracing without code generation, seconds instead of a minute) gives
     the eager table; checkpoints hold the plain module's weights; an interrupted compiled run resumes to it."""
     compiled = ["trainer.compile=true", "trainer.compile_backend=eager"]
-    pipeline.run(fast(), tmp_path / "plain")
+    _, plain, _ = tiny_run  # fast() without compiling: the run this session's tests share
     run_interrupted(fast(*compiled), tmp_path / "b", monkeypatch, at_epoch=2)
     half = torch.load(tmp_path / "b" / "checkpoints" / "pretrain.pt", weights_only=True)
     assert not any("_orig_mod" in key for key in half["state_dict"])
     pipeline.run(fast(*compiled), tmp_path / "b")
-    assert results_table(tmp_path / "plain") == results_table(tmp_path / "b")
+    assert results_table(plain) == results_table(tmp_path / "b")
     metrics = pd.read_csv(tmp_path / "b" / "metrics.csv")
     assert (metrics.groupby("stage")["compile_seconds"].first() > 0).all()  # each stage compiles in its first epoch
 
