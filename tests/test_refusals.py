@@ -2,9 +2,9 @@
 naming the option, the right exit code, and (where a record exists) that record left byte-identical."""
 
 import json
+import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +17,7 @@ from helpers import SCHEMA1_OVERRIDES, SCHEMA1_RUN, TINY, compose_config
 from prune_cli.cli import report
 from prune_cli.cli.run import main
 from prune_cli.core.errors import UserError
-from prune_cli.run import pipeline
+from prune_cli.run import lock, pipeline
 
 NO_DATA = ["dataset=cifar10", "dataset.root=/nonexistent/prune_cli_data"]  # reading it would fail otherwise
 
@@ -87,19 +87,21 @@ def test_a_directory_holding_another_run_is_refused_and_left_as_it_was(tmp_path,
     assert snapshot(tmp_path) == before
 
 
+def hold_lock(run_dir: Path, release) -> None:
+    """A run of another process: it owns ``run_dir`` until ``release`` is set, then ends (its lock file stays)."""
+    lock.acquire(run_dir)
+    release.wait()
+
+
 @pytest.mark.slow
 def test_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_not(tmp_path, monkeypatch, capsys):
     tmp_path.mkdir(exist_ok=True)
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from prune_cli.run import lock; lock.acquire(sys.argv[1]); input()",
-            str(tmp_path),
-        ],
-        stdin=subprocess.PIPE,
-        text=True,
-    )
+    # another process owning the directory through prune_cli's own lock: forked from this one, so it needs no new
+    # interpreter importing torch only to take a lock
+    forked = multiprocessing.get_context("fork")
+    release = forked.Event()
+    holder = forked.Process(target=hold_lock, args=(tmp_path, release))
+    holder.start()
     try:
         deadline = time.monotonic() + 60
         while not ((tmp_path / "run.lock").is_file() and (tmp_path / "run.lock").read_text()):
@@ -112,7 +114,8 @@ def test_a_directory_in_use_is_refused_and_a_dead_runs_lock_is_not(tmp_path, mon
         assert f"pid {holder.pid}" in line
         assert snapshot(tmp_path) == before
     finally:
-        holder.communicate("\n", timeout=30)
+        release.set()
+        holder.join(timeout=30)
     # the holder is gone: its lock file remains, but no process holds it, so the next run goes ahead
     code, _ = command(
         monkeypatch,
