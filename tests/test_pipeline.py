@@ -67,7 +67,7 @@ def test_default_run_writes_every_table(tiny_run):
 
 @pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_table(tmp_path, monkeypatch):
-    cfg = fast("schedule.pretrain.epochs=3", "schedule.finetune.epochs=2")
+    cfg = fast("schedule.pretrain.epochs=3", "schedule.finetune.epochs=2", "dataset.image_size=8")  # 5 epochs, twice
     full = pd.read_csv(Path(tmp_path / "a") / "results.csv") if pipeline.run(cfg, tmp_path / "a") else None
 
     run_interrupted(cfg, tmp_path / "b", monkeypatch, at_epoch=5)  # the second finetune epoch
@@ -122,6 +122,7 @@ def test_scratch_reinitialises_and_budget_b_scales_epochs(tmp_path):
         "schedule.scratch.budget=B",
         "prune.target=macs",
         "prune.ratio=0.5",
+        "dataset.image_size=8",  # the budget is the MACs' ratio, whatever the image size
     )
     pipeline.run(cfg, tmp_path)
     results = pd.read_csv(tmp_path / "results.csv")
