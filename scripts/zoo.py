@@ -59,6 +59,7 @@ NUM_CLASSES = 10
 RATIO = 0.5
 FIRST_SIDE, LAST_SIDE = 32, 512  # the input sides tried, smallest first
 CLI_IMAGES = 64  # train and test images of the command-line run (debug=smoke takes 64 of each)
+LONGEST_REASON = 200  # characters of a reason the table shows (torch's exporter errors run on for lines)
 BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
 HEADER = "| network (family) | input | Python API: params, MACs | command line: params, MACs; finetune, export |"
 
@@ -180,18 +181,25 @@ def cli_row(name: str, side: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="zoo-") as work:
         run = command("prune_cli", *cli_arguments(name, side, "run"), cwd=work)
         if run.returncode != 0:
-            return {"outcome": "failed", "reason": last_line(run)}
+            return {"outcome": "failed", "reason": last_line(run).replace(f"{work}/", "")}  # the run's own paths
         rows = pd.read_csv(Path(work) / "run" / "results.csv").set_index("stage")
         if "prune" not in rows.index or "finetune" not in rows.index:
             return {"outcome": "failed", "reason": f"the run's stages were {', '.join(rows.index)}"}
         dense, pruned = rows.iloc[0], rows.loc["prune"]
         row = {"outcome": "pruned", "params": dense["params"], "macs": dense["macs"]}
         row |= {"params_pruned": pruned["params"], "macs_pruned": pruned["macs"]}
-        for kind in ("torchscript", "onnx"):
-            export = command("prune_cli.cli.export", "run", "--format", kind, cwd=work)
-            if export.returncode != 0:
-                return {**row, "export": f"{kind} export failed: {last_line(export)}"}
-        return {**row, "export": "finetuned, exported (TorchScript, ONNX)"}
+        return {**row, "export": "finetuned; " + exports(work)}
+
+
+def exports(work: str) -> str:
+    """What ``prune-cli-export`` made of the run in ``work``: each format exported, or its failure's last line."""
+    said = []
+    for kind, label in (("torchscript", "TorchScript"), ("onnx", "ONNX")):
+        export = command("prune_cli.cli.export", "run", "--format", kind, cwd=work)
+        ok = export.returncode == 0
+        reason = shortened(last_line(export).replace(f"{work}/", ""))
+        said.append(f"{label} exported" if ok else f"{label} export failed: {reason}")
+    return "; ".join(said)
 
 
 def millions(n: float) -> str:
@@ -204,11 +212,17 @@ def change(before: float, after: float) -> str:
     return f"{millions(before)} → {millions(after)} (−{1 - after / before:.1%})"
 
 
+def shortened(reason: str) -> str:
+    """The reason, cut after ``LONGEST_REASON`` characters, its pipes escaped for the table."""
+    if len(reason) > LONGEST_REASON:
+        reason = reason[:LONGEST_REASON].rstrip() + " …"
+    return reason.replace("|", "\\|")
+
+
 def cell(outcome: dict) -> str:
     """A table cell: the counts before and after, or the refusal or failure with its reason."""
     if outcome["outcome"] != "pruned":
-        reason = outcome["reason"].replace("|", "\\|")
-        return f"{outcome['outcome']}: {reason}"
+        return f"{outcome['outcome']}: {shortened(outcome['reason'])}"
     text = f"params {change(outcome['params'], outcome['params_pruned'])}, "
     text += f"MACs {change(outcome['macs'], outcome['macs_pruned'])}"
     if "unprunable_share" in outcome:

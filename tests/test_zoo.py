@@ -19,6 +19,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import StochasticDepth
 
 import prune_cli
+from helpers import TINY, compose_config
+from prune_cli.run import pipeline
 from prune_cli.structure.any_network import select
 from prune_cli.structure.graph import ChannelGraph
 
@@ -204,3 +206,12 @@ def test_half_the_params_pruned_equals_masked_and_counts_match(family):
     assert (table["params"], table["macs"]) == shape_count(model, x)
     assert (table["params_pruned"], table["macs_pruned"]) == shape_count(pruned, x)
     assert sum(p.numel() for p in model.parameters()) == table["params"]  # no parameter outside those layers
+
+
+def test_the_pipelines_surgery_keeps_what_a_network_checks_on_loading(tmp_path):
+    """MNASNet refuses a state dict without its version (``_metadata``): the prune stage's surgery, which loads the
+    kept tensors into the smaller network, must keep it (scripts/zoo.py found the command line failing there)."""
+    cfg = compose_config(*TINY, "model=torchvision", "model.network=mnasnet0_5", "schedule.stages=[prune]")
+    rows = pipeline.run(cfg, tmp_path)
+    assert [r["stage"] for r in rows] == ["init", "prune"]
+    assert abs(1 - rows[1]["params"] / rows[0]["params"] - 0.5) < 0.01
