@@ -18,7 +18,7 @@ Params and MACs follow docs/counting.md. Usage:
 
 It prints the table and the seconds each row took; ``--write`` rewrites the table between the markers
 ``<!-- zoo:begin -->`` and ``<!-- zoo:end -->`` of the page (without the timings, so a rerun on the same code
-writes the same page).
+writes the same page): the rows of the families run, the page's other rows kept.
 """
 
 from __future__ import annotations
@@ -243,13 +243,21 @@ def row(family: str, api_only: bool) -> tuple[str, float]:
     return f"| `{name}` ({family}) | {side}x{side} | {api} | {cli} |", time.perf_counter() - start
 
 
-def write(page: Path, table: str) -> None:
-    """Replace the text between the page's markers by ``table``."""
+def write(page: Path, rows: dict[str, str]) -> None:
+    """Put the table between the page's markers: the families' new ``rows`` (family -> row), and the rows it held
+    of the families not run this time, in the order of ``FAMILIES``."""
     text = page.read_text()
-    if BEGIN not in text or END not in text:
+    found = re.search(re.escape(BEGIN) + "(.*?)" + re.escape(END), text, flags=re.S)
+    if found is None:
         raise SystemExit(f"{page} has no {BEGIN} / {END} markers")
-    block = f"{BEGIN}\n{table}\n{END}"
-    page.write_text(re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+    held = {}
+    for line in found.group(1).splitlines():
+        family = re.match(r"\| `[^`]+` \(([a-z0-9_]+)\) \|", line)
+        if family:
+            held[family.group(1)] = line
+    table = [HEADER, "|---|---|---|---|"] + [rows.get(f) or held[f] for f in FAMILIES if f in rows or f in held]
+    block = "\n".join([BEGIN, *table, END])
+    page.write_text(text[: found.start()] + block + text[found.end() :])
     print(f"wrote the table into {page}")
 
 
@@ -257,20 +265,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated, of: " + ", ".join(FAMILIES))
     parser.add_argument("--api-only", action="store_true", help="the Python API only (no command-line runs)")
-    parser.add_argument("--write", type=Path, default=None, help="rewrite the table between the page's markers")
+    parser.add_argument(
+        "--write", type=Path, default=None, help="rewrite these families' rows of the table between the page's markers"
+    )
     args = parser.parse_args()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         parser.error(f"unknown families {', '.join(unknown)}; the families are {', '.join(FAMILIES)}")
-    rows = [HEADER, "|---|---|---|---|"]
+    rows = {}
     print(f"{HEADER} seconds |\n|---|---|---|---|---|", flush=True)
     for family in families:
-        line, seconds = row(family, args.api_only)
-        rows.append(line)
-        print(f"{line} {seconds:.1f} |", flush=True)
+        rows[family], seconds = row(family, args.api_only)
+        print(f"{rows[family]} {seconds:.1f} |", flush=True)
     if args.write:
-        write(args.write, "\n".join(rows))
+        write(args.write, rows)
 
 
 if __name__ == "__main__":
