@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import socket
 import subprocess
@@ -9,7 +10,6 @@ import uuid
 from pathlib import Path
 
 import torch
-import torchvision
 
 from prune_cli.core.version import __version__
 from prune_cli.engine.settings import resolve_memory_format
@@ -42,7 +42,8 @@ def provenance(trainer_cfg, device: torch.device, recorded: dict | None = None) 
         "prune_cli": __version__,
         "git_commit": git_commit(),
         "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
+        # from the installed package's record: importing torchvision costs every command over a second
+        "torchvision": importlib.metadata.version("torchvision"),
         "python": platform.python_version(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
