@@ -147,6 +147,8 @@ def prune_channels(model: Prunable, keep: list[torch.Tensor]) -> Prunable:
         state[key] = t
     pruned = model.build_pruned(index)
     modules = dict(pruned.named_modules())  # a removed group's layers are gone, and their tensors with them
-    pruned.load_state_dict({k: v for k, v in state.items() if k.rpartition(".")[0] in modules})
+    for key in [k for k in state if k.rpartition(".")[0] not in modules]:
+        del state[key]  # in place: the modules' versions (``_metadata``, checked by e.g. MNASNet) stay with it
+    pruned.load_state_dict(state)
     p = next(model.parameters())
     return pruned.to(p.device).train(model.training)
