@@ -215,3 +215,6 @@ def test_the_pipelines_surgery_keeps_what_a_network_checks_on_loading(tmp_path):
     rows = pipeline.run(cfg, tmp_path)
     assert [r["stage"] for r in rows] == ["init", "prune"]
     assert abs(1 - rows[1]["params"] / rows[0]["params"] - 0.5) < 0.01
+    model, meta = prune_cli.load(tmp_path)  # the checkpoint rebuilds: the versions survived saving and loading
+    assert meta["params"] == rows[1]["params"] == sum(p.numel() for p in model.parameters())
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
