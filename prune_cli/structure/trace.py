@@ -205,4 +205,3 @@ def traces(model: nn.Module, example: torch.Tensor) -> list[tuple[bool, fx.Graph
             for b, saved in buffers:
                 b.copy_(saved)
     return out
-
