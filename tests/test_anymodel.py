@@ -126,10 +126,11 @@ class LayerScale(nn.Module):
         return self.head((self.conv(x) * self.gamma).mean((2, 3)))
 
 
-def test_a_per_channel_parameter_the_graph_cannot_slice_keeps_its_channels():
+def test_a_per_channel_parameter_is_sliced_with_its_channels():
     model = LayerScale().eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         graph = ChannelGraph(model, torch.randn(2, 3, 8, 8))
-    assert any("untracked per-channel operand" in str(w.message) for w in caught)
-    assert graph.groups == []  # the conv's channels would need gamma sliced too: none is offered
+    assert not any("untracked per-channel operand" in str(w.message) for w in caught)
+    assert [g.layers for g in graph.groups] == [["", "conv", "head"]]  # gamma (the root's) goes with the conv
+    assert graph.pruned(set(graph.groups[0].channels[:2])).gamma.shape == (1, 4, 1, 1)

@@ -4,7 +4,11 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
 *channel* (one prunable unit) is a class of tied atoms. The rules, one per kind of operation:
 
 - conv / linear (groups 1): new atoms for its outputs; its weight's input dim is indexed by the input's atoms
-  (a linear layer only on [B, features]: on channels-last tensors, as in transformers, it is not mapped);
+  (a linear layer on [B, features], or on a channels-last [B, H, W, C] whose last dim holds the channels: a
+  1 x 1 conv, MACs = weight elements x H x W; on another last dim, as a transformer's tokens, it is not mapped);
+- ``permute`` / ``transpose`` (the ``Permute`` module too): the atoms move with the dim that holds them; on a
+  channels-last tensor only elementwise operations, activations, linear layers, layer norms and permutes are
+  followed (a pool or a view would read another dim as the channels: opaque);
 - depthwise conv (groups = in = out channels): its output channel i *is* its input channel i (tied), and the
   layer's groups shrink with it; another grouped conv (groups G): each of its groups, inputs and outputs, is
   one channel (tied), so a whole group goes and G shrinks (every group keeps its size: the layer stays one conv);
@@ -17,11 +21,16 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
   ``num_groups`` then shrink); subclasses of the torch layers that keep their forward are the layers;
 - GroupNorm (module or functional): each norm group's channels are one channel (tied: a group goes whole, its
   statistics never mix a removed channel with kept ones), and ``num_groups`` shrinks with ``num_channels``;
-  LayerNorm over the channels (``F.layer_norm`` after a permute) mixes them all: unprunable;
+  LayerNorm over the channels (``nn.LayerNorm`` or ``F.layer_norm`` on the channels-last dim: ConvNeXt's,
+  ``LayerNorm2d``'s) mixes them all: removing one changes the mean and variance of the rest, so a zeroed
+  channel is no removed one: the channels it reads are unprunable (ConvNeXt's residual stream; its MLP's
+  hidden units, between two linear layers, still prune, with masked == pruned exactly);
 - BatchNorm, activations, pooling, dropout, stochastic depth, identity, ``nn.Upsample`` / ``F.interpolate``: the
   same atoms pass through;
 - ``+ - * /`` of two tensors with the same channel count: channel i of every operand tied (residual sums,
-  squeeze-excitation's ``x * scale``); an operand with one channel (or none) broadcasts and ties nothing;
+  squeeze-excitation's ``x * scale``); an operand with one channel (or none) broadcasts and ties nothing; a
+  module's parameter with one value per channel (broadcasting aligns dims from the right: a layer scale
+  [C, 1, 1] on [B, C, H, W]) has that dim indexed by the channels' atoms (sliced and counted with them);
 - ``cat`` along channels: the operands' atoms one after another (DenseNet);
 - ``chunk(n, 1)``, and ``split(s, 1)`` with ``s = x.shape[1] // n`` computed at run time: each piece has its
   channel range's atoms, and channel j of every piece is tied (the pieces keep equal widths, so the pruned
@@ -138,6 +147,10 @@ REDUCING_FUNCTIONS |= {torch.var_mean, torch.std_mean}
 REDUCING_METHODS = {"mean", "var", "std", "sum", "amax", "amin"}
 SPLITTING = {torch.split, torch.chunk, torch.narrow, "split", "chunk", "narrow"}
 TRANSPOSING = {torch.transpose, "transpose", "permute", torch.permute}
+# what the rules follow on a channels-last tensor: elementwise, permutes, linear layers, layer norms
+CHANNELS_LAST_MODULES = ACTIVATION_MODULES + (nn.Identity, nn.Dropout, nn.Linear, nn.LayerNorm)
+CHANNELS_LAST_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | ELEMENTWISE | TRANSPOSING | {F.dropout, F.linear, F.layer_norm}
+CHANNELS_LAST_METHODS = PASS_METHODS | ELEMENTWISE_METHODS | TRANSPOSING
 
 
 def _stochastic_depth() -> tuple[type, ...]:
@@ -191,6 +204,7 @@ class ChannelGraph:
         self.activations: set[str] = set()  # the nonlinearities the network applies (ReLU, SiLU, ...)
         self.warnings: list[str] = []
         self.traces: list[tuple[bool, fx.GraphModule, dict, dict]] = []  # (training, trace, atoms, live)
+        self.channel_dims: list[dict[str, int]] = []  # per trace: node name -> the dim holding its channels
         for training, gm in traces(model, example):
             self.training, self.gm = training, gm
             self.atoms: dict[str, np.ndarray] = {}  # node name -> atom per channel (None: no channel dim)
@@ -201,9 +215,12 @@ class ChannelGraph:
             self.derived: set[str] = set()  # nodes computed from parameters alone (a standardised weight)
             self.pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # a split -> its pieces' (atoms, live)
             self.grids: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # a channel-split view -> 2-D (atoms, live)
+            self.cdim: dict[str, int] = {}  # node name -> the dim holding its channels (1 unless permuted)
             self._propagate()
             self.traces.append((training, gm, self.atoms, self.live))
+            self.channel_dims.append(self.cdim)
         _, self.gm, self.atoms, self.live = self.traces[0]
+        self.cdim = self.channel_dims[0]
         self._classes()
 
     # ------------------------------------------------------------------ atoms and their union-find
@@ -299,6 +316,8 @@ class ChannelGraph:
                 self._opaque(node, f"{getattr(node.target, '__name__', node.target)} of pieces of the channels")
             elif node.args and getattr(node.args[0], "name", None) in self.grids:
                 self._grid(node, shape)
+            elif not self._follows_channels_last(node):
+                self._opaque(node, f"{getattr(node.target, '__name__', node.target)} of a channels-last tensor")
             elif node.op == "call_module":
                 self._module(node, self.modules[node.target])
             elif node.op == "call_function":
@@ -306,7 +325,33 @@ class ChannelGraph:
             elif node.op == "call_method":
                 self._method(node, shape)
             # get_attr (a parameter or buffer read directly) has no atoms of its own
+            self._follow_cdim(node)
             self._follow_live(node)
+
+    def _channel_dim(self, arg) -> int:
+        """The dim of ``arg`` that holds its channels: 1, or where a permute moved it (channels last)."""
+        return self.cdim.get(arg.name, 1) if isinstance(arg, fx.Node) else 1
+
+    def _follows_channels_last(self, node) -> bool:
+        """Can the rules follow ``node`` on its inputs? Only elementwise operations, permutes, linear layers and
+        layer norms know where a channels-last tensor keeps its channels (a pool or a view would read H as C)."""
+        if all(self._channel_dim(a) == 1 for a in node.all_input_nodes if self._of(a) is not None):
+            return True
+        if node.op != "output" and self._shape(node) is None:  # x.shape, x.size(): no channels of its own
+            return True
+        if node.op == "call_module":
+            return isinstance(self.modules[node.target], CHANNELS_LAST_MODULES + _stochastic_depth())
+        if node.op == "call_function":
+            stochastic = getattr(node.target, "__module__", "").startswith("torchvision.ops.stochastic_depth")
+            return stochastic or node.target in CHANNELS_LAST_FUNCTIONS
+        return node.op == "output" or (node.op == "call_method" and node.target in CHANNELS_LAST_METHODS)
+
+    def _follow_cdim(self, node) -> None:
+        """A node's channel dim where no rule set it: its first channel-carrying input's (passed through)."""
+        if self.atoms.get(node.name) is not None and node.name not in self.cdim:
+            first = next((a for a in node.all_input_nodes if self._of(a) is not None), None)
+            if first is not None and self._channel_dim(first) != 1:
+                self.cdim[node.name] = self._channel_dim(first)
 
     def _carried(self, node) -> list[np.ndarray]:
         """The atoms of every channel ``node`` reads: its inputs', their pieces' and their grids'."""
@@ -378,6 +423,8 @@ class ChannelGraph:
                 self.live[node.name] = np.ones(len(x), bool)
         elif isinstance(m, nn.Flatten):
             self._flatten(node, x, m.start_dim, m.end_dim)
+        elif isinstance(m, nn.LayerNorm):
+            self._layer_norm(node, x, len(m.normalized_shape))
         else:
             self._opaque(node, f"module {node.target} ({type(m).__name__})")
 
@@ -437,12 +484,13 @@ class ChannelGraph:
         self.live[node.name] = np.zeros(len(out), bool)  # a masked channel's rows and bias are zero
 
     def _linear(self, node, x, weight, bias, shape) -> None:
-        """A linear layer on [B, features]: new atoms for its outputs; on other inputs it is opaque."""
+        """A linear layer on [B, features], or on the channels of a channels-last tensor [B, H, W, C] (a 1 x 1
+        conv): new atoms for its outputs; on other inputs (a last dim that is not the channels) it is opaque."""
         params, reduced = weight
         self._macs(node, params, shape, linear=True)
         src = self._shape(node.args[0])
-        # the atoms name dim 1; only on a [B, features] input is that the dim a linear layer reads
-        if x is None or src is None or len(src) != 2 or len(x) != shape[1]:
+        # a linear layer reads the last dim: only where that dim holds the atoms can it be mapped
+        if x is None or src is None or self._channel_dim(node.args[0]) != len(src) - 1 or len(x) != shape[1]:
             self._opaque(node, f"linear layer {node.name} on a tensor of {len(src or ())} dims (channels last)")
             return
         if not self._fits(params, shape) or not self._fits(bias, shape[:1]):
@@ -481,6 +529,19 @@ class ChannelGraph:
         self.norm_groups.setdefault(owner, x)
         self.atoms[node.name] = x
         self.live[node.name] = np.zeros(len(x), bool)  # a removed group is zero in, so zero out (beta zeroed)
+
+    def _layer_norm(self, node, x, normalised_dims: int) -> None:
+        """A LayerNorm over the channels alone (the last dim of a channels-last tensor, as ConvNeXt's): its mean and
+        variance run over every channel, so removing one would change the others' outputs and a zeroed channel
+        would not equal a removed one: the channels it reads stay whole (a ConvNeXt's residual stream), they pass
+        through. Over other dims it is opaque."""
+        src = self._shape(node.args[0])
+        if x is None or src is None or normalised_dims != 1 or self._channel_dim(node.args[0]) != len(src) - 1:
+            self._opaque(node, f"layer norm {node.name} over other dims than the channels")
+            return
+        self._block(x, f"a layer norm over the channels ({node.name})")
+        self.atoms[node.name] = x
+        self.live[node.name] = np.ones(len(x), bool)
 
     def _sources(self, arg) -> tuple[list[tuple[str, str]], set[int]] | None:
         """The module parameters a weight is computed from, and the dims a reduction in that computation runs over
@@ -575,6 +636,8 @@ class ChannelGraph:
                 self.live[node.name] = np.ones(len(self._of(first)), bool)
         elif fn in (F.conv2d, F.linear, F.batch_norm, F.group_norm):
             self._functional(node, fn)
+        elif fn is F.layer_norm:
+            self._layer_norm(node, self._of(first), len(_arg(node, 1, "normalized_shape")))
         elif fn in ELEMENTWISE:
             self._elementwise(node, shape)
         elif fn is torch.cat:
@@ -583,6 +646,8 @@ class ChannelGraph:
             self._split(node, fn.__name__)
         elif fn is torch.reshape:
             self._reshape(node, shape)
+        elif fn in TRANSPOSING and shape is not None:
+            self._permute(node, shape)
         elif fn is torch.flatten:
             self._flatten(node, self._of(first), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
         elif fn is torch.mean:
@@ -614,6 +679,8 @@ class ChannelGraph:
             self._flatten(node, self._of(first), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
         elif name in ("view", "reshape"):
             self._reshape(node, shape)
+        elif name in TRANSPOSING and shape is not None:
+            self._permute(node, shape)
         elif name in SPLITTING:
             self._split(node, name)
         elif name in ("size", "dim") or shape is None:
@@ -621,24 +688,46 @@ class ChannelGraph:
         else:
             self._opaque(node, f"method {name}")
 
+    def _per_channel(self, node, shape) -> tuple[list[np.ndarray], list[tuple[str, str, int]]] | None:
+        """The operands of an elementwise ``node`` that hold one value per channel (broadcasting aligns dims from
+        the right): the traced ones' atoms, and the parameters (module, name, dim) read directly (a layer scale
+        [C, 1, 1]); None when a per-channel operand is neither (surgery could not slice it) or lies otherwise."""
+        tracked = [a for a in node.args if isinstance(a, fx.Node) and self._of(a) is not None]
+        held = self._channel_dim(tracked[0]) if tracked else 1
+        full, params = [], []
+        for a in (a for a in node.args if isinstance(a, fx.Node)):
+            s = self._shape(a)
+            d = held - (len(shape) - len(s)) if s is not None else -1
+            if d < 0 or s[d] != shape[held] or shape[held] <= 1:
+                continue  # broadcast along the channels (one value for all), or no tensor
+            if self._of(a) is not None and self._channel_dim(a) == d:
+                full.append(self._of(a))
+            elif self._of(a) is None and a.op == "get_attr" and self._sources(a):
+                params += [(module, name, d) for module, name in self._sources(a)[0]]
+            else:
+                return None
+        return full, params
+
     def _elementwise(self, node, shape) -> None:
         if shape is None or len(shape) < 2:
             self._opaque(node, f"{node.target} on tensors without channels")
             return
-        operands = [(self._of(a), self._shape(a)) for a in node.args if isinstance(a, fx.Node)]
-        per_channel = [(atoms, s) for atoms, s in operands if s is not None and len(s) >= 2 and s[1] == shape[1] > 1]
-        full = [atoms for atoms, _ in per_channel if atoms is not None]
-        if not full or len(full) < len(per_channel):
-            # a per-channel operand the graph cannot follow (a parameter multiplied in, a layer scale): surgery could
-            # not slice it, so the channels stay
+        operands = [a for a in node.args if isinstance(a, fx.Node)]
+        found = self._per_channel(node, shape)
+        full, params = found if found is not None else ([], [])
+        if not full:
+            # a per-channel operand the graph cannot follow (a computed tensor multiplied in): surgery could not
+            # slice it, so the channels stay
             self._opaque(node, f"{getattr(node.target, '__name__', node.target)} with an untracked per-channel operand")
             return
         divisor = node.args[1] if node.target in DIVIDING and len(node.args) > 1 else None
-        if self._of(divisor) is not None and len(self._of(divisor)) == shape[1]:
+        if self._of(divisor) is not None and len(self._of(divisor)) == len(full[0]):
             self._opaque(node, "division by a per-channel tensor (a masked channel would divide by 0)")
             return
         for other in full[1:]:
             self._tie(full[0], other)
+        for module, name, d in params:  # a layer scale: its dim indexed by the channels, sliced with them
+            self._param(module, name, {d: full[0]})
         self.atoms[node.name] = full[0]
         tracked = [self.live[a.name] for a in node.args if isinstance(a, fx.Node) and self._of(a) is not None]
         tracked = [t for t in tracked if len(t) == len(full[0])]
@@ -651,7 +740,7 @@ class ChannelGraph:
             self.live[node.name] = numerator if same else np.ones(len(full[0]), bool)
         else:  # a sum is zero when every term is: not with a constant or a broadcast tensor added
             constant = any(isinstance(a, int | float) and a != 0 for a in node.args)
-            broadcast = constant or len(operands) > len(per_channel)
+            broadcast = constant or len(operands) > len(full)  # a broadcast tensor or a parameter added
             self.live[node.name] = np.ones(len(full[0]), bool) if broadcast else np.logical_or.reduce(tracked)
 
     def _cat(self, node) -> None:
@@ -825,6 +914,22 @@ class ChannelGraph:
         else:
             self._opaque(node, f"{getattr(name, '__name__', name)} of a channel grid")
 
+    def _permute(self, node, shape) -> None:
+        """``permute`` / ``transpose``: the atoms move with the dim that holds them (to the last: channels last)."""
+        src, x = node.args[0], self._of(node.args[0])
+        if x is None:
+            self._opaque(node, f"{getattr(node.target, '__name__', node.target)} of a tensor without channels")
+            return
+        ndim, held = len(shape), self._channel_dim(src)
+        if node.target in ("permute", torch.permute):
+            order = [d % ndim for d in (self._sizes(node) or _arg(node, 1, "dims"))]
+        else:
+            order = list(range(ndim))
+            i, j = (d % ndim for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+            order[i], order[j] = order[j], order[i]
+        self.atoms[node.name] = x
+        self.cdim[node.name] = order.index(held)
+
     def _flatten(self, node, x, start: int, end: int) -> None:
         src = self._shape(node.args[0])
         if x is None or src is None or start % len(src) != 1 or end % len(src) != len(src) - 1:
@@ -980,11 +1085,16 @@ class ChannelGraph:
         trace per mode where the modes trace differently (a module running the one of its mode)."""
         removed = np.fromiter(removed, np.int64, len(removed))
         root = copy.deepcopy(self.model)
-        masked = {training: self._masked(root, gm, atoms, removed) for training, gm, atoms, _ in self.traces}
+        masked = {
+            training: self._masked(root, gm, atoms, cdims, removed)
+            for (training, gm, atoms, _), cdims in zip(self.traces, self.channel_dims)
+        }
         return masked[False] if len(masked) == 1 else _BothModes(masked[False], masked[True])
 
-    def _masked(self, root: nn.Module, gm: fx.GraphModule, atoms: dict, removed: np.ndarray) -> fx.GraphModule:
-        """One trace on ``root``'s modules with the removed channels' atoms multiplied by 0."""
+    def _masked(
+        self, root: nn.Module, gm: fx.GraphModule, atoms: dict, cdims: dict, removed: np.ndarray
+    ) -> fx.GraphModule:
+        """One trace on ``root``'s modules with the removed channels' atoms (along the dim holding them) times 0."""
         out = fx.GraphModule(root, copy.deepcopy(gm.graph))
         shapes = {node.name: self._shape(node) for node in gm.graph.nodes}
         device = next(iter(root.buffers()), next(iter(root.parameters()), torch.zeros(0))).device
@@ -995,7 +1105,9 @@ class ChannelGraph:
             keep = self._kept(a, removed)
             if bool(keep.all()):
                 continue
-            mask = keep.float().reshape(1, -1, *([1] * (len(shapes[node.name]) - 2)))
+            sizes = [1] * len(shapes[node.name])
+            sizes[cdims.get(node.name, 1)] = -1
+            mask = keep.float().reshape(sizes)
             name = f"_mask_{node.name}"
             out.register_buffer(name, mask.to(device))
             with out.graph.inserting_after(node):
