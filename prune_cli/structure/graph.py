@@ -289,6 +289,7 @@ class ChannelGraph:
             out = self._new(shape[1])
             self._block(out, what)
             self.atoms[node.name] = out
+            self.cdim[node.name] = 1  # new atoms along dim 1, whatever layout its inputs had
 
     def _parametric(self, node) -> bool:
         """Is ``node`` computed from parameters alone (a weight's standardisation, a counter's update)?"""
