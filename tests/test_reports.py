@@ -100,7 +100,7 @@ def sweep_dir(root, seeds=(0, 1, 2), subdir="${hydra.job.num}"):
 
 def test_jobs_that_never_started_and_killed_runs_are_listed_and_exit_1(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    sweep_dir(sweep, seeds=(0, 1, 2, 3, 4, 5))
+    sweep_dir(sweep, seeds=(0, 1, 2, 3, 4, 5, 6))
     for job, seed in ((0, 0), (1, 1), (2, 2)):
         status = "done" if job == 0 else "running"
         make_run(sweep / str(job), seed, 60.0 + job, status=status, overrides=["criterion=l1", f"seed={seed}"])
@@ -109,6 +109,9 @@ def test_jobs_that_never_started_and_killed_runs_are_listed_and_exit_1(tmp_path,
     make_run(sweep / "5", 5, None, overrides=["criterion=l1", "seed=5"])  # killed after taking its lock, before
     (sweep / "5" / "status.json").unlink()  # it recorded anything
     (sweep / "5" / "run.lock").write_text("{}")
+    make_run(sweep / "6", 6, None, overrides=["criterion=l1", "seed=6"])  # killed before it took its lock
+    for name in ("status.json", "run.json"):
+        (sweep / "6" / name).unlink()
     holder = subprocess.Popen(  # job 2's process is alive: it holds its lock
         [sys.executable, "-c", "import fcntl,sys,time; f=open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); "
          "print('held', flush=True); time.sleep(60)", str(sweep / "2" / "run.lock")],
@@ -124,8 +127,8 @@ def test_jobs_that_never_started_and_killed_runs_are_listed_and_exit_1(tmp_path,
     assert code == 1
     assert "| 0 | done |" in out and "| 1 | dead |" in out and "| 2 | running |" in out and "| 5 | dead |" in out
     assert "1 (dead): the run ended without recording how (killed?)" in out
-    assert "5 (dead): the run ended without recording how (killed?)" in out
-    assert "never started (2 of 6 jobs): 3 (seed=3); 4 (seed=4)" in out
+    assert "5 (dead): the run ended without recording how (killed?)" in out and "| 6 | dead |" in out
+    assert "never started (2 of 7 jobs): 3 (seed=3); 4 (seed=4)" in out
     assert snapshot(sweep) == before
 
 
@@ -264,8 +267,8 @@ def test_a_killed_joblib_worker_fails_its_job_and_the_table_is_written(tmp_path)
     assert len(errors) == 1 and errors[0].startswith("error: hydra.launcher: TerminatedWorkerError: ")
     jobs = pd.read_csv(sweep / "sweep.csv")
     statuses = dict(zip(jobs["job"].astype(str), jobs["status"]))
-    # the pool stops every worker: job 0 finished first (done), was stopped with it (dead: it took its directory's
-    # lock, perhaps before it could record anything) or, on a loaded machine, never started (listed as such)
+    # the pool stops every worker: job 0 finished first (done), was stopped with it (dead, perhaps before it could
+    # record anything) or, on a loaded machine, never started (listed as such)
     assert statuses["1"] == "dead"
     assert statuses.get("0") in ("done", "dead") or ("never started" in r.stdout + r.stderr and "0" not in statuses)
     assert (sweep / "sweep_summary.md").is_file() and "| 1 | dead |" in r.stdout

@@ -51,8 +51,8 @@ def read_job(run_dir: Path, row: dict) -> dict:
         if status_file.is_file()
         else {"status": "unknown", "error": ""}
     )
-    if status["status"] == "unknown" and (run_dir / "run.lock").is_file():  # it took the lock, then recorded nothing
-        status["status"] = "running"
+    if status["status"] == "unknown" and not results.is_file():  # Hydra started it; it never recorded how it ran
+        status["status"] = "running"  # so it is running (its lock held) or was killed (dead)
     row["status"] = status["status"] if results.is_file() or status["status"] == "failed" else "failed"
     if status.get("error"):
         row["error"] = status["error"]
@@ -94,8 +94,8 @@ def read_job(run_dir: Path, row: dict) -> dict:
 PROVENANCE_COLUMNS = ("prune_cli", "torch", "device")
 
 
-# a sweep or report with such a job exits non-zero; dead: the run took its lock and no process holds it now, while
-# status.json says running or was never written
+# a sweep or report with such a job exits non-zero; dead: no process holds the run's lock now, while status.json
+# says running or was never written (killed before it recorded anything)
 NOT_DONE = ("failed", "unreadable", "interrupted", "dead")
 
 
