@@ -147,3 +147,60 @@ def run_interrupted(cfg, run_dir: Path, monkeypatch, at_epoch: int) -> None:
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg, run_dir)
     monkeypatch.setattr(loop, "train_epoch", real_epoch)
+
+
+def randomized(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """``model`` with its norm layers' affines (and BatchNorm statistics) drawn, so every channel changes the
+    output (a masked-versus-pruned comparison then means something); returned in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d | torch.nn.GroupNorm) and m.weight is not None:
+                n = m.weight.shape[0]
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+    return model.eval()
+
+
+def removal(graph, share: float = 0.5, seed: int = 0) -> set[int]:
+    """``share`` of every group of a channel graph's channels (rounded down, at least one kept), at random."""
+    g = torch.Generator().manual_seed(seed)
+    removed = set()
+    for group in graph.groups:
+        n = min(int(share * len(group.channels)), len(group.channels) - 1)
+        removed |= {group.channels[i] for i in torch.randperm(len(group.channels), generator=g)[:n].tolist()}
+    return removed
+
+
+def layer_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """MACs per image from each conv / linear layer's shapes and output size, seen by hooks in one eval-mode
+    forward of ``x[:1]`` (the convention: what inference costs; a linear layer once per position of its input,
+    so a channels-last one once per H x W position). The model's mode is left as it was."""
+    macs = []
+
+    def hook(m, inputs, out):
+        if isinstance(m, torch.nn.Conv2d):
+            macs.append(out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
+        else:
+            macs.append(m.in_features * out[0].numel())
+
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    return sum(macs)
+
+
+def shape_count(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(params, MACs per image), counted from the network itself: every parameter's elements, and
+    :func:`layer_macs`."""
+    return sum(p.numel() for p in model.parameters()), layer_macs(model, x)

@@ -12,63 +12,24 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from helpers import randomized, removal, shape_count
 from prune_cli.structure.graph import ChannelGraph
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg11_bn", "densenet121", "efficientnet_b0"]
 GROUPED = ["regnet_x_400mf", "resnext50_32x4d"]  # grouped convs: a whole conv group goes
 
 
-def randomized(name: str) -> nn.Module:
-    """Random init, 10 classes; BN statistics and affines drawn too, so every channel changes the output."""
+def randomized_network(name: str) -> nn.Module:
+    """A torchvision network: random init, 10 classes, norm layers drawn too (``helpers.randomized``)."""
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(num_classes=10)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    return model.eval()
-
-
-def removal(graph: ChannelGraph, share: float, seed: int) -> set[int]:
-    """``share`` of every group's channels (rounded down, at least one kept), chosen at random."""
-    g = torch.Generator().manual_seed(seed)
-    removed = set()
-    for group in graph.groups:
-        n = min(int(share * len(group.channels)), len(group.channels) - 1)
-        pick = torch.randperm(len(group.channels), generator=g)[:n].tolist()
-        removed |= {group.channels[i] for i in pick}
-    return removed
-
-
-def shape_count(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """Params from the parameters; MACs per image from each conv / linear layer's shapes and output size."""
-    macs = []
-
-    def hook(m, inputs, out):
-        if isinstance(m, nn.Conv2d):
-            per_pixel = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-            macs.append(out[0].numel() * per_pixel)
-        else:  # once per position of its input (a [B, features] input: once)
-            macs.append(m.in_features * out[0].numel())
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    with torch.no_grad():
-        model(x[:1])
-    for h in hooks:
-        h.remove()
-    return sum(p.numel() for p in model.parameters()), sum(macs)
+    return randomized(getattr(torchvision.models, name)(num_classes=10))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS + GROUPED)
 def test_pruned_equals_masked_and_counts_match(name):
     torch.set_num_threads(1)
-    model = randomized(name)
+    model = randomized_network(name)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every operation of these networks is mapped

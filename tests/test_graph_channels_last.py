@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
 import prune_cli
+from helpers import shape_count
 from prune_cli.structure.any_network import select
 from prune_cli.structure.graph import ChannelGraph
 
@@ -45,25 +46,6 @@ def tiny_convnext() -> nn.Module:
     return model
 
 
-def independent_count(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """Params: every parameter's elements. MACs per image: each conv's / linear layer's weight elements per
-    output position times its output positions (a channels-last linear layer: one per H x W position), by hooks."""
-    macs = []
-
-    def hook(m, inputs, out):
-        if isinstance(m, nn.Conv2d):
-            macs.append(out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
-        else:
-            macs.append(out[0].numel() * m.in_features)
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    with torch.no_grad():
-        model.eval()(x[:1])
-    for h in hooks:
-        h.remove()
-    return sum(p.numel() for p in model.parameters()), sum(macs)
-
-
 # model builder, its input side, (unprunable, all) channel counts by the rule: the network's input and output
 # channels and every channel a LayerNorm over the channels reads (the residual streams) stay; the MLP hidden
 # units (4 C per ConvNeXt block) and the transition's outputs prune
@@ -87,8 +69,8 @@ def test_a_convnext_prunes_its_mlp_and_masked_equals_pruned(name):
         with torch.no_grad():
             a, b = getattr(pruned, mode)()(x), getattr(masked, mode)()(x)
         assert (a - b).abs().max() <= 1e-4 * b.abs().max(), mode
-    assert (table["params"], table["macs"]) == independent_count(model, x)
-    assert (table["params_pruned"], table["macs_pruned"]) == independent_count(pruned, x)
+    assert (table["params"], table["macs"]) == shape_count(model, x)
+    assert (table["params_pruned"], table["macs_pruned"]) == shape_count(pruned, x)
 
 
 def test_the_layer_scale_and_the_linear_layers_are_sliced_with_their_channels():

@@ -14,56 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import prune_cli
+from helpers import randomized, removal, shape_count
 from prune_cli.core.errors import UserError
 from prune_cli.structure.graph import ChannelGraph
 
 Outputs = namedtuple("Outputs", ["logits", "aux"])
-
-
-def randomized(model: nn.Module) -> nn.Module:
-    """Seeded weights; norm layers' statistics and affines drawn too, so every channel changes the output."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d | nn.GroupNorm) and m.weight is not None:
-                n = m.weight.shape[0]
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
-    return model.eval()
-
-
-def removal(graph: ChannelGraph, share: float = 0.5, seed: int = 0) -> set[int]:
-    """``share`` of every group's channels (rounded down, at least one kept), chosen at random."""
-    g = torch.Generator().manual_seed(seed)
-    removed = set()
-    for group in graph.groups:
-        n = min(int(share * len(group.channels)), len(group.channels) - 1)
-        removed |= {group.channels[i] for i in torch.randperm(len(group.channels), generator=g)[:n].tolist()}
-    return removed
-
-
-def shape_count(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """Params from the parameters; MACs per image from each conv / linear layer's shapes and output size in one
-    eval-mode forward (the convention: what inference costs)."""
-    macs = []
-
-    def hook(m, inputs, out):
-        if isinstance(m, nn.Conv2d):
-            macs.append(out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
-        else:  # once per position of its input (a [B, features] input: once)
-            macs.append(m.in_features * out[0].numel())
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    training = model.training
-    with torch.no_grad():
-        model.eval()(x[:1])
-    model.train(training)
-    for h in hooks:
-        h.remove()
-    return sum(p.numel() for p in model.parameters()), sum(macs)
 
 
 def outputs(y) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import StochasticDepth
 
 import prune_cli
-from helpers import TINY, compose_config
+from helpers import TINY, compose_config, layer_macs, randomized
 from prune_cli.run import pipeline
 from prune_cli.structure.any_network import select
 from prune_cli.structure.graph import ChannelGraph
@@ -145,18 +145,10 @@ def prepared(family: str) -> nn.Module:
     randomness in train mode (dropout and stochastic depth off), in eval mode."""
     torch.manual_seed(0)
     model = NETWORKS[family][0]()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Dropout | StochasticDepth):
-                m.p = 0.0
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    return model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout | StochasticDepth):
+            m.p = 0.0
+    return randomized(model)
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -167,23 +159,9 @@ def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def shape_count(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """Params: every parameter of the conv, linear and norm layers. MACs per image: each conv / linear layer's
-    weight elements per output position times its output positions, seen by hooks in one eval-mode forward."""
+    """Params: every parameter of the conv, linear and norm layers (none lives elsewhere). MACs: ``layer_macs``."""
     params = sum(p.numel() for m in model.modules() if isinstance(m, LAYERS) for p in m.parameters(recurse=False))
-    macs = []
-
-    def hook(m, inputs, out):
-        if isinstance(m, nn.Conv2d):
-            macs.append(out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
-        else:
-            macs.append(out[0].numel() * m.in_features)
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    model.eval()
-    outputs(model, x[:1])
-    for h in hooks:
-        h.remove()
-    return params, sum(macs)
+    return params, layer_macs(model, x)
 
 
 @pytest.mark.parametrize("family", NETWORKS)
