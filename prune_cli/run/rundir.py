@@ -47,22 +47,29 @@ def read_run_checkpoint(path: Path) -> dict:
     return ck
 
 
-def check_directory(run_dir: Path, config: dict) -> None:
-    """Refuse a directory that another live run owns or that holds a run with a different config."""
+def recorded_config(run_dir: Path) -> dict | None:
+    """The config the run in ``run_dir`` recorded in its first checkpoint, or None when it has none yet."""
+    for path in sorted((Path(run_dir) / "checkpoints").glob("*.pt")):
+        return read_run_checkpoint(path)["config"]
+    return None
+
+
+def check_directory(run_dir: Path, config: dict, recorded: dict | None = None) -> None:
+    """Refuse a directory that another live run owns or that holds a run with a different config (``recorded``:
+    its config, when the caller has read it already)."""
     run_dir = Path(run_dir)
     owner = lock_owner(run_dir)
     if owner is not None:
         raise UserError("hydra.run.dir", f"{run_dir} is in use by another run ({owner}); wait for it or choose another")
-    for path in sorted((run_dir / "checkpoints").glob("*.pt")):
-        diff = config_differences(read_run_checkpoint(path)["config"], config)
-        if diff:
-            raise UserError(
-                "hydra.run.dir",
-                f"{run_dir} holds a run with a different config "
-                f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command "
-                "to resume it",
-            )
-        return
+    recorded = recorded if recorded is not None else recorded_config(run_dir)
+    diff = config_differences(recorded, config) if recorded is not None else []
+    if diff:
+        raise UserError(
+            "hydra.run.dir",
+            f"{run_dir} holds a run with a different config "
+            f"({', '.join(diff[:5])}); choose another directory, or repeat that run's command "
+            "to resume it",
+        )
 
 
 class RunDir:
@@ -121,13 +128,14 @@ class RunDir:
     def claim(self) -> None:
         """Own the directory for this run (refused while another run owns it or it holds another run); the other
         ranks of a distributed run use the directory rank 0 owns."""
+        recorded = recorded_config(self.dir)  # read once: the check and the settling below use it
         if distributed.is_main():
-            check_directory(self.dir, self.config)
+            check_directory(self.dir, self.config, recorded)
             acquire(self.dir)
-        for path in sorted(self.ckpt_dir.glob("*.pt"))[:1]:  # resumed: an option left at auto runs as recorded
-            for name, value in settled_on_resume(read_run_checkpoint(path)["config"], self.config).items():
+        if recorded is not None:  # resumed: an option left at auto runs as recorded
+            for name, value in settled_on_resume(recorded, self.config).items():
                 OmegaConf.update(self.cfg, name, value)
-                self.config = resolve(self.cfg)
+            self.config = resolve(self.cfg)
 
     def save(self, stage: str, models: list, *, done: bool, epoch: int = 0, optimizers=(), extra: dict | None = None):
         """``state_dict`` is the model that continues; ``states`` / ``optimizers`` hold every network of the stage."""
