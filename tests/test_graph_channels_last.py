@@ -1,6 +1,7 @@
 """ConvNeXt pruned as a CNN: the channels followed through permutes, channels-last Linear and LayerNorm, layer
-scale. A LayerNorm over the channels keeps them (its statistics run over all of them); the MLP hidden units
-between two linear layers prune, and the masked network equals the pruned one."""
+scale. The residual streams a LayerNorm over the channels reads prune too (the masked network normalises over
+the kept channels, as the pruned one does), and so do the MLP hidden units; the masked network equals the
+pruned one."""
 
 from __future__ import annotations
 
@@ -46,17 +47,16 @@ def tiny_convnext() -> nn.Module:
     return model
 
 
-# model builder, its input side, (unprunable, all) channel counts by the rule: the network's input and output
-# channels and every channel a LayerNorm over the channels reads (the residual streams) stay; the MLP hidden
-# units (4 C per ConvNeXt block) and the transition's outputs prune
+# model builder, its input side, (unprunable, all) channel counts: only the network's input and output channels
+# stay; the residual streams, the MLP hidden units (4 C per ConvNeXt block) and the transition's outputs prune
 NETWORKS = {
-    "block": (ConvNeXtLike, 4, (3 + 8 + 5, 3 + 8 + 16 + 12 + 5)),
-    "convnext": (tiny_convnext, 16, (3 + 8 + 16 + 10, 3 + 8 + 32 + 16 + 64 + 10)),
+    "block": (ConvNeXtLike, 4, (3 + 5, 3 + 8 + 16 + 12 + 5)),
+    "convnext": (tiny_convnext, 16, (3 + 10, 3 + 8 + 32 + 16 + 64 + 10)),
 }
 
 
 @pytest.mark.parametrize("name", NETWORKS)
-def test_a_convnext_prunes_its_mlp_and_masked_equals_pruned(name):
+def test_a_convnext_prunes_its_streams_and_mlps_and_masked_equals_pruned(name):
     build, side, (unprunable, channels) = NETWORKS[name]
     model = build()
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
@@ -76,9 +76,41 @@ def test_a_convnext_prunes_its_mlp_and_masked_equals_pruned(name):
 def test_the_layer_scale_and_the_linear_layers_are_sliced_with_their_channels():
     model, x = ConvNeXtLike(), torch.randn(2, 3, 4, 4)
     graph = ChannelGraph(model, x)
-    assert [g.layers for g in graph.groups] == [["fc1", "fc2"], ["", "head", "transition"]]
-    hidden, out = (set(g.channels[:3]) for g in graph.groups)
-    pruned = graph.pruned(hidden | out)
-    assert (pruned.fc1.out_features, pruned.fc2.in_features, pruned.fc2.out_features) == (13, 13, 8)
-    assert pruned.scale.shape == (8, 1, 1) and pruned.norm.weight.shape == (8,)  # the stream stays whole
+    assert [g.layers for g in graph.groups] == [
+        ["", "dw", "fc1", "fc2", "norm", "stem", "transition"],
+        ["fc1", "fc2"],
+        ["", "head", "transition"],
+    ]
+    stream, hidden, out = (set(g.channels[:3]) for g in graph.groups)
+    pruned = graph.pruned(stream | hidden | out)
+    assert (pruned.stem.out_channels, pruned.dw.groups, pruned.norm.weight.shape, pruned.scale.shape) == (
+        5,
+        5,
+        (5,),
+        (5, 1, 1),
+    )
+    assert (pruned.fc1.in_features, pruned.fc1.out_features, pruned.fc2.in_features, pruned.fc2.out_features) == (
+        5,
+        13,
+        13,
+        5,
+    )
     assert pruned.transition.out_features == pruned.head.in_features == 9 and pruned.scale2.shape == (9, 1, 1)
+
+
+def test_a_layer_norm_of_a_pruned_stream_normalises_over_the_kept_channels():
+    """The masked reference's layer norm against an explicit computation over the kept channels."""
+    torch.manual_seed(0)
+    model, x = ConvNeXtLike(), torch.randn(2, 3, 4, 4)
+    graph = ChannelGraph(model, x)
+    stream = graph.groups[0].channels
+    removed = {stream[1], stream[6]}
+    kept = [i for i in range(8) if i not in (1, 6)]
+    with torch.no_grad():
+        t = model.dw(model.stem(x)).permute(0, 2, 3, 1)[..., kept]
+        mean = t.mean(-1, keepdim=True)
+        var = ((t - mean) ** 2).mean(-1, keepdim=True)
+        expected = (t - mean) / torch.sqrt(var + model.norm.eps) * model.norm.weight[kept] + model.norm.bias[kept]
+        pruned = graph.pruned(removed)
+        got = pruned.norm(pruned.dw(pruned.stem(x)).permute(0, 2, 3, 1))
+    assert torch.allclose(got, expected, atol=1e-5)

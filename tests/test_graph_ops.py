@@ -207,14 +207,24 @@ class ChannelsFirstLayerNorm(nn.LayerNorm):
         return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias).permute(0, 3, 1, 2)
 
 
-def test_a_norm_over_the_channels_keeps_them():
-    """LayerNorm over the channels mixes them all: removing one changes every other's statistics."""
+def test_a_norm_over_the_channels_prunes_them_with_its_weight_and_bias():
+    """A channels-first LayerNorm (``F.layer_norm`` on its module's parameters): its channels prune with the
+    conv producing them, its weight and bias sliced, ``normalized_shape`` following; a functional layer norm on a
+    constant shape without a LayerNorm's parameters keeps its channels (the constant could not follow)."""
     model = nn.Sequential(nn.Conv2d(3, 8, 1), ChannelsFirstLayerNorm(8), nn.Conv2d(8, 4, 1), nn.Conv2d(4, 4, 1))
+    graph = ChannelGraph(randomized(model).eval(), torch.randn(2, 3, 4, 4))
+    assert [g.layers for g in graph.groups] == [["0", "1", "2"], ["2", "3"]]
+    pruned, _ = check(model, torch.randn(2, 3, 4, 4), graph=graph)
+    assert pruned[1].normalized_shape == pruned[1].weight.shape == (pruned[0].out_channels,)
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return F.layer_norm(x.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
+
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        graph = ChannelGraph(model.eval(), torch.randn(2, 3, 4, 4))
-    assert [g.layers for g in graph.groups] == [["2", "3"]]
-    check(model, torch.randn(2, 3, 4, 4), graph=graph)
+        graph = ChannelGraph(nn.Sequential(nn.Conv2d(3, 8, 1), Fixed(), nn.Conv2d(8, 4, 1)), torch.randn(2, 3, 4, 4))
+    assert graph.groups == [] and any("layer norm" in r for r in graph.share_unprunable()[1])
 
 
 # ---------------------------------------------------------------------- 4. GroupNorm

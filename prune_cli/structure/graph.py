@@ -22,9 +22,10 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
 - GroupNorm (module or functional): each norm group's channels are one channel (tied: a group goes whole, its
   statistics never mix a removed channel with kept ones), and ``num_groups`` shrinks with ``num_channels``;
   LayerNorm over the channels (``nn.LayerNorm`` or ``F.layer_norm`` on the channels-last dim: ConvNeXt's,
-  ``LayerNorm2d``'s) mixes them all: removing one changes the mean and variance of the rest, so a zeroed
-  channel is no removed one: the channels it reads are unprunable (ConvNeXt's residual stream; its MLP's
-  hidden units, between two linear layers, still prune, with masked == pruned exactly);
+  ``LayerNorm2d``'s, a transformer's): its weight and bias are indexed by the channels, which pass through; its
+  mean and variance run over the channels there are, so removing one changes the others' statistics: the
+  masked network (:meth:`ChannelGraph.masked`) normalises over the kept channels alone, as the pruned one does
+  (a zeroed channel alone is no removed one there);
 - BatchNorm, activations, pooling, dropout, stochastic depth, identity, ``nn.Upsample`` / ``F.interpolate``: the
   same atoms pass through;
 - ``+ - * /`` of two tensors with the same channel count: channel i of every operand tied (residual sums,
@@ -168,6 +169,19 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
 
 
 @dataclass
+class _Trace:
+    """One mode's trace and what propagation learnt of it: per node, its channels' atoms, which of them may be
+    nonzero though masked, and the dim holding them; the layer norms over the channels."""
+
+    training: bool
+    gm: fx.GraphModule
+    atoms: dict[str, np.ndarray]
+    live: dict[str, np.ndarray]
+    cdim: dict[str, int]
+    layer_norms: set[str]
+
+
+@dataclass
 class Group:
     """Channels that live in the same layers: removing one removes its rows / columns in each of ``layers``."""
 
@@ -203,8 +217,7 @@ class ChannelGraph:
         self.unsafe: set[int] = set()  # atoms a conv / linear layer reads while live: the mask would not remove them
         self.activations: set[str] = set()  # the nonlinearities the network applies (ReLU, SiLU, ...)
         self.warnings: list[str] = []
-        self.traces: list[tuple[bool, fx.GraphModule, dict, dict]] = []  # (training, trace, atoms, live)
-        self.channel_dims: list[dict[str, int]] = []  # per trace: node name -> the dim holding its channels
+        self.traces: list[_Trace] = []
         for training, gm in traces(model, example):
             self.training, self.gm = training, gm
             self.atoms: dict[str, np.ndarray] = {}  # node name -> atom per channel (None: no channel dim)
@@ -216,11 +229,11 @@ class ChannelGraph:
             self.pieces: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # a split -> its pieces' (atoms, live)
             self.grids: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # a channel-split view -> 2-D (atoms, live)
             self.cdim: dict[str, int] = {}  # node name -> the dim holding its channels (1 unless permuted)
+            self.layer_norms: set[str] = set()  # the layer norms over the channels (masked: over the kept ones)
             self._propagate()
-            self.traces.append((training, gm, self.atoms, self.live))
-            self.channel_dims.append(self.cdim)
-        _, self.gm, self.atoms, self.live = self.traces[0]
-        self.cdim = self.channel_dims[0]
+            self.traces.append(_Trace(training, gm, self.atoms, self.live, self.cdim, self.layer_norms))
+        first = self.traces[0]
+        self.gm, self.atoms, self.live, self.cdim = first.gm, first.atoms, first.live, first.cdim
         self._classes()
 
     # ------------------------------------------------------------------ atoms and their union-find
@@ -425,7 +438,8 @@ class ChannelGraph:
         elif isinstance(m, nn.Flatten):
             self._flatten(node, x, m.start_dim, m.end_dim)
         elif isinstance(m, nn.LayerNorm):
-            self._layer_norm(node, x, len(m.normalized_shape))
+            own = [(node.target, p) for p in ("weight", "bias") if getattr(m, p, None) is not None]
+            self._layer_norm(node, x, len(m.normalized_shape), own)
         else:
             self._opaque(node, f"module {node.target} ({type(m).__name__})")
 
@@ -531,18 +545,24 @@ class ChannelGraph:
         self.atoms[node.name] = x
         self.live[node.name] = np.zeros(len(x), bool)  # a removed group is zero in, so zero out (beta zeroed)
 
-    def _layer_norm(self, node, x, normalised_dims: int) -> None:
-        """A LayerNorm over the channels alone (the last dim of a channels-last tensor, as ConvNeXt's): its mean and
-        variance run over every channel, so removing one would change the others' outputs and a zeroed channel
-        would not equal a removed one: the channels it reads stay whole (a ConvNeXt's residual stream), they pass
-        through. Over other dims it is opaque."""
+    def _layer_norm(self, node, x, normalised_dims: int, params: list[tuple[str, str]] | None) -> None:
+        """A LayerNorm over the channels alone (the last dim of a channels-last tensor: ConvNeXt's, a transformer's):
+        its ``params`` (weight, bias) indexed by the channels, which pass through; the masked network normalises it
+        over the kept channels alone (``_masked``). Over other dims, or on a weight computed otherwise, opaque."""
         src = self._shape(node.args[0])
         if x is None or src is None or normalised_dims != 1 or self._channel_dim(node.args[0]) != len(src) - 1:
             self._opaque(node, f"layer norm {node.name} over other dims than the channels")
             return
-        self._block(x, f"a layer norm over the channels ({node.name})")
+        owners = {self.modules[module] for module, _ in params or []}
+        if not params or not self._fits(params, (len(x),)) or not all(isinstance(m, nn.LayerNorm) for m in owners):
+            # its width is then a constant of the code (``normalized_shape``) surgery could not follow
+            self._opaque(node, f"layer norm {node.name} without a LayerNorm's weight and bias to slice")
+            return
+        for module, name in params:
+            self._param(module, name, {0: x})
+        self.layer_norms.add(node.name)
         self.atoms[node.name] = x
-        self.live[node.name] = np.ones(len(x), bool)
+        self.live[node.name] = np.zeros(len(x), bool)  # its gamma and beta zeroed: 0 whatever comes in
 
     def _sources(self, arg) -> tuple[list[tuple[str, str]], set[int]] | None:
         """The module parameters a weight is computed from, and the dims a reduction in that computation runs over
@@ -638,7 +658,9 @@ class ChannelGraph:
         elif fn in (F.conv2d, F.linear, F.batch_norm, F.group_norm):
             self._functional(node, fn)
         elif fn is F.layer_norm:
-            self._layer_norm(node, self._of(first), len(_arg(node, 1, "normalized_shape")))
+            found = [self._sources(_arg(node, i, name)) for i, name in ((2, "weight"), (3, "bias"))]
+            params = None if None in found or any(f[1] for f in found) else [p for f in found for p in f[0]]
+            self._layer_norm(node, self._of(first), len(_arg(node, 1, "normalized_shape")), params)
         elif fn in ELEMENTWISE:
             self._elementwise(node, shape)
         elif fn is torch.cat:
@@ -1082,43 +1104,75 @@ class ChannelGraph:
         return model
 
     def masked(self, removed: set[int]) -> nn.Module:
-        """The unmodified network, traced, with every tensor multiplied by 0 at the removed channels' atoms; one
-        trace per mode where the modes trace differently (a module running the one of its mode)."""
+        """The unmodified network, traced, with every tensor multiplied by 0 at the removed channels' atoms and
+        every layer norm over the channels normalising over the kept ones; one trace per mode where the modes trace
+        differently (a module running the one of its mode)."""
         removed = np.fromiter(removed, np.int64, len(removed))
         root = copy.deepcopy(self.model)
-        masked = {
-            training: self._masked(root, gm, atoms, cdims, removed)
-            for (training, gm, atoms, _), cdims in zip(self.traces, self.channel_dims)
-        }
+        masked = {t.training: self._masked(root, t, removed) for t in self.traces}
         return masked[False] if len(masked) == 1 else _BothModes(masked[False], masked[True])
 
-    def _masked(
-        self, root: nn.Module, gm: fx.GraphModule, atoms: dict, cdims: dict, removed: np.ndarray
-    ) -> fx.GraphModule:
+    def _masked(self, root: nn.Module, trace: _Trace, removed: np.ndarray) -> fx.GraphModule:
         """One trace on ``root``'s modules with the removed channels' atoms (along the dim holding them) times 0."""
-        out = fx.GraphModule(root, copy.deepcopy(gm.graph))
-        shapes = {node.name: self._shape(node) for node in gm.graph.nodes}
+        out = fx.GraphModule(root, copy.deepcopy(trace.gm.graph))
+        shapes = {node.name: self._shape(node) for node in trace.gm.graph.nodes}
         device = next(iter(root.buffers()), next(iter(root.parameters()), torch.zeros(0))).device
         for node in list(out.graph.nodes):
-            a = atoms.get(node.name)
+            a = trace.atoms.get(node.name)
             if a is None or node.op in ("placeholder", "output"):
                 continue
             keep = self._kept(a, removed)
             if bool(keep.all()):
                 continue
-            sizes = [1] * len(shapes[node.name])
-            sizes[cdims.get(node.name, 1)] = -1
-            mask = keep.float().reshape(sizes)
             name = f"_mask_{node.name}"
-            out.register_buffer(name, mask.to(device))
+            out.register_buffer(name, keep.float().to(device))
             with out.graph.inserting_after(node):
                 getter = out.graph.get_attr(name)
+            sizes = [1] * len(shapes[node.name])
+            sizes[trace.cdim.get(node.name, 1)] = -1
             with out.graph.inserting_after(getter):
-                product = out.graph.call_function(operator.mul, (node, getter))
-            node.replace_all_uses_with(product, delete_user_cb=lambda user, p=product: user is not p)
+                mask = out.graph.call_method("reshape", (getter, sizes))
+            result = node
+            if node.name in trace.layer_norms:
+                with out.graph.inserting_after(mask):
+                    result = out.graph.call_function(kept_layer_norm, (*_layer_norm_args(out, node), getter))
+                node.replace_all_uses_with(result, delete_user_cb=lambda user, r=result: user is not r)
+            with out.graph.inserting_after(mask if result is node else result):
+                product = out.graph.call_function(operator.mul, (result, mask))
+            result.replace_all_uses_with(product, delete_user_cb=lambda user, p=product: user is not p)
         out.graph.lint()
         out.recompile()
         return out
+
+
+def _layer_norm_args(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    """(input, weight, bias, eps) of a layer norm node, a module's call or ``F.layer_norm``'s."""
+    if node.op == "call_function":
+        return tuple(
+            _arg(node, i, name, default)
+            for i, name, default in ((0, "input", None), (2, "weight", None), (3, "bias", None), (4, "eps", 1e-5))
+        )
+    m = gm.get_submodule(node.target)
+    with gm.graph.inserting_before(node):
+        weight, bias = (
+            gm.graph.get_attr(f"{node.target}.{p}") if getattr(m, p, None) is not None else None
+            for p in ("weight", "bias")
+        )
+    return node.args[0], weight, bias, m.eps
+
+
+def kept_layer_norm(x, weight, bias, eps: float, keep):
+    """A layer norm over the last dim's kept channels alone (``keep``: 1 or 0 per channel), as the network pruned
+    of the others computes it; the removed channels' outputs are 0."""
+    n = keep.sum()
+    mean = (x * keep).sum(-1, keepdim=True) / n
+    var = ((x - mean) * keep).pow(2).sum(-1, keepdim=True) / n
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y * keep
 
 
 def _resize(m: nn.Module) -> None:
@@ -1132,3 +1186,5 @@ def _resize(m: nn.Module) -> None:
         m.out_features, m.in_features = m.weight.shape
     elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
         m.num_features = m.running_mean.shape[0] if m.running_mean is not None else m.weight.shape[0]
+    elif isinstance(m, nn.LayerNorm):
+        m.normalized_shape = tuple(m.weight.shape)
