@@ -14,6 +14,7 @@ from hydra import initialize_config_dir
 import fakedata
 from prune_cli.cli.run import CONF_DIR
 from prune_cli.run.tables import timing_column
+from prune_cli.structure.attention import HeadAttention, form
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden"  # results tables captured before the architecture changed
@@ -150,8 +151,8 @@ def run_interrupted(cfg, run_dir: Path, monkeypatch, at_epoch: int) -> None:
 
 
 def randomized(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """``model`` with its norm layers' affines (and BatchNorm statistics) drawn, so every channel changes the
-    output (a masked-versus-pruned comparison then means something); returned in eval mode."""
+    """``model`` with its norm layers' affines (and BatchNorm statistics) and its all-zero weights drawn, so every
+    channel changes the output (a masked-versus-pruned comparison then means something); returned in eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -162,6 +163,14 @@ def randomized(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+        g = torch.Generator().manual_seed(seed + 1)  # a transformer's: the draws above stay as they were
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+        for p in model.parameters():  # zero at init (ViT's head and class token): they would hide the channels
+            if p.dim() > 1 and not p.any():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
     return model.eval()
 
 
@@ -178,17 +187,27 @@ def removal(graph, share: float = 0.5, seed: int = 0) -> set[int]:
 def layer_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     """MACs per image from each conv / linear layer's shapes and output size, seen by hooks in one eval-mode
     forward of ``x[:1]`` (the convention: what inference costs; a linear layer once per position of its input,
-    so a channels-last one once per H x W position). The model's mode is left as it was."""
+    so a channels-last one once per H x W position; self-attention on N tokens: its projections once per token
+    and its matmuls QK^T and AV, N x N x (q's width + v's width)). The model's mode is left as it was."""
     macs = []
 
     def hook(m, inputs, out):
         if isinstance(m, torch.nn.Conv2d):
             macs.append(out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
-        else:
+        elif isinstance(m, torch.nn.Linear):
             macs.append(m.in_features * out[0].numel())
+        elif isinstance(m, torch.nn.MultiheadAttention | HeadAttention):  # its projections are no modules called
+            tokens = inputs[0].shape[1 if m.batch_first else 0]
+            width = m.in_proj_weight.shape[0] // 3
+            macs.append(tokens * (m.in_proj_weight.numel() + m.out_proj.weight.numel()) + 2 * tokens**2 * width)
+        else:  # the qkv form: its linear layers are hooked themselves
+            macs.append(2 * inputs[0].shape[1] ** 2 * m.qkv.out_features // 3)
 
-    layers = (torch.nn.Conv2d, torch.nn.Linear)
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
+    def counted(m) -> bool:
+        return isinstance(m, torch.nn.Conv2d | torch.nn.Linear) or form(m) is not None
+
+    inside = {id(c) for m in model.modules() if form(m) == "multihead" for c in m.modules() if c is not m}
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if counted(m) and id(m) not in inside]
     training = model.training
     try:
         with torch.no_grad():

@@ -7,6 +7,10 @@ lowest-scoring channels go first, over the whole network (``scope="global"``) or
 (``scope="group"``: the lowest 1/n of each group of n, then the next), until ``ratio`` of the ``target``
 (channels, params or MACs, counted exactly from the graph) is removed, by the pipeline's rule (the closest amount
 whole channels reach, ``closest``); every group keeps at least ``min_channels``.
+
+Attention layers (``attention.py``) lose whole heads (``attention="heads"``), one position of every head
+(``"head_width"``) or nothing (``"none"``); a unit's score is the sum over its q, k and v rows of each row's norm
+divided by the packed projection's mean row norm (as a channel's over its producers' rows).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from prune_cli.core.errors import UserError, one_line
+from prune_cli.structure.attention import MODES
 from prune_cli.structure.graph import ChannelGraph
 from prune_cli.structure.selection import check_target
 
@@ -80,7 +85,9 @@ def channel_scores(
     scores = dict.fromkeys(prunable, 0.0)
     params = dict(graph.model.named_parameters())
     for (module, param), dims in graph.dims.items():
-        if param != "weight" or 0 not in dims or not isinstance(graph.modules[module], nn.Conv2d | nn.Linear):
+        layer = param == "weight" and isinstance(graph.modules[module], nn.Conv2d | nn.Linear)
+        heads = (module, param) in graph.inner and param.endswith("weight")  # an attention's packed q, k, v rows
+        if 0 not in dims or not (layer or heads):
             continue
         w = params[f"{module}.{param}"].detach().flatten(1).float()
         norms = w.abs().sum(1) if criterion == "l1" else w.pow(2).sum(1).sqrt()
@@ -171,6 +178,7 @@ def closest(order: list[int], amount, ratio: float, group_of: dict[int, int]) ->
 
 
 SELECT_DEFAULTS = {
+    "attention": "heads",
     "target": "params",
     "criterion": "l1",
     "scope": "global",
@@ -190,16 +198,21 @@ def _known(options: dict) -> dict:
 
 def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options) -> tuple[nn.Module, dict]:
     """``(pruned model, table)``: a copy of ``model`` without the channels :func:`select` picks with ``options``
-    (target, criterion, scope, normalize, min_channels, seed; ``model`` is left as it was), and what happened:
+    (attention, target, criterion, scope, normalize, min_channels, seed; ``model`` is left as it was), and what
+    happened:
     params and MACs before and after (exact counts), channels removed, groups, and the channels the graph could
     not prune with the reason for each.
 
     Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument (unknown option values list the
     accepted ones); nothing is printed."""
-    check_options(ratio, **{**SELECT_DEFAULTS, **_known(options)})
+    options = {**SELECT_DEFAULTS, **_known(options)}
+    attention = options.pop("attention")
+    check_options(ratio, **options)
+    if attention not in MODES:
+        raise ValueError(f"attention must be one of {MODES}, got {attention!r}")
     check_example(model, example_input)
     try:
-        graph = ChannelGraph(model, example_input)
+        graph = ChannelGraph(model, example_input, attention)
     except UserError as e:  # the graph's one line, as the Python API's exception
         raise ValueError(str(e)) from None
     removed = select(graph, ratio, **options)

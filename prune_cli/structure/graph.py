@@ -86,6 +86,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from prune_cli.structure import attention as attn
 from prune_cli.structure.trace import traces
 
 ACTIVATION_MODULES = (
@@ -142,7 +143,7 @@ ELEMENTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
 WEIGHT_FUNCTIONS = ELEMENTWISE | {operator.neg, operator.pow, torch.sqrt, torch.rsqrt, torch.abs, torch.pow}
 WEIGHT_FUNCTIONS |= {torch.clamp, torch.exp, torch.neg, torch.sign, torch.tanh, torch.sigmoid}
 WEIGHT_METHODS = ELEMENTWISE_METHODS | {"sqrt", "rsqrt", "abs", "pow", "clamp", "clamp_min", "clamp_max", "neg"}
-WEIGHT_METHODS |= {"exp", "sign", "to", "float", "contiguous", "detach", "type_as"}
+WEIGHT_METHODS |= {"exp", "sign", "to", "float", "contiguous", "detach", "type_as", "expand"}
 REDUCING_FUNCTIONS = {torch.mean, torch.var, torch.std, torch.sum, torch.amax, torch.amin}
 REDUCING_FUNCTIONS |= {torch.var_mean, torch.std_mean}
 REDUCING_METHODS = {"mean", "var", "std", "sum", "amax", "amin"}
@@ -150,8 +151,10 @@ SPLITTING = {torch.split, torch.chunk, torch.narrow, "split", "chunk", "narrow"}
 TRANSPOSING = {torch.transpose, "transpose", "permute", torch.permute}
 # what the rules follow on a channels-last tensor: elementwise, permutes, linear layers, layer norms
 CHANNELS_LAST_MODULES = ACTIVATION_MODULES + (nn.Identity, nn.Dropout, nn.Linear, nn.LayerNorm)
+# (and views, concatenations and indexing, whose rules find the channels' dim)
 CHANNELS_LAST_FUNCTIONS = set(ACTIVATION_FUNCTIONS) | ELEMENTWISE | TRANSPOSING | {F.dropout, F.linear, F.layer_norm}
-CHANNELS_LAST_METHODS = PASS_METHODS | ELEMENTWISE_METHODS | TRANSPOSING
+CHANNELS_LAST_FUNCTIONS |= {torch.reshape, torch.cat, operator.getitem, torch.flatten, torch.mean}
+CHANNELS_LAST_METHODS = PASS_METHODS | ELEMENTWISE_METHODS | TRANSPOSING | {"view", "reshape", "flatten", "mean"}
 
 
 def _stochastic_depth() -> tuple[type, ...]:
@@ -204,9 +207,12 @@ class _BothModes(nn.Module):
 class ChannelGraph:
     """Coupled channels of ``model`` (traced on ``example``, one batch of inputs, in every mode)."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor):
+    def __init__(self, model: nn.Module, example: torch.Tensor, attention: str = "heads"):
+        if attention not in attn.MODES:
+            raise ValueError(f"attention must be one of {attn.MODES}, got {attention!r}")
         self.model = model
         self.modules = dict(model.named_modules())
+        self.attention = attention  # what goes of an attention layer: whole heads, a width of every head, or nothing
         self.parent: list[int] = []
         self.blocked: set[int] = set()
         self.why: dict[int, str] = {}  # a blocked atom -> the operation that blocked it
@@ -214,6 +220,10 @@ class ChannelGraph:
         self.pixels: dict[tuple[str, str], int] = {}  # (module, weight) -> output pixels per image, eval-mode calls
         self.pads: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # padding module -> atoms it pads before / after
         self.norm_groups: dict[str, np.ndarray] = {}  # GroupNorm module -> the atoms it normalises
+        self.width_attributes: dict[tuple[str, str], np.ndarray] = {}  # (module, int attribute) -> atoms it counts
+        self.attentions: dict[str, tuple[np.ndarray, int, int, float]] = {}  # module -> (units, heads, width, scale)
+        self.inner: dict[tuple[str, str], np.ndarray] = {}  # a leaf's tensor -> the units of its rows (masked: zeroed)
+        self.matmuls: list[tuple[np.ndarray, int]] = []  # attention's (units of q's rows, query x key tokens / image)
         self.unsafe: set[int] = set()  # atoms a conv / linear layer reads while live: the mask would not remove them
         self.activations: set[str] = set()  # the nonlinearities the network applies (ReLU, SiLU, ...)
         self.warnings: list[str] = []
@@ -307,11 +317,13 @@ class ChannelGraph:
     def _parametric(self, node) -> bool:
         """Is ``node`` computed from parameters alone (a weight's standardisation, a counter's update)?"""
         inputs = node.all_input_nodes
-        return (
-            node.op in ("call_function", "call_method")
-            and bool(inputs)
-            and all(a.op == "get_attr" or a.name in self.derived for a in inputs)
-        )
+        params = [a for a in inputs if a.op == "get_attr" or a.name in self.derived]
+        sizes = [a for a in inputs if a not in params and self._is_size(a)]  # x.shape[0]: numbers, no tensor
+        return node.op in ("call_function", "call_method") and bool(params) and len(params) + len(sizes) == len(inputs)
+
+    def _is_size(self, node) -> bool:
+        """Is ``node`` a number or sizes (``x.shape[0]``), no tensor?"""
+        return self._shape(node) is None and self._of(node) is None and node.name not in self.pieces
 
     def _propagate(self) -> None:
         for node in self.gm.graph.nodes:
@@ -354,7 +366,8 @@ class ChannelGraph:
         if node.op != "output" and self._shape(node) is None:  # x.shape, x.size(): no channels of its own
             return True
         if node.op == "call_module":
-            return isinstance(self.modules[node.target], CHANNELS_LAST_MODULES + _stochastic_depth())
+            m = self.modules[node.target]
+            return isinstance(m, CHANNELS_LAST_MODULES + _stochastic_depth()) or attn.form(m) is not None
         if node.op == "call_function":
             stochastic = getattr(node.target, "__module__", "").startswith("torchvision.ops.stochastic_depth")
             return stochastic or node.target in CHANNELS_LAST_FUNCTIONS
@@ -418,7 +431,9 @@ class ChannelGraph:
         x = self._of(node.args[0]) if node.args else None
         weight = [(node.target, "weight")]
         bias = [(node.target, "bias")] if getattr(m, "bias", None) is not None else []
-        if isinstance(m, nn.Conv2d):
+        if attn.form(m) is not None:
+            self._attention(node, m)
+        elif isinstance(m, nn.Conv2d):
             self._conv(node, x, (weight, set()), bias, m.groups, m, tuple(m.weight.shape))
         elif isinstance(m, nn.Linear):
             self._linear(node, x, (weight, set()), bias, tuple(m.weight.shape))
@@ -564,6 +579,55 @@ class ChannelGraph:
         self.atoms[node.name] = x
         self.live[node.name] = np.zeros(len(x), bool)  # its gamma and beta zeroed: 0 whatever comes in
 
+    def _attention(self, node, m: nn.Module) -> None:
+        """Self-attention of a known form (``attention.py``) on [B, N, E] (channels last): its q, k, v rows indexed
+        by units (whole heads or a position of every head, by ``heads``; ``"none"``: every row its own unprunable
+        atom), its input columns by the input's channels, its output projection's columns by the units and its
+        rows by new atoms; the matmuls QK^T and AV counted per unit."""
+        query = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        x, src = self._of(query), self._shape(query)
+        why = attn.refusal(m, node, query, self.attention)
+        if why is None and (x is None or src is None or len(src) != 3 or self._channel_dim(query) != 2):
+            why = "an input other than [batch, tokens, channels]"
+        if why is not None:
+            self._opaque(node, f"attention {node.target} ({why})")
+            return
+        weight, proj, heads, width = attn.parts(m)
+        inner, _, name = f"{node.target}.{weight}".rpartition(".")
+        if self.attention == "none":
+            units = self._new(heads * width)
+            self._block(units, f"attention heads kept whole (attention='none', {node.target})")
+            rows = units
+        else:
+            units = self._new(heads if self.attention == "heads" else width)
+            rows = attn.unit_rows(units, self.attention, heads, width)
+        packed = np.tile(rows, 3)  # q, k, v
+        self._read(query)
+        proj = f"{node.target}.{proj}"
+        out = self._new(self.modules[proj].weight.shape[0])
+        bias = "in_proj_bias" if name == "in_proj_weight" else "bias"
+        for module, param, dims in ((inner, name, {0: packed, 1: x}), (proj, "weight", {0: out, 1: rows})):
+            self._param(module, param, dims)
+        for module, param, atoms in ((inner, bias, packed), (proj, "bias", out)):
+            if getattr(self.modules[module], param, None) is not None:
+                self._param(module, param, {0: atoms})
+        self.inner[(inner, name)] = packed
+        if getattr(self.modules[inner], bias, None) is not None:
+            self.inner[(inner, bias)] = packed
+        if node.target in self.attentions:  # the other mode's trace: the same units
+            self._tie(self.attentions[node.target][0], units)
+        self.attentions.setdefault(node.target, (units, heads, width, attn.scale(m)))
+        if not self.training:  # per image: one sequence of N tokens (batch first, or [N, B, E])
+            tokens = src[1] if getattr(m, "batch_first", True) else src[0]
+            for key in ((inner, name), (proj, "weight")):
+                self.pixels[key] = self.pixels.get(key, 0) + tokens
+            self.matmuls.append((rows, tokens * tokens))
+        self.cdim[node.name] = 2
+        if attn.form(m) == "multihead":  # (output, weights)
+            self.pieces[node.name] = [(out, np.zeros(len(out), bool)), (None, None)]
+        else:
+            self.atoms[node.name], self.live[node.name] = out, np.zeros(len(out), bool)
+
     def _sources(self, arg) -> tuple[list[tuple[str, str]], set[int]] | None:
         """The module parameters a weight is computed from, and the dims a reduction in that computation runs over
         (row i from row i elsewhere); None when it is computed otherwise (or is no parameter)."""
@@ -585,6 +649,8 @@ class ChannelGraph:
             return None
         params, reduced = [], set()
         for a in arg.all_input_nodes:
+            if a.op != "get_attr" and a.name not in self.derived and self._is_size(a):
+                continue  # the sizes of an expand
             found = self._sources(a)
             if found is None:
                 return None
@@ -646,6 +712,8 @@ class ChannelGraph:
                 self.pieces[node.name] = picked
             else:
                 self.atoms[node.name], self.live[node.name] = picked
+            if first.name in self.cdim:  # an attention's output: channels last
+                self.cdim[node.name] = self.cdim[first.name]
         elif isinstance(fn, type) and issubclass(fn, tuple):  # a named tuple of outputs (GoogLeNetOutputs)
             items = [*node.args, *node.kwargs.values()]
             self.pieces[node.name] = [(self._of(a), self.live.get(getattr(a, "name", None))) for a in items]
@@ -674,7 +742,7 @@ class ChannelGraph:
         elif fn is torch.flatten:
             self._flatten(node, self._of(first), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
         elif fn is torch.mean:
-            self._reduce(node, _arg(node, 1, "dim"))
+            self._reduce(node, _arg(node, 1, "dim"), bool(_arg(node, 2, "keepdim", False)))
         elif fn is operator.getitem and shape is not None and self._of(first) is not None:
             self._getitem(node)
         elif fn is F.pad and len(shape or ()) == 4:
@@ -697,7 +765,7 @@ class ChannelGraph:
         elif name in ELEMENTWISE_METHODS:
             self._elementwise(node, shape)
         elif name == "mean":
-            self._reduce(node, _arg(node, 1, "dim"))
+            self._reduce(node, _arg(node, 1, "dim"), bool(_arg(node, 2, "keepdim", False)))
         elif name == "flatten":
             self._flatten(node, self._of(first), _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
         elif name in ("view", "reshape"):
@@ -767,7 +835,8 @@ class ChannelGraph:
             self.live[node.name] = np.ones(len(full[0]), bool) if broadcast else np.logical_or.reduce(tracked)
 
     def _cat(self, node) -> None:
-        """``cat`` along the channels: the operands' atoms one after another (a split's pieces, too)."""
+        """``cat`` along the channels: the operands' atoms one after another (a split's pieces, too); along another
+        dim: :meth:`_cat_tokens`."""
         tensors = node.args[0]
         if isinstance(tensors, fx.Node):  # the pieces of a split, as they are
             pieces = self.pieces.get(tensors.name, [(None, None)])
@@ -775,11 +844,37 @@ class ChannelGraph:
             pieces = [(self._of(t), self.live.get(getattr(t, "name", None))) for t in tensors]
         dim = _arg(node, 1, "dim", 0)
         ndim = len(self._shape(node))
-        if dim % ndim == 1 and all(p is not None for p, _ in pieces):
+        traced = [t for t in tensors if self._of(t) is not None] if not isinstance(tensors, fx.Node) else []
+        held = self._channel_dim(traced[0]) if traced else 1
+        if dim % ndim == held and all(p is not None for p, _ in pieces):
             self.atoms[node.name] = np.concatenate([p for p, _ in pieces])
             self.live[node.name] = np.concatenate([live for _, live in pieces])
+        elif traced and dim % ndim != held:
+            self._cat_tokens(node, tensors, traced, held)
         else:
             self._opaque(node, "cat along a dim other than the channels")
+
+    def _cat_tokens(self, node, tensors, traced, held: int) -> None:
+        """``cat`` along a dim that is not the channels (a class token before the tokens): every operand has the
+        same channels, tied; an operand computed from a parameter alone (the token, expanded to the batch) has that
+        parameter's dim (aligned from the right) indexed by them."""
+        ndim, x = len(self._shape(node)), self._of(traced[0])
+        if any(self._channel_dim(t) != held or len(self._of(t)) != len(x) for t in traced):
+            self._opaque(node, "cat of tensors with other channels")
+            return
+        for t in traced[1:]:
+            self._tie(x, self._of(t))
+        for t in (t for t in tensors if t not in traced):
+            found = self._sources(t) if isinstance(t, fx.Node) else None
+            dims = [(m, n, self._tensor(m, n).dim() - (ndim - held)) for m, n in (found or ([], set()))[0]]
+            if not found or found[1] or any(d < 0 or self._tensor(m, n).shape[d] != len(x) for m, n, d in dims):
+                self._opaque(node, "cat with a tensor the graph cannot slice")
+                return
+            for module, name, d in dims:
+                self._param(module, name, {d: x})
+        self.atoms[node.name], self.cdim[node.name] = x, held
+        parameters = len(traced) < len(tensors)  # a parameter is no zeroed channel
+        self.live[node.name] = np.logical_or.reduce([self.live[t.name] for t in traced] + [np.full(len(x), parameters)])
 
     # ------------------------------------------------------------------ pieces of the channels
 
@@ -858,14 +953,25 @@ class ChannelGraph:
         self.atoms[node.name], self.live[node.name] = x[slice(*bounds)], live[slice(*bounds)]
 
     def _getitem(self, node) -> None:
-        """``x[:, :, ...]`` keeps every channel (spatial subsampling), ``x[:, a:b]`` takes a range of them."""
+        """Indexing that keeps the channels' dim whole (``x[:, :, ::2]``, a transformer's class token
+        ``x[:, 0]``: the channels' dim moves left by the ints before it), or takes a range of the channels
+        (``x[:, a:b]``)."""
+        src = node.args[0]
+        ndim, held = len(self._shape(src)), self._channel_dim(src)
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if index.count(Ellipsis) == 1:
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1 :]
+        index = index + (slice(None),) * (ndim - len(index))
         whole = slice(None)
-        if len(index) >= 2 and index[0] == whole and index[1] == whole:
-            self.atoms[node.name] = self._of(node.args[0])
-        elif len(index) >= 2 and index[0] == whole and isinstance(index[1], slice) and index[1].step in (None, 1):
-            if all(i == whole or i is Ellipsis for i in index[2:]):
-                self._range(node, node.args[0], index[1].start, index[1].stop)
+        if len(index) != ndim or not all(isinstance(i, int | slice) and not isinstance(i, bool) for i in index):
+            self._opaque(node, "indexing by tensors or new dims")
+        elif index[held] == whole:
+            self.atoms[node.name] = self._of(src)
+            self.cdim[node.name] = held - sum(isinstance(i, int) for i in index[:held])
+        elif isinstance(index[held], slice) and index[held].step in (None, 1):
+            if all(i == whole for d, i in enumerate(index) if d != held):
+                self._range(node, src, index[held].start, index[held].stop)
             else:
                 self._opaque(node, "indexing along the channels and other dims")
         else:
@@ -880,23 +986,41 @@ class ChannelGraph:
         return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], tuple | list) else sizes
 
     def _reshape(self, node, shape) -> None:
-        """``view`` / ``reshape``: a flatten to [B, -1], a split of the channels into a grid (a shuffle's first
-        step), the same shape, or opaque. A constant channel count in the sizes could not follow a pruned width."""
+        """``view`` / ``reshape``: one keeping the channels' dim whole (merging or splitting the dims before it and
+        those after it among themselves: [B, C, H, W] to [B, C, HW], tokens [B, N, C] to [B, H, W, C]), a flatten to
+        [B, -1], a split of the channels into a grid (a shuffle's first step), or opaque. A constant channel count
+        in the sizes is a module's width attribute surgery rewrites, else the channels stay."""
         src_node = node.args[0]
         src, x, sizes = self._shape(src_node), self._of(src_node), self._sizes(node)
+        held = self._channel_dim(src_node)
         if shape is None or src is None or x is None or len(sizes) != len(shape):
             self._opaque(node, f"{node.target} of a tensor without channels")
-        elif len(shape) == 5 and len(src) == 4 and shape[1] * shape[2] == src[1] and shape[3:] == src[2:]:
+        elif held == 1 and len(shape) == 5 and len(src) == 4 and shape[1] * shape[2] == src[1] and shape[3:] == src[2:]:
             self._split_view(node, x, shape, sizes)
-        elif not (len(shape) == 2 and src[0] == shape[0]) and shape != src:
-            self._opaque(node, f"{node.target} across the channels")
-        else:
+        elif (kept := _kept_dim(src, shape, held)) is not None:
+            if isinstance(sizes[kept], int) and sizes[kept] != -1:
+                self._constant_width(node, x, sizes[kept])
+            self.atoms[node.name], self.cdim[node.name] = x, kept
+        elif held == 1 and len(shape) == 2 and src[0] == shape[0]:
             if isinstance(sizes[1], int) and sizes[1] != -1:  # view(B, 512): fixed whatever is pruned
                 self._block(x, f"a {node.target} to a constant width ({node.name})")
-            if len(shape) == 2 and len(src) > 2:
-                self._flatten(node, x, 1, -1)
-            else:
-                self.atoms[node.name] = x
+            self._flatten(node, x, 1, -1)
+        else:
+            self._opaque(node, f"{node.target} across the channels")
+
+    def _constant_width(self, node, x: np.ndarray, width: int) -> None:
+        """A view's constant channel count: the module whose code it is holds it as an int attribute (ViT's
+        ``hidden_dim``), which surgery sets to the kept count; when no one attribute holds it, the channels stay."""
+        stack = list(node.meta.get("nn_module_stack", {}))
+        owner = stack[-1] if stack else ""
+        found = _width_attribute(self.modules.get(owner), width)
+        if found is None:
+            self._block(x, f"a {node.target} to a constant width ({node.name})")
+            return
+        key = (owner, found)
+        if key in self.width_attributes:  # met again (another call, the other mode): the same channels
+            self._tie(self.width_attributes[key], x)
+        self.width_attributes.setdefault(key, x)
 
     def _split_view(self, node, x, shape, sizes) -> None:
         """[B, C, H, W] viewed as [B, A, C / A, H, W]: the atoms as an A x C / A grid. The constant one of A and
@@ -954,18 +1078,29 @@ class ChannelGraph:
         self.cdim[node.name] = order.index(held)
 
     def _flatten(self, node, x, start: int, end: int) -> None:
-        src = self._shape(node.args[0])
-        if x is None or src is None or start % len(src) != 1 or end % len(src) != len(src) - 1:
+        """``flatten``: of dims that exclude the channels' (a patch embedding's H and W into tokens), the channels
+        pass, their dim moved; of the channels and every dim after them ([B, C, H, W] to [B, C x H x W]), each
+        atom repeated per position; anything else is opaque."""
+        src, held = self._shape(node.args[0]), self._channel_dim(node.args[0])
+        start, end = (start % len(src), end % len(src)) if src is not None else (start, end)
+        if x is not None and src is not None and not start <= held <= end and start > 0:
+            self.atoms[node.name] = x
+            self.cdim[node.name] = held if held < start else held - (end - start)
+        elif x is None or src is None or held != 1 or start != 1 or end != len(src) - 1:
             self._opaque(node, "flatten of other dims than channels and space")
-            return
-        self.atoms[node.name] = np.repeat(x, int(np.prod(src[2:])))  # channel-major: c * H * W + position
-        self.live[node.name] = np.repeat(self.live[node.args[0].name], int(np.prod(src[2:])))
+        else:
+            self.atoms[node.name] = np.repeat(x, int(np.prod(src[2:])))  # channel-major: c * H * W + position
+            self.live[node.name] = np.repeat(self.live[node.args[0].name], int(np.prod(src[2:])))
+            self.cdim[node.name] = 1
 
-    def _reduce(self, node, dims) -> None:
+    def _reduce(self, node, dims, keepdim: bool) -> None:
+        """A mean over dims that are neither the batch's nor the channels' (space, tokens): the channels pass."""
         dims = [dims] if isinstance(dims, int) else list(dims or [])
-        ndim = len(self._shape(node.args[0]))
-        if dims and all(d % ndim >= 2 for d in dims):
+        ndim, held = len(self._shape(node.args[0])), self._channel_dim(node.args[0])
+        dims = [d % ndim for d in dims]
+        if dims and all(d not in (0, held) for d in dims):
             self.atoms[node.name] = self._of(node.args[0])
+            self.cdim[node.name] = held if keepdim else held - sum(d < held for d in dims)
         else:
             self._opaque(node, "a mean over the channels")
 
@@ -1068,6 +1203,8 @@ class ChannelGraph:
                 n *= int(self._kept(dims[d], removed).sum()) if d in dims else size
             params += n
             macs += n * self.pixels.get((module, pname), 0)
+        for rows, tokens in self.matmuls:  # attention's QK^T and AV: tokens x tokens x (q's + v's kept rows)
+            macs += 2 * tokens * int(self._kept(rows, removed).sum())
         return params, macs
 
     def pruned(self, removed: set[int]) -> nn.Module:
@@ -1101,6 +1238,12 @@ class ChannelGraph:
                 m, kept = modules[module], int(self._kept(atoms, removed).sum())
                 size = m.num_channels // m.num_groups  # every group keeps its size: whole groups went
                 m.num_channels, m.num_groups = kept, kept // size
+            for (module, attribute), atoms in self.width_attributes.items():
+                setattr(modules[module], attribute, int(self._kept(atoms, removed).sum()))
+            for module, (units, heads, width, scale) in self.attentions.items():
+                kept = int(self._kept(units, removed).sum())
+                shape = {"heads": (kept, width), "head_width": (heads, kept), "none": (heads, width)}[self.attention]
+                attn.resize(model, module, *shape, scale)
         return model
 
     def masked(self, removed: set[int]) -> nn.Module:
@@ -1109,6 +1252,10 @@ class ChannelGraph:
         differently (a module running the one of its mode)."""
         removed = np.fromiter(removed, np.int64, len(removed))
         root = copy.deepcopy(self.model)
+        with torch.no_grad():  # inside an attention layer: its removed units' q, k and v rows are zero
+            for (module, param), rows in self.inner.items():
+                t = root.get_submodule(module).get_parameter(param)
+                t[~self._kept(rows, removed).to(t.device)] = 0
         masked = {t.training: self._masked(root, t, removed) for t in self.traces}
         return masked[False] if len(masked) == 1 else _BothModes(masked[False], masked[True])
 
@@ -1173,6 +1320,29 @@ def kept_layer_norm(x, weight, bias, eps: float, keep):
     if bias is not None:
         y = y + bias
     return y * keep
+
+
+def _kept_dim(src: tuple[int, ...], shape: tuple[int, ...], held: int) -> int | None:
+    """The dim of a view's ``shape`` holding the channels (dim ``held`` of ``src``) whole: the same size, every dim
+    before it merged or split among themselves (so the dims after it too); None if the channels are merged or split."""
+    before = int(np.prod(src[:held]))
+    for e, size in enumerate(shape):
+        if size == src[held] and int(np.prod(shape[:e])) == before:
+            return e
+    return None
+
+
+WIDTH_WORDS = ("dim", "channel", "width", "feature", "embed", "hidden")
+
+
+def _width_attribute(m: nn.Module | None, width: int) -> str | None:
+    """The one int attribute of ``m`` equal to ``width`` (of several, the one whose name says it is a width)."""
+    if m is None:
+        return None
+    names = [k for k, v in vars(m).items() if type(v) is int and v == width and not k.startswith("_")]
+    if len(names) > 1:
+        names = [k for k in names if any(word in k.lower() for word in WIDTH_WORDS)]
+    return names[0] if len(names) == 1 else None
 
 
 def _resize(m: nn.Module) -> None:

@@ -8,7 +8,8 @@ code, so it runs at that size, and at another size only if its code takes the sa
 there (the masked check, the trace itself, runs at the example's shape). Only when neither trace serves is the
 network refused, naming the module.
 
-A subclass of a torch layer that keeps the layer's forward is traced as that layer (a leaf).
+A subclass of a torch layer that keeps the layer's forward is traced as that layer (a leaf), and so is an attention
+module of a known form (``attention.py``: its heads are mapped from its tensors).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from prune_cli.core.errors import UserError
+from prune_cli.structure import attention
 
 LEAF_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
 
 class _Tracer(fx.Tracer):
     """fx's tracer, remembering the module it was in when tracing failed (named in the error); a subclass of a
-    torch layer that keeps the layer's forward is that layer (a leaf)."""
+    torch layer that keeps the layer's forward is that layer (a leaf), a known attention form too."""
 
     def __init__(self):
         super().__init__()
@@ -38,7 +40,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         same = any(isinstance(m, layer) and type(m).forward is layer.forward for layer in LEAF_LAYERS)
-        return same or super().is_leaf_module(m, qualified_name)
+        return same or attention.form(m) is not None or super().is_leaf_module(m, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         self.path.append(self.path_of_module(m))

@@ -1,0 +1,203 @@
+"""Attention layers the channel graph prunes by whole heads or by head width: which modules it knows, where their
+heads sit in their tensors, and the module a pruned ``nn.MultiheadAttention`` becomes.
+
+Two forms are known (``form``):
+
+- ``nn.MultiheadAttention`` as self-attention (query, key and value one tensor; packed ``in_proj_weight``, no
+  ``bias_k`` / ``bias_v`` or zero attention): its rows are q, k and v, each ``num_heads`` blocks of ``head_dim``;
+  ``out_proj`` reads the heads' outputs in that order. It ties its widths (the query's to ``embed_dim``, every
+  head's to ``embed_dim // num_heads``), so once pruned it is rebuilt as :class:`HeadAttention`, which holds the
+  same tensors under the same names at any widths;
+- the common ``qkv`` form: a module with a ``qkv`` linear layer (rows q, k, v, each ``num_heads`` x ``head_dim``),
+  a ``proj`` linear layer reading the heads, and the ints ``num_heads`` and ``head_dim`` its forward uses (as
+  timm's and many papers' ViT blocks do): pruned in place, those attributes rewritten.
+
+A *unit* is what goes at once: a whole head (q, k and v rows of that head, and ``proj``'s columns reading it:
+``attention="heads"``) or one position of every head (``"head_width"``: q, k and v rows j of every head, so all
+heads keep one width). The scale stays the unpruned network's (``head_dim ** -0.5`` of the original width):
+removing a head changes no other head's scores, and removing position j of q and k removes exactly its term of
+every score. Scores are q . k, so zeroing a unit's q, k and v rows gives that unit's output 0 and leaves every
+other one as it was: the masked network is the pruned one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("heads", "head_width", "none")
+
+
+def form(m: nn.Module) -> str | None:
+    """Which known attention form ``m`` is: ``"multihead"``, ``"qkv"`` or None."""
+    if isinstance(m, nn.MultiheadAttention | HeadAttention):
+        return "multihead"
+    ints = all(isinstance(getattr(m, a, None), int) for a in ("num_heads", "head_dim"))
+    linears = all(isinstance(getattr(m, a, None), nn.Linear) for a in ("qkv", "proj"))
+    return "qkv" if ints and linears else None
+
+
+def self_attention_only(m: nn.Module) -> str | None:
+    """Why a ``nn.MultiheadAttention`` cannot be pruned by heads (None: it can)."""
+    if isinstance(m, HeadAttention):
+        return None
+    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+        return "separate q, k and v input widths"
+    if m.bias_k is not None or m.add_zero_attn:
+        return "bias_k / bias_v or add_zero_attn"
+    return None
+
+
+def parts(m: nn.Module) -> tuple[str, str, int, int]:
+    """(the packed q/k/v weight's name, the output projection's module name, heads, head width) of a known form."""
+    if form(m) == "multihead":
+        return "in_proj_weight", "out_proj", m.num_heads, m.head_dim
+    return "qkv.weight", "proj", m.num_heads, m.head_dim
+
+
+def refusal(m: nn.Module, node, query, mode: str) -> str | None:
+    """Why the call ``node`` of the attention module ``m`` on ``query`` cannot be pruned in ``mode`` (None: it can)."""
+    if form(m) == "multihead":
+        why = self_attention_only(m)
+        key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+        return why or (None if key is query and value is query else "cross-attention: another key or value")
+    if len(node.args) + len(node.kwargs) != 1:
+        return "called with more than its input"
+    if mode == "head_width" and not isinstance(getattr(m, "scale", None), float):
+        return "head_width needs a float scale attribute, else the scale would follow the pruned width"
+    return None
+
+
+def scale(m: nn.Module) -> float:
+    """The factor of the scores q . k: the module's own ``scale``, else ``head_dim ** -0.5``."""
+    own = getattr(m, "scale", None)
+    return own if isinstance(own, float) else m.head_dim**-0.5
+
+
+def unit_rows(units: np.ndarray, mode: str, heads: int, width: int) -> np.ndarray:
+    """The unit of every row of one of q, k, v ([heads, width], head-major): a head's ``width`` rows are that
+    head's unit (``heads``), or row j of every head is unit j (``head_width``)."""
+    if mode == "heads":
+        return np.repeat(units, width)
+    return np.tile(units, heads)
+
+
+def resize(model: nn.Module, name: str, heads: int, width: int, scale: float) -> None:
+    """After surgery sliced its tensors, the attention module ``name`` of ``model`` holds ``heads`` heads of
+    ``width``: a multi-head attention whose widths changed becomes a :class:`HeadAttention` of its tensors (scale
+    kept), a ``qkv`` form gets the new ``num_heads`` and ``head_dim``."""
+    m = model.get_submodule(name)
+    if form(m) == "qkv":
+        m.num_heads, m.head_dim = heads, width
+        return
+    same = (heads, width) == (m.num_heads, m.head_dim) and tuple(m.in_proj_weight.shape) == (
+        3 * m.embed_dim,
+        m.embed_dim,
+    )
+    if isinstance(m, nn.MultiheadAttention) and same and m.out_proj.weight.shape[0] == m.embed_dim:
+        return  # nothing went: it stays the torch module
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, HeadAttention.like(m, heads, width, scale))
+
+
+class HeadAttention(nn.Module):
+    """Self-attention of ``num_heads`` heads of ``head_dim`` on ``embed_dim`` inputs and outputs, with the tensors
+    of ``nn.MultiheadAttention`` (``in_proj_weight`` [3 x heads x width, embed], ``in_proj_bias``, ``out_proj``)
+    at any widths and a fixed ``scale``; called as ``nn.MultiheadAttention`` is (query, key, value, ...), it returns
+    (output, head-averaged attention weights or None)."""
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, head_dim: int, scale: float, batch_first: bool, dropout: float, bias: bool
+    ):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
+        self.scale, self.batch_first, self.dropout = scale, batch_first, dropout
+        width = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width)) if bias else None
+        self.out_proj = nn.Linear(width, embed_dim, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    @classmethod
+    def like(cls, m: nn.Module, num_heads: int, head_dim: int, scale: float) -> HeadAttention:
+        """A module of ``m``'s (sliced) tensors, its heads and width given, the original scale kept."""
+        new = cls(
+            m.out_proj.weight.shape[0],
+            num_heads,
+            head_dim,
+            scale,
+            m.batch_first,
+            m.dropout,
+            m.in_proj_bias is not None,
+        )
+        new.in_proj_weight, new.in_proj_bias, new.out_proj = m.in_proj_weight, m.in_proj_bias, m.out_proj
+        return new.train(m.training)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = query.dim() == 3
+        inputs = [query, key, value]
+        if not batched:  # [N, E]: one sequence
+            inputs = [t.unsqueeze(0) for t in inputs]
+        elif not self.batch_first:  # [N, B, E]
+            inputs = [t.transpose(0, 1) for t in inputs]
+        query, key, value = inputs
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q, k, v = (
+            self._heads(F.linear(t, w, b)) for t, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v))
+        )
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+        scores = scores + _additive(attn_mask, key_padding_mask, is_causal, scores)
+        weights = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        out = torch.matmul(weights, v).transpose(1, 2).flatten(2)  # [B, N, heads x width]
+        out = self.out_proj(out)
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(1) if average_attn_weights else weights
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, heads x width] as [B, heads, N, width]."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+
+def _additive(
+    attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, is_causal: bool, scores: torch.Tensor
+) -> torch.Tensor:
+    """The masks as one additive term on the scores [B, heads, N, M] (a bool mask: True is masked out)."""
+    add = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    n, s = scores.shape[-2], scores.shape[-1]
+    if is_causal and attn_mask is None:
+        attn_mask = torch.ones(n, s, dtype=torch.bool, device=scores.device).triu(1)
+    if attn_mask is not None:
+        add = add + _as_scores(attn_mask if attn_mask.dim() == 2 else attn_mask.view(scores.shape[0], -1, n, s), scores)
+    if key_padding_mask is not None:
+        add = add + _as_scores(key_padding_mask.view(scores.shape[0], 1, 1, s), scores)
+    return add
+
+
+def _as_scores(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """A mask as a term added to the scores: a bool mask's True is -inf (masked out), a float one is added."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=scores.dtype).masked_fill(mask, -math.inf)
+    return mask.to(scores.dtype)
