@@ -28,15 +28,16 @@ def count_params(model: torch.nn.Module) -> int:
 def layer_pixels(
     model: nn.Module, input_shape: tuple[int, int, int], run: Callable[[torch.Tensor], object] | None = None
 ) -> dict[str, int]:
-    """{module name: output pixels per image} of every conv (H_out x W_out) and linear layer (1), and of
-    every module that declares ``counted_layer`` (a conv in another form, e.g. stripes).
+    """{module name: output pixels per image} of every conv (H_out x W_out) and linear layer (the positions it
+    runs at: 1 on [B, F], H x W on a channels-last [B, H, W, C], N on [B, N, D] tokens), and of every module
+    that declares ``counted_layer`` (a conv in another form, e.g. stripes).
 
     One forward of a zero image in eval mode (``run(x)`` instead of ``model(x)`` when given); the
     model's training flags are restored.
     """
     pixels: dict[str, int] = {}
     hooks = [
-        m.register_forward_hook(lambda m, i, o, name=name: pixels.__setitem__(name, o[0, 0].numel()))
+        m.register_forward_hook(lambda m, i, o, name=name: pixels.__setitem__(name, _pixels(m, o)))
         for name, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear)) or getattr(m, "counted_layer", False)
     ]
@@ -51,6 +52,14 @@ def layer_pixels(
         for h in hooks:
             h.remove()
     return pixels
+
+
+def _pixels(module: nn.Module, out: torch.Tensor) -> int:
+    """Output pixels of one image: a linear layer's positions (every dim but the batch and its features, the
+    last), a conv's H_out x W_out (every dim but the batch and the channels)."""
+    if isinstance(module, nn.Linear):
+        return out[0].numel() // out.shape[-1]
+    return out[0, 0].numel()
 
 
 def layer_macs(
