@@ -12,8 +12,10 @@ Two granularities for the weight-based criteria (``l1``, ``l2``, ``fpgm``,
 
 ``bn_scale``, ``apoz``, ``hrank``, ``taylor`` and ``random`` ignore it.
 
-The activation criteria (``apoz``, ``hrank``, ``taylor``) read a group's BatchNorm output; in a network without
-BatchNorm, its producer conv's output (the mask zeroes its rows and biases: ``ChannelGroup.mask_points``).
+The activation criteria (``apoz``, ``hrank``, ``taylor``) read a group's norm output (BatchNorm, or a LayerNorm over
+the channels); in a network without them, its producer's output (the mask zeroes its rows and biases:
+``ChannelGroup.mask_points``), conv or channels-last linear layer; each output's channels along its slot's
+``out_dim`` (1, or 3 for a channels-last [B, H, W, C] tensor, read as the [B, C, H, W] maps it holds).
 ``bn_scale`` refuses a group without BatchNorm, naming it, before any data is read (``check_groups``).
 
 Scores come back as float32 CPU tensors, one 1-D tensor per channel group, in
@@ -219,12 +221,12 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor, torch.Tensor | None], None]) -> Iterator[None]:
-    """Calls ``hook(group_index, bn_output, index)`` on every forward of every BN of every group (a group without
-    BatchNorm: of every producer conv, whose output the mask zeroes; ``ChannelGroup.mask_points``) (``index``: where
-    the group's channels are in that output, [channels, positions per channel]; None: all of it, in order);
-    removed on exit. A hook of a group with several BatchNorms (a residual stream) is called once per BN: what it
-    sums is summed over them (``_at``)."""
+def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor, torch.Tensor | None, int], None]) -> Iterator[None]:
+    """Calls ``hook(group_index, bn_output, index, dim)`` on every forward of every norm of every group (a group
+    without one: of every producer, whose output the mask zeroes; ``ChannelGroup.mask_points``) (``index``: where
+    the group's channels are in that output, [channels, positions per channel]; None: all of it, in order;
+    ``dim``: the output's dim holding them, ``channels_first`` moves it to 1); removed on exit. A hook of a group
+    with several norms (a residual stream) is called once per norm: what it sums is summed over them (``_at``)."""
     modules = _modules(model)
     handles = []
     try:
@@ -233,13 +235,20 @@ def _bn_hooks(model: Prunable, hook: Callable[[int, torch.Tensor, torch.Tensor |
                 index = slot.index()
                 handles.append(
                     modules[slot.module].register_forward_hook(
-                        lambda m, inp, out, g=g, i=index: hook(g, out, None if i is None else i.to(out.device))
+                        lambda m, inp, out, g=g, i=index, d=slot.out_dim: hook(
+                            g, out, None if i is None else i.to(out.device), d
+                        )
                     )
                 )
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def channels_first(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` with its channels, held in ``dim``, in dim 1 (a channels-last [B, H, W, C] as [B, C, H, W])."""
+    return t if dim == 1 else t.movedim(dim, 1)
 
 
 def _at(values: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -474,10 +483,13 @@ class BNScale(Criterion):
         modules = _modules(model)
         for group in model.channel_groups():
             norms = group.role("norm")
-            if not norms or not all(isinstance(modules[s.module], nn.BatchNorm2d) for s in norms):
+            other = next((modules[s.module] for s in norms if not isinstance(modules[s.module], nn.BatchNorm2d)), None)
+            if not norms or other is not None:
+                # a group without BatchNorm names its conv as its norm; a LayerNorm's weight is no BN scale
+                has = f"a {type(other).__name__}" if isinstance(other, nn.LayerNorm) else "none"
                 raise UserError(
                     "criterion.name",
-                    f"bn_scale needs a BatchNorm after every pruned conv; {group.name} has none (use l1, or a "
+                    f"bn_scale needs a BatchNorm after every pruned conv; {group.name} has {has} (use l1, or a "
                     "criterion reading activations)",
                 )
 
@@ -531,7 +543,8 @@ class APoZ(_ActivationCriterion):
         zeros: list[torch.Tensor | None] = [None] * len(model.channel_groups())
         total = [0] * len(zeros)
 
-        def hook(g, out, index):
+        def hook(g, out, index, dim):
+            out = channels_first(out, dim)
             dims = (0, 2, 3) if out.dim() == 4 else (0,)
             z = _at((F.relu(out) == 0).sum(dim=dims).double(), index)  # relu(a) == 0  <=>  a <= 0
             zeros[g] = z if zeros[g] is None else zeros[g] + z
@@ -568,8 +581,8 @@ class HRank(Criterion):
         sums: list[torch.Tensor | None] = [None] * len(model.channel_groups())
         images = 0
 
-        def hook(g, out, index):
-            r = _at(feature_map_ranks(F.relu(out).float()).sum(dim=0).double(), index)
+        def hook(g, out, index, dim):
+            r = _at(feature_map_ranks(F.relu(channels_first(out, dim)).float()).sum(dim=0).double(), index)
             sums[g] = r if sums[g] is None else sums[g] + r
 
         with _eval_mode(model), _bn_hooks(model, hook):
@@ -593,21 +606,22 @@ class Taylor(_ActivationCriterion):
     def _scores(self, model, granularity, sample):
         n_groups = len(model.channel_groups())
         sums: list[torch.Tensor | None] = [None] * n_groups
-        acts: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (group, BN output, index), this batch
+        acts: list[tuple[int, torch.Tensor, torch.Tensor | None, int]] = []  # (group, BN output, index, dim)
         images = 0
 
-        def hook(g, out, index):
-            acts.append((g, out, index))
+        def hook(g, out, index, dim):
+            acts.append((g, out, index, dim))  # the output itself: the loss's gradient reaches it, not a view
 
         with torch.enable_grad(), _eval_mode(model), _bn_hooks(model, hook):
             for xb, yb in _batches(sample, self.num_images, self.batch_size, _device(model)):
                 xb = xb.detach().requires_grad_(True)  # a graph even if parameters are frozen
                 loss = F.cross_entropy(model(xb), yb, reduction="sum")
-                grads = torch.autograd.grad(loss, [a for _, a, _ in acts], allow_unused=True)
-                for (g, a, index), d in zip(acts, grads):
+                grads = torch.autograd.grad(loss, [a for _, a, _, _ in acts], allow_unused=True)
+                for (g, a, index, dim), d in zip(acts, grads):
+                    a = channels_first(a.detach(), dim)
                     dims = (0, 2, 3) if a.dim() == 4 else (0,)
                     s = (
-                        (a.detach() * d).sum(dim=dims).double()
+                        (a * channels_first(d, dim)).sum(dim=dims).double()
                         if d is not None
                         else torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
                     )

@@ -105,7 +105,7 @@ def select_weights(model: nn.Module, layers: str) -> list[tuple[str, nn.Module]]
     - ``all``: every Conv2d and Linear
     """
     if layers == "prunable":
-        wanted = {s.module for g in _groups(model) for s in g.slots if s.role != "norm"}
+        wanted = {s.module for g in _groups(model) for s in g.slots if s.role in ("producer", "consumer")}
         picked = [(n, m) for n, m in model.named_modules() if n in wanted]
     elif layers == "all":
         picked = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]

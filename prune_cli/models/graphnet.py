@@ -27,11 +27,12 @@ from prune_cli.core.errors import UserError, one_line
 from prune_cli.core.options import Float, Map, Str
 from prune_cli.core.trust import how_to_allow, trusted
 from prune_cli.models.base import MODELS, Prunable, build_model
-from prune_cli.structure.graph import ChannelGraph
+from prune_cli.structure.graph import ELEMENTWISE, ELEMENTWISE_METHODS, ChannelGraph
 from prune_cli.structure.groups import ChannelGroup, Slot
 
 PREFIX = "net."  # the factory network is held as ``self.net``
 TRACED = "traced"  # a network of another family with all its graph's groups (prune.residual=true)
+LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)  # what the slots' roles know
 
 
 AUX_WEIGHT = Float(
@@ -135,44 +136,44 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
 
     Always those of one conv (groups 1) with its BatchNorm, if any, and layers reading exactly those channels, in
     order (no other layer touches them). With ``shared``, also the groups several layers produce or hold at other
-    positions (residual streams, depthwise chains, concatenations). Every producer is a conv; every BatchNorm
-    holding the channels is an affine BatchNorm2d; a group without one is masked at its producers' output (rows
-    and biases zeroed). Either way only channels no layer reads nonzero when their producers' rows and BatchNorms'
-    entries are zeroed (the graph's ``unsafe``), so that the stages' mask is removing them."""
+    positions (residual streams, depthwise chains, concatenations), and those on channels-last tensors (a linear
+    layer on [B, H, W, C] as a producer, a LayerNorm over the channels, a layer scale: ConvNeXt's). Every producer
+    is a conv or such a linear layer; every norm an affine BatchNorm2d or a LayerNorm with a weight, on feature
+    maps; a group without one is masked at its producers' output (rows and biases zeroed). Either way only
+    channels no layer reads nonzero when their producers' rows and norms' entries are zeroed (the graph's
+    ``unsafe``), so that the stages' mask is removing them (up to a LayerNorm's statistics: ``mask_channels``)."""
     out: list[tuple[ChannelGroup, list[int]]] = []
     unsafe = {int(graph.root[a]) for a in graph.unsafe}
-    layers: dict[tuple[str, int], np.ndarray] = {}  # (module, dim) -> the channel of every position, model order
-    for (module, _), dims in graph.dims.items():
-        for d, atoms in dims.items():
-            layers.setdefault((module, d), graph.root[atoms])
+    layers = _layers(graph)
     keys = list(layers)
     holding: dict[int, set[int]] = {}  # channel -> the layers (indexes into keys) holding it
     for k, roots in enumerate(layers.values()):
         for r in np.unique(roots).tolist():
             holding.setdefault(r, set()).add(k)
     names: set[str] = set()
+    layouts, scales = _layouts(graph), _scales(graph)
     for group in graph.groups:
         order = group.channels
         if unsafe.intersection(order):  # a layer would read it nonzero though masked: masking is not removing it
             continue
         touching = sorted(set().union(*(holding.get(c, ()) for c in order)))
-        slots = [_slot(graph, *keys[k], layers[keys[k]], order) for k in touching]
+        slots = [_slot(graph, *keys[k], layers[keys[k]], order, layouts, scales) for k in touching]
         if None in slots:
             continue
         producers = [s for s in slots if s.role == "producer"]
         norms = [s for s in slots if s.role == "norm"]
         consumers = tuple(s.module for s in slots if s.role == "consumer")
-        feature_maps = all(isinstance(graph.modules[s.module], nn.Conv2d) for s in producers) and all(
-            isinstance(graph.modules[s.module], nn.BatchNorm2d) and graph.modules[s.module].affine for s in norms
-        )  # what the activation criteria read; the mask zeroes gamma and beta (no BatchNorm: the producers' output)
-        if not producers or not feature_maps:
+        # what the activation criteria read; the mask zeroes the norms' entries (none: the producers' output)
+        if not producers or not all(_on_feature_maps(graph.modules[s.module], s, layouts) for s in producers + norms):
             continue
+        plain = all(s.out_dim == 1 and s.role != "param" for s in slots)  # a conv's channels, as the families'
         simple = (
             len(producers) == 1
             and len(norms) <= 1
             and all(s.positions is None for s in slots)
-            and graph.modules[producers[0].module].groups == 1
+            and getattr(graph.modules[producers[0].module], "groups", 1) == 1
             and consumers
+            and plain
         )
         if not (simple or shared):
             continue
@@ -184,10 +185,78 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
     return out
 
 
-def _slot(graph, module: str, dim: int, roots: np.ndarray, order: list[int]) -> Slot | None:
-    """Where the channels ``order`` sit in ``module``'s dim ``dim`` (its channel per position: ``roots``), or None
-    for a layer the stages cannot handle."""
-    role = _role(graph.modules[module], dim)
+STANDARD_PARAMS = ("weight", "bias", "running_mean", "running_var")  # a layer's own tensors, one slot per dim
+
+
+def _layers(graph) -> dict[tuple[str, str, int], np.ndarray]:
+    """(module, parameter, dim) -> the channel of every position, in model order: one entry per dim of a conv,
+    linear or norm layer (its weight, bias and statistics share their channels: parameter ""), one per dim of
+    any other parameter the graph indexes (a layer scale)."""
+    layers: dict[tuple[str, str, int], np.ndarray] = {}
+    for (module, param), dims in graph.dims.items():
+        own = isinstance(graph.modules[module], LAYERS) and param in STANDARD_PARAMS
+        for d, atoms in dims.items():
+            layers.setdefault((module, "" if own else param, d), graph.root[atoms])
+    return layers
+
+
+def _layouts(graph) -> dict[str, tuple[int, int]]:
+    """{module: (dims of its output, the dim holding its channels)} in the eval-mode trace: a module's output is
+    its call's node, or the last node traced inside it (a ``LayerNorm2d``'s permute back to [B, C, H, W])."""
+    layouts: dict[str, tuple[int, int]] = {}
+    for node in graph.gm.graph.nodes:
+        shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+        if shape is None or node.op == "get_attr":
+            continue
+        inside = [node.target] if node.op == "call_module" else []
+        for module in inside + list(node.meta.get("nn_module_stack", {})):
+            layouts[module] = (len(shape), graph.cdim.get(node.name, 1))
+    return layouts
+
+
+def _scales(graph) -> set[tuple[str, str]]:
+    """(module, parameter) of the parameters the network only combines elementwise with its tensors, read
+    directly, in every mode's trace (a layer scale ``x * gamma``): never a layer's weight, whose rows a mask
+    would have to zero."""
+    elementwise: dict[str, bool] = {}
+    for trace in graph.traces:
+        for node in trace.gm.graph.nodes:
+            if node.op == "get_attr":
+                ok = all(
+                    (user.op == "call_function" and user.target in ELEMENTWISE)
+                    or (user.op == "call_method" and user.target in ELEMENTWISE_METHODS)
+                    for user in node.users
+                )
+                elementwise[node.target] = elementwise.get(node.target, True) and ok
+    return {(target.rpartition(".")[0], target.rpartition(".")[2]) for target, ok in elementwise.items() if ok}
+
+
+def _on_feature_maps(module: nn.Module, slot: Slot, layouts: dict[str, tuple[int, int]]) -> bool:
+    """Is a producer's or norm's output a feature map the activation criteria read ([B, C, H, W], or
+    channels-last [B, H, W, C]), and does masking zero its channels there (a norm: its weight zeroed)?"""
+    dims = layouts.get(slot.module, (0, 1))[0]
+    if isinstance(module, nn.Conv2d):
+        return True
+    if isinstance(module, nn.Linear):
+        return dims == 4  # channels last: a 1 x 1 conv (on [B, F], tokens or anything else: not offered)
+    if isinstance(module, nn.BatchNorm2d):
+        return module.affine
+    return isinstance(module, nn.LayerNorm) and module.weight is not None and dims == 4
+
+
+def _slot(
+    graph,
+    module: str,
+    param: str,
+    dim: int,
+    roots: np.ndarray,
+    order: list[int],
+    layouts: dict[str, tuple[int, int]],
+    scales: set[tuple[str, str]],
+) -> Slot | None:
+    """Where the channels ``order`` sit in ``module``'s dim ``dim`` (of its parameter ``param``; "" for a
+    layer's own tensors) (its channel per position: ``roots``), or None for a layer the stages cannot handle."""
+    role = _role(graph.modules[module], param, dim, (module, param) in scales)
     if role is None:
         return None
     index = np.argsort(roots, kind="stable")  # positions grouped by channel, each channel's in their order
@@ -195,13 +264,20 @@ def _slot(graph, module: str, dim: int, roots: np.ndarray, order: list[int]) -> 
     starts, ends = np.searchsorted(ranked, order, "left"), np.searchsorted(ranked, order, "right")
     positions = tuple(tuple(index[a:b].tolist()) for a, b in zip(starts.tolist(), ends.tolist()))
     identity = len(roots) == len(order) and all(p == (i,) for i, p in enumerate(positions))
-    return Slot(module, role, None if identity else positions)
+    out_dim = layouts.get(module, (0, 1))[1] if role in ("producer", "norm") else 1
+    extra = {"param": param, "axis": dim} if role == "param" else {}
+    return Slot(module, role, None if identity else positions, out_dim=out_dim, **extra)
 
 
-def _role(module: nn.Module, dim: int) -> str | None:
-    """What a layer is to the channels in its dim ``dim`` (None: a layer the stages cannot handle)."""
+def _role(module: nn.Module, param: str, dim: int, scale: bool) -> str | None:
+    """What a layer is to the channels in its dim ``dim`` (None: a layer the stages cannot handle); ``param``: a
+    parameter other than a layer's own tensors, ``scale``: one only multiplied into or added to a tensor."""
+    if param:
+        return "param" if scale else None
     if isinstance(module, nn.BatchNorm2d | nn.BatchNorm1d):
         return "norm"
+    if isinstance(module, nn.LayerNorm):
+        return "norm" if dim == 0 else None
     if isinstance(module, nn.Conv2d | nn.Linear):
         return "producer" if dim == 0 else "consumer"
     return None
@@ -217,12 +293,17 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def _prefixed(group: ChannelGroup, prefix: str) -> ChannelGroup:
+    """The group with its modules named in the wrapper (the factory network itself, "": the prefix's module)."""
+
+    def name(module: str) -> str:
+        return prefix + module if module else prefix.rstrip(".")
+
     return ChannelGroup(
         group.name,
-        prefix + group.conv,
-        prefix + group.bn,
-        tuple(prefix + c for c in group.consumers),
-        tuple(replace(s, module=prefix + s.module) for s in group.shared),
+        name(group.conv),
+        name(group.bn),
+        tuple(name(c) for c in group.consumers),
+        tuple(replace(s, module=name(s.module)) for s in group.shared),
     )
 
 
@@ -347,11 +428,13 @@ class GraphNet(Prunable):
         self.net = net if net is not None else full.model
         graph = self._graph(self.net) if kept else full
         self.activations = set(graph.activations)  # what a method that needs ReLU checks (neuron merging)
-        self._groups = [_prefixed(g, PREFIX) for g, _ in graph_groups(graph, shared)]
-        self._last = {
+        groups = [g for g, _ in graph_groups(graph, shared)]
+        self._groups = [_prefixed(g, PREFIX) for g in groups]
+        layouts = _layouts(graph)
+        self._last = {  # those the classifier reads: a linear layer on features, not one on channels-last maps
             i
-            for i, g in enumerate(self._groups)
-            if any(isinstance(self.get_submodule(c), nn.Linear) for c in g.consumers)
+            for i, g in enumerate(groups)
+            if any(isinstance(graph.modules[c], nn.Linear) and layouts.get(c, (2, 1))[0] != 4 for c in g.consumers)
         }
 
     def forward(self, x):

@@ -24,6 +24,11 @@ PRODUCER_KEYS = ("weight", "bias", "skeleton")
 KEYS_OF = {"producer": PRODUCER_KEYS, "norm": BN_KEYS, "consumer": ("weight",)}  # a slot's tensors, by its role
 
 
+def slot_keys(slot: Slot) -> tuple[str, ...]:
+    """The names of the slot's tensors in its module: by its role (a ``param`` slot: its own parameter)."""
+    return (slot.param,) if slot.role == "param" else KEYS_OF[slot.role]
+
+
 @dataclass
 class Structure:
     groups: list[ChannelGroup]
@@ -48,12 +53,12 @@ def group_dims(model: Prunable, groups: list[ChannelGroup]) -> dict[str, dict[in
     """state_dict key -> {dim: [(index of a channel group in that dim, the slot saying where its channels are)]}.
 
     Every slot of a group: a producer's weight, bias and filter skeleton (dim 0), every per-channel tensor of a
-    BatchNorm (dim 0), a consumer's weight (dim 1)."""
+    BatchNorm or LayerNorm (dim 0), a consumer's weight (dim 1), a per-channel parameter (its ``axis``)."""
     keys = model.state_dict().keys()
     dims: dict[str, dict[int, list]] = {}
     for g, group in enumerate(groups):
         for slot in group.slots:
-            for key in KEYS_OF[slot.role]:
+            for key in slot_keys(slot):
                 members = dims.setdefault(f"{slot.module}.{key}", {}).setdefault(slot.dim, [])
                 if all(h != g for h, _ in members):  # a model without BatchNorm names its conv as the norm too
                     members.append((g, slot))
@@ -116,14 +121,18 @@ def _positions(slot: Slot, channels: torch.Tensor) -> torch.Tensor:
 
 
 def mask_channels(model: Prunable, keep: list[torch.Tensor]) -> None:
-    """Zero removed channels in place (every producer's filters and bias, every BN's gamma and beta): the outputs
-    then equal the pruned model's. A group without BatchNorm is zero at its producers' outputs (rows and bias)."""
+    """Zero removed channels in place (every producer's filters and bias, every norm's gamma and beta): the outputs
+    then equal the pruned model's. A group without BatchNorm is zero at its producers' outputs (rows and bias).
+    A per-channel parameter (a layer scale) is left as it is: the channel it multiplies is zero already, and
+    zeroing a divisor would make 0 / 0. A channel a LayerNorm over the channels reads still counts in that norm's
+    mean and variance while masked: there the masked model is close to, not equal to, the pruned one (whose
+    norm normalises over the kept channels alone)."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for group, k in zip(model.channel_groups(), keep):
             drop = ~k.to(torch.bool).cpu()
             for slot in group.slots:
-                if slot.role == "consumer":
+                if slot.role in ("consumer", "param"):
                     continue
                 rows = _positions(slot, drop)
                 m = modules[slot.module]

@@ -11,18 +11,24 @@ from torch import nn
 @dataclass(frozen=True)
 class Slot:
     """One layer holding a group's channels, by ``role``: a ``producer`` (conv / linear output rows, or a depthwise
-    conv's), a ``norm`` (BatchNorm entries: where masks apply) or a ``consumer`` (input columns, dim 1). The group's
-    channel i sits at ``positions[i]`` of that dim (a tuple: several positions for an input flattened into a
-    linear layer, or a whole group of a grouped conv); ``None``: at i, the layer holding exactly the group's
-    channels."""
+    conv's), a ``norm`` (BatchNorm or LayerNorm entries: where masks apply), a ``consumer`` (input columns, dim 1)
+    or a ``param``: a parameter ``param`` of the module holding one value per channel in its dim ``axis`` (a layer
+    scale [C, 1, 1]; sliced and counted with the channels, never masked: it multiplies a channel already zero).
+    The group's channel i sits at ``positions[i]`` of that dim (a tuple: several positions for an input flattened
+    into a linear layer, or a whole group of a grouped conv); ``None``: at i, the layer holding exactly the
+    group's channels. ``out_dim``: the dim of the module's output holding the channels (1; 3 for a layer on a
+    channels-last [B, H, W, C] tensor), where the activation criteria read them."""
 
     module: str
     role: str
     positions: tuple[tuple[int, ...], ...] | None = None
+    param: str = ""
+    axis: int = 0
+    out_dim: int = 1
 
     @property
     def dim(self) -> int:
-        return 1 if self.role == "consumer" else 0
+        return 1 if self.role == "consumer" else self.axis if self.role == "param" else 0
 
     def index(self) -> torch.Tensor | None:
         """The positions as a [channels, positions per channel] index (None: the identity)."""
@@ -52,11 +58,14 @@ class ChannelGroup:
         return [s for s in self.slots if s.role == role]
 
     def mask_points(self) -> list[Slot]:
-        """Where a masked channel is zero and the activation criteria read it: its BatchNorms' outputs, or, in a
-        network without BatchNorm, its producers' outputs (their rows and biases zeroed)."""
+        """Where a masked channel is zero and the activation criteria read it (along each slot's ``out_dim``): its
+        norms' outputs (BatchNorm, LayerNorm), or, in a network without them, its producers' outputs (their rows
+        and biases zeroed)."""
         return self.role("norm") or self.role("producer")
 
     def width(self, modules: dict[str, nn.Module]) -> int:
         """The number of channels (``modules``: the model's named modules)."""
         slot = self.slots[0]
-        return len(slot.positions) if slot.positions is not None else modules[slot.module].weight.shape[slot.dim]
+        if slot.positions is not None:
+            return len(slot.positions)
+        return getattr(modules[slot.module], slot.param or "weight").shape[slot.dim]
