@@ -42,6 +42,7 @@ from prune_cli.core.errors import one_line
 
 FAMILIES = {  # family -> its builder module in torchvision.models
     "alexnet": "alexnet",
+    "convnext": "convnext",
     "densenet": "densenet",
     "efficientnet": "efficientnet",
     "googlenet": "googlenet",
