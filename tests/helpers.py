@@ -200,13 +200,25 @@ def layer_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
             tokens = inputs[0].shape[1 if m.batch_first else 0]
             width = m.in_proj_weight.shape[0] // 3
             macs.append(tokens * (m.in_proj_weight.numel() + m.out_proj.weight.numel()) + 2 * tokens**2 * width)
+        elif form(m) == "swin":  # windows of wh x ww positions over the map padded to their multiples
+            (wh, ww), (h, w) = m.window_size, inputs[0].shape[1:3]
+            tokens = -(-h // wh) * wh * -(-w // ww) * ww
+            projections = tokens * (m.qkv.weight.numel() + m.proj.weight.numel())  # F.linear: no module called
+            macs.append(projections + 2 * tokens * wh * ww * m.qkv.out_features // 3)
+        elif form(m) == "maxvit":  # G groups of P positions; its linear layers are hooked themselves
+            _, groups, positions, _ = inputs[0].shape
+            macs.append(2 * groups * positions**2 * m.to_qkv.out_features // 3)
         else:  # the qkv form: its linear layers are hooked themselves
             macs.append(2 * inputs[0].shape[1] ** 2 * m.qkv.out_features // 3)
 
     def counted(m) -> bool:
         return isinstance(m, torch.nn.Conv2d | torch.nn.Linear) or form(m) is not None
 
-    inside = {id(c) for m in model.modules() if form(m) == "multihead" for c in m.modules() if c is not m}
+    inside = set()  # the projections torch's and torchvision's code applies as functions (never called)
+    for m in model.modules():
+        inside |= (
+            {id(m.out_proj)} if form(m) == "multihead" else {id(m.qkv), id(m.proj)} if form(m) == "swin" else set()
+        )
     hooks = [m.register_forward_hook(hook) for m in model.modules() if counted(m) and id(m) not in inside]
     training = model.training
     try:

@@ -8,13 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torchvision.models.maxvit import MaxVit
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 from torchvision.models.vision_transformer import VisionTransformer
 
 import prune_cli
 from helpers import randomized, removal, shape_count
 from prune_cli.structure.any_network import channel_scores, select
-from prune_cli.structure.attention import HeadAttention
+from prune_cli.structure.attention import HeadAttention, form, parts
 from prune_cli.structure.graph import ChannelGraph
+from prune_cli.structure.windows import GridAttention, WindowAttention
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -87,6 +90,48 @@ def test_a_vit_prunes_everything_but_its_input_and_logits(attention, ratio):
         assert isinstance(attn, HeadAttention) and attn.scale == 4**-0.5  # the scale of the original width
         assert (attn.num_heads, attn.head_dim) == ((kept, 4) if attention == "heads" else (4, kept))
         assert attn.in_proj_weight.shape == (3 * attn.num_heads * attn.head_dim, width)
+
+
+def swin(v2: bool) -> nn.Module:
+    """Two stages of two blocks (the second block's windows shifted), 4 x 4 windows on a 8 x 8 map, patch merging."""
+    v2_parts = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    return SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], stochastic_depth_prob=0.0, num_classes=10, **v2_parts)
+
+
+def maxvit() -> nn.Module:
+    return MaxVit((32, 32), 8, 2, [16, 32], [1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=10)
+
+
+WINDOWED = {"swin": (lambda: swin(False), WindowAttention), "swin_v2": (lambda: swin(True), WindowAttention)}
+WINDOWED["maxvit"] = (maxvit, GridAttention)
+
+
+@pytest.mark.parametrize("attention", ["heads", "head_width"])
+@pytest.mark.parametrize("name", WINDOWED)
+def test_window_attention_networks_prune_whole(name, attention):
+    """Swin v1 / v2 (relative position bias table; logit scale and position bias MLP) and MaxViT: only the image's
+    and the logits' channels stay; half of every group pruned equals the masked network, counts match."""
+    build, rebuilt = WINDOWED[name]
+    torch.manual_seed(0)
+    model, x = randomized(build()), torch.randn(2, 3, 32, 32)
+    graph = ChannelGraph(model, x, attention)
+    assert set(graph.share_unprunable()[1]) == {"the network's input", "the network's output"}
+    removed = removal(graph)
+    pruned = graph.pruned(removed)
+    assert_masked_equals_pruned(graph, removed, pruned, x)
+    assert graph.count(removed) == shape_count(pruned, x) and graph.count(set()) == shape_count(model, x)
+    layers = [m for m in pruned.modules() if isinstance(m, rebuilt)]
+    before = [parts(m)[2:] for m in model.modules() if form(m) is not None]
+    after = [parts(m)[2:] for m in layers]
+    assert len(after) == len(before) and all(
+        (h < h0 and w == w0) if attention == "heads" else (h == h0 and w < w0)
+        for (h, w), (h0, w0) in zip(after, before)
+    )
+    heads = [h for h, _ in after]
+    tables = [
+        m.cpb_mlp[2].out_features if name == "swin_v2" else m.relative_position_bias_table.shape[1] for m in layers
+    ]
+    assert heads == tables  # the per-head tensors went with their heads
 
 
 def test_the_qkv_form_has_its_heads_and_width_rewritten_and_keeps_its_scale():

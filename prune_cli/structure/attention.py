@@ -1,23 +1,28 @@
 """Attention layers the channel graph prunes by whole heads or by head width: which modules it knows, where their
-heads sit in their tensors, and the module a pruned ``nn.MultiheadAttention`` becomes.
+heads sit in their tensors, and the module a pruned one becomes.
 
-Two forms are known (``form``):
+The forms known (``form``), each as self-attention on a channels-last input:
 
-- ``nn.MultiheadAttention`` as self-attention (query, key and value one tensor; packed ``in_proj_weight``, no
-  ``bias_k`` / ``bias_v`` or zero attention): its rows are q, k and v, each ``num_heads`` blocks of ``head_dim``;
+- ``nn.MultiheadAttention`` (query, key and value one tensor; packed ``in_proj_weight``, no ``bias_k`` /
+  ``bias_v`` or zero attention) on [B, N, E]: its rows are q, k and v, each ``num_heads`` blocks of ``head_dim``;
   ``out_proj`` reads the heads' outputs in that order. It ties its widths (the query's to ``embed_dim``, every
   head's to ``embed_dim // num_heads``), so once pruned it is rebuilt as :class:`HeadAttention`, which holds the
   same tensors under the same names at any widths;
+- torchvision's Swin (v1, v2) window attention on [B, H, W, C] and MaxViT's on [B, G, P, D]: their ``qkv`` /
+  ``to_qkv`` and ``proj`` / ``merge`` linear layers laid out as above; they tie their heads' width to their
+  input's, so once pruned they are rebuilt (``windows.py``); their per-head tensors (relative position bias
+  tables, Swin v2's logit scale and its position bias MLP's outputs) go with their heads;
 - the common ``qkv`` form: a module with a ``qkv`` linear layer (rows q, k, v, each ``num_heads`` x ``head_dim``),
   a ``proj`` linear layer reading the heads, and the ints ``num_heads`` and ``head_dim`` its forward uses (as
-  timm's and many papers' ViT blocks do): pruned in place, those attributes rewritten.
+  timm's and many papers' ViT blocks do): pruned in place, those attributes rewritten (``head_width`` only with
+  a float ``scale`` attribute, which stays: else its scale would follow the width).
 
-A *unit* is what goes at once: a whole head (q, k and v rows of that head, and ``proj``'s columns reading it:
-``attention="heads"``) or one position of every head (``"head_width"``: q, k and v rows j of every head, so all
-heads keep one width). The scale stays the unpruned network's (``head_dim ** -0.5`` of the original width):
-removing a head changes no other head's scores, and removing position j of q and k removes exactly its term of
-every score. Scores are q . k, so zeroing a unit's q, k and v rows gives that unit's output 0 and leaves every
-other one as it was: the masked network is the pruned one.
+A *unit* is what goes at once: a whole head (q, k and v rows of that head, and the output projection's columns
+reading it: ``attention="heads"``) or one position of every head (``"head_width"``: q, k and v rows j of every
+head, so all heads keep one width). The scale stays the unpruned network's: removing a head changes no other
+head's scores, and removing position j of q and k removes exactly its term of every score (Swin v2's cosine
+attention normalises q and k, and a zero entry adds nothing to a norm). So zeroing a unit's q, k and v rows gives
+that unit's output 0 and leaves every other one as it was: the masked network is the pruned one.
 """
 
 from __future__ import annotations
@@ -29,54 +34,97 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prune_cli.structure.windows import GridAttention, WindowAttention
+
 MODES = ("heads", "head_width", "none")
+TORCHVISION = {  # torchvision's window attention modules (by their own class: their forward is known)
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttention"): "swin",
+    ("torchvision.models.swin_transformer", "ShiftedWindowAttentionV2"): "swin",
+    ("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention"): "maxvit",
+}
+# per form: (the packed q/k/v weight, the output projection, the attribute counting the heads, the input's dims)
+PARTS = {
+    "multihead": ("in_proj_weight", "out_proj", "num_heads", 3),
+    "qkv": ("qkv.weight", "proj", "num_heads", 3),
+    "swin": ("qkv.weight", "proj", "num_heads", 4),
+    "maxvit": ("to_qkv.weight", "merge", "n_heads", 4),
+}
 
 
 def form(m: nn.Module) -> str | None:
-    """Which known attention form ``m`` is: ``"multihead"``, ``"qkv"`` or None."""
+    """Which known attention form ``m`` is: ``"multihead"``, ``"swin"``, ``"maxvit"``, ``"qkv"`` or None."""
     if isinstance(m, nn.MultiheadAttention | HeadAttention):
         return "multihead"
+    if isinstance(m, WindowAttention):
+        return "swin"
+    if isinstance(m, GridAttention):
+        return "maxvit"
+    known = TORCHVISION.get((type(m).__module__, type(m).__name__))
+    if known is not None:
+        return known
     ints = all(isinstance(getattr(m, a, None), int) for a in ("num_heads", "head_dim"))
     linears = all(isinstance(getattr(m, a, None), nn.Linear) for a in ("qkv", "proj"))
     return "qkv" if ints and linears else None
 
 
-def self_attention_only(m: nn.Module) -> str | None:
-    """Why a ``nn.MultiheadAttention`` cannot be pruned by heads (None: it can)."""
-    if isinstance(m, HeadAttention):
-        return None
-    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
-        return "separate q, k and v input widths"
-    if m.bias_k is not None or m.add_zero_attn:
-        return "bias_k / bias_v or add_zero_attn"
-    return None
-
-
 def parts(m: nn.Module) -> tuple[str, str, int, int]:
     """(the packed q/k/v weight's name, the output projection's module name, heads, head width) of a known form."""
-    if form(m) == "multihead":
-        return "in_proj_weight", "out_proj", m.num_heads, m.head_dim
-    return "qkv.weight", "proj", m.num_heads, m.head_dim
+    kind = form(m)
+    weight, proj, count, _ = PARTS[kind]
+    heads = getattr(m, count)
+    width = m.qkv.in_features // heads if kind == "swin" and not isinstance(m, WindowAttention) else m.head_dim
+    return weight, proj, heads, width
+
+
+def per_head(m: nn.Module) -> list[tuple[str, str, int]]:
+    """The tensors of ``m`` holding one entry per head, beside q, k and v: (module, name, dim) relative to ``m``
+    (relative position bias tables; Swin v2's logit scale and its position bias MLP's last layer)."""
+    kind = form(m)
+    if kind == "maxvit" or (kind == "swin" and not hasattr(m, "cpb_mlp")):
+        return [("", "relative_position_bias_table", 1)]
+    if kind == "swin":
+        last = [("cpb_mlp.2", name, 0) for name in ("weight", "bias") if getattr(m.cpb_mlp[2], name) is not None]
+        return [("", "logit_scale", 0), *last]
+    return []
+
+
+def tokens(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(tokens its projections run on, query x key pairs its matmuls compute), per image of input ``shape``: one
+    sequence of N tokens ([B, N, E]: N, N x N), Swin's windows of its padded map, MaxViT's G groups of P."""
+    kind = form(m)
+    if kind == "swin":
+        (wh, ww), (h, w) = m.window_size, shape[1:3]
+        padded = -(-h // wh) * wh * -(-w // ww) * ww
+        return padded, padded * wh * ww
+    if kind == "maxvit":
+        return shape[1] * shape[2], shape[1] * shape[2] ** 2
+    n = shape[1] if kind == "qkv" or m.batch_first else shape[0]
+    return n, n * n
 
 
 def refusal(m: nn.Module, node, query, mode: str) -> str | None:
     """Why the call ``node`` of the attention module ``m`` on ``query`` cannot be pruned in ``mode`` (None: it can)."""
-    if form(m) == "multihead":
-        why = self_attention_only(m)
+    kind = form(m)
+    if kind == "multihead" and not isinstance(m, HeadAttention):
         key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
         value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-        return why or (None if key is query and value is query else "cross-attention: another key or value")
-    if len(node.args) + len(node.kwargs) != 1:
+        if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+            return "separate q, k and v input widths"
+        if m.bias_k is not None or m.add_zero_attn:
+            return "bias_k / bias_v or add_zero_attn"
+        return None if key is query and value is query else "cross-attention: another key or value"
+    if kind != "multihead" and len(node.args) + len(node.kwargs) != 1:
         return "called with more than its input"
-    if mode == "head_width" and not isinstance(getattr(m, "scale", None), float):
+    if kind == "qkv" and mode == "head_width" and not isinstance(getattr(m, "scale", None), float):
         return "head_width needs a float scale attribute, else the scale would follow the pruned width"
     return None
 
 
 def scale(m: nn.Module) -> float:
-    """The factor of the scores q . k: the module's own ``scale``, else ``head_dim ** -0.5``."""
-    own = getattr(m, "scale", None)
-    return own if isinstance(own, float) else m.head_dim**-0.5
+    """The factor of the scores q . k of the unpruned module (Swin v2's cosine attention has its logit scale)."""
+    kind = form(m)
+    own = getattr(m, "scale_factor" if kind == "maxvit" else "scale", None)
+    return own if isinstance(own, float) else parts(m)[3] ** -0.5
 
 
 def unit_rows(units: np.ndarray, mode: str, heads: int, width: int) -> np.ndarray:
@@ -87,22 +135,26 @@ def unit_rows(units: np.ndarray, mode: str, heads: int, width: int) -> np.ndarra
     return np.tile(units, heads)
 
 
-def resize(model: nn.Module, name: str, heads: int, width: int, scale: float) -> None:
+def resize(model: nn.Module, name: str, heads: int, width: int, original: tuple[int, int, float]) -> None:
     """After surgery sliced its tensors, the attention module ``name`` of ``model`` holds ``heads`` heads of
-    ``width``: a multi-head attention whose widths changed becomes a :class:`HeadAttention` of its tensors (scale
-    kept), a ``qkv`` form gets the new ``num_heads`` and ``head_dim``."""
+    ``width`` (``original``: its heads, width and scale unpruned): a ``qkv`` form gets the new ``num_heads`` and
+    ``head_dim``; a torch or torchvision module whose widths no longer tie as its code needs is rebuilt of its
+    tensors, the scale kept (:class:`HeadAttention`, :class:`WindowAttention`, :class:`GridAttention`)."""
     m = model.get_submodule(name)
-    if form(m) == "qkv":
+    kind = form(m)
+    if kind == "qkv":
         m.num_heads, m.head_dim = heads, width
         return
-    same = (heads, width) == (m.num_heads, m.head_dim) and tuple(m.in_proj_weight.shape) == (
-        3 * m.embed_dim,
-        m.embed_dim,
-    )
-    if isinstance(m, nn.MultiheadAttention) and same and m.out_proj.weight.shape[0] == m.embed_dim:
-        return  # nothing went: it stays the torch module
+    weight, proj, _, _ = PARTS[kind]
+    inputs = m.get_parameter(weight).shape[1]
+    outputs = m.get_submodule(proj).weight.shape[0]
+    # nothing went (Swin's width and scale follow its input's: its input width must stay too)
+    unchanged = (heads, width) == original[:2] and inputs == outputs == heads * width
+    if unchanged and not isinstance(m, HeadAttention | WindowAttention | GridAttention):
+        return  # it stays the module it was
+    rebuilt = {"multihead": HeadAttention.like, "swin": WindowAttention, "maxvit": GridAttention}[kind]
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, HeadAttention.like(m, heads, width, scale))
+    setattr(model.get_submodule(parent), child, rebuilt(m, heads, width, original[2]))
 
 
 class HeadAttention(nn.Module):

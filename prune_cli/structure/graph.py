@@ -89,6 +89,7 @@ from torch import nn
 from prune_cli.structure import attention as attn
 from prune_cli.structure.trace import traces
 
+SWIN = "torchvision.models.swin_transformer"  # its patch merging is one traced function
 ACTIVATION_MODULES = (
     nn.ReLU,
     nn.ReLU6,
@@ -148,7 +149,7 @@ REDUCING_FUNCTIONS = {torch.mean, torch.var, torch.std, torch.sum, torch.amax, t
 REDUCING_FUNCTIONS |= {torch.var_mean, torch.std_mean}
 REDUCING_METHODS = {"mean", "var", "std", "sum", "amax", "amin"}
 SPLITTING = {torch.split, torch.chunk, torch.narrow, "split", "chunk", "narrow"}
-TRANSPOSING = {torch.transpose, "transpose", "permute", torch.permute}
+TRANSPOSING = {torch.transpose, "transpose", "permute", torch.permute, torch.swapaxes, "swapaxes"}
 # what the rules follow on a channels-last tensor: elementwise, permutes, linear layers, layer norms
 CHANNELS_LAST_MODULES = ACTIVATION_MODULES + (nn.Identity, nn.Dropout, nn.Linear, nn.LayerNorm)
 # (and views, concatenations and indexing, whose rules find the channels' dim)
@@ -359,8 +360,9 @@ class ChannelGraph:
         return self.cdim.get(arg.name, 1) if isinstance(arg, fx.Node) else 1
 
     def _follows_channels_last(self, node) -> bool:
-        """Can the rules follow ``node`` on its inputs? Only elementwise operations, permutes, linear layers and
-        layer norms know where a channels-last tensor keeps its channels (a pool or a view would read H as C)."""
+        """Can the rules follow ``node`` on its inputs? Only the operations whose rules know where a channels-last
+        tensor keeps its channels (elementwise ones, permutes, views, linear layers, layer norms, attention, ...;
+        a pool would read H as C)."""
         if all(self._channel_dim(a) == 1 for a in node.all_input_nodes if self._of(a) is not None):
             return True
         if node.op != "output" and self._shape(node) is None:  # x.shape, x.size(): no channels of its own
@@ -369,8 +371,13 @@ class ChannelGraph:
             m = self.modules[node.target]
             return isinstance(m, CHANNELS_LAST_MODULES + _stochastic_depth()) or attn.form(m) is not None
         if node.op == "call_function":
-            stochastic = getattr(node.target, "__module__", "").startswith("torchvision.ops.stochastic_depth")
-            return stochastic or node.target in CHANNELS_LAST_FUNCTIONS
+            where = getattr(node.target, "__module__", "")
+            merging = where == SWIN and node.target.__name__ == "_patch_merging_pad"
+            return (
+                merging
+                or where.startswith("torchvision.ops.stochastic_depth")
+                or node.target in CHANNELS_LAST_FUNCTIONS
+            )
         return node.op == "output" or (node.op == "call_method" and node.target in CHANNELS_LAST_METHODS)
 
     def _follow_cdim(self, node) -> None:
@@ -580,53 +587,71 @@ class ChannelGraph:
         self.live[node.name] = np.zeros(len(x), bool)  # its gamma and beta zeroed: 0 whatever comes in
 
     def _attention(self, node, m: nn.Module) -> None:
-        """Self-attention of a known form (``attention.py``) on [B, N, E] (channels last): its q, k, v rows indexed
-        by units (whole heads or a position of every head, by ``heads``; ``"none"``: every row its own unprunable
-        atom), its input columns by the input's channels, its output projection's columns by the units and its
-        rows by new atoms; the matmuls QK^T and AV counted per unit."""
+        """Self-attention of a known form (``attention.py``) on a channels-last input: its q, k, v rows indexed by
+        units (whole heads or a position of every head, by ``attention``; ``"none"``: every row its own
+        unprunable atom), its input columns by the input's channels, its output projection's columns by the units
+        and its rows by new atoms, its per-head tensors by the heads; the matmuls QK^T and AV counted per unit."""
         query = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
         x, src = self._of(query), self._shape(query)
         why = attn.refusal(m, node, query, self.attention)
-        if why is None and (x is None or src is None or len(src) != 3 or self._channel_dim(query) != 2):
-            why = "an input other than [batch, tokens, channels]"
+        if why is None and (x is None or src is None or len(src) != attn.PARTS[attn.form(m)][3]):
+            why = "an input of other dims than its form's"
+        if why is None and self._channel_dim(query) != len(src) - 1:
+            why = "an input whose channels are not its last dim"
         if why is not None:
             self._opaque(node, f"attention {node.target} ({why})")
             return
         weight, proj, heads, width = attn.parts(m)
         inner, _, name = f"{node.target}.{weight}".rpartition(".")
-        if self.attention == "none":
-            units = self._new(heads * width)
-            self._block(units, f"attention heads kept whole (attention='none', {node.target})")
-            rows = units
-        else:
-            units = self._new(heads if self.attention == "heads" else width)
-            rows = attn.unit_rows(units, self.attention, heads, width)
+        proj = f"{node.target}.{proj}"
+        units, rows = self._units(node.target, heads, width)
         packed = np.tile(rows, 3)  # q, k, v
         self._read(query)
-        proj = f"{node.target}.{proj}"
         out = self._new(self.modules[proj].weight.shape[0])
         bias = "in_proj_bias" if name == "in_proj_weight" else "bias"
-        for module, param, dims in ((inner, name, {0: packed, 1: x}), (proj, "weight", {0: out, 1: rows})):
-            self._param(module, param, dims)
-        for module, param, atoms in ((inner, bias, packed), (proj, "bias", out)):
+        tensors = [(inner, name, {0: packed, 1: x}), (inner, bias, {0: packed}), (proj, "weight", {0: out, 1: rows})]
+        tensors.append((proj, "bias", {0: out}))
+        if self.attention == "heads":
+            tensors += [(f"{node.target}.{m_}".rstrip("."), p, {d: units}) for m_, p, d in attn.per_head(m)]
+        for module, param, dims in tensors:
             if getattr(self.modules[module], param, None) is not None:
-                self._param(module, param, {0: atoms})
-        self.inner[(inner, name)] = packed
-        if getattr(self.modules[inner], bias, None) is not None:
-            self.inner[(inner, bias)] = packed
-        if node.target in self.attentions:  # the other mode's trace: the same units
-            self._tie(self.attentions[node.target][0], units)
+                self._param(module, param, dims)
+        for key in ((inner, name), (inner, bias)):
+            if getattr(self.modules[inner], key[1], None) is not None:
+                self.inner[key] = packed
         self.attentions.setdefault(node.target, (units, heads, width, attn.scale(m)))
-        if not self.training:  # per image: one sequence of N tokens (batch first, or [N, B, E])
-            tokens = src[1] if getattr(m, "batch_first", True) else src[0]
-            for key in ((inner, name), (proj, "weight")):
-                self.pixels[key] = self.pixels.get(key, 0) + tokens
-            self.matmuls.append((rows, tokens * tokens))
-        self.cdim[node.name] = 2
+        if not self.training:
+            self._attention_macs(node.target, m, src, [(inner, name), (proj, "weight")], rows)
+        self.cdim[node.name] = len(src) - 1
         if attn.form(m) == "multihead":  # (output, weights)
             self.pieces[node.name] = [(out, np.zeros(len(out), bool)), (None, None)]
         else:
             self.atoms[node.name], self.live[node.name] = out, np.zeros(len(out), bool)
+
+    def _units(self, module: str, heads: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """An attention module's units (the same in both modes' traces) and the unit of each row of q (or k, v)."""
+        if self.attention == "none":
+            units = self._new(heads * width)
+            self._block(units, f"attention heads kept whole (attention='none', {module})")
+            rows = units
+        else:
+            units = self._new(heads if self.attention == "heads" else width)
+            rows = attn.unit_rows(units, self.attention, heads, width)
+        if module in self.attentions:  # the other mode's trace: the same units
+            self._tie(self.attentions[module][0], units)
+        return units, rows
+
+    def _attention_macs(self, module: str, m: nn.Module, src, projections, rows: np.ndarray) -> None:
+        """An attention call's MACs per image: its projections once per token, QK^T and AV once per query-key pair
+        and kept unit row, Swin v2's position bias MLP once per relative position."""
+        tokens, pairs = attn.tokens(m, src)
+        for key in projections:
+            self.pixels[key] = self.pixels.get(key, 0) + tokens
+        self.matmuls.append((rows, pairs))
+        if hasattr(m, "cpb_mlp"):
+            positions = int(np.prod(m.relative_coords_table.shape[:-1]))
+            for layer in (f"{module}.cpb_mlp.0", f"{module}.cpb_mlp.2"):
+                self.pixels[(layer, "weight")] = self.pixels.get((layer, "weight"), 0) + positions
 
     def _sources(self, arg) -> tuple[list[tuple[str, str]], set[int]] | None:
         """The module parameters a weight is computed from, and the dims a reduction in that computation runs over
@@ -733,6 +758,8 @@ class ChannelGraph:
             self._elementwise(node, shape)
         elif fn is torch.cat:
             self._cat(node)
+        elif getattr(fn, "__module__", "") == SWIN and fn.__name__ == "_patch_merging_pad":
+            self._patch_merging(node)
         elif fn in SPLITTING:
             self._split(node, fn.__name__)
         elif fn is torch.reshape:
@@ -875,6 +902,17 @@ class ChannelGraph:
         self.atoms[node.name], self.cdim[node.name] = x, held
         parameters = len(traced) < len(tensors)  # a parameter is no zeroed channel
         self.live[node.name] = np.logical_or.reduce([self.live[t.name] for t in traced] + [np.full(len(x), parameters)])
+
+    def _patch_merging(self, node) -> None:
+        """torchvision Swin's patch merging: [B, H, W, C] to [B, H / 2, W / 2, 4 C], the four 2 x 2 neighbours'
+        channels one after another (every channel four times)."""
+        src = node.args[0]
+        x, shape = self._of(src), self._shape(src)
+        if x is None or shape is None or self._channel_dim(src) != len(shape) - 1:
+            self._opaque(node, "patch merging of a tensor without channels last")
+            return
+        self.atoms[node.name], self.live[node.name] = np.tile(x, 4), np.tile(self.live[src.name], 4)
+        self.cdim[node.name] = len(shape) - 1
 
     # ------------------------------------------------------------------ pieces of the channels
 
@@ -1044,9 +1082,10 @@ class ChannelGraph:
             passing = isinstance(self.modules[name], ACTIVATION_MODULES + (nn.Identity,))
             name = "contiguous" if passing else f"module {name}"
         dims = [d % 5 for d in self._sizes(node)] if name in ("permute", torch.permute) else None
-        swap = (name in ("transpose", torch.transpose) and sorted(d % 5 for d in node.args[1:3]) == [1, 2]) or (
-            dims == [0, 2, 1, 3, 4]
-        )
+        swap = (
+            name in ("transpose", torch.transpose, "swapaxes", torch.swapaxes)
+            and sorted(d % 5 for d in node.args[1:3]) == [1, 2]
+        ) or (dims == [0, 2, 1, 3, 4])
         merge = name in ("view", "reshape", torch.reshape, "flatten", torch.flatten) and shape is not None
         merge = merge and len(shape) == 4 and shape[1] == grid.size and shape[2:] == src[3:]
         if name in PASS_METHODS or name in PASS_FUNCTIONS:
@@ -1062,7 +1101,8 @@ class ChannelGraph:
             self._opaque(node, f"{getattr(name, '__name__', name)} of a channel grid")
 
     def _permute(self, node, shape) -> None:
-        """``permute`` / ``transpose``: the atoms move with the dim that holds them (to the last: channels last)."""
+        """``permute`` / ``transpose`` / ``swapaxes``: the atoms move with the dim that holds them (to the last:
+        channels last)."""
         src, x = node.args[0], self._of(node.args[0])
         if x is None:
             self._opaque(node, f"{getattr(node.target, '__name__', node.target)} of a tensor without channels")
@@ -1072,7 +1112,11 @@ class ChannelGraph:
             order = [d % ndim for d in (self._sizes(node) or _arg(node, 1, "dims"))]
         else:
             order = list(range(ndim))
-            i, j = (d % ndim for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+            first, second = (
+                _arg(node, 1, "dim0", node.kwargs.get("axis0")),
+                _arg(node, 2, "dim1", node.kwargs.get("axis1")),
+            )
+            i, j = first % ndim, second % ndim
             order[i], order[j] = order[j], order[i]
         self.atoms[node.name] = x
         self.cdim[node.name] = order.index(held)
@@ -1243,7 +1287,7 @@ class ChannelGraph:
             for module, (units, heads, width, scale) in self.attentions.items():
                 kept = int(self._kept(units, removed).sum())
                 shape = {"heads": (kept, width), "head_width": (heads, kept), "none": (heads, width)}[self.attention]
-                attn.resize(model, module, *shape, scale)
+                attn.resize(model, module, *shape, (heads, width, scale))
         return model
 
     def masked(self, removed: set[int]) -> nn.Module:
