@@ -223,6 +223,7 @@ def test_bn_scale_refuses_a_layernorm_naming_it(model):
         build_criterion({"name": "bn_scale"}).check_groups(model)
 
 
+@pytest.mark.slow
 def test_the_pipeline_prunes_finetunes_and_counts_a_convnext(tmp_path, monkeypatch):
     (tmp_path / "tiny_convnext_net.py").write_text(NET_FILE)
     monkeypatch.chdir(tmp_path)

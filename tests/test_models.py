@@ -58,6 +58,9 @@ MODELS = (
 
 @pytest.mark.parametrize("name,channels,size,extra", MODELS)
 def test_masked_equals_pruned_and_counts_match(name, channels, size, extra):
+    """Exact for every family here (BatchNorm networks, BN-free ones); not for a group a LayerNorm over the
+    channels reads (ConvNeXt's streams), whose statistics still count a masked channel: close there, and tested so
+    in tests/test_graphnet_channels_last.py."""
     shape = (channels, size, size)
     model = calibrated(build_model({"name": name, "num_classes": 10, "in_channels": channels, **extra}), shape)
     g = torch.Generator().manual_seed(1)
