@@ -101,6 +101,33 @@ def test_the_pipeline_counts_as_the_graph_dense_and_pruned(model):
     assert pruned.net.features[1][0].layer_scale.shape == (pruned.widths[0], 1, 1)
 
 
+class ScaledBlock(nn.Module):
+    """A stem, a channels-last MLP, and a layer scale held by the network itself (the root module): ``net.scale``."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3), nn.Linear(8, 12), nn.Linear(12, 8)
+        self.scale, self.head = nn.Parameter(torch.rand(8, 1, 1) + 0.5), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.scale * self.fc2(F.gelu(self.fc1(x.permute(0, 2, 3, 1)))).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_layer_scale_of_the_network_itself_is_sliced_and_counted(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scaled_block_mod", types.SimpleNamespace(Net=ScaledBlock))
+    arch = {"name": "custom", "target": "scaled_block_mod:Net", "shared": True, "image_size": 6}
+    with trusting(["scaled_block_mod:Net"]):
+        model = build_model({**arch, "num_classes": 10, "in_channels": 3}).eval()
+        assert ("net", "param", "scale") in {(s.module, s.role, s.param) for s in model.channel_groups()[0].slots}
+        keep = [torch.arange(w) % 2 == 0 for w in model.widths]
+        pruned = prune_channels(model, keep)
+    x = torch.randn(2, 3, 6, 6)
+    assert pruned.net.scale.shape == (4, 1, 1)
+    assert structure(model, (3, 6, 6)).count(pruned.widths) == ChannelGraph(pruned.net, x).count(set())
+
+
 def test_a_linear_layer_counts_each_position_it_runs_at():
     class Net(nn.Module):
         def __init__(self):
