@@ -1,4 +1,5 @@
-"""The channel dependency graph of any CNN, from a ``torch.fx`` trace: which channels go together.
+"""The channel dependency graph of any CNN or vision transformer, from a ``torch.fx`` trace: which channels go
+together.
 
 Every channel of every traced tensor is an *atom*; operations tie atoms together (a union-find), and a
 *channel* (one prunable unit) is a class of tied atoms. The rules, one per kind of operation:
@@ -6,9 +7,25 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
 - conv / linear (groups 1): new atoms for its outputs; its weight's input dim is indexed by the input's atoms
   (a linear layer on [B, features], or on a channels-last [B, H, W, C] whose last dim holds the channels: a
   1 x 1 conv, MACs = weight elements x H x W; on another last dim, as a transformer's tokens, it is not mapped);
-- ``permute`` / ``transpose`` (the ``Permute`` module too): the atoms move with the dim that holds them; on a
-  channels-last tensor only elementwise operations, activations, linear layers, layer norms and permutes are
-  followed (a pool or a view would read another dim as the channels: opaque);
+- ``permute`` / ``transpose`` / ``swapaxes`` (the ``Permute`` module too): the atoms move with the dim that
+  holds them; on a channels-last tensor only the operations whose rules below find that dim are followed (a
+  pool would read another dim as the channels: opaque);
+- a view / reshape / flatten keeping the channels' dim whole (merging or splitting only the dims before it among
+  themselves and those after it: patches [B, C, H, W] to [B, C, HW], tokens to windows): the atoms pass, their
+  dim moved; a constant channel count among its sizes is the width attribute of the module whose code it is
+  (an int attribute equal to it, as ViT's ``hidden_dim``), which surgery sets to the kept count (none: the
+  channels are unprunable);
+- ``cat`` along another dim than the channels (a class token before the tokens): the operands' channels tied; an
+  operand computed from a parameter alone (the token, expanded to the batch) has that parameter's dim indexed;
+  indexing that keeps the channels' dim whole (``x[:, 0]``, ``x[..., ::2, :]``) and means over other dims than
+  the batch's and the channels' keep the atoms;
+- self-attention of a known form (``attention.py``: ``nn.MultiheadAttention``, Swin's and MaxViT's window
+  attention, the common ``qkv`` form): its input columns are the input's channels, its output projection's rows
+  new atoms, and its q, k, v rows and the output projection's columns are *units*: whole heads
+  (``attention="heads"``), one position of every head (``"head_width"``) or unprunable (``"none"``); per-head
+  tensors are indexed by the heads; surgery rewrites or rebuilds the module; the masked network zeroes the
+  removed units' q, k and v rows; its MACs are its projections' per token plus QK^T and AV (query x key pairs x
+  the kept q and v rows);
 - depthwise conv (groups = in = out channels): its output channel i *is* its input channel i (tied), and the
   layer's groups shrink with it; another grouped conv (groups G): each of its groups, inputs and outputs, is
   one channel (tied), so a whole group goes and G shrinks (every group keeps its size: the layer stays one conv);
@@ -32,7 +49,7 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
   squeeze-excitation's ``x * scale``); an operand with one channel (or none) broadcasts and ties nothing; a
   module's parameter with one value per channel (broadcasting aligns dims from the right: a layer scale
   [C, 1, 1] on [B, C, H, W]) has that dim indexed by the channels' atoms (sliced and counted with them);
-- ``cat`` along channels: the operands' atoms one after another (DenseNet);
+- ``cat`` along channels: the operands' atoms one after another (DenseNet; Swin's patch merging, four times);
 - ``chunk(n, 1)``, and ``split(s, 1)`` with ``s = x.shape[1] // n`` computed at run time: each piece has its
   channel range's atoms, and channel j of every piece is tied (the pieces keep equal widths, so the pruned
   network's own split still splits right); a slice ``x[:, a:b]`` / ``narrow`` / ``split`` with constant sizes:
@@ -46,7 +63,7 @@ Every channel of every traced tensor is an *atom*; operations tie atoms together
 - ``flatten`` / ``view(B, -1)`` of [B, C, H, W]: each atom repeated H x W times (a linear layer's input dim
   then holds H x W columns per channel); a view to a constant width (``view(B, 512)``) keeps its channels
   unprunable (the pruned network's view could not follow);
-- means or pools over the spatial dims keep the atoms; anything else (reshapes or permutes across channels,
+- pools over the spatial dims keep the atoms; anything else (reshapes or permutes across channels,
   unknown modules with parameters, custom functions, split pieces or channel grids read any other way than
   above): every atom it touches is unprunable, with a warning naming the operation. Computations on parameters
   alone (a weight's standardisation) have no atoms.
