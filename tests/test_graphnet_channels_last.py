@@ -245,9 +245,11 @@ def test_the_weight_criteria_read_a_linear_layers_rows_and_columns(model):
         assert all(s.unique().numel() > 1 for s in scores), name  # they rank
 
 
-def test_bn_scale_refuses_a_layernorm_naming_it(model):
+def test_bn_scale_refuses_a_layernorm_and_the_loss_greedy_channels_last_outputs(model):
     with pytest.raises(UserError, match="features.0.0 has a LayerNorm2d"):
         build_criterion({"name": "bn_scale"}).check_groups(model)
+    with pytest.raises(UserError, match=r"loss reads .* dim 1; features.0.0 holds them last"):
+        build_criterion({"name": "loss"}).check_groups(model)  # its masks act along dim 1
 
 
 @pytest.mark.slow

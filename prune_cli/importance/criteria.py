@@ -16,7 +16,8 @@ The activation criteria (``apoz``, ``hrank``, ``taylor``) read a group's norm ou
 the channels); in a network without them, its producer's output (the mask zeroes its rows and biases:
 ``ChannelGroup.mask_points``), conv or channels-last linear layer; each output's channels along its slot's
 ``out_dim`` (1, or 3 for a channels-last [B, H, W, C] tensor, read as the [B, C, H, W] maps it holds).
-``bn_scale`` refuses a group without BatchNorm, naming it, before any data is read (``check_groups``).
+``bn_scale`` refuses a group without BatchNorm, naming it, before any data is read (``check_groups``); so does a
+criterion that does not declare ``channels_last`` a group whose channels sit last in a layer's output.
 
 Scores come back as float32 CPU tensors, one 1-D tensor per channel group, in
 ``model.channel_groups()`` order. Scoring never changes the model: weights,
@@ -76,6 +77,9 @@ class Criterion(abc.ABC):
     name: str = ""
     needs_data: bool = False
     options: tuple[Option, ...] = ()
+    # whether it reads a group's outputs where its slots say the channels are (``Slot.out_dim``: 3 for a channels-last
+    # [B, H, W, C]), or reads no outputs at all; a criterion that does not say so is refused such groups
+    channels_last: bool = False
 
     def __init__(self, **hparams: Any):
         self.hparams: dict[str, Any] = check_block(hparams, self.options, "criterion")
@@ -98,7 +102,17 @@ class Criterion(abc.ABC):
         return False
 
     def check_groups(self, model: Prunable) -> None:
-        """Refuse, in one line and before any data is read, channel groups the criterion cannot score."""
+        """Refuse, in one line and before any data is read, channel groups the criterion cannot score: those whose
+        channels sit last in a layer's output, unless it reads them there (``channels_last``)."""
+        if self.channels_last:
+            return
+        for group in model.channel_groups():
+            if any(s.out_dim != 1 for s in group.mask_points()):
+                raise UserError(
+                    "criterion.name",
+                    f"{self.name} reads the channels of a layer's output in its dim 1; {group.name} holds them last "
+                    "([B, H, W, C]) (use l1, apoz, hrank or taylor)",
+                )
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
@@ -296,6 +310,7 @@ class _WeightCriterion(Criterion):
     """Criteria computed from ``channel_vectors`` one group at a time."""
 
     options = (_granularity_option("filter"),)
+    channels_last = True  # weights only
     granularity: str
 
     def _scores(self, model, granularity, sample):
@@ -392,6 +407,7 @@ class Random(Criterion):
     """Uniform random scores from ``torch.Generator().manual_seed(seed)``: the control."""
 
     options = (Int("seed", 0, "seed of the random scores: same seed, same scores", lo=0),)
+    channels_last = True  # no outputs read
     seed: int
 
     def _scores(self, model, granularity, sample):
@@ -522,6 +538,7 @@ class _ActivationCriterion(Criterion):
     """Scores from the activations of ``num_images`` training images."""
 
     needs_data = True
+    channels_last = True  # _bn_hooks hands each output's dim holding the channels
     options = (Int("num_images", 1024, "training images the score runs over", lo=1), _BATCH)
     num_images: int
     batch_size: int | None
@@ -568,6 +585,7 @@ class HRank(Criterion):
     over ``batches`` batches of ``batch_size`` images; low rank = pruned first."""
 
     needs_data = True
+    channels_last = True
     options = (Int("batches", 5, "batches averaged over (5 in the paper)", lo=1), _BATCH)
     batches: int
     batch_size: int | None
