@@ -14,7 +14,7 @@ from hydra import initialize_config_dir
 import fakedata
 from prune_cli.cli.run import CONF_DIR
 from prune_cli.run.tables import timing_column
-from prune_cli.structure.attention import HeadAttention, form
+from prune_cli.structure.attention import form
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden"  # results tables captured before the architecture changed
@@ -196,15 +196,16 @@ def layer_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
             macs.append(out[0].numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1])
         elif isinstance(m, torch.nn.Linear):
             macs.append(m.in_features * out[0].numel())
-        elif isinstance(m, torch.nn.MultiheadAttention | HeadAttention):  # its projections are no modules called
+        elif form(m) in ("multihead", "head"):  # torch's applies its projections as functions, ours as modules
             tokens = inputs[0].shape[1 if m.batch_first else 0]
-            width = m.in_proj_weight.shape[0] // 3
-            macs.append(tokens * (m.in_proj_weight.numel() + m.out_proj.weight.numel()) + 2 * tokens**2 * width)
+            width = (m.in_proj_weight if form(m) == "multihead" else m.qkv.weight).shape[0] // 3
+            functional = m.in_proj_weight.numel() + m.out_proj.weight.numel() if form(m) == "multihead" else 0
+            macs.append(tokens * functional + 2 * tokens**2 * width)
         elif form(m) == "swin":  # windows of wh x ww positions over the map padded to their multiples
             (wh, ww), (h, w) = m.window_size, inputs[0].shape[1:3]
             tokens = -(-h // wh) * wh * -(-w // ww) * ww
-            projections = tokens * (m.qkv.weight.numel() + m.proj.weight.numel())  # F.linear: no module called
-            macs.append(projections + 2 * tokens * wh * ww * m.qkv.out_features // 3)
+            functional = 0 if hasattr(m, "head_dim") else m.qkv.weight.numel() + m.proj.weight.numel()
+            macs.append(tokens * functional + 2 * tokens * wh * ww * m.qkv.out_features // 3)
         elif form(m) == "maxvit":  # G groups of P positions; its linear layers are hooked themselves
             _, groups, positions, _ = inputs[0].shape
             macs.append(2 * groups * positions**2 * m.to_qkv.out_features // 3)
@@ -216,9 +217,10 @@ def layer_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
     inside = set()  # the projections torch's and torchvision's code applies as functions (never called)
     for m in model.modules():
-        inside |= (
-            {id(m.out_proj)} if form(m) == "multihead" else {id(m.qkv), id(m.proj)} if form(m) == "swin" else set()
-        )
+        if form(m) == "multihead":
+            inside.add(id(m.out_proj))
+        elif form(m) == "swin" and not hasattr(m, "head_dim"):
+            inside |= {id(m.qkv), id(m.proj)}
     hooks = [m.register_forward_hook(hook) for m in model.modules() if counted(m) and id(m) not in inside]
     training = model.training
     try:

@@ -5,6 +5,8 @@ from its modules, and the rebuilt attention modules hold the heads and widths th
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -15,9 +17,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 import prune_cli
 from helpers import randomized, removal, shape_count
 from prune_cli.structure.any_network import channel_scores, select
-from prune_cli.structure.attention import HeadAttention, form, parts
+from prune_cli.structure.attention import form, ours, parts
 from prune_cli.structure.graph import ChannelGraph
-from prune_cli.structure.windows import GridAttention, WindowAttention
+from prune_cli.structure.heads import GridAttention, HeadAttention, WindowAttention
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -89,7 +91,7 @@ def test_a_vit_prunes_everything_but_its_input_and_logits(attention, ratio):
         attn = layer.self_attention
         assert isinstance(attn, HeadAttention) and attn.scale == 4**-0.5  # the scale of the original width
         assert (attn.num_heads, attn.head_dim) == ((kept, 4) if attention == "heads" else (4, kept))
-        assert attn.in_proj_weight.shape == (3 * attn.num_heads * attn.head_dim, width)
+        assert attn.qkv.weight.shape == (3 * attn.num_heads * attn.head_dim, width)
 
 
 def swin(v2: bool) -> nn.Module:
@@ -176,7 +178,7 @@ def test_head_attention_computes_what_multihead_attention_does(batch_first):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(12, 3, batch_first=batch_first).eval()
     nn.init.normal_(mha.in_proj_bias)
-    ours = HeadAttention.like(mha, 3, 4, 4**-0.5).eval()
+    ours = HeadAttention(mha, 3, 4, 4**-0.5).eval()
     x = torch.randn(2, 5, 12) if batch_first else torch.randn(5, 2, 12)
     padding = torch.tensor([[False] * 4 + [True], [False] * 5])
     causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
@@ -214,3 +216,19 @@ def test_a_pruned_vit_exports_to_onnx_with_equal_outputs(tmp_path):
     assert torch.allclose(torch.from_numpy(got), expected, atol=1e-4)
     traced = torch.jit.trace(pruned, X, check_trace=False)
     assert torch.allclose(traced(X), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit", *WINDOWED])
+def test_our_attention_modules_compute_what_torch_and_torchvision_compute(name):
+    """``ours`` replaces every known attention module by ours, of the same tensors: the same outputs, and the
+    graph of the replaced network has the same groups and counts."""
+    build = tiny_vit if name == "vit" else WINDOWED[name][0]
+    torch.manual_seed(0)
+    model, x = randomized(build()), X if name == "vit" else torch.randn(2, 3, 32, 32)
+    replaced = ours(copy.deepcopy(model))
+    assert any(isinstance(m, HeadAttention | WindowAttention | GridAttention) for m in replaced.modules())
+    with torch.no_grad():
+        assert torch.allclose(replaced(x), model(x), atol=1e-5)
+    graph, theirs = ChannelGraph(replaced, x), ChannelGraph(model, x)
+    assert [len(g.channels) for g in graph.groups] == [len(g.channels) for g in theirs.groups]
+    assert graph.count(set()) == theirs.count(set()) == shape_count(replaced, x)

@@ -27,14 +27,10 @@ that unit's output 0 and leaves every other one as it was: the masked network is
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from prune_cli.structure.windows import GridAttention, WindowAttention
+from prune_cli.structure.heads import GridAttention, HeadAttention, WindowAttention
 
 MODES = ("heads", "head_width", "none")
 TORCHVISION = {  # torchvision's window attention modules (by their own class: their forward is known)
@@ -45,20 +41,22 @@ TORCHVISION = {  # torchvision's window attention modules (by their own class: t
 # per form: (the packed q/k/v weight, the output projection, the attribute counting the heads, the input's dims)
 PARTS = {
     "multihead": ("in_proj_weight", "out_proj", "num_heads", 3),
+    "head": ("qkv.weight", "proj", "num_heads", 3),
     "qkv": ("qkv.weight", "proj", "num_heads", 3),
     "swin": ("qkv.weight", "proj", "num_heads", 4),
     "maxvit": ("to_qkv.weight", "merge", "n_heads", 4),
 }
+REBUILT = (HeadAttention, WindowAttention, GridAttention)  # ours: pruned by rewriting their heads and width
 
 
 def form(m: nn.Module) -> str | None:
-    """Which known attention form ``m`` is: ``"multihead"``, ``"swin"``, ``"maxvit"``, ``"qkv"`` or None."""
-    if isinstance(m, nn.MultiheadAttention | HeadAttention):
+    """Which known attention form ``m`` is: ``"multihead"`` (torch's), ``"head"`` (:class:`HeadAttention`),
+    ``"swin"``, ``"maxvit"``, ``"qkv"`` or None."""
+    if isinstance(m, nn.MultiheadAttention):
         return "multihead"
-    if isinstance(m, WindowAttention):
-        return "swin"
-    if isinstance(m, GridAttention):
-        return "maxvit"
+    for cls, kind in zip(REBUILT, ("head", "swin", "maxvit")):
+        if isinstance(m, cls):
+            return kind
     known = TORCHVISION.get((type(m).__module__, type(m).__name__))
     if known is not None:
         return known
@@ -105,15 +103,15 @@ def tokens(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
 def refusal(m: nn.Module, node, query, mode: str) -> str | None:
     """Why the call ``node`` of the attention module ``m`` on ``query`` cannot be pruned in ``mode`` (None: it can)."""
     kind = form(m)
-    if kind == "multihead" and not isinstance(m, HeadAttention):
+    if kind in ("multihead", "head"):
         key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
         value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-        if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+        if kind == "multihead" and (not m._qkv_same_embed_dim or m.in_proj_weight is None):
             return "separate q, k and v input widths"
-        if m.bias_k is not None or m.add_zero_attn:
+        if kind == "multihead" and (m.bias_k is not None or m.add_zero_attn):
             return "bias_k / bias_v or add_zero_attn"
         return None if key is query and value is query else "cross-attention: another key or value"
-    if kind != "multihead" and len(node.args) + len(node.kwargs) != 1:
+    if len(node.args) + len(node.kwargs) != 1:
         return "called with more than its input"
     if kind == "qkv" and mode == "head_width" and not isinstance(getattr(m, "scale", None), float):
         return "head_width needs a float scale attribute, else the scale would follow the pruned width"
@@ -122,9 +120,27 @@ def refusal(m: nn.Module, node, query, mode: str) -> str | None:
 
 def scale(m: nn.Module) -> float:
     """The factor of the scores q . k of the unpruned module (Swin v2's cosine attention has its logit scale)."""
-    kind = form(m)
-    own = getattr(m, "scale_factor" if kind == "maxvit" else "scale", None)
+    own = getattr(m, "scale_factor" if form(m) == "maxvit" else "scale", None)
     return own if isinstance(own, float) else parts(m)[3] ** -0.5
+
+
+def ours(net: nn.Module) -> nn.Module:
+    """``net`` with every torch or torchvision attention module of a known form replaced, in place, by ours of
+    the same tensors, heads, width and scale (it computes the same; its projections are modules a hook sees)."""
+    for name, m in list(net.named_modules()):
+        kind = form(m)
+        if kind not in ("multihead", "swin", "maxvit") or isinstance(m, REBUILT):
+            continue
+        if kind == "multihead" and (not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn):
+            continue  # a form the graph leaves whole
+        heads, width = parts(m)[2:]
+        _replace(net, name, REBUILT[("multihead", "swin", "maxvit").index(kind)](m, heads, width, scale(m)))
+    return net
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
 
 
 def unit_rows(units: np.ndarray, mode: str, heads: int, width: int) -> np.ndarray:
@@ -137,119 +153,18 @@ def unit_rows(units: np.ndarray, mode: str, heads: int, width: int) -> np.ndarra
 
 def resize(model: nn.Module, name: str, heads: int, width: int, original: tuple[int, int, float]) -> None:
     """After surgery sliced its tensors, the attention module ``name`` of ``model`` holds ``heads`` heads of
-    ``width`` (``original``: its heads, width and scale unpruned): a ``qkv`` form gets the new ``num_heads`` and
-    ``head_dim``; a torch or torchvision module whose widths no longer tie as its code needs is rebuilt of its
-    tensors, the scale kept (:class:`HeadAttention`, :class:`WindowAttention`, :class:`GridAttention`)."""
+    ``width`` (``original``: its heads, width and scale unpruned): ours and the ``qkv`` form get the new head
+    count and width; a torch or torchvision module whose widths no longer tie as its code needs is rebuilt as ours
+    of its tensors, the scale kept."""
     m = model.get_submodule(name)
     kind = form(m)
-    if kind == "qkv":
-        m.num_heads, m.head_dim = heads, width
+    if kind == "qkv" or isinstance(m, REBUILT):
+        setattr(m, PARTS[kind][2], heads)
+        m.head_dim = width
         return
     weight, proj, _, _ = PARTS[kind]
     inputs = m.get_parameter(weight).shape[1]
     outputs = m.get_submodule(proj).weight.shape[0]
-    # nothing went (Swin's width and scale follow its input's: its input width must stay too)
-    unchanged = (heads, width) == original[:2] and inputs == outputs == heads * width
-    if unchanged and not isinstance(m, HeadAttention | WindowAttention | GridAttention):
-        return  # it stays the module it was
-    rebuilt = {"multihead": HeadAttention.like, "swin": WindowAttention, "maxvit": GridAttention}[kind]
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, rebuilt(m, heads, width, original[2]))
-
-
-class HeadAttention(nn.Module):
-    """Self-attention of ``num_heads`` heads of ``head_dim`` on ``embed_dim`` inputs and outputs, with the tensors
-    of ``nn.MultiheadAttention`` (``in_proj_weight`` [3 x heads x width, embed], ``in_proj_bias``, ``out_proj``)
-    at any widths and a fixed ``scale``; called as ``nn.MultiheadAttention`` is (query, key, value, ...), it returns
-    (output, head-averaged attention weights or None)."""
-
-    def __init__(
-        self, embed_dim: int, num_heads: int, head_dim: int, scale: float, batch_first: bool, dropout: float, bias: bool
-    ):
-        super().__init__()
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
-        self.scale, self.batch_first, self.dropout = scale, batch_first, dropout
-        width = num_heads * head_dim
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width)) if bias else None
-        self.out_proj = nn.Linear(width, embed_dim, bias=bias)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    @classmethod
-    def like(cls, m: nn.Module, num_heads: int, head_dim: int, scale: float) -> HeadAttention:
-        """A module of ``m``'s (sliced) tensors, its heads and width given, the original scale kept."""
-        new = cls(
-            m.out_proj.weight.shape[0],
-            num_heads,
-            head_dim,
-            scale,
-            m.batch_first,
-            m.dropout,
-            m.in_proj_bias is not None,
-        )
-        new.in_proj_weight, new.in_proj_bias, new.out_proj = m.in_proj_weight, m.in_proj_bias, m.out_proj
-        return new.train(m.training)
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = True,
-        attn_mask: torch.Tensor | None = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batched = query.dim() == 3
-        inputs = [query, key, value]
-        if not batched:  # [N, E]: one sequence
-            inputs = [t.unsqueeze(0) for t in inputs]
-        elif not self.batch_first:  # [N, B, E]
-            inputs = [t.transpose(0, 1) for t in inputs]
-        query, key, value = inputs
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q, k, v = (
-            self._heads(F.linear(t, w, b)) for t, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v))
-        )
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
-        scores = scores + _additive(attn_mask, key_padding_mask, is_causal, scores)
-        weights = torch.softmax(scores, dim=-1)
-        if self.training and self.dropout > 0:
-            weights = F.dropout(weights, self.dropout)
-        out = torch.matmul(weights, v).transpose(1, 2).flatten(2)  # [B, N, heads x width]
-        out = self.out_proj(out)
-        if not batched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        if not need_weights:
-            return out, None
-        return out, weights.mean(1) if average_attn_weights else weights
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, N, heads x width] as [B, heads, N, width]."""
-        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-
-
-def _additive(
-    attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, is_causal: bool, scores: torch.Tensor
-) -> torch.Tensor:
-    """The masks as one additive term on the scores [B, heads, N, M] (a bool mask: True is masked out)."""
-    add = torch.zeros((), dtype=scores.dtype, device=scores.device)
-    n, s = scores.shape[-2], scores.shape[-1]
-    if is_causal and attn_mask is None:
-        attn_mask = torch.ones(n, s, dtype=torch.bool, device=scores.device).triu(1)
-    if attn_mask is not None:
-        add = add + _as_scores(attn_mask if attn_mask.dim() == 2 else attn_mask.view(scores.shape[0], -1, n, s), scores)
-    if key_padding_mask is not None:
-        add = add + _as_scores(key_padding_mask.view(scores.shape[0], 1, 1, s), scores)
-    return add
-
-
-def _as_scores(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """A mask as a term added to the scores: a bool mask's True is -inf (masked out), a float one is added."""
-    if mask.dtype == torch.bool:
-        return torch.zeros_like(mask, dtype=scores.dtype).masked_fill(mask, -math.inf)
-    return mask.to(scores.dtype)
+    if (heads, width) == original[:2] and inputs == outputs == heads * width:
+        return  # nothing went (Swin's width and scale follow its input's: that must stay too)
+    _replace(model, name, REBUILT[("multihead", "swin", "maxvit").index(kind)](m, heads, width, original[2]))

@@ -640,7 +640,7 @@ class ChannelGraph:
         if not self.training:
             self._attention_macs(node.target, m, src, [(inner, name), (proj, "weight")], rows)
         self.cdim[node.name] = len(src) - 1
-        if attn.form(m) == "multihead":  # (output, weights)
+        if attn.form(m) in ("multihead", "head"):  # (output, weights)
             self.pieces[node.name] = [(out, np.zeros(len(out), bool)), (None, None)]
         else:
             self.atoms[node.name], self.live[node.name] = out, np.zeros(len(out), bool)
