@@ -10,6 +10,9 @@ import pandas as pd
 import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from torchvision.models.maxvit import MaxVit
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+from torchvision.models.vision_transformer import VisionTransformer
 
 import fakedata
 from prune_cli.cli.run import CONF_DIR
@@ -237,3 +240,26 @@ def shape_count(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(params, MACs per image), counted from the network itself: every parameter's elements, and
     :func:`layer_macs`."""
     return sum(p.numel() for p in model.parameters()), layer_macs(model, x)
+
+
+# ---------------------------------------------------------------------- small vision transformers
+
+
+def tiny_vit(num_classes: int = 1000) -> torch.nn.Module:
+    """torchvision's ViT: 16 x 16 images in 4 patches, 2 layers of 4 heads on a 16-wide stream, MLPs of 24."""
+    torch.manual_seed(0)
+    model = VisionTransformer(16, 8, 2, 4, 16, 24, num_classes=num_classes)
+    return randomized(model)
+
+
+def swin(v2: bool, num_classes: int = 10) -> torch.nn.Module:
+    """Two stages of two blocks (the second block's windows shifted), 4 x 4 windows on a 8 x 8 map, patch merging."""
+    v2_parts = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    return SwinTransformer(
+        [4, 4], 16, [2, 2], [2, 4], [4, 4], stochastic_depth_prob=0.0, num_classes=num_classes, **v2_parts
+    )
+
+
+def maxvit(num_classes: int = 10) -> torch.nn.Module:
+    """Two stages of one MaxViT block (MBConv, window and grid attention of 4-wide heads) on 32 x 32 images."""
+    return MaxVit((32, 32), 8, 2, [16, 32], [1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=num_classes)

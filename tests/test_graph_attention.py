@@ -10,24 +10,15 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torchvision.models.maxvit import MaxVit
-from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
-from torchvision.models.vision_transformer import VisionTransformer
 
 import prune_cli
-from helpers import randomized, removal, shape_count
+from helpers import maxvit, randomized, removal, shape_count, swin, tiny_vit
 from prune_cli.structure.any_network import channel_scores, select
 from prune_cli.structure.attention import form, ours, parts
 from prune_cli.structure.graph import ChannelGraph
 from prune_cli.structure.heads import GridAttention, HeadAttention, WindowAttention
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-
-
-def tiny_vit() -> nn.Module:
-    torch.manual_seed(0)
-    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=24)
-    return randomized(model)
 
 
 class QkvAttention(nn.Module):
@@ -92,16 +83,6 @@ def test_a_vit_prunes_everything_but_its_input_and_logits(attention, ratio):
         assert isinstance(attn, HeadAttention) and attn.scale == 4**-0.5  # the scale of the original width
         assert (attn.num_heads, attn.head_dim) == ((kept, 4) if attention == "heads" else (4, kept))
         assert attn.qkv.weight.shape == (3 * attn.num_heads * attn.head_dim, width)
-
-
-def swin(v2: bool) -> nn.Module:
-    """Two stages of two blocks (the second block's windows shifted), 4 x 4 windows on a 8 x 8 map, patch merging."""
-    v2_parts = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
-    return SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], stochastic_depth_prob=0.0, num_classes=10, **v2_parts)
-
-
-def maxvit() -> nn.Module:
-    return MaxVit((32, 32), 8, 2, [16, 32], [1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=10)
 
 
 WINDOWED = {"swin": (lambda: swin(False), WindowAttention), "swin_v2": (lambda: swin(True), WindowAttention)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import operator
 import os
 import sys
 from dataclasses import replace
@@ -27,6 +28,7 @@ from prune_cli.core.errors import UserError, one_line
 from prune_cli.core.options import Float, Map, Str
 from prune_cli.core.trust import how_to_allow, trusted
 from prune_cli.models.base import MODELS, Prunable, build_model
+from prune_cli.structure.attention import PARTS, form, ours, per_head
 from prune_cli.structure.graph import ELEMENTWISE, ELEMENTWISE_METHODS, ChannelGraph
 from prune_cli.structure.groups import ChannelGroup, Slot
 
@@ -144,14 +146,15 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
     ``unsafe``), so that the stages' mask is removing them (up to a LayerNorm's statistics: ``mask_channels``)."""
     out: list[tuple[ChannelGroup, list[int]]] = []
     unsafe = {int(graph.root[a]) for a in graph.unsafe}
-    layers = _layers(graph)
+    heads = _per_head(graph)  # sliced with their heads, never masked
+    layers = _layers(graph, heads)
     keys = list(layers)
     holding: dict[int, set[int]] = {}  # channel -> the layers (indexes into keys) holding it
     for k, roots in enumerate(layers.values()):
         for r in np.unique(roots).tolist():
             holding.setdefault(r, set()).add(k)
     names: set[str] = set()
-    layouts, scales = _layouts(graph), _scales(graph)
+    layouts, scales = _layouts(graph), {**dict.fromkeys(heads, False), **_scales(graph)}
     for group in graph.groups:
         order = group.channels
         if unsafe.intersection(order):  # a layer would read it nonzero though masked: masking is not removing it
@@ -188,13 +191,25 @@ def graph_groups(graph, shared: bool = False) -> list[tuple[ChannelGroup, list[i
 STANDARD_PARAMS = ("weight", "bias", "running_mean", "running_var")  # a layer's own tensors, one slot per dim
 
 
-def _layers(graph) -> dict[tuple[str, str, int], np.ndarray]:
+def _per_head(graph) -> set[tuple[str, str]]:
+    """(module, parameter) of the attention layers' per-head tensors (relative position tables, Swin v2's logit
+    scale and position bias MLP's outputs): sliced and counted with their heads, never masked (a head's zeroed
+    q, k and v rows make its output 0 whatever its bias)."""
+    found = set()
+    for name in graph.attentions:
+        for module, param, _ in per_head(graph.modules[name]):
+            found.add((f"{name}.{module}" if module else name, param))
+    return found
+
+
+def _layers(graph, per_head_tensors: set[tuple[str, str]]) -> dict[tuple[str, str, int], np.ndarray]:
     """(module, parameter, dim) -> the channel of every position, in model order: one entry per dim of a conv,
     linear or norm layer (its weight, bias and statistics share their channels: parameter ""), one per dim of
-    any other parameter the graph indexes (a layer scale)."""
+    any other parameter the graph indexes (a layer scale, an attention's per-head tensor)."""
     layers: dict[tuple[str, str, int], np.ndarray] = {}
     for (module, param), dims in graph.dims.items():
         own = isinstance(graph.modules[module], LAYERS) and param in STANDARD_PARAMS
+        own = own and (module, param) not in per_head_tensors
         for d, atoms in dims.items():
             layers.setdefault((module, "" if own else param, d), graph.root[atoms])
     return layers
@@ -211,37 +226,54 @@ def _layouts(graph) -> dict[str, tuple[int, int]]:
         inside = [node.target] if node.op == "call_module" else []
         for module in inside + list(node.meta.get("nn_module_stack", {})):
             layouts[module] = (len(shape), graph.cdim.get(node.name, 1))
+    for node in graph.gm.graph.nodes:  # an attention's projections, inside it: on its input's layout
+        if node.op == "call_module" and node.target in graph.attentions:
+            rank = len(node.args[0].meta["tensor_meta"].shape)
+            weight, proj, _, _ = PARTS[form(graph.modules[node.target])]
+            for layer in (weight.rpartition(".")[0], proj):
+                layouts[f"{node.target}.{layer}"] = (rank, rank - 1)
     return layouts
 
 
-def _scales(graph) -> set[tuple[str, str]]:
-    """(module, parameter) of the parameters the network only combines elementwise with its tensors, read
-    directly, in every mode's trace (a layer scale ``x * gamma``): never a layer's weight, whose rows a mask
-    would have to zero."""
+ADDING = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub"}
+
+
+def _scales(graph) -> dict[tuple[str, str], bool]:
+    """(module, parameter) -> whether the mask zeroes it, of the parameters the network only combines elementwise
+    with its tensors, read directly (or expanded into a ``cat`` of tokens), in every mode's trace: never a layer's
+    weight, whose rows a mask would have to zero. One added (a position embedding, a class token) is zeroed with
+    its channel, which must stay 0; one only multiplied in (a layer scale ``x * gamma``) is not: the channel it
+    multiplies is 0 already, and a zeroed divisor would make 0 / 0."""
     elementwise: dict[str, bool] = {}
+    added: set[str] = set()
     for trace in graph.traces:
         for node in trace.gm.graph.nodes:
-            if node.op == "get_attr":
-                ok = all(
-                    (user.op == "call_function" and user.target in ELEMENTWISE)
-                    or (user.op == "call_method" and user.target in ELEMENTWISE_METHODS)
-                    for user in node.users
-                )
-                elementwise[node.target] = elementwise.get(node.target, True) and ok
-    return {(target.rpartition(".")[0], target.rpartition(".")[2]) for target, ok in elementwise.items() if ok}
+            if node.op != "get_attr":
+                continue
+            ok, adds = True, False
+            for user in node.users:
+                method = user.op == "call_method"
+                tokens = method and user.target == "expand" and all(u.target is torch.cat for u in user.users)
+                ok = ok and (tokens or user.target in (ELEMENTWISE_METHODS if method else ELEMENTWISE))
+                adds = adds or tokens or user.target in ADDING
+            elementwise[node.target] = elementwise.get(node.target, True) and ok
+            if adds:
+                added.add(node.target)
+    return {tuple(t.rpartition(".")[::2]): t in added for t, ok in elementwise.items() if ok}
 
 
 def _on_feature_maps(module: nn.Module, slot: Slot, layouts: dict[str, tuple[int, int]]) -> bool:
-    """Is a producer's or norm's output a feature map the activation criteria read ([B, C, H, W], or
-    channels-last [B, H, W, C]), and does masking zero its channels there (a norm: its weight zeroed)?"""
+    """Is a producer's or norm's output one the activation criteria read ([B, C, H, W], channels-last
+    [B, H, W, C], a transformer's tokens [B, N, C] or windows [B, G, P, C], features [B, C]), and does masking zero
+    its channels there (a norm: its weight zeroed)?"""
     dims = layouts.get(slot.module, (0, 1))[0]
     if isinstance(module, nn.Conv2d):
         return True
     if isinstance(module, nn.Linear):
-        return dims == 4  # channels last: a 1 x 1 conv (on [B, F], tokens or anything else: not offered)
+        return dims >= 2  # traced on a tensor (a layer the trace never met has no layout)
     if isinstance(module, nn.BatchNorm2d):
         return module.affine
-    return isinstance(module, nn.LayerNorm) and module.weight is not None and dims == 4
+    return isinstance(module, nn.LayerNorm) and module.weight is not None and dims >= 2
 
 
 def _slot(
@@ -252,7 +284,7 @@ def _slot(
     roots: np.ndarray,
     order: list[int],
     layouts: dict[str, tuple[int, int]],
-    scales: set[tuple[str, str]],
+    scales: dict[tuple[str, str], bool],
 ) -> Slot | None:
     """Where the channels ``order`` sit in ``module``'s dim ``dim`` (of its parameter ``param``; "" for a
     layer's own tensors) (its channel per position: ``roots``), or None for a layer the stages cannot handle."""
@@ -265,7 +297,7 @@ def _slot(
     positions = tuple(tuple(index[a:b].tolist()) for a, b in zip(starts.tolist(), ends.tolist()))
     identity = len(roots) == len(order) and all(p == (i,) for i, p in enumerate(positions))
     out_dim = layouts.get(module, (0, 1))[1] if role in ("producer", "norm") else 1
-    extra = {"param": param, "axis": dim} if role == "param" else {}
+    extra = {"param": param, "axis": dim, "zeroed": scales[(module, param)]} if role == "param" else {}
     return Slot(module, role, None if identity else positions, out_dim=out_dim, **extra)
 
 
@@ -305,6 +337,11 @@ def _prefixed(group: ChannelGroup, prefix: str) -> ChannelGroup:
         tuple(name(c) for c in group.consumers),
         tuple(replace(s, module=name(s.module)) for s in group.shared),
     )
+
+
+def _attends(model: GraphNet) -> bool:
+    """Does the network hold an attention layer the graph prunes by units?"""
+    return any(form(m) is not None for m in model.modules())
 
 
 class GraphNet(Prunable):
@@ -352,6 +389,7 @@ class GraphNet(Prunable):
         weights_path: str | None = None,
         aux_weight: float | None = None,
         base: dict | None = None,
+        attention: str = "heads",
         **ignored,  # options of the built-in families a caller may pass to every model (width_mult 1.0)
     ):
         super().__init__()
@@ -370,6 +408,7 @@ class GraphNet(Prunable):
             in_channels=in_channels,
             image_size=image_size,
             shared=bool(shared),
+            attention=attention,
             **options,
         )
         net = self._factory_network()
@@ -378,23 +417,30 @@ class GraphNet(Prunable):
         self._take(self._graph(net), kept or {})
 
     @classmethod
-    def around(cls, model: Prunable, input_shape: tuple[int, int, int]) -> GraphNet:
+    def around(cls, model: Prunable, input_shape: tuple[int, int, int], attention: str = "heads") -> GraphNet:
         """``model`` (not copied) offering every group of its graph the stages can prune, those several layers
-        share included (``prune.residual=true``): a network of another family is wrapped as it is (``traced``:
-        rebuilt as that network, then the graph's surgery)."""
-        if isinstance(model, GraphNet) and model.arch["shared"]:
-            return model
+        share included (``prune.residual=true``), its attention layers' units by ``attention`` (``prune.attention``):
+        a network of another family is wrapped as it is (``traced``: rebuilt as that network, then the graph's
+        surgery)."""
+        if isinstance(model, GraphNet):
+            before = model.arch.get("attention", "heads")
+            if model.arch["kept"] and before != attention and _attends(model):
+                raise UserError(
+                    "prune.attention", f"this network was pruned with prune.attention={before}: it prunes again so"
+                )
+            if model.arch["shared"] and before == attention:
+                return model
         wrapper = cls.__new__(cls)
         Prunable.__init__(wrapper)
         if isinstance(model, GraphNet):  # the same network, its shared groups offered too
-            wrapper.arch = {**model.arch, "shared": True}
+            wrapper.arch = {**model.arch, "shared": True, "attention": attention}
             full = model.net if not model.arch["kept"] else wrapper._factory_network()
             wrapper._take(wrapper._graph(full), model.arch["kept"], net=model.net)
         else:
             c, size = input_shape[0], input_shape[1]
             base = model.arch
             wrapper.arch = dict(name=TRACED, num_classes=base["num_classes"], in_channels=c, image_size=size)
-            wrapper.arch.update(shared=True, base=base)
+            wrapper.arch.update(shared=True, base=base, attention=attention)
             wrapper._take(wrapper._graph(model), {})
         return wrapper.train(model.training)  # the wrapper's mode is its network's
 
@@ -409,8 +455,11 @@ class GraphNet(Prunable):
             raise UserError("model.target", f"the factory called sys.exit({e.code!r})") from None
 
     def _graph(self, net: nn.Module):
+        """The channel graph of ``net``, whose attention layers become ours first (in place: their projections are
+        the ``Linear`` modules the stages read and mask)."""
         size = self.arch["image_size"]
-        return ChannelGraph(net, torch.zeros(2, self.arch["in_channels"], size, size))
+        example = torch.zeros(2, self.arch["in_channels"], size, size)
+        return ChannelGraph(ours(net), example, self.arch.get("attention", "heads"))
 
     def _take(self, full, kept: dict, net: nn.Module | None = None) -> None:
         """Hold the network of the ``full`` graph without the channels ``kept`` leaves out (``net``: that network,

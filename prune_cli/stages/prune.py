@@ -53,7 +53,8 @@ class Prune(Stage):
         """``model`` with the channel groups this run prunes: with ``prune.residual=true``, or ``auto`` on a traced
         network, every group of its traced graph (a network of a built-in family is wrapped as it is, named by its
         traced layers); a stage that prunes one producer's channels only gets the simple groups."""
-        return pruned_groups(model, ctx.input_shape, ctx.cfg.prune.residual if self.shared_groups else False)
+        residual = ctx.cfg.prune.residual if self.shared_groups else False
+        return pruned_groups(model, ctx.input_shape, residual, ctx.cfg.prune.attention)
 
     def run(self, model, ctx, checkpoint):
         cfg, p = ctx.cfg, ctx.cfg.prune
@@ -109,7 +110,7 @@ def regularized_groups(model, ctx):
     pruning = [STAGES.get(name) for name in ctx.cfg.schedule.stages if STAGES.get(name).prunes]
     if ctx.cfg.regularizer.get("layers") != "prunable" or not pruning or not pruning[0].shared_groups:
         return model
-    return pruned_groups(model, ctx.input_shape, ctx.cfg.prune.residual)
+    return pruned_groups(model, ctx.input_shape, ctx.cfg.prune.residual, ctx.cfg.prune.attention)
 
 
 def kept_share(ratio: float, step: int, steps: int, grid: str) -> float:
@@ -161,7 +162,7 @@ def check_selection(ctx, model, shared_groups: bool = False) -> None:
     why = f"{p.ratio} of the {p.target} cannot be removed: with prune.min_channels, skip and protect_last as set "
     if not shared_groups or any(g.shared for g in model.channel_groups()) or offers_shared_groups(model, p.residual):
         raise UserError("prune.ratio", f"{why}at most {most:.4f} can go")
-    every = most_removable(ctx, with_shared_groups(model, ctx.input_shape))
+    every = most_removable(ctx, with_shared_groups(model, ctx.input_shape, ctx.cfg.prune.attention))
     offer = "would reach it" if every >= p.ratio * (1 - p.tolerance) else "would not reach it either"
     raise UserError(
         "prune.ratio",

@@ -7,12 +7,13 @@ model, the pruned model and the counted numbers can never disagree.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from prune_cli.structure.attention import parts
 from prune_cli.structure.counting import layer_pixels
 from prune_cli.structure.groups import ChannelGroup, Slot
 
@@ -41,12 +42,19 @@ class Structure:
     r1: np.ndarray
     r2: np.ndarray
     macs_per_elem: np.ndarray  # output pixels per weight element (conv: H_out*W_out, linear: 1, other: 0)
+    # attention's matmuls QK^T and AV: per attention layer, 2 x query-key pairs per image x its q width, the
+    # width its packed q/k/v weight's rows (row ``matmul_rows``; -1: not grouped, ``matmul_fixed`` rows) hold / 3
+    matmul_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    matmul_fixed: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    matmul_pairs: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def count(self, widths) -> tuple[int, int]:
         """(params, MACs per image) of the model with these group widths."""
         size = np.append(self.fixed + self.per_channel @ np.asarray(widths, dtype=np.float64), 1.0)
         elems = self.coef * size[self.r1] * size[self.r2]
-        return int(round(elems.sum())), int(round((elems * self.macs_per_elem).sum()))
+        rows = np.where(self.matmul_rows >= 0, size[self.matmul_rows], self.matmul_fixed)
+        matmuls = (2 * self.matmul_pairs * rows / 3).sum()
+        return int(round(elems.sum())), int(round((elems * self.macs_per_elem).sum() + matmuls))
 
 
 def group_dims(model: Prunable, groups: list[ChannelGroup]) -> dict[str, dict[int, list[tuple[int, Slot]]]]:
@@ -69,9 +77,11 @@ def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
     """Trace ``model`` once on one ``input_shape`` (C, H, W) image to learn its output sizes."""
     groups = model.channel_groups()
     tensor_dims = group_dims(model, groups)
-    pixels = layer_pixels(model, input_shape)
+    pairs: dict[str, int] = {}
+    pixels = layer_pixels(model, input_shape, pairs=pairs)
 
     fixed, per_channel = [], []
+    row_of: dict[str, int] = {}  # a parameter -> the row of its dim 0's size
     coef, r1, r2, macs = [], [], [], []
     for name, param in model.named_parameters():
         dims = tensor_dims.get(name, {})
@@ -85,12 +95,15 @@ def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
                     row[g] += len(slot.positions[0])
                     covered += sum(len(p) for p in slot.positions)
             rows.append(len(fixed))
+            if d == 0:
+                row_of[name] = len(fixed)
             fixed.append(param.shape[d] - covered), per_channel.append(row)
         coef.append(np.prod([s for d, s in enumerate(param.shape) if d not in dims], dtype=np.float64))
         rows += [-1, -1]
         r1.append(rows[0]), r2.append(rows[1])
         module = name.rsplit(".", 1)[0]
         macs.append(pixels.get(module, 0) if name.endswith("weight") else 0)
+    weights = {name: f"{name}.{parts(model.get_submodule(name))[0]}" for name in pairs}  # each one's packed q/k/v
     return Structure(
         groups,
         tensor_dims,
@@ -100,6 +113,9 @@ def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
         np.array(r1),
         np.array(r2),
         np.array(macs, dtype=np.float64),
+        np.array([row_of.get(w, -1) for w in weights.values()], dtype=np.int64),
+        np.array([model.get_parameter(w).shape[0] for w in weights.values()], dtype=np.float64),
+        np.array([pairs[name] for name in weights], dtype=np.float64),
     )
 
 
@@ -123,19 +139,24 @@ def _positions(slot: Slot, channels: torch.Tensor) -> torch.Tensor:
 def mask_channels(model: Prunable, keep: list[torch.Tensor]) -> None:
     """Zero removed channels in place (every producer's filters and bias, every norm's gamma and beta): the outputs
     then equal the pruned model's. A group without BatchNorm is zero at its producers' outputs (rows and bias).
-    A per-channel parameter (a layer scale) is left as it is: the channel it multiplies is zero already, and
-    zeroing a divisor would make 0 / 0. A channel a LayerNorm over the channels reads still counts in that norm's
-    mean and variance while masked: there the masked model is close to, not equal to, the pruned one (whose
-    norm normalises over the kept channels alone)."""
+    A per-channel parameter multiplied in (a layer scale) is left as it is: the channel it multiplies is zero
+    already, and zeroing a divisor would make 0 / 0; one added (a position embedding, a class token) is zeroed.
+    A channel a LayerNorm over the channels reads still counts in that norm's mean and variance while masked:
+    there the masked model is close to, not equal to, the pruned one (whose norm normalises over the kept
+    channels alone). An attention head (or head width) masked is removed exactly: its q, k and v rows zeroed."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for group, k in zip(model.channel_groups(), keep):
             drop = ~k.to(torch.bool).cpu()
             for slot in group.slots:
-                if slot.role in ("consumer", "param"):
+                if slot.role == "consumer" or (slot.role == "param" and not slot.zeroed):
                     continue
                 rows = _positions(slot, drop)
                 m = modules[slot.module]
+                if slot.role == "param":  # added to the channels: zeroed with them
+                    tensor = getattr(m, slot.param)
+                    tensor.index_fill_(slot.axis, rows.to(tensor.device), 0)
+                    continue
                 for tensor in (m.weight, m.bias):
                     if tensor is not None:
                         tensor[rows.to(tensor.device)] = 0

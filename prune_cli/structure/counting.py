@@ -2,7 +2,8 @@
 
 MACs are those of conv and linear layers for one image: ``weight.numel() x output pixels`` per layer
 (grouped convs included, since their weight holds ``C_in / groups`` inputs), measured by one traced
-forward; bias, BN, activations, pooling and residual additions are not counted. ``mean_dynamic_macs``: the same
+forward, and attention's matmuls QK^T and AV (query x key pairs x the q and v widths); bias, norms, activations,
+softmax, pooling and residual additions are not counted. ``mean_dynamic_macs``: the same
 count, per image and averaged, for networks whose layers skip work depending on the input (channel gating).
 """
 
@@ -12,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from prune_cli.structure.attention import form, parts, tokens
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -26,11 +29,16 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 def layer_pixels(
-    model: nn.Module, input_shape: tuple[int, int, int], run: Callable[[torch.Tensor], object] | None = None
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    run: Callable[[torch.Tensor], object] | None = None,
+    pairs: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """{module name: output pixels per image} of every conv (H_out x W_out) and linear layer (the positions it
     runs at: 1 on [B, F], H x W on a channels-last [B, H, W, C], N on [B, N, D] tokens), and of every module
-    that declares ``counted_layer`` (a conv in another form, e.g. stripes).
+    that declares ``counted_layer`` (a conv in another form, e.g. stripes); into ``pairs``, if given, {module
+    name: query x key pairs per image} of every attention layer of a known form (its matmuls' MACs per unit of
+    width: ``attention.tokens``).
 
     One forward of a zero image in eval mode (``run(x)`` instead of ``model(x)`` when given); the
     model's training flags are restored.
@@ -41,6 +49,12 @@ def layer_pixels(
         for name, m in model.named_modules()
         if isinstance(m, (nn.Conv2d, nn.Linear)) or getattr(m, "counted_layer", False)
     ]
+    if pairs is not None:
+        hooks += [
+            m.register_forward_hook(lambda m, i, o, name=name: pairs.__setitem__(name, tokens(m, i[0].shape)[1]))
+            for name, m in model.named_modules()
+            if form(m) is not None
+        ]
     was_training = model.training
     model.eval()
     try:
@@ -65,11 +79,14 @@ def _pixels(module: nn.Module, out: torch.Tensor) -> int:
 def layer_macs(
     model: nn.Module, input_shape: tuple[int, int, int], run: Callable[[torch.Tensor], object] | None = None
 ) -> dict[str, int]:
-    """{module name: MACs per image} of every conv and linear layer that the forward reaches."""
+    """{module name: MACs per image} of every conv and linear layer that the forward reaches, and of every attention
+    layer's matmuls QK^T and AV (2 x query-key pairs x its q width: its packed q/k/v rows / 3)."""
     modules = dict(model.named_modules())
-    return {
-        name: modules[name].weight.numel() * pixels for name, pixels in layer_pixels(model, input_shape, run).items()
-    }
+    pairs: dict[str, int] = {}
+    macs = {name: modules[name].weight.numel() * n for name, n in layer_pixels(model, input_shape, run, pairs).items()}
+    for name, n in pairs.items():
+        macs[name] = 2 * n * modules[name].get_parameter(parts(modules[name])[0]).shape[0] // 3
+    return macs
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:

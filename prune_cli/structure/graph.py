@@ -80,7 +80,8 @@ calls.
 Tracing (``trace.py``): symbolic first, else on the concrete example; the graph then holds for the example's
 input size.
 
-Masking (the stages zero a channel's producer rows, biases and BatchNorm entries) equals removing it only where no
+Masking (the stages zero a channel's producer rows, biases, norm entries and the per-channel parameters added to
+it, as a position embedding or a class token) equals removing it only where no
 conv or linear layer reads the channel nonzero: ``live`` follows which channels of each tensor may be nonzero
 though masked (after a sigmoid or a ``+ c``; a product is zero when a factor is), and ``unsafe`` holds those a layer
 reads. The network's input and output channels are unprunable. A *group* is the set of channels that live in the
@@ -875,7 +876,10 @@ class ChannelGraph:
             self.live[node.name] = numerator if same else np.ones(len(full[0]), bool)
         else:  # a sum is zero when every term is: not with a constant or a broadcast tensor added
             constant = any(isinstance(a, int | float) and a != 0 for a in node.args)
-            broadcast = constant or len(operands) > len(full)  # a broadcast tensor or a parameter added
+            # a broadcast tensor added; a per-channel parameter added (a position embedding) is zeroed with its
+            # channel by the mask, as a bias is
+            indexed = sum(1 for a in operands if self._of(a) is None and a.op == "get_attr" and self._sources(a))
+            broadcast = constant or len(operands) > len(full) + (indexed if params else 0)
             self.live[node.name] = np.ones(len(full[0]), bool) if broadcast else np.logical_or.reduce(tracked)
 
     def _cat(self, node) -> None:
@@ -916,9 +920,8 @@ class ChannelGraph:
                 return
             for module, name, d in dims:
                 self._param(module, name, {d: x})
-        self.atoms[node.name], self.cdim[node.name] = x, held
-        parameters = len(traced) < len(tensors)  # a parameter is no zeroed channel
-        self.live[node.name] = np.logical_or.reduce([self.live[t.name] for t in traced] + [np.full(len(x), parameters)])
+        self.atoms[node.name], self.cdim[node.name] = x, held  # the token parameter is zeroed with its channel
+        self.live[node.name] = np.logical_or.reduce([self.live[t.name] for t in traced])
 
     def _patch_merging(self, node) -> None:
         """torchvision Swin's patch merging: [B, H, W, C] to [B, H / 2, W / 2, 4 C], the four 2 x 2 neighbours'

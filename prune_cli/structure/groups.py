@@ -13,7 +13,9 @@ class Slot:
     """One layer holding a group's channels, by ``role``: a ``producer`` (conv / linear output rows, or a depthwise
     conv's), a ``norm`` (BatchNorm or LayerNorm entries: where masks apply), a ``consumer`` (input columns, dim 1)
     or a ``param``: a parameter ``param`` of the module holding one value per channel in its dim ``axis`` (a layer
-    scale [C, 1, 1]; sliced and counted with the channels, never masked: it multiplies a channel already zero).
+    scale [C, 1, 1], a position embedding, an attention's per-head tensor; sliced and counted with the channels;
+    masked only if ``zeroed``: one added to the channels, which must stay 0, not one multiplying a channel
+    already zero).
     The group's channel i sits at ``positions[i]`` of that dim (a tuple: several positions for an input flattened
     into a linear layer, or a whole group of a grouped conv); ``None``: at i, the layer holding exactly the
     group's channels. ``out_dim``: the dim of the module's output holding the channels (1; 3 for a layer on a
@@ -25,6 +27,7 @@ class Slot:
     param: str = ""
     axis: int = 0
     out_dim: int = 1
+    zeroed: bool = False
 
     @property
     def dim(self) -> int:

@@ -17,6 +17,7 @@ import torch
 
 from prune_cli.core.errors import UserError
 from prune_cli.core.options import Bool, Choice, Float, Int, List, Map, Value
+from prune_cli.structure.attention import MODES
 from prune_cli.structure.channels import Structure
 
 TARGETS = ("channels", "params", "macs")
@@ -64,6 +65,14 @@ OPTIONS = (
         "from the traced channel graph; auto: so for traced networks (torchvision, custom), block-internal channels "
         "for the built-in ones; false: channels one conv produces",
         absent=False,
+    ),
+    Choice(
+        "attention",
+        "heads",
+        MODES,
+        "attention layers (with prune.residual auto / true): heads removes whole heads, head_width the same "
+        "positions of every head, none keeps them whole",
+        absent="heads",
     ),
     Bool("protect_last", False, "keep the groups that feed the classifier whole (VGG's last conv, as HGSR does)"),
     Float(
