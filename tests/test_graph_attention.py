@@ -149,9 +149,9 @@ def test_a_heads_score_is_the_sum_over_its_rows():
     attn = model.encoder.layers[0].self_attention
     norms = attn.in_proj_weight.detach().abs().sum(1)
     units = next(g for g in graph.groups if g.name.endswith("layer_0.self_attention")).channels
-    for head, unit in enumerate(units):
-        rows = [block * 16 + head * 4 + j for block in range(3) for j in range(4)]
-        assert scores[unit] == pytest.approx(sum(norms[r].item() for r in rows) / norms.mean().item(), rel=1e-5)
+    sums = [sum(norms[block * 16 + head * 4 + j].item() for block in range(3) for j in range(4)) for head in range(4)]
+    for head, unit in enumerate(units):  # the sum over its 12 rows, over the layer's mean head sum
+        assert scores[unit] == pytest.approx(sums[head] / (sum(sums) / 4), rel=1e-5)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -1,16 +1,18 @@
 """Prune a network object of any design: ``prune_cli.prune(model, example_input, ratio=0.5)``.
 
-The coupled channels come from the traced channel graph (``graph.py``). A channel's score is the sum over the
-layers producing it (every conv / linear whose output rows it indexes) of that row's norm divided by the layer's
-mean row norm, so layers of different scale compare (``normalize="mean"``; ``"none"`` sums raw norms). The
+The coupled channels come from the traced channel graph (``graph.py``). A channel's score is the mean over the
+layers producing it (every conv / linear whose output rows it indexes) of the sum of its rows' norms there divided
+by the layer's mean such sum, so layers of different scale, streams written by many layers and units of many rows
+(a grouped conv's group, an attention head) compare with a conv's channel (``normalize="mean"``; ``"none"``: raw
+sums). The
 lowest-scoring channels go first, over the whole network (``scope="global"``) or share by share in every group
 (``scope="group"``: the lowest 1/n of each group of n, then the next), until ``ratio`` of the ``target``
 (channels, params or MACs, counted exactly from the graph) is removed, by the pipeline's rule (the closest amount
 whole channels reach, ``closest``); every group keeps at least ``min_channels``.
 
 Attention layers (``attention.py``) lose whole heads (``attention="heads"``), one position of every head
-(``"head_width"``) or nothing (``"none"``); a unit's score is the sum over its q, k and v rows of each row's norm
-divided by the packed projection's mean row norm (as a channel's over its producers' rows).
+(``"head_width"``) or nothing (``"none"``); a unit's score is the sum over its q, k and v rows of their norms,
+divided by the packed projection's mean unit sum.
 """
 
 from __future__ import annotations
@@ -77,12 +79,14 @@ def check_example(model: nn.Module, example_input) -> None:
 def channel_scores(
     graph: ChannelGraph, criterion: str = "l1", normalize: str = "mean", seed: int = 0
 ) -> dict[int, float]:
-    """channel id -> score (higher = more important) for every prunable channel."""
+    """channel id -> score (higher = more important) for every prunable channel: the mean over the layers producing
+    it of the sum of its rows' norms there (a conv's one row, a grouped conv's group, an attention head's q, k and
+    v rows), divided by that layer's mean such sum (``normalize="mean"``)."""
     prunable = [c for g in graph.groups for c in g.channels]
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return dict(zip(prunable, rng.random(len(prunable)).tolist()))
-    scores = dict.fromkeys(prunable, 0.0)
+    total, layers = dict.fromkeys(prunable, 0.0), dict.fromkeys(prunable, 0)
     params = dict(graph.model.named_parameters())
     for (module, param), dims in graph.dims.items():
         layer = param == "weight" and isinstance(graph.modules[module], nn.Conv2d | nn.Linear)
@@ -90,14 +94,17 @@ def channel_scores(
         if 0 not in dims or not (layer or heads):
             continue
         w = params[f"{module}.{param}"].detach().flatten(1).float()
-        norms = w.abs().sum(1) if criterion == "l1" else w.pow(2).sum(1).sqrt()
+        norms = (w.abs().sum(1) if criterion == "l1" else w.pow(2).sum(1).sqrt()).cpu().double().numpy()
+        units, inverse = np.unique(graph.root[dims[0]], return_inverse=True)
+        sums = np.zeros(len(units))
+        np.add.at(sums, inverse, norms)  # each channel's rows in this layer
         if normalize == "mean":
-            norms = norms / norms.mean().clamp_min(1e-12)
-        for atom, value in zip(dims[0].tolist(), norms.tolist()):
-            root = int(graph.root[atom])
-            if root in scores:
-                scores[root] += value
-    return scores
+            sums = sums / max(float(sums.mean()), 1e-12)
+        for root, value in zip(units.tolist(), sums.tolist()):
+            if root in total:
+                total[root] += value
+                layers[root] += 1
+    return {c: total[c] / max(layers[c], 1) for c in prunable}
 
 
 def _order(graph: ChannelGraph, scores: dict[int, float], scope: str, min_channels: int) -> list[int]:
