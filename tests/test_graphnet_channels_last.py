@@ -21,6 +21,8 @@ from prune_cli.core.checkpoint import load_checkpoint
 from prune_cli.core.errors import UserError
 from prune_cli.core.trust import trusting
 from prune_cli.importance.criteria import Sample, build_criterion
+from prune_cli.methods.hgsr import _Evaluator, loss_greedy_select
+from prune_cli.methods.pfs.gates import Gates
 from prune_cli.models import build_model
 from prune_cli.models.graphnet import graph_groups
 from prune_cli.run import pipeline
@@ -245,11 +247,121 @@ def test_the_weight_criteria_read_a_linear_layers_rows_and_columns(model):
         assert all(s.unique().numel() > 1 for s in scores), name  # they rank
 
 
-def test_bn_scale_refuses_a_layernorm_and_the_loss_greedy_channels_last_outputs(model):
+def test_bn_scale_refuses_a_layernorm_and_the_loss_greedy_takes_channels_last_outputs(model):
     with pytest.raises(UserError, match="features.0.0 has a LayerNorm2d"):
         build_criterion({"name": "bn_scale"}).check_groups(model)
-    with pytest.raises(UserError, match=r"loss reads .* dim 1; features.0.0 holds them last"):
-        build_criterion({"name": "loss"}).check_groups(model)  # its masks act along dim 1
+    build_criterion({"name": "loss"}).check_groups(model)  # its masks act along each slot's out_dim
+
+
+# ------------------------------------------------------------------ the loss greedy and PFS's gates
+
+
+def zeroing(model, group, channel: int) -> list:
+    """Hooks zeroing ``channel`` of ``group`` by hand in every producer's and norm's output, the channels of a
+    LayerNorm or linear layer inside a block last ([B, H, W, C]), of any other layer in dim 1."""
+    last = {name for name, m in model.named_modules() if type(m) in (nn.LayerNorm, nn.Linear)}
+    modules = dict(model.named_modules())
+
+    def hook(module, inputs, out, name):
+        out = out.clone()
+        if name in last:
+            out[..., channel] = 0
+        else:
+            out[:, channel] = 0
+        return out
+
+    return [
+        modules[s.module].register_forward_hook(lambda m, i, o, name=s.module: hook(m, i, o, name))
+        for s in group.role("producer") + group.role("norm")
+    ]
+
+
+def hand_losses(model, x, y) -> list[torch.Tensor]:
+    """Mean cross-entropy with each channel of each group zeroed alone by :func:`zeroing` (float64)."""
+    out = []
+    for group, width in zip(model.channel_groups(), model.widths):
+        losses = []
+        for c in range(width):
+            hooks = zeroing(model, group, c)
+            with torch.no_grad():
+                losses.append(float(F.cross_entropy(model(x), y)))
+            for h in hooks:
+                h.remove()
+        out.append(torch.tensor(losses, dtype=torch.float64))
+    return out
+
+
+@pytest.mark.parametrize("side", [SIDE, 32])  # 32: the first stage's maps are 8 x 8 with 8 channels, H == C
+def test_the_loss_greedy_masks_and_estimates_along_the_channels_last_dim(model, side):
+    x = torch.randn(6, 3, side, side, generator=torch.Generator().manual_seed(4))
+    y = torch.arange(6) % 10
+    ev = _Evaluator(model, x, y, structure(model, (3, side, side)), cache=True, batch_variants=3)
+    loss = ev.trunk(keep_graph=True)
+    taylor = ev.taylor()
+    with torch.no_grad():
+        assert loss == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-6)
+    for g, want in enumerate(hand_losses(model, x, y)):
+        torch.testing.assert_close(ev.variants(g, list(range(model.widths[g]))), want, rtol=1e-5, atol=1e-7)
+    # first order: -sum(a * dL/da) at the mask points, read as [B, C, H, W] by hand (the criteria's test's outputs)
+    got = outputs(model, x)
+    for g, group in enumerate(model.channel_groups()):
+        mine = [(o, d) for n, o, d in got if n in {s.module for s in group.mask_points()}]
+        want = -sum((o * d).double().sum((0, 2, 3)) for o, d in mine) / len(x)  # outputs() sums the loss
+        torch.testing.assert_close(taylor[g], want, rtol=1e-4, atol=1e-7)
+    ev.close()
+
+
+def test_the_loss_greedy_removes_first_the_channel_closest_to_the_loss(model):
+    """The exact greedy's first channel is the one whose removal, measured by hand, changes the loss least."""
+    x, y = images(6, 5), torch.arange(6) % 10
+    keep, stats = loss_greedy_select(
+        model, x, y, structure=structure(model, SHAPE), target="channels", ratio=0.01, mode="exact"
+    )
+    with torch.no_grad():
+        l0 = float(F.cross_entropy(model(x), y))
+    change = [(losses - l0).abs() for losses in hand_losses(model, x, y)]
+    g = int(torch.argmin(torch.stack([c.min() for c in change])))
+    assert stats["removed"] == [(g, int(torch.argmin(change[g])))]
+    assert sum(int((~k).sum()) for k in keep) == round(0.01 * sum(model.widths)) == 1
+
+
+def gated_outputs(model, gates: Gates) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list]:
+    """Every gated layer's output with the gates and as the layer computes it alone (``forward``: no hooks), by
+    hooks registered after the gates' (returned, to remove)."""
+    found = {}
+
+    def record(module, inputs, out, name):
+        found[name] = (out, module.forward(*inputs))
+
+    return found, [
+        m.register_forward_hook(lambda m, i, o, name=name: record(m, i, o, name))
+        for name, m in model.named_modules()
+        if name in {s.module for g in gates.groups for s in g.mask_points()}
+    ]
+
+
+@pytest.mark.parametrize("side", [SIDE, 32])
+def test_a_pfs_gate_at_zero_zeroes_its_channel_where_it_sits(model, side):
+    """One gate per group at 0: in every layer gating the group, that channel of the output (last in a LayerNorm or
+    linear layer inside a block) is 0 and every other entry is the layer's own output."""
+    gates = Gates(model)
+    chosen = [w // 2 - 1 for w in model.widths]
+    with torch.no_grad():
+        for p, c in zip(gates.params, chosen):
+            p[c] = 0.0
+    found, hooks = gated_outputs(model, gates)
+    with torch.no_grad():
+        model(torch.randn(2, 3, side, side))
+    for h in hooks:
+        h.remove()
+    last = {name for name, m in model.named_modules() if type(m) in (nn.LayerNorm, nn.Linear)}
+    assert len(found) == sum(len(g.mask_points()) for g in gates.groups) == 7
+    for group, c in zip(gates.groups, chosen):
+        for slot in group.mask_points():
+            gated, alone = (t.movedim(-1, 1) if slot.module in last else t for t in found[slot.module])
+            assert (gated[:, c] == 0).all() and (alone[:, c] != 0).any()
+            others = torch.arange(gated.shape[1]) != c
+            assert torch.equal(gated[:, others], alone[:, others])
 
 
 @pytest.mark.slow
@@ -267,3 +379,28 @@ def test_the_pipeline_prunes_finetunes_and_counts_a_convnext(tmp_path, monkeypat
     assert abs(1 - rows.loc["prune", "params"] / rows.loc["pretrain", "params"] - 0.5) <= 0.01
     x = images(2)
     assert (rows.loc["finetune", "params"], rows.loc["finetune", "macs"]) == ChannelGraph(net, x).count(set())
+
+
+LOSS = ["criterion=loss", "criterion.num_images=8", "prune.target=channels", "prune.ratio=0.1"]
+PFS = ["schedule=pfs", "prune.target=macs", "prune.ratio=0.3", "dataset.val_split=32", "schedule.gates.epochs=1"]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [[*LOSS, "schedule.pretrain.epochs=0", "schedule.finetune.epochs=0"], [*PFS, "schedule.scratch.epochs=0"]],
+    ids=["loss", "pfs"],
+)
+def test_the_loss_greedy_and_pfs_prune_a_convnext_through_the_pipeline(tmp_path, monkeypatch, method):
+    (tmp_path / "tiny_convnext_net.py").write_text(NET_FILE)
+    monkeypatch.chdir(tmp_path)
+    with trusting([TARGET]):
+        rows = pipeline.run(compose_config(*TINY, "model=custom", f"model.target={TARGET}", *method), tmp_path / "run")
+    stages = {row["stage"]: row for row in rows}
+    pruned = stages["prune" if "prune" in stages else "gates"]
+    removed = 1 - pruned["macs"] / stages["init"]["macs"]
+    layers = pd.read_csv(tmp_path / "run" / "layers.csv")
+    assert len(layers) == 4 and layers["before"].tolist() == [8, 32, 16, 64]
+    if "criterion=loss" in method:  # 10% of the 120 channels, the last stream (prune.protect_last) kept whole
+        assert layers["after"].sum() == 120 - 12 and layers["after"][2] == 16 and removed > 0
+    else:  # the gates meet the MACs reduction as closely as whole channels allow
+        assert abs(removed - 0.3) <= 0.01 and (layers["after"] < layers["before"]).any()

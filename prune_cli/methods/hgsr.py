@@ -6,7 +6,10 @@ A binary mask per prunable channel. Each round, every unmasked candidate channel
 ``|L0 - L(masks + candidate)|`` on a fixed sample (L0 = cross-entropy of the ORIGINAL network, the
 model in eval mode), and the lowest-scoring channel is masked, until the removed share of channels,
 params or MACs reaches the target. Masking multiplies the group's BN output channel by 0 (forward
-hooks), which gives exactly the outputs of the physically pruned network.
+hooks), which gives exactly the outputs of the physically pruned network. A layer computing channels last
+([B, H, W, C]: ConvNeXt's LayerNorms and linear layers) is masked along the dim holding its channels
+(``Slot.out_dim``); a LayerNorm reading a masked channel still counts its zero in its statistics, so there the
+masked loss is close to the pruned network's, not equal (docs/methods.md, "LayerNorm and channels-last layers").
 
 Two modes, the same selection rule:
 
@@ -269,12 +272,13 @@ class _Evaluator:
         self.convs = [None if g.shared else _replayable(modules[g.conv]) for g in groups]
         self.conv_frac = [0.0 if g.shared else layers.get(g.conv, 0.0) / self.full_macs for g in groups]
         self.variant: tuple[int, torch.Tensor] | None = None  # (group, [K, C] keep masks of the batched variants)
-        self.saved: list[tuple[int, torch.Tensor, torch.Tensor | None]] | None = None  # (group, BN output, index)
+        # (group, BN output, index, the output's dim holding the channels)
+        self.saved: list[tuple[int, torch.Tensor, torch.Tensor | None, int]] | None = None
         self.cached: list[torch.Tensor] = []
         # the mask acts on the group's BatchNorm outputs; a group several layers hold also on its producers' outputs,
         # as masking zeroes their rows (a depthwise conv with a bias after the BatchNorm would be nonzero otherwise)
         self.hooks = [
-            modules[s.module].register_forward_hook(self._hook(i, s.index(), s in g.mask_points()))
+            modules[s.module].register_forward_hook(self._hook(i, s.index(), s.out_dim, s in g.mask_points()))
             for i, g in enumerate(groups)
             for s in (g.role("producer") + g.role("norm") if g.shared else g.role("norm"))
         ]
@@ -304,23 +308,25 @@ class _Evaluator:
         self.index = [i[m] for i, m in zip(self.index, kept)]
         self._adopt(prune_channels(self.net, kept).eval(), keep)
 
-    def _hook(self, g: int, index: torch.Tensor | None, norm: bool):
-        """The forward hook of one layer of group g: its output times the group's mask (``index``: where the group's
-        channels are in that output; None: all of it, in order). A BatchNorm's output is kept for the Taylor
-        estimate (``norm``)."""
+    def _hook(self, g: int, index: torch.Tensor | None, dim: int, norm: bool):
+        """The forward hook of one layer of group g: its output times the group's mask along ``dim`` (the output's dim
+        holding the channels: 1, or 3 for a channels-last [B, H, W, C]; ``index``: where the group's channels are in
+        that dim; None: all of it, in order). A BatchNorm's output is kept for the Taylor estimate (``norm``)."""
         if index is not None:
             index = index.to(self.x.device)
 
         def hook(module, inputs, out):
-            shape = (1, -1) + (1,) * (out.dim() - 2)
+            shape = [1] * out.dim()
+            shape[dim] = -1
             if self.variant is not None and self.variant[0] == g:
-                v = _spread(self.variant[1], index, out.shape[1])
+                v = _spread(self.variant[1], index, out.shape[dim])
                 k = v.shape[0]
+                # [K x N, ...] as [K, N, ...]: variant k's mask on its N images, the channels at dim + 1
                 out = (out.reshape(k, -1, *out.shape[1:]) * v.reshape(k, *shape)).reshape(out.shape)
             else:
-                out = out * _spread(self.keep[g], index, out.shape[1]).reshape(shape)
+                out = out * _spread(self.keep[g], index, out.shape[dim]).reshape(shape)
             if self.saved is not None and norm:
-                self.saved.append((g, out, index))
+                self.saved.append((g, out, index, dim))
             return out
 
         return hook
@@ -361,10 +367,10 @@ class _Evaluator:
         summed over them: the channel goes from all of them at once)."""
         loss, saved = self.graph
         self.graph = None
-        grads = torch.autograd.grad(loss, [a for _, a, _ in saved])
+        grads = torch.autograd.grad(loss, [a for _, a, _, _ in saved])
         est: list[torch.Tensor] = [torch.zeros(0)] * len(self.groups)
-        for (g, a, index), gr in zip(saved, grads):
-            dims = [d for d in range(a.dim()) if d != 1]
+        for (g, a, index, dim), gr in zip(saved, grads):
+            dims = [d for d in range(a.dim()) if d != dim]  # every dim but the channels
             change = (a.detach() * gr).sum(dims, dtype=torch.float64)
             change = -(change if index is None else change[index].sum(-1)).cpu()
             if not len(est[g]):
@@ -734,6 +740,7 @@ class LossGreedy(Criterion):
     channel's removal rank (0 = removed first; kept channels score past the last removal)."""
 
     needs_data = True
+    channels_last = True  # its masks act along each mask point's ``Slot.out_dim``
     options = (
         Choice("mode", "fast", MODES, "exact: one channel per round, every candidate measured | fast: see docs"),
         Int("num_images", 128, "training images of the fixed sample (128 in HGSR)", lo=1),

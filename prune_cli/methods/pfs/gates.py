@@ -101,18 +101,20 @@ class Gates:
 
 
 def _gate_hook(gate: nn.Parameter, slot: Slot):
-    """A forward hook multiplying the norm's output channels by the gate: channel i of the group at
-    ``slot.positions[i]`` (every one of them), the other channels of the layer by 1."""
-    index = slot.index()
+    """A forward hook multiplying the norm's output channels by the gate, along the output's dim holding them
+    (``slot.out_dim``: 1, or 3 for a channels-last [B, H, W, C]): channel i of the group at ``slot.positions[i]``
+    (every one of them), the other channels of the layer by 1."""
+    index, dim = slot.index(), slot.out_dim
     if index is not None:
         channel = torch.arange(len(index)).repeat_interleave(index.shape[1])
         index = index.flatten()
 
     def hook(module, inputs, out):
-        shape = (1, -1) + (1,) * (out.dim() - 2)
+        shape = [1] * out.dim()
+        shape[dim] = -1
         scale = gate.to(out.dtype)
         if index is not None:  # differentiable: the gates at their positions, 1 elsewhere
-            ones = torch.ones(out.shape[1], dtype=out.dtype, device=out.device)
+            ones = torch.ones(out.shape[dim], dtype=out.dtype, device=out.device)
             scale = ones.index_put((index.to(out.device),), scale[channel.to(out.device)])
         return out * scale.view(shape)
 
