@@ -264,13 +264,15 @@ def _scales(graph) -> dict[tuple[str, str], bool]:
 
 def _on_feature_maps(module: nn.Module, slot: Slot, layouts: dict[str, tuple[int, int]]) -> bool:
     """Is a producer's or norm's output one the activation criteria read ([B, C, H, W], channels-last
-    [B, H, W, C], a transformer's tokens [B, N, C] or windows [B, G, P, C], features [B, C]), and does masking zero
-    its channels there (a norm: its weight zeroed)?"""
+    [B, H, W, C], a transformer's tokens [B, N, C] or windows [B, G, P, C]; a norm also features [B, C], as
+    MaxViT's head normalises its last stream), and does masking zero its channels there (a norm: its weight
+    zeroed)? A linear layer on features [B, F] (a classifier's hidden layer) makes no group: the families' and
+    the papers' pruning leaves those whole."""
     dims = layouts.get(slot.module, (0, 1))[0]
     if isinstance(module, nn.Conv2d):
         return True
     if isinstance(module, nn.Linear):
-        return dims >= 2  # traced on a tensor (a layer the trace never met has no layout)
+        return dims >= 3  # traced on a tensor (a layer the trace never met has no layout)
     if isinstance(module, nn.BatchNorm2d):
         return module.affine
     return isinstance(module, nn.LayerNorm) and module.weight is not None and dims >= 2
