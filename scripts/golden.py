@@ -9,6 +9,11 @@ each later preset's first table; the identity columns since they name only the p
 ``tests/test_presets.py`` compares every run with them on the columns each golden table holds, cell for cell as
 text, in the same rows: a column added to results.csv later needs no re-capture (its own test checks it). Re-capture
 only for an intended change of results; a re-captured table holds every column of the run.
+
+The cells are exact floats, and CPUs whose kernels round differently give other ones from the same code: the
+tables of such a CPU live in ``tests/golden/<capability>/`` (``torch.backends.cpu.get_cpu_capability()``, e.g.
+``AVX2``), captured with this script from code whose results hold the other tables; the tests take that folder when
+the CPU they run on has one, else ``tests/golden/``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,11 @@ from prune_cli.run.tables import timing_column
 from prune_cli.structure.attention import form
 
 ROOT = Path(__file__).resolve().parent.parent
-GOLDEN_DIR = ROOT / "tests" / "golden"  # results tables captured before the architecture changed
+# results tables captured before the architecture changed; their cells are exact, and a CPU whose kernels round
+# otherwise (torch's AVX2 kernels against AVX-512's) has its own, in a folder named by its capability
+GOLDEN_ROOT = ROOT / "tests" / "golden"
+_CAPABILITY = torch.backends.cpu.get_cpu_capability()
+GOLDEN_DIR = GOLDEN_ROOT / _CAPABILITY if (GOLDEN_ROOT / _CAPABILITY).is_dir() else GOLDEN_ROOT
 
 # a tiny synthetic run: the whole pipeline in a second or two
 TINY = [

@@ -1,5 +1,6 @@
 """Every paper preset runs end to end as a smoke test (debug=smoke) on small files in the real data formats,
-and gives exactly the results table captured before the architecture changed (tests/golden/, timing aside): every
+and gives exactly the results table captured before the architecture changed (tests/golden/, or its folder for
+the CPU's kernels: helpers.GOLDEN_DIR; timing aside): every
 column a golden table holds, cell for cell as text, in the same rows (a column added since is checked by its own
 test, so adding one rewrites no golden file)."""
 
