@@ -6,8 +6,8 @@ The forms known (``form``), each as self-attention on a channels-last input:
 - ``nn.MultiheadAttention`` (query, key and value one tensor; packed ``in_proj_weight``, no ``bias_k`` /
   ``bias_v`` or zero attention) on [B, N, E]: its rows are q, k and v, each ``num_heads`` blocks of ``head_dim``;
   ``out_proj`` reads the heads' outputs in that order. It ties its widths (the query's to ``embed_dim``, every
-  head's to ``embed_dim // num_heads``), so once pruned it is rebuilt as :class:`HeadAttention`, which holds the
-  same tensors under the same names at any widths;
+  head's to ``embed_dim // num_heads``), so once pruned it is rebuilt as :class:`HeadAttention` of its tensors (as
+  ``qkv`` and ``proj`` linear layers) at any widths;
 - torchvision's Swin (v1, v2) window attention on [B, H, W, C] and MaxViT's on [B, G, P, D]: their ``qkv`` /
   ``to_qkv`` and ``proj`` / ``merge`` linear layers laid out as above; they tie their heads' width to their
   input's, so once pruned they are rebuilt (``windows.py``); their per-head tensors (relative position bias
@@ -46,7 +46,8 @@ PARTS = {
     "swin": ("qkv.weight", "proj", "num_heads", 4),
     "maxvit": ("to_qkv.weight", "merge", "n_heads", 4),
 }
-REBUILT = (HeadAttention, WindowAttention, GridAttention)  # ours: pruned by rewriting their heads and width
+REBUILDS = {"multihead": HeadAttention, "swin": WindowAttention, "maxvit": GridAttention}  # what a pruned one becomes
+REBUILT = tuple(REBUILDS.values())  # ours: pruned by rewriting their heads and width
 
 
 def form(m: nn.Module) -> str | None:
@@ -106,11 +107,8 @@ def refusal(m: nn.Module, node, query, mode: str) -> str | None:
     if kind in ("multihead", "head"):
         key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
         value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-        if kind == "multihead" and (not m._qkv_same_embed_dim or m.in_proj_weight is None):
-            return "separate q, k and v input widths"
-        if kind == "multihead" and (m.bias_k is not None or m.add_zero_attn):
-            return "bias_k / bias_v or add_zero_attn"
-        return None if key is query and value is query else "cross-attention: another key or value"
+        why = _unpacked(m) if kind == "multihead" else None
+        return why or (None if key is query and value is query else "cross-attention: another key or value")
     if len(node.args) + len(node.kwargs) != 1:
         return "called with more than its input"
     if kind == "qkv" and mode == "head_width" and not isinstance(getattr(m, "scale", None), float):
@@ -131,11 +129,20 @@ def ours(net: nn.Module) -> nn.Module:
         kind = form(m)
         if kind not in ("multihead", "swin", "maxvit") or isinstance(m, REBUILT):
             continue
-        if kind == "multihead" and (not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn):
+        if kind == "multihead" and _unpacked(m):
             continue  # a form the graph leaves whole
         heads, width = parts(m)[2:]
-        _replace(net, name, REBUILT[("multihead", "swin", "maxvit").index(kind)](m, heads, width, scale(m)))
+        _replace(net, name, REBUILDS[kind](m, heads, width, scale(m)))
     return net
+
+
+def _unpacked(m: nn.MultiheadAttention) -> str | None:
+    """Why torch's multi-head attention ``m`` is no packed self-attention the graph maps (None: it is)."""
+    if not m._qkv_same_embed_dim or m.in_proj_weight is None:
+        return "separate q, k and v input widths"
+    if m.bias_k is not None or m.add_zero_attn:
+        return "bias_k / bias_v or add_zero_attn"
+    return None
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -167,4 +174,4 @@ def resize(model: nn.Module, name: str, heads: int, width: int, original: tuple[
     outputs = m.get_submodule(proj).weight.shape[0]
     if (heads, width) == original[:2] and inputs == outputs == heads * width:
         return  # nothing went (Swin's width and scale follow its input's: that must stay too)
-    _replace(model, name, REBUILT[("multihead", "swin", "maxvit").index(kind)](m, heads, width, original[2]))
+    _replace(model, name, REBUILDS[kind](m, heads, width, original[2]))
