@@ -47,6 +47,7 @@ FAMILIES = {  # family -> its builder module in torchvision.models
     "efficientnet": "efficientnet",
     "googlenet": "googlenet",
     "inception": "inception",
+    "maxvit": "maxvit",
     "mnasnet": "mnasnet",
     "mobilenet_v2": "mobilenetv2",
     "mobilenet_v3": "mobilenetv3",
@@ -54,11 +55,15 @@ FAMILIES = {  # family -> its builder module in torchvision.models
     "resnet": "resnet",
     "shufflenet_v2": "shufflenetv2",
     "squeezenet": "squeezenet",
+    "swin": "swin_transformer",
+    "swin_v2": "swin_transformer:swin_v2",  # its v2 variants: another attention (cosine, position bias MLP)
     "vgg": "vgg",
+    "vit": "vision_transformer",
 }
 NUM_CLASSES = 10
 RATIO = 0.5
 FIRST_SIDE, LAST_SIDE = 32, 512  # the input sides tried, smallest first
+FIXED_SIDE = 224  # torchvision's classification size, for the networks of one input size
 CLI_IMAGES = 64  # train and test images of the command-line run (debug=smoke takes 64 of each)
 LONGEST_REASON = 200  # characters of a reason the table shows (torch's exporter errors run on for lines)
 BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
@@ -88,10 +93,14 @@ def build(name: str, weights_on_meta: bool = False) -> torch.nn.Module:
 
 
 def variants(family: str) -> list[str]:
-    """The classification networks whose builder lives in the family's module."""
-    module = f"torchvision.models.{FAMILIES[family]}"
+    """The classification networks whose builder lives in the family's module (``module:prefix``: those of its
+    networks whose names start with the prefix)."""
+    module, _, prefix = FAMILIES[family].partition(":")
     names = torchvision.models.list_models(module=torchvision.models)
-    return [n for n in names if torchvision.models.get_model_builder(n).__module__ == module]
+    builders = [
+        n for n in names if torchvision.models.get_model_builder(n).__module__ == f"torchvision.models.{module}"
+    ]
+    return [n for n in builders if n.startswith(prefix)]
 
 
 def smallest_variant(family: str) -> str:
@@ -115,11 +124,12 @@ def runs_on(model: torch.nn.Module, side: int) -> bool:
 
 def smallest_side(model: torch.nn.Module) -> int | None:
     """The smallest square input side from 32 up the model runs on in both modes: doubled until it runs, then
-    bisected (a larger input never makes a feature map smaller); None if none up to 512 does."""
+    bisected (a larger input never makes a feature map smaller); a network of one input size (ViT's, MaxViT's
+    224 x 224) runs at no power of two: then 224, if it runs there; None if none up to 512 does."""
     low, high = FIRST_SIDE - 1, FIRST_SIDE  # low: known not to run (or below the range)
     while not runs_on(model, high):
         if high >= LAST_SIDE:
-            return None
+            return FIXED_SIDE if runs_on(model, FIXED_SIDE) else None
         low, high = high, min(2 * high, LAST_SIDE)
     while high - low > 1:
         middle = (low + high) // 2

@@ -99,7 +99,11 @@ def test_window_attention_networks_prune_whole(name, attention):
     model, x = randomized(build()), torch.randn(2, 3, 32, 32)
     graph = ChannelGraph(model, x, attention)
     assert set(graph.share_unprunable()[1]) == {"the network's input", "the network's output"}
-    removed = removal(graph)
+    for ratio in (0.3, 0.5):  # of the params, as prune_cli.prune selects
+        chosen = select(graph, ratio)
+        assert 1 - graph.count(chosen)[0] / graph.count(set())[0] == pytest.approx(ratio, abs=0.01)
+        assert_masked_equals_pruned(graph, chosen, graph.pruned(chosen), x)
+    removed = removal(graph)  # half of every group: every attention layer loses units
     pruned = graph.pruned(removed)
     assert_masked_equals_pruned(graph, removed, pruned, x)
     assert graph.count(removed) == shape_count(pruned, x) and graph.count(set()) == shape_count(model, x)

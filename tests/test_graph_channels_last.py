@@ -55,16 +55,17 @@ NETWORKS = {
 }
 
 
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
 @pytest.mark.parametrize("name", NETWORKS)
-def test_a_convnext_prunes_its_streams_and_mlps_and_masked_equals_pruned(name):
+def test_a_convnext_prunes_its_streams_and_mlps_and_masked_equals_pruned(name, ratio):
     build, side, (unprunable, channels) = NETWORKS[name]
     model = build()
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
-    pruned, table = prune_cli.prune(model, x, 0.3)
+    pruned, table = prune_cli.prune(model, x, ratio)
     assert table["unprunable_share"] == pytest.approx(unprunable / channels)
-    assert table["channels"] == channels - unprunable and table["params_removed"] > 0.2
+    assert table["channels"] == channels - unprunable and table["params_removed"] == pytest.approx(ratio, abs=0.02)
     graph = ChannelGraph(model, x)
-    masked = graph.masked(select(graph, 0.3))
+    masked = graph.masked(select(graph, ratio))
     for mode in ("eval", "train"):
         with torch.no_grad():
             a, b = getattr(pruned, mode)()(x), getattr(masked, mode)()(x)
