@@ -29,7 +29,8 @@ def test_channels_last_gives_the_contiguous_table_to_float_noise(tmp_path):
     a, b = (pd.read_csv(tmp_path / fmt / "results.csv") for fmt in ("contiguous", "channels_last"))
     assert list(a["top1"]) == list(b["top1"]) and list(a["params"]) == list(b["params"])
     assert list(a["stage"]) == list(b["stage"])
-    pd.testing.assert_series_equal(a["loss"], b["loss"], rtol=1e-4)
+    # two epochs amplify the layouts' rounding to 1.0e-4 of the loss on AVX2 kernels (less on AVX-512)
+    pd.testing.assert_series_equal(a["loss"], b["loss"], rtol=5e-4)
 
 
 @pytest.mark.slow

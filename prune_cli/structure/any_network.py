@@ -185,13 +185,13 @@ def closest(order: list[int], amount, ratio: float, group_of: dict[int, int]) ->
 
 
 SELECT_DEFAULTS = {
-    "attention": "heads",
     "target": "params",
     "criterion": "l1",
     "scope": "global",
     "normalize": "mean",
     "min_channels": 1,
     "seed": 0,
+    "attention": "heads",
 }
 
 
