@@ -30,10 +30,10 @@ NETWORKS = {  # builder, image side
 }
 
 
-def build(name: str, attention: str = "heads"):
+def build(name: str, monkeypatch, attention: str = "heads"):
     """The network as ``model=custom`` builds it, every group of its graph offered, attention by ``attention``."""
     factory, side = NETWORKS[name]
-    sys.modules[f"tiny_{name}_mod"] = types.SimpleNamespace(Net=lambda num_classes=10: factory())
+    monkeypatch.setitem(sys.modules, f"tiny_{name}_mod", types.SimpleNamespace(Net=lambda num_classes=10: factory()))
     target = f"tiny_{name}_mod:Net"
     with trusting([target]):
         arch = {"name": "custom", "target": target, "image_size": side, "num_classes": 10, "in_channels": 3}
@@ -58,8 +58,8 @@ def unit_groups(model) -> list[int]:
 
 @pytest.mark.parametrize("attention", ["heads", "head_width"])
 @pytest.mark.parametrize("name", NETWORKS)
-def test_every_channel_is_offered_counted_and_pruned_as_the_graph_does(name, attention):
-    model, side = build(name, attention)
+def test_every_channel_is_offered_counted_and_pruned_as_the_graph_does(name, attention, monkeypatch):
+    model, side = build(name, monkeypatch, attention)
     graph = model._graph(model.net)
     # every prunable channel is offered, but for a classifier's hidden linear layer (MaxViT's head: 32 units)
     head = sum(len(g.channels) for g in graph.groups if g.name.startswith("classifier"))
@@ -82,8 +82,8 @@ def test_every_channel_is_offered_counted_and_pruned_as_the_graph_does(name, att
 
 
 @pytest.mark.parametrize("name", NETWORKS)
-def test_masking_heads_is_removing_them(name):
-    model, side = build(name)
+def test_masking_heads_is_removing_them(name, monkeypatch):
+    model, side = build(name, monkeypatch)
     units = unit_groups(model)
     assert units
     keep = [torch.ones(w, dtype=torch.bool) for w in model.widths]
