@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from prune_cli.core.errors import UserError
 from prune_cli.structure import attention
 
+INPUT = "placeholder"  # fx's kind of node for an argument of the traced forward (the example is the first)
 LEAF_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
 
@@ -62,22 +63,6 @@ class _ValueProxy(fx.Proxy):
     def value(self):
         return self.tracer.values.get(self.node)
 
-    @property
-    def shape(self):
-        return self.value.shape
-
-    @property
-    def ndim(self):
-        return self.value.ndim
-
-    @property
-    def dtype(self):
-        return self.value.dtype
-
-    @property
-    def device(self):
-        return self.value.device
-
     def size(self, dim=None):
         return self.value.size() if dim is None else self.value.size(dim)
 
@@ -86,6 +71,10 @@ class _ValueProxy(fx.Proxy):
 
     def __len__(self):
         return len(self.value)
+
+
+for _name in ("shape", "ndim", "dtype", "device"):  # the example's, where fx would record an attribute access
+    setattr(_ValueProxy, _name, property(lambda self, name=_name: getattr(self.value, name)))
 
 
 class _ConcreteTracer(_Tracer):
@@ -128,8 +117,8 @@ class _ConcreteTracer(_Tracer):
 
     def _run(self, kind, target, args, kwargs):
         """One traced operation's value on the example."""
-        if kind == "placeholder":
-            first = not any(n.op == "placeholder" for n in self.values)
+        if kind == INPUT:
+            first = not any(n.op == INPUT for n in self.values)
             return self.example if first else (args[0] if args else None)
         if kind == "get_attr":
             value = self.root
