@@ -5,8 +5,9 @@ environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) tells each which one it i
 pipeline on the same data with the same seeds, so everything outside training (pruning decisions, counts)
 is computed identically everywhere. Training splits every global batch of ``batch_size`` images into one
 shard per process and averages the gradients (DistributedDataParallel), which is a single-process step on
-the whole batch; test evaluation is split the same way. Only rank 0 writes files and prints; the others read
-rank 0's run directory. Without the launcher every function here is the single-process identity.
+the whole batch; test evaluation gives each process every N-th batch. A process reads only its part (a streamed
+imagefolder decodes only those files). Only rank 0 writes files and prints; the others read rank 0's run
+directory. Without the launcher every function here is the single-process identity.
 """
 
 from __future__ import annotations
@@ -116,22 +117,23 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """This rank's shard of a global batch, and the weight its images count with in the epoch's statistics: 1,
+def part(n: int) -> tuple[int, int, float]:
+    """This rank's shard of a global batch of ``n`` images, ``(start, stop, weight)``: the rank-th of
+    ``torch.tensor_split``'s ``world`` pieces, and the weight its images count with in the epoch's statistics: 1,
     or 1/world for a batch smaller than the world, which every rank uses whole (no rank runs an empty batch)."""
-    n, w = len(y), world()
+    w = world()
     if w == 1:
-        return x, y, 1.0
+        return 0, n, 1.0
     if n < w:
-        return x, y, 1.0 / w
-    r = rank()
-    return torch.tensor_split(x, w)[r], torch.tensor_split(y, w)[r], 1.0
+        return 0, n, 1.0 / w
+    r, (size, extra) = rank(), divmod(n, w)  # the first ``extra`` pieces hold one image more
+    start = r * size + min(r, extra)
+    return start, start + size + (r < extra), 1.0
 
 
-def my_batches(batches):
-    """This rank's part of an iterable of batches (every world-th, from its rank): all of it when alone."""
-    w, r = world(), rank()
-    return (b for i, b in enumerate(batches) if i % w == r)
+def mine(i: int) -> bool:
+    """Whether batch ``i`` of a sequence is this rank's (every world-th, from its rank): always when alone."""
+    return i % world() == rank()
 
 
 def all_sum(*tensors: torch.Tensor) -> None:

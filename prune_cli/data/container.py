@@ -5,6 +5,8 @@ device, and is then only indexed: no DataLoader, no workers, no per-sample Pytho
 is an imagefolder too large for memory: its images stay files (``stream.StreamedImages``) decoded batch
 by batch, in the same batches. Random crop (zero padding) and horizontal flip run on whole batches with
 advanced indexing, on the device, after the batch is there: so both kinds draw the same random numbers.
+Under torchrun each process reads and augments only its part (``shards``: its shard of every training batch;
+``batches(mine=True)``: its evaluation batches), with the draws of the whole batch: the numbers of one process.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prune_cli.core import distributed
 from prune_cli.data.stream import StreamedImages
 
 
@@ -29,19 +32,22 @@ class Split:
         """The uint8 images at ``idx`` on the device."""
         return self.x[idx].decode() if isinstance(self.x, StreamedImages) else self.x[idx]
 
-    def uint8_batches(self, order: torch.Tensor | None, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(uint8 x, y)`` on the device, ``batch_size`` at a time, in ``order`` (an index tensor; None: 0..N-1)."""
-        n = len(self)
+    def uint8_ranges(
+        self, order: torch.Tensor | None, ranges: list[tuple[int, int]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(uint8 x, y)`` on the device for each ``(start, stop)`` range of ``order`` (an index tensor; None:
+        0..N-1), in turn: only the images in the ranges are read (a streamed split decodes only those files)."""
         if isinstance(self.x, StreamedImages):
-            index_batches = (torch.arange(n, device=self.y.device) if order is None else order).split(batch_size)
+            every = torch.arange(len(self), device=self.y.device) if order is None else order
+            index_batches = [every[start:stop] for start, stop in ranges]
             for idx, xb in zip(index_batches, self.x.batches([i.tolist() for i in index_batches])):
                 yield xb, self.y[idx]
             return
-        for start in range(0, n, batch_size):
+        for start, stop in ranges:
             if order is None:
-                yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+                yield self.x[start:stop], self.y[start:stop]
             else:
-                idx = order[start : start + batch_size]
+                idx = order[start:stop]
                 yield self.x[idx], self.y[idx]
 
     def __repr__(self) -> str:
@@ -87,8 +93,15 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | 
         raise ValueError(f"augment expects [B, C, H, W], got shape {tuple(x.shape)}")
     if not pad and not flip:
         return x
+    return shift_and_flip(x, pad, *augment_params(len(x), pad, flip, generator, x.device))
+
+
+def shift_and_flip(
+    x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, flipped: torch.Tensor
+) -> torch.Tensor:
+    """``augment`` with its draws given (one per sample of ``x``): each sample on its own, so a slice of a batch
+    with the slice of the batch's draws is the slice of the augmented batch."""
     b, c, h, w = x.shape
-    dy, dx, flipped = augment_params(b, pad, flip, generator, x.device)
     if not pad:
         return torch.where(flipped[:, None, None, None], x.flip(-1), x)
     hp, wp = h + 2 * pad, w + 2 * pad
@@ -125,13 +138,41 @@ def batches(
     generator: torch.Generator | None = None,
     train: bool = False,
     memory_format: torch.memory_format = torch.contiguous_format,
+    mine: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(normalised float x, y)`` batches covering the split once (last batch may be short).
 
     With ``generator`` the order is ``torch.randperm`` drawn from it; ``train=True`` augments
     (when ``data.pad`` or ``data.flip``) with the same generator. ``x`` is laid out in ``memory_format``
-    (the uint8 batch is rearranged, then normalised: the cheaper copy).
+    (the uint8 batch is rearranged, then normalised: the cheaper copy). ``mine=True`` (evaluation under torchrun):
+    only this process's batches, every world-th from its rank (``distributed.mine``); the others are not read.
     """
+    whole = (lambda i, n: (0, n, 1.0) if distributed.mine(i) else None) if mine else (lambda i, n: (0, n, 1.0))
+    for x, y, _, _ in _parts(split, data, batch_size, generator, train, memory_format, whole):
+        yield x, y
+
+
+def shards(
+    split: Split,
+    data: Data,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    train: bool = False,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, float]]:
+    """This process's shard of each batch ``batches`` yields, as ``(x, y, batch, weight)``: ``batch`` is the whole
+    batch's size, the shard and ``weight`` are ``distributed.part``'s (all of it, 1.0, in one process).
+
+    Only the shard's images are read and augmented, with the random numbers drawn for the whole batch: the ranks'
+    shards put together are ``batches``' batches, and a streamed split decodes on each rank only its own files."""
+    return _parts(split, data, batch_size, generator, train, memory_format, lambda i, n: distributed.part(n))
+
+
+def _parts(split: Split, data: Data, batch_size: int, generator, train: bool, memory_format, pick):
+    """``(normalised x, y, batch, weight)`` for the part ``pick(i, batch) -> (start, stop, weight) | None`` of each
+    batch ``i`` of ``batch`` images (None: that batch is not read). Augmentation is drawn for every whole batch in
+    turn, read or not, so every part sees the draws of the whole run."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     n = len(split)
@@ -139,7 +180,14 @@ def batches(
     if generator is not None:
         order = torch.randperm(n, generator=generator, device=generator.device).to(split.x.device)
     do_aug = train and (data.pad > 0 or data.flip)
-    for xb, yb in split.uint8_batches(order, batch_size):
-        if do_aug:
-            xb = augment(xb, data.pad, data.flip, generator)
-        yield normalize(xb.contiguous(memory_format=memory_format), data), yb
+    spans = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    picks = [pick(i, stop - start) for i, (start, stop) in enumerate(spans)]
+    read = split.uint8_ranges(order, [(a + p[0], a + p[1]) for (a, _), p in zip(spans, picks) if p is not None])
+    for (start, stop), p in zip(spans, picks):
+        drawn = augment_params(stop - start, data.pad, data.flip, generator, split.x.device) if do_aug else None
+        if p is None:
+            continue
+        xb, yb = next(read)
+        if drawn is not None:
+            xb = shift_and_flip(xb, data.pad, *(t[p[0] : p[1]] for t in drawn))
+        yield normalize(xb.contiguous(memory_format=memory_format), data), yb, stop - start, p[2]

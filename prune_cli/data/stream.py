@@ -4,7 +4,8 @@
 the PIL mode and the size, and is subset, "moved" and made "contiguous" like a tensor without decoding
 anything. Its batches come from a standard DataLoader (one file decoded per index, in ``workers``
 processes) in exactly the index batches asked for, and are then moved to the device, so
-``container.batches`` augments them with the same random draws as in-memory batches.
+``container.batches`` augments them with the same random draws as in-memory batches. Under torchrun the index
+batches asked for are this process's part only (``container.shards``): no process decodes another's images.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class StreamedImages:
 
     def batches(self, index_batches: list[list[int]]) -> Iterator[torch.Tensor]:
         """uint8 ``[B, C, H, W]`` on the device for each list of indices, in order, decoded by a DataLoader."""
+        if not index_batches:  # (a process with no evaluation batch of its own: no workers started for nothing)
+            return
         loader = DataLoader(
             _Files(self),
             batch_sampler=index_batches,

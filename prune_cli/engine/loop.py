@@ -22,6 +22,7 @@ from prune_cli.core import distributed
 from prune_cli.core.errors import UserError
 from prune_cli.core.seeds import NETWORK_STRIDE, epoch_generator
 from prune_cli.data import Data, batches
+from prune_cli.data.container import shards
 from prune_cli.engine.evaluate import evaluate
 from prune_cli.engine.optimizers import make_optimizer
 from prune_cli.engine.schedules import lr_at
@@ -66,8 +67,8 @@ def train_epoch(
     reg_sum = torch.zeros((), device=device)
     steps = math.ceil(len(data.train) / batch_size)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    for x, y in tqdm(
-        batches(
+    for x, y, batch, weight in tqdm(  # this rank's shard of each global batch (all of it, weight 1, when alone)
+        shards(
             data.train, data, batch_size, generator=generator, train=True, memory_format=MEMORY_FORMATS[memory_format]
         ),
         total=steps,
@@ -76,8 +77,6 @@ def train_epoch(
         leave=False,
         file=sys.stderr,
     ):
-        batch = len(y)
-        x, y, weight = distributed.shard(x, y)
         with autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -241,10 +240,14 @@ class Trainer:
             tic = time.perf_counter()
             top1, loss = float("nan"), float("nan")
             if due:
-                test = batches(
-                    self.data.test, self.data, self.trainer.eval_batch_size, memory_format=MEMORY_FORMATS[self.layout]
+                test = batches(  # this rank's batches only
+                    self.data.test,
+                    self.data,
+                    self.trainer.eval_batch_size,
+                    memory_format=MEMORY_FORMATS[self.layout],
+                    mine=True,
                 )
-                top1, loss = evaluate(model, distributed.my_batches(test), shared=distributed.active())
+                top1, loss = evaluate(model, test, shared=distributed.active())
                 if not math.isfinite(loss):  # the outputs overflow although the weights are still finite
                     raise diverged(f"the test loss became {loss}", self.stage, epoch, row["lr"], self.lr_option)
             row.update(test_loss=loss, test_acc=top1)
