@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import TINY, compose_config, results_table
+from prune_cli.core import timing
 from prune_cli.core.errors import UserError
 from prune_cli.engine import latency
 from prune_cli.models import build_model
@@ -54,7 +55,7 @@ def test_time_models_reports_the_median_and_interquartile_range_of_interleaved_f
     """On a clock that only the forwards move: one warmup forward each (untimed), then five timed ones, interleaved;
     the median and the range between the first and third quartiles of each model's five times."""
     clock = {"now": 0.0, "calls": []}
-    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
     first = Ticking(clock, [1000, 5, 1, 4, 2, 3])  # the 1000 ms warmup forward is not timed
     second = Ticking(clock, [1000, 10, 90, 20, 40, 30])
     (first_ms, first_iqr), (second_ms, second_iqr) = latency.time_models(

@@ -20,11 +20,11 @@ median latency). Like ``seconds`` they are timing columns (``report.timing_colum
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+from functools import partial
 
 import torch
 
+from prune_cli.core.timing import model_dtype, time_calls
 from prune_cli.models.layers import fold
 
 WARMUP = 3  # untimed forwards per model and batch size (allocations, kernel selection, caches)
@@ -43,19 +43,6 @@ def enabled(cfg) -> bool:
     """Whether ``latency`` is on (``on`` or YAML's bare ``on``, which reads as true); a config from before the
     option existed has it off, as those runs had."""
     return cfg.get("latency", "off") in ("on", True)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA and MPS run asynchronously; the CPU does not)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def model_dtype(model: torch.nn.Module) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
 @torch.no_grad()
@@ -77,26 +64,10 @@ def time_models(
     for m in models:
         m.eval()
     try:
-        for _ in range(warmup):
-            for m, xi in zip(models, inputs):
-                m(xi)
-        synchronize(device)
-        times: list[list[float]] = [[] for _ in models]
-        for _ in range(repeats):
-            for m, xi, t in zip(models, inputs, times):
-                synchronize(device)
-                tic = time.perf_counter()
-                m(xi)
-                synchronize(device)
-                t.append(1000 * (time.perf_counter() - tic))
+        return time_calls([partial(m, xi) for m, xi in zip(models, inputs)], device, warmup, repeats)
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    out = []
-    for t in times:
-        q1, median, q3 = statistics.quantiles(t, n=4, method="inclusive")
-        out.append((median, q3 - q1))
-    return out
 
 
 def latency_columns(models: list[torch.nn.Module], input_shape, batch_size: int, device) -> list[dict]:

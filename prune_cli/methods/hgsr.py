@@ -148,6 +148,11 @@ class _Budget(Budget):
             self.goal = ratio * self.total
             self.tol = TOLERANCE * self.goal
 
+    def reach(self, widths) -> None:
+        """Make the goal what these (the narrowest allowed) widths remove: a latency share out of reach."""
+        self.goal = self.total - self.amount(widths)
+        self.tol = TOLERANCE * self.goal
+
     def remaining(self, widths) -> float:
         return self.goal - (self.total - self.amount(widths))
 
@@ -514,7 +519,9 @@ class _Greedy:
         self.widths = np.array(ev.width0, dtype=np.int64)
         self.width0 = self.widths.copy()
         self.avail = _available(self.widths, min_channels, protect)  # channels each group may still lose
-        if budget.remaining(self.widths - self.avail) > budget.tol:
+        if budget.remaining(self.widths - self.avail) > budget.tol and budget.target == "latency":
+            budget.reach(self.widths - self.avail)  # out of reach: the fastest reachable (the prune stage says so)
+        elif budget.remaining(self.widths - self.avail) > budget.tol:
             raise ValueError(
                 f"cannot remove {budget.ratio:.1%} of {budget.target} with min_channels={min_channels} "
                 f"and protected groups {sorted(protect)}"
@@ -785,6 +792,10 @@ class LossGreedy(Criterion):
             raise UserError(
                 "prune.ratio",
                 "the loss criterion selects to a target: set prune.ratio in (0, 1) and no prune.layer_ratios",
+            )
+        if p.get("round_to", 1) > 1:
+            raise UserError(
+                "prune.round_to", "the loss criterion removes one channel at a time: it cannot round widths"
             )
 
     @property

@@ -146,6 +146,7 @@ def check_resolved(plain: dict) -> dict:
     LOGGERS.get(plain["logger"]["name"]).check_config(plain)
     for name in plain["schedule"]["stages"]:
         STAGES.get(name).check_config(plain)
+        check_own_rule(name, plain["prune"])
         if (
             plain["prune"]["residual"] is True
             and "prune" in STAGES.get(name).reads
@@ -155,6 +156,18 @@ def check_resolved(plain: dict) -> dict:
     if plain["init_from"] is not None and not Path(plain["init_from"]).is_file():
         raise UserError("init_from", f"no checkpoint file at {plain['init_from']}")
     return plain
+
+
+def check_own_rule(name: str, prune: dict) -> None:
+    """Refuse the selection engine's latency target and ``round_to`` for a pruning stage that selects by a rule of
+    its own: it would ignore them."""
+    stage = STAGES.get(name)
+    if not stage.prunes or stage.selects_by_prune:
+        return
+    if prune["target"] == "latency":
+        raise UserError("prune.target", f"the {name} stage selects by its own rule, not to a latency target")
+    if prune.get("round_to", 1) > 1:
+        raise UserError("prune.round_to", f"the {name} stage selects by its own rule; it cannot round widths")
 
 
 def check_schedule(schedule: dict) -> None:

@@ -22,6 +22,7 @@ class Context:
         self.device = distributed.local_device(resolve_device(cfg.trainer.device))
         self.input_shape, self.num_classes = describe(cfg.dataset)
         self._data = None
+        self.cost_model = None  # prune.target=latency: the latency cost model, built once (stages/latency_target.py)
 
     @property
     def data(self):

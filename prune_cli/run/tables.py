@@ -101,8 +101,20 @@ def summary_markdown(rows: list[dict], ident: dict) -> str:
         shown = [
             {**s, "latency b1 (ms)": _ms(r, "latency_ms_b1"), big: _ms(r, "latency_ms_bN")} for s, r in zip(shown, rows)
         ]
+    if any(_measured(r, "latency_check") for r in rows):  # prune.target=latency: the row that met it, checked
+        macs.append("latency check")
+        shown = [{**s, "latency check": r.get("latency_check")} for s, r in zip(shown, rows)]
     table = markdown_table(shown, ["stage", "top1", "best_top1", "loss", "params (M)", *macs, "epochs", "seconds"])
     text = f"## {title}\n\n{table}\n"
+    checked = next((r for r in rows if _measured(r, "latency_check")), None)
+    if checked is not None:
+        text += (
+            f"\nlatency target at batch {checked['latency_target_batch']}: {_ms(checked, 'latency_dense_ms')} -> "
+            f"{_ms(checked, 'latency_target_ms')} ms "
+            f"({checked['latency_target_speedup']:.2f}x); predicted {_ms(checked, 'latency_predicted_ms')} ms, "
+            f"measured {_ms(checked, 'latency_measured_ms')} ms ({checked['latency_measured_speedup']:.2f}x): "
+            f"{checked['latency_check']}\n"
+        )
     final = rows[-1] if rows else {}
     if dynamic(final) is not None:
         text += (

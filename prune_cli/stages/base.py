@@ -25,6 +25,9 @@ class Stage(abc.ABC):
     dense_only: bool = False  # it trains the network a later stage prunes: init_from never gives it a pruned one
     reads: tuple[str, ...] = ()  # config groups it acts on besides its block ("criterion", "prune", "regularizer")
     shared_groups: bool = False  # it handles channels several layers share (a model pruned with prune.residual)
+    # it meets prune.target and prune.round_to through the selection engine (a method of its own rule refuses
+    # the target latency and round_to > 1 rather than ignore them)
+    selects_by_prune: bool = False
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:

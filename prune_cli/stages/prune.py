@@ -21,6 +21,7 @@ from prune_cli.models import offers_shared_groups, pruned_groups, with_shared_gr
 from prune_cli.models.layers import fold
 from prune_cli.stages.base import STAGES, Stage
 from prune_cli.stages.latency import time_pruning
+from prune_cli.stages.latency_target import check_pruned, priced_structure, wanted
 from prune_cli.structure.channels import prune_channels, structure
 from prune_cli.structure.selection import Budget, matching
 
@@ -35,6 +36,7 @@ class Prune(Stage):
     prunes = True
     reads = ("criterion", "prune")
     shared_groups = True
+    selects_by_prune = True
     steering: dict = {}  # iterative steps: the selection's reference widths and tolerance (step_target)
 
     @classmethod
@@ -60,14 +62,14 @@ class Prune(Stage):
         cfg, p = ctx.cfg, ctx.cfg.prune
         tic = time.perf_counter()
         # learned factors (e.g. RMNet's) into the weights: the criteria judge the real network
-        model = self.groups_of(fold(model), ctx)
+        model = received = self.groups_of(fold(model), ctx)
         dense_widths = model.widths
-        dense_amount = Budget(structure(model, ctx.input_shape), dense_widths, p.target).total
+        dense_amount = Budget(priced_structure(model, ctx), dense_widths, p.target).total
         extra, self.steering = {}, {}
         for step in range(1, p.steps + 1):
             ratio = p.ratio
             if ratio is not None and p.steps > 1:  # cumulative share of the DENSE amount, as a share of the current one
-                current = Budget(structure(model, ctx.input_shape), model.widths, p.target).total
+                current = Budget(priced_structure(model, ctx), model.widths, p.target).total
                 ratio, tolerance = step_target(p, step, dense_amount, current)
                 self.steering = {"dense_widths": dense_widths, "tolerance": tolerance, "fill": step == p.steps}
             keep, scores, stats = self.select(model, ctx, ratio)
@@ -87,7 +89,7 @@ class Prune(Stage):
                     lr_option="prune.step_lr" if p.step_lr is not None else f"schedule.{step_block(cfg)}.lr",
                 )
         seconds = time.perf_counter() - tic
-        return finish_pruning(model, keep, scores, ctx, self.name, seconds, extra, dense_widths, self.reshape)
+        return finish_pruning(model, keep, scores, ctx, self.name, seconds, extra, dense_widths, self.reshape, received)
 
     # A method that prunes through this loop (steps, finetunes between them, the row) overrides these:
     def select(self, model, ctx, ratio: float | None) -> tuple:
@@ -154,8 +156,8 @@ def check_selection(ctx, model, shared_groups: bool = False) -> None:
         raise UserError(
             "prune.min_channels", f"{p.min_channels} is above the width of {narrow[0][0]} ({narrow[0][1]} channels)"
         )
-    if p.ratio is None or p.layer_ratios:
-        return
+    if p.ratio is None or p.layer_ratios or p.target == "latency":
+        return  # a latency out of reach is known once measured: the stage prunes to the fastest reachable, says so
     most = most_removable(ctx, model)
     if most >= p.ratio * (1 - p.tolerance):
         return
@@ -216,7 +218,7 @@ def choose(model, ctx, ratio: float | None, dense_widths=None, tolerance: float 
     prune["fill"] = fill
     return criterion.choose(
         model,
-        structure(model, ctx.input_shape),
+        priced_structure(model, ctx),
         sample,
         prune,
         ratio,
@@ -235,10 +237,12 @@ def finish_pruning(
     extra: dict | None = None,
     dense_widths: list[int] | None = None,
     reshape=None,
+    received=None,
 ):
     """Remove the channels physically (then ``reshape(pruned)`` when given: a method's own structural change),
     write scores.csv / layers.csv, test, time the dense and the pruned model (``latency: on``: their rows get the
-    latency columns, the pruned row the speed-ups), and checkpoint the stage."""
+    latency columns, the pruned row the speed-ups; ``prune.target=latency``: the pruned network against the target
+    and the prediction, ``received`` the network the stage received), and checkpoint the stage."""
     run = ctx.run
     groups = model.channel_groups()
     pruned = prune_channels(model, keep)
@@ -263,6 +267,8 @@ def finish_pruning(
     run.rows.append({**ctx.measure(stage, pruned, top1, loss, top1, 0, seconds), **(extra or {})})
     if latency.enabled(ctx.cfg):
         time_pruning(ctx, model, pruned)
+    if wanted(ctx) and received is not None:
+        run.rows[-1].update(check_pruned(ctx, received, pruned))
     run.save(stage, [pruned], done=True, extra={"keep": keep})
     return pruned
 

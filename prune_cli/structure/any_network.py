@@ -7,8 +7,10 @@ by the layer's mean such sum, so layers of different scale, streams written by m
 sums). The
 lowest-scoring channels go first, over the whole network (``scope="global"``) or share by share in every group
 (``scope="group"``: the lowest 1/n of each group of n, then the next), until ``ratio`` of the ``target``
-(channels, params or MACs, counted exactly from the graph) is removed, by the pipeline's rule (the closest amount
-whole channels reach, ``closest``); every group keeps at least ``min_channels``.
+(channels, params or MACs, counted exactly from the graph, or the latency at ``latency_batch`` predicted by a cost
+model measured on the model's device, ``cost_model.py``) is removed, by the pipeline's rule (the closest amount
+whole channels reach, ``closest``); every group keeps at least ``min_channels``, and with ``round_to`` N every
+pruned group a multiple of N (its channels go in blocks, ``selection.blocks``).
 
 Attention layers (``attention.py``) lose whole heads (``attention="heads"``), one position of every head
 (``"head_width"``) or nothing (``"none"``); a unit's score is the sum over its q, k and v rows of their norms,
@@ -17,14 +19,17 @@ divided by the packed projection's mean unit sum.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
 
 from prune_cli.core.errors import UserError, one_line
+from prune_cli.structure import cost_model
 from prune_cli.structure.attention import MODES
 from prune_cli.structure.graph import ChannelGraph
-from prune_cli.structure.selection import check_target
+from prune_cli.structure.selection import blocks, check_target
 
 CRITERIA = ("l1", "l2", "random")
 SCOPES = ("global", "group")
@@ -32,7 +37,9 @@ NORMALIZE = ("mean", "none")
 TOLERANCE = 1e-3  # relative, as ``prune.tolerance``'s default
 
 
-def check_options(ratio, target, criterion, scope, normalize, min_channels, seed) -> None:
+def check_options(
+    ratio, target, criterion, scope, normalize, min_channels, seed, round_to=1, latency_batch=1, latency_cache=None
+) -> None:
     """Refuse, naming the argument and its accepted values, any option this API would not honour as given."""
     if isinstance(ratio, bool) or not isinstance(ratio, int | float):
         raise TypeError(f"ratio must be a number in (0, 1), got {type(ratio).__name__}")
@@ -42,7 +49,14 @@ def check_options(ratio, target, criterion, scope, normalize, min_channels, seed
             raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    for name, value, least in (("min_channels", min_channels, 0), ("seed", seed, 0)):
+    if latency_cache is not None and not isinstance(latency_cache, str | os.PathLike):
+        raise TypeError(f"latency_cache must be a directory path or None, got {type(latency_cache).__name__}")
+    for name, value, least in (
+        ("min_channels", min_channels, 0),
+        ("seed", seed, 0),
+        ("round_to", round_to, 1),
+        ("latency_batch", latency_batch, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an integer >= {least}, got {type(value).__name__}")
         if value < least:
@@ -107,14 +121,19 @@ def channel_scores(
     return {c: total[c] / max(layers[c], 1) for c in prunable}
 
 
-def _order(graph: ChannelGraph, scores: dict[int, float], scope: str, min_channels: int) -> list[int]:
-    """Removable channels in removal order: lowest score first over the whole network (global), or every group's
-    lowest share first (group: a channel's key is its rank in its group over the group's size)."""
+def _order(graph: ChannelGraph, scores: dict[int, float], scope: str, min_channels: int, round_to: int) -> list:
+    """Removable blocks of channels (tuples; one channel each, or with ``round_to`` those taking a group to its next
+    multiple below) in removal order: lowest score first over the whole network (global), or every group's lowest
+    share first (group: a channel's key is its rank in its group over the group's size); a block's key is its
+    channels' mean."""
     key = {}
     for g in graph.groups:
         ranked = sorted(g.channels, key=lambda c: (scores[c], c))
-        for i, c in enumerate(ranked[: max(0, len(ranked) - min_channels)]):
-            key[c] = ((i + 1) / len(ranked), scores[c], c) if scope == "group" else (scores[c], c)
+        for first, last in blocks(len(ranked), min_channels, round_to):
+            block = tuple(ranked[first:last])
+            ranks = [(i + 1) / len(ranked) for i in range(first, last)]
+            mean = float(np.mean([scores[c] for c in block]))
+            key[block] = (float(np.mean(ranks)), mean, block[0]) if scope == "group" else (mean, block[0])
     return sorted(key, key=key.get)
 
 
@@ -127,35 +146,59 @@ def select(
     normalize: str = "mean",
     min_channels: int = 1,
     seed: int = 0,
+    round_to: int = 1,
+    cost: cost_model.CostModel | None = None,
 ) -> set[int]:
     """The channels to remove: the lowest-scoring ones whose removal takes away the amount of ``target`` closest to
-    ``ratio`` (within ``TOLERANCE * ratio`` where whole channels allow), as the pipeline selects."""
-    check_options(ratio, target, criterion, scope, normalize, min_channels, seed)
+    ``ratio`` (within ``TOLERANCE * ratio`` where whole channels allow), as the pipeline selects. ``target="latency"``
+    needs the ``cost`` model; a latency share out of reach removes every removable channel (the fastest reachable)."""
+    check_options(ratio, target, criterion, scope, normalize, min_channels, seed, round_to)
     if not graph.groups:
         why = graph.warnings[0] if graph.warnings else "no conv or linear layer whose outputs another layer reads"
         raise ValueError(f"model: no channel can be pruned ({why})")
-    order = _order(graph, channel_scores(graph, criterion, normalize, seed), scope, min_channels)
+    order = _order(graph, channel_scores(graph, criterion, normalize, seed), scope, min_channels, round_to)
+    amount = _amount(graph, target, cost)
+    if amount(order) < ratio * (1 - TOLERANCE):
+        if target == "latency":
+            return {c for block in order for c in block}
+        raise ValueError(f"{ratio:.0%} of the {target} cannot be removed with min_channels={min_channels}")
+    group_of = {c: g for g, group in enumerate(graph.groups) for c in group.channels}
+    return {c for block in closest(order, amount, ratio, {b: group_of[b[0]] for b in order}) for c in block}
+
+
+def _amount(graph: ChannelGraph, target: str, cost: cost_model.CostModel | None):
+    """The share of ``target`` that removing the chosen blocks of channels takes away."""
     total_channels = sum(len(g.channels) for g in graph.groups)
     dense = graph.count(set())
+    full = predicted(graph, cost, set()) if target == "latency" else None
 
-    def amount(chosen: list[int]) -> float:
-        """The share of the target removed with the ``chosen`` channels."""
+    def amount(chosen: list[tuple[int, ...]]) -> float:
+        removed = {c for block in chosen for c in block}
         if target == "channels":
-            return len(chosen) / total_channels
+            return len(removed) / total_channels
+        if target == "latency":
+            return 1 - predicted(graph, cost, removed) / full
         i = 0 if target == "params" else 1
-        return 1 - graph.count(set(chosen))[i] / dense[i]
+        return 1 - graph.count(removed)[i] / dense[i]
 
-    if amount(order) < ratio * (1 - TOLERANCE):
-        raise ValueError(f"{ratio:.0%} of the {target} cannot be removed with min_channels={min_channels}")
-    return set(closest(order, amount, ratio, {c: g for g, group in enumerate(graph.groups) for c in group.channels}))
+    return amount
 
 
-def closest(order: list[int], amount, ratio: float, group_of: dict[int, int]) -> list[int]:
+def predicted(graph: ChannelGraph, cost: cost_model.CostModel, removed: set[int]) -> float:
+    """The cost model's milliseconds for the network without the ``removed`` channels."""
+    dims = {}
+    for name in cost.layers:
+        shape = graph.kept_shape(name, "weight", removed)
+        dims[name] = (shape[1], shape[0])
+    return cost.predict(dims)
+
+
+def closest(order: list, amount, ratio: float, group_of: dict) -> list:
     """The channels to remove by the selection engine's rule (docs/methods.md "Selection"): the longest prefix of
-    ``order`` that does not pass ``ratio``; then each following channel that keeps the amount within
-    ``ratio * (1 + TOLERANCE)`` until within the band; if still outside it, whichever lands closest of that, that
-    plus the one channel more that passes the ratio by the least, and the ranking's next prefix. A channel's cost
-    depends on its group alone, so a group whose next channel passed the band is not tried again."""
+    ``order`` (of blocks of channels) that does not pass ``ratio``; then each following block that keeps the amount
+    within ``ratio * (1 + TOLERANCE)`` until within the band; if still outside it, whichever lands closest of that,
+    that plus the one block more that passes the ratio by the least, and the ranking's next prefix. A block's cost
+    depends on its group alone, so a group whose next block passed the band is not tried again."""
     lo, hi = 0, len(order)  # the largest k whose first k channels do not pass the ratio (amount grows with k)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -192,6 +235,9 @@ SELECT_DEFAULTS = {
     "min_channels": 1,
     "seed": 0,
     "attention": "heads",
+    "round_to": 1,
+    "latency_batch": 1,
+    "latency_cache": None,
 }
 
 
@@ -205,16 +251,18 @@ def _known(options: dict) -> dict:
 
 def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options) -> tuple[nn.Module, dict]:
     """``(pruned model, table)``: a copy of ``model`` without the channels :func:`select` picks with ``options``
-    (attention, target, criterion, scope, normalize, min_channels, seed; ``model`` is left as it was), and what
-    happened:
-    params and MACs before and after (exact counts), channels removed, groups, and the channels the graph could
-    not prune with the reason for each.
+    (attention, target, criterion, scope, normalize, min_channels, seed, round_to, latency_batch, latency_cache;
+    ``model`` is left as it was), and what happened: params and MACs before and after (exact counts), channels
+    removed, groups, and the channels the graph could not prune with the reason for each; with
+    ``target="latency"`` the latency at ``latency_batch`` predicted and measured (dense and pruned, timed together
+    on the model's device), the cost model's build time, and a warning when the share is out of reach (every
+    removable channel then goes: the fastest reachable).
 
     Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument (unknown option values list the
     accepted ones); nothing is printed."""
     options = {**SELECT_DEFAULTS, **_known(options)}
-    attention = options.pop("attention")
-    check_options(ratio, **options)
+    attention, batch, cache = options.pop("attention"), options.pop("latency_batch"), options.pop("latency_cache")
+    check_options(ratio, **options, latency_batch=batch, latency_cache=cache)
     if attention not in MODES:
         raise ValueError(f"attention must be one of {MODES}, got {attention!r}")
     check_example(model, example_input)
@@ -222,7 +270,8 @@ def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options
         graph = ChannelGraph(model, example_input, attention)
     except UserError as e:  # the graph's one line, as the Python API's exception
         raise ValueError(str(e)) from None
-    removed = select(graph, ratio, **options)
+    cost = latency_model(graph, example_input, batch, cache) if options["target"] == "latency" else None
+    removed = select(graph, ratio, **options, cost=cost)
     pruned = graph.pruned(removed)
     (p0, m0), (p1, m1) = graph.count(set()), graph.count(removed)
     share, reasons = graph.share_unprunable()
@@ -240,4 +289,38 @@ def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options
         "unprunable_reasons": reasons,
         "warnings": list(graph.warnings),
     }
+    if cost is not None:
+        table.update(latency_table(graph, cost, removed, pruned, tuple(example_input.shape[1:])))
+        if table["latency_removed_predicted"] < ratio * (1 - TOLERANCE):
+            table["warnings"].append(f"target latency: {ratio} is out of reach; pruned to the fastest reachable")
     return pruned, table
+
+
+def latency_model(graph: ChannelGraph, example_input: torch.Tensor, batch: int, cache) -> cost_model.CostModel:
+    """The cost model of the graph's network at ``batch``, on its device and dtype, in the example's memory format,
+    calibrated on the network kept at uniform shares of every group."""
+    x = example_input
+    layout = "channels_last" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+    if x.dim() == 4 and x.is_contiguous():
+        layout = "contiguous"  # both hold for a 1x1 image or one channel: torch's default layout
+
+    def narrowed(share: float) -> nn.Module:
+        gone = {c for g in graph.groups for c in g.channels[max(1, round(share * len(g.channels))) :]}
+        return graph.pruned(gone)
+
+    setting = cost_model.setting_of(graph.model, batch, layout, quick=False)
+    return cost_model.build(graph.model, tuple(x.shape[1:]), setting, narrowed, cost_model.Cache(cache))
+
+
+def latency_table(graph, cost: cost_model.CostModel, removed: set[int], pruned: nn.Module, input_shape) -> dict:
+    """The latency entries of ``prune``'s table: the share removed as predicted and as measured, and the dense and
+    pruned networks' milliseconds, timed together under the cost model's setting."""
+    dense_ms, pruned_ms = cost_model.DeviceTimer(cost.setting).models([graph.model, pruned], input_shape)
+    return {
+        "latency_batch": cost.setting.batch,
+        "latency_model_seconds": cost.seconds,
+        "latency_removed_predicted": 1 - predicted(graph, cost, removed) / predicted(graph, cost, set()),
+        "latency_dense_ms": dense_ms,
+        "latency_pruned_ms": pruned_ms,
+        "latency_removed_measured": 1 - pruned_ms / dense_ms,
+    }

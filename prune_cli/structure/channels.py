@@ -47,10 +47,16 @@ class Structure:
     matmul_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     matmul_fixed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     matmul_pairs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    dim_rows: dict[str, dict[int, int]] = field(default_factory=dict)  # parameter -> {grouped dim: its size's row}
+    latency: object = None  # the bound cost model (``cost_model.Predictor``) when a selection targets latency
+
+    def sizes(self, widths) -> np.ndarray:
+        """The size of every grouped dim (a row each) with these group widths."""
+        return self.fixed + self.per_channel @ np.asarray(widths, dtype=np.float64)
 
     def count(self, widths) -> tuple[int, int]:
         """(params, MACs per image) of the model with these group widths."""
-        size = np.append(self.fixed + self.per_channel @ np.asarray(widths, dtype=np.float64), 1.0)
+        size = np.append(self.sizes(widths), 1.0)
         elems = self.coef * size[self.r1] * size[self.r2]
         rows = np.where(self.matmul_rows >= 0, size[self.matmul_rows], self.matmul_fixed)
         matmuls = (2 * self.matmul_pairs * rows / 3).sum()
@@ -81,7 +87,7 @@ def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
     pixels = layer_pixels(model, input_shape, pairs=pairs)
 
     fixed, per_channel = [], []
-    row_of: dict[str, int] = {}  # a parameter -> the row of its dim 0's size
+    dim_rows: dict[str, dict[int, int]] = {}  # a parameter -> {grouped dim: the row of its size}
     coef, r1, r2, macs = [], [], [], []
     for name, param in model.named_parameters():
         dims = tensor_dims.get(name, {})
@@ -95,8 +101,7 @@ def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
                     row[g] += len(slot.positions[0])
                     covered += sum(len(p) for p in slot.positions)
             rows.append(len(fixed))
-            if d == 0:
-                row_of[name] = len(fixed)
+            dim_rows.setdefault(name, {})[d] = len(fixed)
             fixed.append(param.shape[d] - covered), per_channel.append(row)
         coef.append(np.prod([s for d, s in enumerate(param.shape) if d not in dims], dtype=np.float64))
         rows += [-1, -1]
@@ -113,9 +118,10 @@ def structure(model: Prunable, input_shape: tuple[int, int, int]) -> Structure:
         np.array(r1),
         np.array(r2),
         np.array(macs, dtype=np.float64),
-        np.array([row_of.get(w, -1) for w in weights.values()], dtype=np.int64),
+        np.array([dim_rows.get(w, {}).get(0, -1) for w in weights.values()], dtype=np.int64),
         np.array([model.get_parameter(w).shape[0] for w in weights.values()], dtype=np.float64),
         np.array([pairs[name] for name in weights], dtype=np.float64),
+        dim_rows,
     )
 
 

@@ -1253,6 +1253,12 @@ class ChannelGraph:
         gone = removed if isinstance(removed, np.ndarray) else np.fromiter(removed, np.int64, len(removed))
         return torch.from_numpy(~np.isin(self.root[atoms], gone))
 
+    def kept_shape(self, module: str, param: str, removed: set[int]) -> tuple[int, ...]:
+        """The shape ``module.param`` has once the ``removed`` channels are gone."""
+        dims, shape = self.dims.get((module, param), {}), self.model.get_parameter(f"{module}.{param}").shape
+        gone = np.fromiter(removed, np.int64, len(removed))
+        return tuple(int(self._kept(dims[d], gone).sum()) if d in dims else n for d, n in enumerate(shape))
+
     def count(self, removed: set[int]) -> tuple[int, int]:
         """(params, MACs per image) after removing the ``removed`` channels: parameter elements from the kept sizes of
         every indexed dim, MACs = conv / linear weight elements x output pixels of the eval-mode forward (a layer run

@@ -1,0 +1,56 @@
+"""Timing a forward on any device: the one loop every measured latency goes through (whole models in
+``engine/latency.py``, layer probes and calibrations in ``structure/cost_model.py``).
+
+Callables are run ``warmup`` times untimed, then ``repeats`` times each, interleaved repeat by repeat (a change of
+load falls on all of them alike), each timed with ``time.perf_counter`` between two synchronisations of the device
+(CUDA and MPS run asynchronously). The result is each one's median and interquartile range in milliseconds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA and MPS run asynchronously; the CPU does not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating-point dtype a model computes in (float32 for a model without floating-point parameters)."""
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+@torch.no_grad()
+def time_calls(
+    calls: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> list[tuple[float, float]]:
+    """(median, interquartile range) in milliseconds of each of ``calls``, interleaved."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    synchronize(device)
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, t in zip(calls, times):
+            synchronize(device)
+            tic = time.perf_counter()
+            call()
+            synchronize(device)
+            t.append(1000 * (time.perf_counter() - tic))
+    out = []
+    for t in times:
+        if len(t) == 1:
+            out.append((t[0], 0.0))
+            continue
+        q1, median, q3 = statistics.quantiles(t, n=4, method="inclusive")
+        out.append((median, q3 - q1))
+    return out

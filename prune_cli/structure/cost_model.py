@@ -1,0 +1,380 @@
+"""Latency cost model: a network's latency predicted from its layers' kept widths, for ``prune.target=latency``
+(docs/methods.md "Latency targets").
+
+- **Layers.** Every conv (dense, depthwise or grouped) and linear layer, with the size of its input, found by one
+  forward (``find_layers``).
+- **Tables.** A layer's *probe* is the layer alone at given widths: a conv followed by BatchNorm and ReLU (the
+  elementwise work that shrinks with its outputs), a linear layer alone. It is timed on the run's device, thread
+  count, dtype and memory format at the latency batch, on a grid of (input, output) widths, and interpolated
+  bilinearly in between (a depthwise conv has one width).
+- **Cache.** A table is keyed by what changes the time but the widths (kind, kernel, stride, padding, dilation, input
+  size, bias, dense widths, grid) and by the setting (batch, device, torch version, threads, dtype, memory format).
+  It is stored as JSON in the cache directory, so identical layers (a ResNet's repeated blocks) share one and later
+  runs measure nothing.
+- **Calibration.** The sum of the layer times misses what the tables do not see: the framework's overhead, residual
+  additions, pooling. So the whole network is timed dense and at uniformly narrowed widths, and the latency
+  predicted is ``a + b * sum``, fitted by least squares over those points. The points are cached too, keyed by the
+  network, so a resumed run predicts, and selects, exactly as before.
+
+Measuring goes through a timer object (``DeviceTimer``); tests inject one of known costs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from prune_cli.core.atomic import write_text
+from prune_cli.core.timing import model_dtype, time_calls
+
+FULL_GRID, QUICK_GRID = 6, 3  # widths measured per axis (latency on / smoke runs with latency off)
+FULL_SHARES, QUICK_SHARES = (1.0, 0.8, 0.6, 0.4, 0.25), (1.0, 0.5)  # uniform widths the network is timed at
+PROBE_MS = {False: 60.0, True: 10.0}  # time spent per grid point (full / quick), 3 to 15 repeats
+CALIBRATION_MS = {False: 8000.0, True: 500.0}  # time spent timing the networks (full / quick), 3 to 21 repeats
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One timed layer: ``kind`` conv | depthwise | grouped | linear, its dense weight dims and input size."""
+
+    name: str
+    kind: str
+    out0: int  # dense weight dim 0 (output channels / features)
+    in1: int  # dense weight dim 1 (input channels per group / input features)
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    size: tuple[int, ...] = ()  # conv: the input's (H, W); linear: the positions it runs at per image
+    bias: bool = False
+
+    def key(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "name"}
+
+    def step(self) -> int:
+        """The output widths a probe can take come in multiples of this (a grouped conv's groups)."""
+        return self.groups if self.kind == "grouped" else 1
+
+
+def find_layers(model: nn.Module, input_shape) -> list[Layer]:
+    """The conv and linear layers one eval-mode forward of a zero image runs through, in order."""
+    found: dict[str, Layer] = {}
+
+    def record(name):
+        def hook(m, inputs, _):
+            x = inputs[0]
+            if isinstance(m, nn.Conv2d):
+                depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+                kind = "depthwise" if depthwise else "grouped" if m.groups > 1 else "conv"
+                found[name] = Layer(
+                    name,
+                    kind,
+                    m.weight.shape[0],
+                    m.weight.shape[1],
+                    tuple(m.kernel_size),
+                    tuple(m.stride),
+                    tuple(m.padding) if not isinstance(m.padding, str) else (m.padding,),
+                    tuple(m.dilation),
+                    m.groups,
+                    tuple(x.shape[-2:]),
+                    m.bias is not None,
+                )
+            else:
+                positions = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+                found[name] = Layer(name, "linear", m.weight.shape[0], m.weight.shape[1], size=(positions,))
+
+        return hook
+
+    hooks = [
+        m.register_forward_hook(record(name))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model.eval()(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return list(found.values())
+
+
+def axis(n: int, step: int, points: int) -> list[int]:
+    """``points`` widths from ``step`` to ``n``, evenly spread, multiples of ``step``, ``n`` among them."""
+    if n <= step:
+        return [n]
+    chosen = {int(round(v / step)) * step for v in np.linspace(step, n, points)}
+    return sorted({min(max(v, step), n) for v in chosen} | {n})
+
+
+@dataclass
+class Table:
+    """A probe's times (ms) on the grid ``ins`` x ``outs`` of weight dims 1 and 0 (depthwise: ``ins`` is [1])."""
+
+    ins: list[int]
+    outs: list[int]
+    ms: list[list[float]]  # [len(ins)][len(outs)]
+
+    def at(self, d1: float, d0: float) -> float:
+        """The time at kept weight dims (d1, d0), bilinear between grid points, the nearest edge outside them."""
+        i, u = _bracket(self.ins, d1)
+        j, v = _bracket(self.outs, d0)
+        row, nxt = self.ms[i], self.ms[min(i + 1, len(self.ins) - 1)]
+        low = row[j] + v * (row[min(j + 1, len(self.outs) - 1)] - row[j])
+        high = nxt[j] + v * (nxt[min(j + 1, len(self.outs) - 1)] - nxt[j])
+        return low + u * (high - low)
+
+
+def _bracket(points: list[int], x: float) -> tuple[int, float]:
+    """(index of the grid point at or below ``x``, the fraction of the way to the next one), clamped to the grid."""
+    if x <= points[0] or len(points) == 1:
+        return 0, 0.0
+    if x >= points[-1]:
+        return len(points) - 1, 0.0
+    i = bisect.bisect_right(points, x) - 1
+    return i, (x - points[i]) / (points[i + 1] - points[i])
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a latency is measured under: the batch, device, threads, dtype, memory format and grid."""
+
+    batch: int
+    device: str
+    dtype: str
+    memory_format: str
+    threads: int
+    quick: bool = False
+
+    def key(self) -> dict:
+        """The setting and the machine facts that change a time (torch version, CPU kernels or GPU model)."""
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            hardware = torch.cuda.get_device_name(device)
+        else:
+            hardware = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+        return {**asdict(self), "torch": torch.__version__, "hardware": hardware}
+
+
+def setting_of(model: nn.Module, batch: int, memory_format: str, quick: bool) -> Setting:
+    """The setting ``model`` runs under now: its device and dtype, torch's thread count."""
+    p = next(model.parameters())
+    return Setting(batch, str(p.device), str(model_dtype(model)), memory_format, torch.get_num_threads(), quick)
+
+
+class DeviceTimer:
+    """Measures probes and networks for real under a ``Setting``."""
+
+    def __init__(self, setting: Setting):
+        self.setting = setting
+        self.device = torch.device(setting.device)
+        self.dtype = getattr(torch, setting.dtype.removeprefix("torch."))
+        self.layout = MEMORY_FORMATS[setting.memory_format]
+
+    def layer(self, layer: Layer, d1: int, d0: int) -> float:
+        """Milliseconds of the layer's probe with weight dims (d1, d0)."""
+        b, s = self.setting.batch, self.setting
+        if layer.kind == "linear":
+            probe = nn.Linear(d1, d0, bias=layer.bias)
+            x = torch.randn(b, *([layer.size[0]] if layer.size[0] > 1 else []), d1)
+        else:
+            groups = d0 if layer.kind == "depthwise" else layer.groups
+            cin = d0 if layer.kind == "depthwise" else d1 * groups
+            padding = layer.padding[0] if isinstance(layer.padding[0], str) else layer.padding
+            conv = nn.Conv2d(cin, d0, layer.kernel, layer.stride, padding, layer.dilation, groups, layer.bias)
+            probe = nn.Sequential(conv, nn.BatchNorm2d(d0), nn.ReLU(inplace=True))
+            x = torch.randn(b, cin, *layer.size).contiguous(memory_format=self.layout)
+        probe = probe.to(self.device, self.dtype, memory_format=self.layout).eval()
+        x = x.to(self.device, self.dtype)
+        call = lambda: probe(x)  # noqa: E731
+        ((once, _),) = time_calls([call], self.device, warmup=1, repeats=1)
+        repeats = int(min(15, max(3, PROBE_MS[s.quick] / max(once, 1e-3))))
+        return time_calls([call], self.device, warmup=1, repeats=repeats)[0][0]
+
+    def models(self, models: list[nn.Module], input_shape) -> list[float]:
+        """Milliseconds of one forward of each network at the batch, interleaved (eval mode; the models are
+        copied into the memory format, left as they are)."""
+        shape = (self.setting.batch, *input_shape)
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
+        copies = []
+        for m in models:
+            m = copy.deepcopy(m).to(self.device, self.dtype).eval()
+            if x.dim() == 4:
+                m = m.to(memory_format=self.layout)
+            copies.append(m)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.layout)
+        calls = [lambda m=m: m(x) for m in copies]
+        once = sum(t for t, _ in time_calls(calls, self.device, warmup=1, repeats=1))
+        repeats = int(min(21, max(3, CALIBRATION_MS[self.setting.quick] / max(once, 1e-3))))
+        return [t for t, _ in time_calls(calls, self.device, warmup=1, repeats=repeats)]
+
+
+def default_cache_dir() -> Path:
+    """``$PRUNE_CLI_CACHE/latency``, else ``$XDG_CACHE_HOME/prune_cli/latency``, else ``~/.cache/prune_cli/latency``."""
+    if os.environ.get("PRUNE_CLI_CACHE"):
+        return Path(os.environ["PRUNE_CLI_CACHE"]) / "latency"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "prune_cli" / "latency"
+
+
+class Cache:
+    """JSON files named by the hash of their key (the key is stored beside the value and checked on reading)."""
+
+    def __init__(self, directory: Path | str | None):
+        self.dir = Path(directory) if directory is not None else default_cache_dir()
+
+    def _path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.dir / f"{digest}.json"
+
+    def get(self, key: dict):
+        path = self._path(key)
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # absent or unreadable: measured again (and written over)
+        return stored.get("value") if stored.get("key") == json.loads(json.dumps(key)) else None
+
+    def put(self, key: dict, value) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_text(self._path(key), json.dumps({"key": key, "value": value}))
+
+
+@dataclass
+class CostModel:
+    """Tables by layer name and the calibration ``ms = a + b * sum of the layers' table times``."""
+
+    layers: dict[str, Layer]
+    tables: dict[str, Table]
+    a: float = 0.0
+    b: float = 1.0
+    points: list[tuple[float, float]] = field(default_factory=list)  # calibration: (sum of tables, measured ms)
+    setting: Setting | None = None  # what it was measured under
+    seconds: float = 0.0  # building it: measuring what the cache did not hold
+    measured: int = 0  # tables and calibrations measured (0: all from the cache)
+
+    def layer_sum(self, dims: dict[str, tuple[float, float] | None]) -> float:
+        """The sum of the tables at kept weight dims ``{layer: (dim 1, dim 0)}`` (None: the layer is gone)."""
+        total = 0.0
+        for name, layer in self.layers.items():
+            if dims[name] is not None:
+                d1, d0 = dims[name]
+                total += self.tables[name].at(1 if layer.kind == "depthwise" else d1, d0)
+        return total
+
+    def predict(self, dims: dict[str, tuple[float, float] | None]) -> float:
+        """Predicted milliseconds of the network with these kept weight dims."""
+        return self.a + self.b * self.layer_sum(dims)
+
+    def fit(self) -> None:
+        """a and b by least squares over the calibration points (one point, or a fit that would make time fall as
+        layers grow: b alone, through the origin)."""
+        s, t = np.array(self.points, dtype=np.float64).T
+        if len(s) > 1 and np.ptp(s) > 0:
+            b, a = np.polyfit(s, t, 1)
+            if b > 0:
+                self.a, self.b = float(a), float(b)
+                return
+        self.a, self.b = 0.0, float(t.sum() / max(s.sum(), 1e-12))
+
+
+def weight_dims(model: nn.Module, layers) -> dict[str, tuple[int, int] | None]:
+    """{layer: (weight dim 1, weight dim 0)} of the layers as ``model`` has them (None: it has not the layer)."""
+    modules = dict(model.named_modules())
+    return {name: tuple(modules[name].weight.shape[1::-1]) if name in modules else None for name in layers}
+
+
+def build(
+    model: nn.Module,
+    input_shape,
+    setting: Setting,
+    narrowed,
+    cache: Cache,
+    timer=None,
+) -> CostModel:
+    """The cost model of ``model`` under ``setting``: tables from the cache or measured, calibrated on ``model``
+    and ``narrowed(share)`` (a copy of it keeping ``share`` of every group's channels) for the shares, or on the
+    cached points of an earlier build."""
+    tic = time.perf_counter()
+    timer = timer or DeviceTimer(setting)
+    env, points = setting.key(), QUICK_GRID if setting.quick else FULL_GRID
+    layers = {layer.name: layer for layer in find_layers(model, input_shape)}
+    tables, measured = {}, 0
+    for name, layer in layers.items():
+        key = {"table": layer.key(), "grid": points, **env}
+        stored = cache.get(key)
+        if stored is None:
+            table = measure_table(layer, timer, points)
+            cache.put(key, asdict(table))
+            measured += 1
+        else:
+            table = Table(**stored)
+        tables[name] = table
+    cost = CostModel(layers, tables, setting=setting)
+    shares = QUICK_SHARES if setting.quick else FULL_SHARES
+    key = {"network": signature(model, input_shape), "shares": list(shares), "grid": points, **env}
+    stored = cache.get(key)
+    if stored is None:
+        variants = [model] + [narrowed(share) for share in shares[1:]]
+        times = timer.models(variants, input_shape)
+        stored = [(cost.layer_sum(weight_dims(m, layers)), t) for m, t in zip(variants, times)]
+        cache.put(key, stored)
+        measured += 1
+    cost.points = [tuple(p) for p in stored]
+    cost.fit()
+    cost.seconds, cost.measured = time.perf_counter() - tic, measured
+    return cost
+
+
+def measure_table(layer: Layer, timer, points: int) -> Table:
+    """The layer's probe timed on its grid."""
+    outs = axis(layer.out0, layer.step(), points)
+    ins = [1] if layer.kind == "depthwise" else axis(layer.in1, 1, points)
+    return Table(ins, outs, [[timer.layer(layer, d1, d0) for d0 in outs] for d1 in ins])
+
+
+def signature(model: nn.Module, input_shape) -> str:
+    """What identifies a network's calibration: its modules as printed (kinds, widths, options), its parameter
+    shapes and its input shape."""
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    text = json.dumps([repr(model), shapes, list(input_shape)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Predictor:
+    """A cost model bound to a ``Structure``: predicted milliseconds for any group widths."""
+
+    def __init__(self, cost: CostModel, model: nn.Module, structure):
+        self.cost = cost
+        params = dict(model.named_parameters())
+        self.layers = []  # (name, row of dim 1 or -1, its size, row of dim 0 or -1, its size)
+        self.gone = {name: None for name in cost.layers if f"{name}.weight" not in params}  # groups removed whole
+        for name in cost.layers:
+            if name not in self.gone:
+                rows, shape = structure.dim_rows.get(f"{name}.weight", {}), params[f"{name}.weight"].shape
+                self.layers.append((name, rows.get(1, -1), shape[1], rows.get(0, -1), shape[0]))
+        self.structure = structure
+
+    def ms(self, widths) -> float:
+        sizes = self.structure.sizes(widths)
+        dims = {
+            name: (sizes[r1] if r1 >= 0 else d1, sizes[r0] if r0 >= 0 else d0) for name, r1, d1, r0, d0 in self.layers
+        }
+        return self.cost.predict({**dims, **self.gone})

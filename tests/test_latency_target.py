@@ -1,0 +1,294 @@
+"""prune.target=latency and prune.round_to: the cost model's tables, interpolation, calibration and cache checked
+with an injected timer of known costs (no timing asserts), and every selection path pruning to a latency."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import prune_cli
+from helpers import TINY, run_interrupted
+from helpers import compose_config as config
+from prune_cli.core.errors import UserError
+from prune_cli.importance.criteria import CRITERIA
+from prune_cli.models import build_model
+from prune_cli.run import pipeline
+from prune_cli.run.config import check_own_rule
+from prune_cli.structure import cost_model
+from prune_cli.structure.any_network import select
+from prune_cli.structure.channels import mask_channels, prune_channels, structure
+from prune_cli.structure.graph import ChannelGraph
+from prune_cli.structure.selection import Budget, blocks
+from prune_cli.structure.selection import select as select_masks
+
+SHAPE = (3, 8, 8)
+
+
+class KnownTimer:
+    """Layer probes cost ``f(d1, d0)``; a network costs ``A + B x`` the sum of its layers' ``f`` at its widths."""
+
+    A, B = 3.0, 2.0
+
+    def __init__(self, f):
+        self.f, self.layer_calls, self.model_calls = f, 0, 0
+
+    def layer(self, layer, d1, d0):
+        self.layer_calls += 1
+        return self.f(layer, d1, d0)
+
+    def models(self, models, input_shape):
+        self.model_calls += 1
+        return [self.A + self.B * self.truth(m) for m in models]
+
+    def truth(self, model):
+        layers = cost_model.find_layers(model, SHAPE)
+        return sum(self.f(layer, 1 if layer.kind == "depthwise" else layer.in1, layer.out0) for layer in layers)
+
+
+def bilinear(layer, d1, d0):
+    return 0.5 + 0.01 * d1 + 0.02 * d0 + 0.003 * d1 * d0  # bilinear interpolation reproduces it exactly
+
+
+class Net(nn.Module):
+    def __init__(self, w=(16, 24, 32)):
+        super().__init__()
+        self.a = nn.Conv2d(3, w[0], 3, padding=1)
+        self.bn = nn.BatchNorm2d(w[0])
+        self.dw = nn.Conv2d(w[0], w[0], 3, padding=1, groups=w[0])
+        self.b = nn.Conv2d(w[0], w[1], 3, stride=2, padding=1)
+        self.c = nn.Conv2d(w[1], w[2], 1)
+        self.fc = nn.Linear(w[2], 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.a(x)))
+        x = torch.relu(self.dw(x))
+        x = torch.relu(self.c(torch.relu(self.b(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def setting(**kw):
+    return cost_model.Setting(
+        **{
+            "batch": 4,
+            "device": "cpu",
+            "dtype": "torch.float32",
+            "memory_format": "contiguous",
+            "threads": 1,
+            "quick": False,
+            **kw,
+        }
+    )
+
+
+def built(model, tmp_path, timer, narrowed=None, **kw):
+    graph = ChannelGraph(model, torch.randn(2, *SHAPE))
+
+    def uniform(share):
+        return graph.pruned({c for g in graph.groups for c in g.channels[max(1, round(share * len(g.channels))) :]})
+
+    return graph, cost_model.build(model, SHAPE, setting(**kw), narrowed or uniform, cost_model.Cache(tmp_path), timer)
+
+
+def test_layers_are_found_with_their_kind_and_input_size():
+    layers = {layer.name: layer for layer in cost_model.find_layers(Net(), SHAPE)}
+    assert [layers[n].kind for n in ("a", "dw", "b", "c", "fc")] == ["conv", "depthwise", "conv", "conv", "linear"]
+    assert layers["b"].size == (8, 8) and layers["c"].size == (4, 4) and layers["b"].stride == (2, 2)
+    assert (layers["b"].in1, layers["b"].out0, layers["fc"].size) == (16, 24, (1,))
+
+
+def test_the_grid_spans_the_dense_width_in_multiples():
+    assert cost_model.axis(32, 1, 6) == [1, 7, 13, 20, 26, 32]
+    assert cost_model.axis(64, 8, 6) == [8, 16, 32, 40, 56, 64]
+    assert cost_model.axis(3, 1, 6) == [1, 2, 3] and cost_model.axis(1, 1, 6) == [1]
+
+
+def test_interpolation_is_bilinear_between_grid_points():
+    table = cost_model.Table([2, 6], [10, 20], [[1.0, 3.0], [5.0, 11.0]])
+    assert table.at(2, 10) == 1.0 and table.at(6, 20) == 11.0
+    # by hand: at d1 = 3 (a quarter of the way), d0 = 15 (half): rows 1 + .5 * 2 = 2 and 5 + .5 * 6 = 8
+    assert table.at(3, 15) == pytest.approx(2.0 + 0.25 * (8.0 - 2.0))
+    assert table.at(1, 5) == 1.0 and table.at(9, 30) == 11.0  # outside the grid: its nearest edge
+    one = cost_model.Table([1], [4, 8], [[2.0, 6.0]])  # depthwise: one input point
+    assert one.at(1, 5) == pytest.approx(3.0)
+
+
+def test_calibration_recovers_the_networks_cost_and_predicts_any_widths(tmp_path):
+    torch.manual_seed(0)
+    timer = KnownTimer(bilinear)
+    graph, cost = built(Net().eval(), tmp_path, timer)
+    assert (cost.a, cost.b) == pytest.approx((KnownTimer.A, KnownTimer.B))
+    removed = {c for g in graph.groups for c in g.channels[::3]}  # non-uniform: every third channel
+    pruned = graph.pruned(removed)
+    dims = cost_model.weight_dims(pruned, cost.layers)
+    assert cost.predict(dims) == pytest.approx(KnownTimer.A + KnownTimer.B * timer.truth(pruned))
+
+
+def test_the_cache_serves_a_second_build_and_keys_the_setting(tmp_path):
+    torch.manual_seed(0)
+    model = Net().eval()
+    first = KnownTimer(bilinear)
+    _, cost = built(model, tmp_path, first)
+    assert first.model_calls == 1 and cost.measured == 5 + 1  # five layers of five kinds or sizes, one calibration
+    again = KnownTimer(lambda *a: pytest.fail("measured again"))
+    again.models = lambda *a: pytest.fail("timed again")
+    _, cached = built(model, tmp_path, again)
+    assert cached.measured == 0 and (cached.a, cached.b) == (cost.a, cost.b)
+    other = KnownTimer(bilinear)
+    built(model, tmp_path, other, threads=2)  # another thread count: measured anew
+    assert other.layer_calls == first.layer_calls and other.model_calls == 1
+    stored = [json.loads(p.read_text()) for p in Path(tmp_path).glob("*.json")]
+    assert {s["key"]["threads"] for s in stored} == {1, 2} and all("torch" in s["key"] for s in stored)
+
+
+def test_identical_layers_share_one_table(tmp_path):
+    class Twins(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.first, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(self.b(self.a(self.first(x))).mean((2, 3)))
+
+    timer = KnownTimer(bilinear)
+    _, cost = built(Twins().eval(), tmp_path, timer)
+    assert cost.measured == 3 + 1  # first, a (b reads a's table), fc; and the calibration
+
+
+class Priced:
+    """A stand-in bound cost model: latency = sum over groups of weight_g * width_g (known, not separable)."""
+
+    def __init__(self, weights):
+        self.weights = np.asarray(weights, dtype=np.float64)
+
+    def ms(self, widths):
+        return float(self.weights @ np.asarray(widths, dtype=np.float64)) + 1.0
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_selection_meets_a_latency_share_in_either_scope(scope):
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3, "width_mult": 0.5})
+    st = structure(model, SHAPE)
+    st.latency = Priced(np.linspace(1.0, 3.0, len(model.widths)))
+    scores = [torch.rand(w) for w in model.widths]
+    keep = select_masks(scores, st, target="latency", ratio=0.4, scope=scope, tolerance=1e-3)
+    budget = Budget(st, model.widths, "latency")
+    assert budget.removed([int(k.sum()) for k in keep]) == pytest.approx(0.4, rel=2e-2)
+
+
+def test_blocks_leave_multiples_of_round_to():
+    assert blocks(20, 1, 8) == [(0, 4), (4, 12)]  # 20 -> 16 -> 8 (8 is the least multiple holding one channel)
+    assert blocks(16, 9, 8) == []  # min_channels 9 needs 16
+    assert blocks(5, 1, 8) == []  # narrower than one block: kept whole
+    assert blocks(4, 2, 1) == [(0, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("target", ["params", "macs"])
+def test_round_to_keeps_multiples_with_masked_equal_pruned_and_exact_counts(target):
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3}).eval()
+    st = structure(model, SHAPE)
+    keep = select_masks([torch.rand(w) for w in model.widths], st, target=target, ratio=0.5, round_to=8)
+    widths = [int(k.sum()) for k in keep]
+    assert all(w % 8 == 0 for w in widths) and widths != model.widths
+    pruned = prune_channels(model, keep).eval()
+    masked = build_model(model.arch).eval()
+    masked.load_state_dict(model.state_dict())
+    mask_channels(masked, keep)
+    x = torch.randn(2, *SHAPE)
+    torch.testing.assert_close(pruned(x), masked(x), rtol=1e-5, atol=1e-5)
+    params, macs = st.count(widths)
+    assert params == sum(p.numel() for p in pruned.parameters())
+    assert macs == structure(pruned, SHAPE).count(pruned.widths)[1]
+
+
+def test_the_api_rounds_widths_and_prunes_to_a_latency_share(tmp_path):
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(2, *SHAPE)
+    pruned, table = prune_cli.prune(model, x, 0.5, round_to=8)
+    assert all(m.out_channels % 8 == 0 for m in pruned.modules() if isinstance(m, nn.Conv2d))
+    graph = ChannelGraph(model, x)
+    timer = KnownTimer(bilinear)
+    _, cost = built(model, tmp_path, timer)
+    removed = select(graph, 0.3, target="latency", cost=cost, round_to=8)
+    truth = KnownTimer.A + KnownTimer.B * timer.truth(graph.pruned(removed))
+    dense = KnownTimer.A + KnownTimer.B * timer.truth(model)
+    assert 1 - truth / dense == pytest.approx(0.3, abs=0.03)
+    masked, cut = graph.masked(removed).eval(), graph.pruned(removed).eval()
+    torch.testing.assert_close(cut(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_api_measures_what_it_predicted(tmp_path):
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(1, *SHAPE)
+    pruned, table = prune_cli.prune(model, x, 0.3, target="latency", latency_cache=str(tmp_path), latency_batch=2)
+    assert table["latency_batch"] == 2 and table["latency_dense_ms"] > 0 and table["latency_pruned_ms"] > 0
+    assert 0 < table["latency_removed_predicted"] <= 1
+    with pytest.raises(ValueError, match="round_to must be an integer >= 1"):
+        prune_cli.prune(model, x, 0.3, round_to=0)
+
+
+LATENCY = [
+    *TINY,
+    "model=resnet20",
+    "model.width_mult=0.5",
+    "schedule.pretrain.epochs=1",
+    "schedule.finetune.epochs=0",
+    "prune.target=latency",
+    "prune.ratio=0.3",
+    "prune.latency_batch=8",
+]
+
+
+def kept(run_dir: Path) -> list[int]:
+    return pd.read_csv(run_dir / "layers.csv")["after"].tolist()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["criterion=l1", "prune.scope=layer", "prune.round_to=4"],  # data-free, layer scope
+        ["criterion=hrank", "prune.scope=global"],  # data-driven, global scope
+        ["criterion=l1", "prune.scope=global", "prune.steps=2", "prune.step_epochs=0"],  # iterative steps
+        ["criterion=loss", "criterion.num_images=8", "prune.scope=global"],  # the loss greedy
+    ],
+    ids=["l1-layer-round", "hrank-global", "steps", "loss-greedy"],
+)
+def test_every_pipeline_path_prunes_to_a_latency(tmp_path, extra):
+    cfg = config(*LATENCY, *extra, f"prune.latency_cache={tmp_path / 'cache'}")
+    pipeline.run(cfg, tmp_path / "run")
+    row = pd.read_csv(tmp_path / "run" / "results.csv").set_index("stage").loc["prune"]
+    assert row["latency_target_speedup"] == pytest.approx(1 / 0.7)
+    assert row["latency_check"] == "ok" or row["latency_check"].startswith("miss")
+    assert row["latency_measured_ms"] > 0 and row["latency_predicted_ms"] > 0
+    widths = kept(tmp_path / "run")
+    assert sum(widths) < sum(pd.read_csv(tmp_path / "run" / "layers.csv")["before"])
+    if "prune.round_to=4" in extra:
+        assert all(w % 4 == 0 for w in widths)
+
+
+def test_a_resumed_run_selects_the_same_channels_from_the_cached_model(tmp_path, monkeypatch):
+    overrides = [*LATENCY, "schedule.pretrain.epochs=2", f"prune.latency_cache={tmp_path / 'cache'}"]
+    pipeline.run(config(*overrides), tmp_path / "whole")
+    run_interrupted(config(*overrides), tmp_path / "resumed", monkeypatch, at_epoch=2)
+    pipeline.run(config(*overrides), tmp_path / "resumed")
+    assert kept(tmp_path / "resumed") == kept(tmp_path / "whole")
+    scores = [pd.read_csv(tmp_path / d / "scores.csv")["kept"].tolist() for d in ("whole", "resumed")]
+    assert scores[0] == scores[1]
+
+
+def test_methods_of_their_own_rule_refuse_a_latency_target_and_round_to():
+    with pytest.raises(UserError, match="the stripe stage selects by its own rule, not to a latency target"):
+        check_own_rule("stripe", {"target": "latency", "round_to": 1})
+    with pytest.raises(UserError, match="prune.round_to"):
+        check_own_rule("scop", {"target": "params", "round_to": 8})
+    check_own_rule("prune", {"target": "latency", "round_to": 8})
+    with pytest.raises(UserError, match="prune.round_to: the loss criterion removes one channel at a time"):
+        CRITERIA.get("loss").check_config({"prune": {"ratio": 0.5, "layer_ratios": {}, "round_to": 8}})
