@@ -1,9 +1,10 @@
 """Golden result tables: proof that a change leaves every run's results unchanged.
 
 ``python scripts/golden.py capture OUTDIR [NAME ...]`` runs, in this process on one torch thread (as the
-test suite does), the plain digits demo (``digits_demo``: the default config, as a plain ``prune-cli``
-runs it) and the smoke run of every preset in ``conf/experiment`` (the overrides and fake data of the
-suite's preset tests), and writes each run's ``results.csv`` without its timing columns (``report.timing_column``) to
+test suite does), the plain digits demo (``digits_demo``: the default config, as a plain ``prune-cli`` runs it,
+but contiguous: ``helpers.DEMO_OVERRIDES``) and the smoke run of every preset in ``conf/experiment`` (the
+overrides and fake data of the suite's preset tests, ``helpers.smoke_overrides``), and writes each run's
+``results.csv`` without its timing columns (``report.timing_column``) to
 ``OUTDIR/<name>.csv``. ``tests/golden/`` holds the tables captured before the registered-parts redesign (and
 each later preset's first table; the identity columns since they name only the parts a schedule uses);
 ``tests/test_presets.py`` compares every run with them on the columns each golden table holds, cell for cell as
@@ -13,7 +14,8 @@ only for an intended change of results; a re-captured table holds every column o
 The cells are exact floats, and CPUs whose kernels round differently give other ones from the same code: the
 tables of such a CPU live in ``tests/golden/<capability>/`` (``torch.backends.cpu.get_cpu_capability()``, e.g.
 ``AVX2``), captured with this script from code whose results hold the other tables; the tests take that folder when
-the CPU they run on has one, else ``tests/golden/``.
+the CPU they run on has one, else ``tests/golden/``. Every golden run trains contiguous (``helpers.GOLDEN_LAYOUT``),
+the layout of earlier versions' CPU runs, whatever ``trainer.memory_format=auto`` means now.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the suite's shared helpers
 
-from helpers import compose_config, make_preset_data, results_table, smoke_overrides  # noqa: E402
+from helpers import DEMO_OVERRIDES, compose_config, make_preset_data, results_table, smoke_overrides  # noqa: E402
 from prune_cli.cli.run import CONF_DIR  # noqa: E402
 from prune_cli.run import pipeline  # noqa: E402
 
@@ -45,7 +47,7 @@ def capture(outdir: Path, names: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
         root = make_preset_data(Path(tmp) / "data")
         for name in todo:
-            overrides = ["trainer.progress=false"] if name == DEMO else smoke_overrides(name, root)
+            overrides = DEMO_OVERRIDES if name == DEMO else smoke_overrides(name, root)
             tic = time.perf_counter()
             pipeline.run(compose_config(*overrides), Path(tmp) / "runs" / name)
             (outdir / f"{name}.csv").write_text(results_table(Path(tmp) / "runs" / name))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import GOLDEN_DIR, ROOT, make_preset_data, results_table, smoke_overrides
+from helpers import DEMO_OVERRIDES, GOLDEN_DIR, ROOT, make_preset_data, results_table, smoke_overrides
 from helpers import compose_config as config
 from prune_cli.cli.run import CONF_DIR
 from prune_cli.run import pipeline
@@ -47,9 +47,10 @@ def test_preset_smoke(preset, data_root, tmp_path):
 
 @pytest.mark.slow
 def test_digits_demo_equals_its_golden_table(tmp_path):
-    """The plain ``prune-cli`` demo (digits, ResNet-20, 30 + 15 epochs) reproduces its captured table (timing
-    columns aside: the demo's latency is left off here, test_latency.py measures it)."""
-    pipeline.run(config("trainer.progress=false", "latency=off"), tmp_path)
+    """The plain ``prune-cli`` demo (digits, ResNet-20, 30 + 15 epochs), contiguous as it trained when captured,
+    reproduces its captured table (timing columns aside: the demo's latency is left off here, test_latency.py
+    measures it)."""
+    pipeline.run(config(*DEMO_OVERRIDES), tmp_path)
     assert_holds_golden(tmp_path, GOLDEN_DIR / "digits_demo.csv")
 
 

@@ -1,5 +1,6 @@
-"""trainer.memory_format and trainer.compile change speed, not results; a resumed run keeps the layout it began
-with and a compiled one resumes to the uninterrupted table."""
+"""trainer.memory_format and trainer.compile change speed, not results; auto trains channels_last on the CPU, a
+resumed run keeps the layout it began with (a run recorded contiguous stays contiguous) and a compiled one resumes
+to the uninterrupted table."""
 
 import json
 
@@ -12,6 +13,7 @@ from helpers import compose_config as config
 from prune_cli.core.errors import UserError
 from prune_cli.engine.settings import resolve_memory_format
 from prune_cli.run import pipeline
+from prune_cli.run import provenance as provenance_module
 
 
 def fast(*overrides):
@@ -34,9 +36,10 @@ def test_channels_last_gives_the_contiguous_table_to_float_noise(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_under_channels_last_gives_the_uninterrupted_table(tmp_path, monkeypatch):
-    cfg = fast("trainer.memory_format=channels_last", "dataset.image_size=8")  # any size resumes alike
+def test_a_new_cpu_run_trains_channels_last_by_default_and_resumes_to_the_uninterrupted_table(tmp_path, monkeypatch):
+    cfg = fast("dataset.image_size=8")  # trainer.memory_format=auto; any size resumes alike
     pipeline.run(cfg, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["memory_format"] == "channels_last"
     run_interrupted(cfg, tmp_path / "b", monkeypatch, at_epoch=2)  # the second pretrain epoch
     half = torch.load(tmp_path / "b" / "checkpoints" / "pretrain.pt", weights_only=True)
     assert half["provenance"]["memory_format"] == "channels_last" and not half["done"]
@@ -46,11 +49,31 @@ def test_resume_under_channels_last_gives_the_uninterrupted_table(tmp_path, monk
     assert results_table(tmp_path / "a") == results_table(tmp_path / "b")
 
 
+@pytest.mark.slow
+def test_a_run_recorded_contiguous_resumes_contiguous_under_auto(tmp_path, monkeypatch):
+    """A run that an earlier version began under auto on the CPU (recorded contiguous) keeps training contiguous:
+    resumed, it gives the uninterrupted contiguous run's table bit for bit."""
+    cfg = fast("dataset.image_size=8")
+    pipeline.run(fast("trainer.memory_format=contiguous", "dataset.image_size=8"), tmp_path / "a")
+
+    def earlier_rule(name, device, recorded=None):  # auto meant contiguous on the CPU before channels_last
+        return "contiguous" if name == "auto" else name
+
+    with monkeypatch.context() as m:
+        m.setattr(provenance_module, "resolve_memory_format", earlier_rule)
+        run_interrupted(cfg, tmp_path / "b", monkeypatch, at_epoch=2)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["memory_format"] == "contiguous"
+    pipeline.run(cfg, tmp_path / "b")  # today's rule: auto keeps the recorded format
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["memory_format"] == "contiguous"
+    assert results_table(tmp_path / "a") == results_table(tmp_path / "b")
+
+
 def test_auto_keeps_the_recorded_format_of_a_resumed_run():
     cpu = torch.device("cpu")
     assert resolve_memory_format("auto", torch.device("cuda")) == "channels_last"
-    assert resolve_memory_format("auto", cpu) == "contiguous"
+    assert resolve_memory_format("auto", cpu) == "channels_last"
     assert resolve_memory_format("auto", torch.device("mps")) == "contiguous"
+    assert resolve_memory_format("auto", cpu, {"memory_format": "contiguous"}) == "contiguous"
     assert resolve_memory_format("auto", cpu, {"memory_format": "channels_last"}) == "channels_last"
     assert resolve_memory_format("auto", cpu, {}) == "contiguous"  # recorded before the option existed
     assert resolve_memory_format("contiguous", cpu) == "contiguous"
