@@ -1,12 +1,14 @@
 """Overhead of the pipeline's training loop over a minimal hand-written PyTorch loop.
 
-Trains ResNet-20 on synthetic CIFAR-shaped data (3x32x32, on the device) for a
-fixed number of steps through ``prune_cli.engine.loop.train_epoch`` and through a plain
+Trains ResNet-20 (``--model``: another CIFAR network, e.g. resnet56) on synthetic CIFAR-shaped data
+(3x32x32, on the device) for a fixed number of steps through ``prune_cli.engine.loop.train_epoch`` and through a plain
 loop (same model, batch, optimizer, device), each in both memory formats (contiguous
 and channels_last), interleaved; with ``--compile`` also both through ``torch.compile``
 (inductor; compile time reported apart, excluded from images/s). Prints every variant's
 images/s (what each trick buys on this machine), pipeline / plain per setting, and
-``overhead_ratio`` = the pipeline in its fastest setting / the fastest plain loop (target >= 0.95).
+``overhead_ratio`` = the pipeline in its fastest setting / the fastest plain loop (target >= 0.95) and
+``default_ratio`` = the pipeline in the layout ``trainer.memory_format=auto`` picks on the device / the fastest
+plain loop: what a run with default settings gets.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from prune_cli.models import build_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20", help="a CIFAR model name (resnet20, resnet56, vgg16...)")
     ap.add_argument("--steps", type=int, default=20, help="training steps per measurement")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved measurements of each loop")
@@ -60,7 +63,7 @@ def main() -> None:
         for setting in settings:
             torch.manual_seed(0)
             fmt = layouts[setting.split("+")[0]]
-            model = build_model({"name": "resnet20", "num_classes": 10, "in_channels": 3}).to(device, memory_format=fmt)
+            model = build_model({"name": args.model, "num_classes": 10, "in_channels": 3}).to(device, memory_format=fmt)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             on = OmegaConf.create({"compile": setting.endswith("+compile"), "compile_backend": "inductor"})
             nets[kind, setting] = model, compiled(model, on), optimizer
@@ -113,7 +116,10 @@ def main() -> None:
     for r in range(args.repeats):  # rotate the order, so drifts in machine load hit every variant alike
         for name in names[r % len(names) :] + names[: r % len(names)]:
             speeds[name].append(timed(variants[name]))
-    print(f"device = {device}, threads = {torch.get_num_threads()}, steps = {args.steps}, batch = {args.batch}")
+    print(
+        f"model = {args.model}, device = {device}, threads = {torch.get_num_threads()}, steps = {args.steps}, "
+        f"batch = {args.batch}"
+    )
     for name, s in speeds.items():
         print(f"{name:38s} {statistics.median(s):8.1f} images/s")
     for setting in settings:  # the pipeline against the plain loop in the same setting, repeat by repeat
@@ -129,7 +135,12 @@ def main() -> None:
         f"overhead_ratio = {statistics.median(ratios):.3f}  (pipeline {best['pipeline']} / plain {best['plain']}; "
         "target >= 0.95; per repeat: " + ", ".join(f"{r:.3f}" for r in ratios) + ")"
     )
-    print(f"(trainer.memory_format=auto is {resolve_memory_format('auto', device)} on {device.type})")
+    default = resolve_memory_format("auto", device)  # what a run with default settings trains in
+    ratios = [p / q for p, q in zip(speeds[f"pipeline {default}"], plain)]
+    print(
+        f"default_ratio = {statistics.median(ratios):.3f}  (pipeline {default}: trainer.memory_format=auto on "
+        f"{device.type}, / plain {best['plain']}; target >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

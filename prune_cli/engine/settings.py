@@ -36,8 +36,8 @@ OPTIONS = (
         ("auto", "channels_last", "contiguous"),
         "layout of conv weights and batches while training; auto: when resuming, the run's recorded one (runs "
         "older than the option: contiguous), else channels_last on cpu and cuda, contiguous on mps (channels_last "
-        "trains ResNet-56 about 24% faster on a 2-core CPU; contiguous reproduces earlier versions' CPU results bit "
-        "for bit)",
+        "trains ResNet-56 24-31% faster on a 2-core CPU; contiguous reproduces earlier versions' CPU results bit for "
+        "bit)",
         absent="auto",
     ),
     Bool(
