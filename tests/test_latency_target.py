@@ -87,7 +87,7 @@ def setting(**kw):
 
 
 def built(model, tmp_path, timer, narrowed=None, **kw):
-    graph = ChannelGraph(model, torch.randn(2, *SHAPE))
+    graph = ChannelGraph(model, torch.zeros(2, *SHAPE))
 
     def uniform(share):
         return graph.pruned({c for g in graph.groups for c in g.channels[max(1, round(share * len(g.channels))) :]})
@@ -104,7 +104,8 @@ def test_layers_are_found_with_their_kind_and_input_size():
 
 def test_the_grid_spans_the_dense_width_in_multiples():
     assert cost_model.axis(32, 1, 6) == [1, 7, 13, 20, 26, 32]
-    assert cost_model.axis(64, 8, 6) == [8, 16, 32, 40, 56, 64]
+    assert cost_model.axis(64, 8, 6) == list(range(8, 65, 8))  # few multiples: every one, as rounding can leave
+    assert cost_model.axis(128, 8, 6) == [8, 32, 56, 80, 104, 128]
     assert cost_model.axis(3, 1, 6) == [1, 2, 3] and cost_model.axis(1, 1, 6) == [1]
 
 
@@ -116,6 +117,28 @@ def test_interpolation_is_bilinear_between_grid_points():
     assert table.at(1, 5) == 1.0 and table.at(9, 30) == 11.0  # outside the grid: its nearest edge
     one = cost_model.Table([1], [4, 8], [[2.0, 6.0]])  # depthwise: one input point
     assert one.at(1, 5) == pytest.approx(3.0)
+
+
+def test_the_envelope_never_prices_a_narrower_layer_above_a_wider_one():
+    table = cost_model.Table([1, 2], [1, 2], [[1.0, 3.0], [0.5, 4.0]]).envelope()
+    assert table.ms == [[0.5, 3.0], [0.5, 4.0]]
+
+
+def test_aiming_corrects_the_share_asked_until_the_clock_agrees():
+    """The selection's prediction is biased (the network keeps (1 - r) ** 0.6 of its time, not 1 - r): aiming
+    asks for more until the measured share is within the band; the rounds say what was asked and measured."""
+    asked = []
+
+    def select_at(share):
+        asked.append(share)
+        return share
+
+    chosen, share, rounds = cost_model.aim(0.5, select_at, lambda r: (100.0, 100.0 * (1 - r) ** 0.6))
+    assert abs((1 - chosen) ** 0.6 / 0.5 - 1) <= cost_model.AIM_BAND and chosen == share == asked[-1]
+    assert asked[0] == 0.5 and len(rounds) == len(asked) <= cost_model.AIM_ROUNDS
+    # a step the band falls between: the closest network timed is kept
+    _, share, rounds = cost_model.aim(0.5, lambda r: r, lambda r: (100.0, 70.0 if r < 0.6 else 30.0))
+    assert len(rounds) > 1 and min(abs(ms / 50 - 1) for _, _, ms in rounds) == pytest.approx(0.4)
 
 
 def test_calibration_recovers_the_networks_cost_and_predicts_any_widths(tmp_path):
@@ -144,6 +167,15 @@ def test_the_cache_serves_a_second_build_and_keys_the_setting(tmp_path):
     assert other.layer_calls == first.layer_calls and other.model_calls == 1
     stored = [json.loads(p.read_text()) for p in Path(tmp_path).glob("*.json")]
     assert {s["key"]["threads"] for s in stored} == {1, 2} and all("torch" in s["key"] for s in stored)
+
+
+def test_measuring_leaves_the_runs_random_state_alone(tmp_path):
+    """Probes initialise layers and draw inputs; a run that measures must draw what a run reading the cache draws."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    before = torch.get_rng_state()
+    _, cost = built(model, tmp_path, None, quick=True)  # the real timer
+    assert cost.measured == 6 and torch.equal(torch.get_rng_state(), before)
 
 
 def test_identical_layers_share_one_table(tmp_path):
@@ -238,7 +270,7 @@ def test_the_api_measures_what_it_predicted(tmp_path):
 LATENCY = [
     *TINY,
     "model=resnet20",
-    "model.width_mult=0.5",
+    "model.width_mult=0.25",
     "schedule.pretrain.epochs=1",
     "schedule.finetune.epochs=0",
     "prune.target=latency",

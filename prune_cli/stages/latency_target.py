@@ -1,22 +1,27 @@
 """``prune.target=latency`` in the stages that prune: the run's cost model, built once on the network the pruning
-stage receives, bound to every structure a selection measures, and the pruned network timed against its
-prediction (docs/methods.md "Latency targets").
+stage receives, bound to every structure a selection measures; the selection aimed at the measured latency; the
+pruned network timed against the target (docs/methods.md "Latency targets").
 
 The cost model (``structure/cost_model.py``) is measured at ``prune.latency_batch`` on the run's device, thread
 count, dtype and memory format, from the cache in ``prune.latency_cache`` where it holds the measurements; with
-``latency=off`` (smoke runs) it is built from a small grid. The pruned row gets ``latency_model_seconds`` (its build),
-``latency_target_batch``, ``latency_dense_ms`` and ``latency_measured_ms`` (the received and the pruned network
-timed together at the latency batch), ``latency_target_ms`` (the dense time less ``prune.ratio`` of it),
-``latency_predicted_ms`` (the cost model's predicted share applied to the measured dense time),
-``latency_target_speedup``, ``latency_measured_speedup`` and ``latency_check``: ``ok``, or ``miss`` with the signed
-error when the measured latency is more than ``MISS`` off the target (also printed). All are timing columns.
+``latency=off`` (smoke runs) it is built from a small grid. ``aimed`` corrects the share asked of the (last)
+selection until the pruned network, timed, is within 2% of the target. The pruned row gets
+``latency_model_seconds`` (the cost model's build), ``latency_aim_share`` and ``latency_aim_rounds`` (the share
+that met it, the selections timed; 0: the share came from the cache), ``latency_target_batch``,
+``latency_dense_ms`` and ``latency_measured_ms`` (the received and the pruned network timed together again at the
+latency batch), ``latency_target_ms`` (the dense time less ``prune.ratio`` of it), ``latency_predicted_ms`` (the
+cost model's predicted share applied to the measured dense time), ``latency_target_speedup``,
+``latency_measured_speedup`` and ``latency_check``: ``ok``, or ``miss`` with the signed error when the measured
+latency is more than ``MISS`` off the target (also printed). All are timing columns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import torch
+from omegaconf import OmegaConf
 
 from prune_cli.core import distributed
 from prune_cli.engine import latency
@@ -50,11 +55,46 @@ def cost_of(model, ctx) -> cost_model.CostModel:
             setting(model, ctx),
             lambda share: uniform(model, share),
             cost_model.Cache(ctx.cfg.prune.get("latency_cache")),
+            step=ctx.cfg.prune.get("round_to", 1),
         )
         if distributed.is_main():
             how = "measured" if ctx.cost_model.measured else "read from the cache"
             print(f"latency cost model: {how} in {ctx.cost_model.seconds:.1f} s", file=sys.stderr)
     return ctx.cost_model
+
+
+def aimed(select, model, ctx, ratio: float, received) -> tuple:
+    """(keep, scores, row columns) of ``select(share)`` (the stage's selection on ``model`` to a predicted share)
+    aimed at ``prune.ratio`` of the received network's measured latency (``cost_model.aim``; ``ratio``: the share
+    asked first). The share that met it is cached, keyed by the problem (the weights, the ``prune`` and
+    ``criterion`` settings, the setting), so a resumed run asks it at once and selects the same channels."""
+    p = ctx.cfg.prune
+    cache = cost_model.Cache(p.get("latency_cache"))
+    key = {"aim": problem(model, ctx), **setting(received, ctx).key()}
+    stored = cache.get(key)
+    if stored is not None:
+        keep, scores, stats = select(stored["asked"])
+        return keep, scores, {**stats, "latency_aim_share": stored["asked"], "latency_aim_rounds": 0}
+    timer = cost_model.DeviceTimer(setting(received, ctx))
+    rounds = 2 if timer.setting.quick else cost_model.AIM_ROUNDS  # a smoke run checks the path, not the clock
+    dense = latency.deployed(received)
+
+    def time_pair(selected):
+        return tuple(timer.models([dense, latency.deployed(prune_channels(model, selected[0]))], ctx.input_shape))
+
+    (keep, scores, stats), asked, timed = cost_model.aim(p.ratio, select, time_pair, start=ratio, rounds=rounds)
+    cache.put(key, {"asked": asked, "rounds": timed})
+    return keep, scores, {**stats, "latency_aim_share": asked, "latency_aim_rounds": len(timed)}
+
+
+def problem(model, ctx) -> dict:
+    """What decides a selection: the network and its weights, the ``prune`` and ``criterion`` settings."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    settings = {g: OmegaConf.to_container(ctx.cfg[g], resolve=True) for g in ("prune", "criterion")}
+    return {"weights": digest.hexdigest(), "network": cost_model.signature(model, ctx.input_shape), **settings}
 
 
 def setting(model, ctx) -> cost_model.Setting:
@@ -74,9 +114,10 @@ def check_pruned(ctx, dense, pruned) -> dict:
     p, cost = ctx.cfg.prune, ctx.cost_model
     predicted_dense = cost.predict(cost_model.weight_dims(dense, cost.layers))
     predicted = cost.predict(cost_model.weight_dims(pruned, cost.layers))
-    reached = 1 - predicted / predicted_dense
+    reached, asked = 1 - predicted / predicted_dense, ctx.run.rows[-1].get("latency_aim_share", p.ratio)
     loud = distributed.is_main()
-    if reached < p.ratio * (1 - p.tolerance) and loud:
+    # every removable channel went, short of what was asked (of the received network: one step)
+    if p.steps == 1 and reached < asked * (1 - p.tolerance) and loud:
         print(
             f"prune.ratio: {p.ratio} of the latency is out of reach; pruned to the fastest reachable, "
             f"{reached:.4f} removed (predicted, {1 / (1 - reached):.2f}x)",

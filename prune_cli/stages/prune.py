@@ -8,6 +8,7 @@ the test of the pruned model and its checkpoint.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from omegaconf import OmegaConf
 
@@ -21,7 +22,7 @@ from prune_cli.models import offers_shared_groups, pruned_groups, with_shared_gr
 from prune_cli.models.layers import fold
 from prune_cli.stages.base import STAGES, Stage
 from prune_cli.stages.latency import time_pruning
-from prune_cli.stages.latency_target import check_pruned, priced_structure, wanted
+from prune_cli.stages.latency_target import aimed, check_pruned, priced_structure, wanted
 from prune_cli.structure.channels import prune_channels, structure
 from prune_cli.structure.selection import Budget, matching
 
@@ -72,7 +73,10 @@ class Prune(Stage):
                 current = Budget(priced_structure(model, ctx), model.widths, p.target).total
                 ratio, tolerance = step_target(p, step, dense_amount, current)
                 self.steering = {"dense_widths": dense_widths, "tolerance": tolerance, "fill": step == p.steps}
-            keep, scores, stats = self.select(model, ctx, ratio)
+            if wanted(ctx) and step == p.steps and ratio is not None:  # the last step meets the measured latency
+                keep, scores, stats = aimed(partial(self.select, model, ctx), model, ctx, ratio, received)
+            else:
+                keep, scores, stats = self.select(model, ctx, ratio)
             model, compensation = self.compensate(model, keep, ctx)
             extra.update(stats, **compensation)
             if step < p.steps:

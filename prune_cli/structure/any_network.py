@@ -253,10 +253,11 @@ def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options
     """``(pruned model, table)``: a copy of ``model`` without the channels :func:`select` picks with ``options``
     (attention, target, criterion, scope, normalize, min_channels, seed, round_to, latency_batch, latency_cache;
     ``model`` is left as it was), and what happened: params and MACs before and after (exact counts), channels
-    removed, groups, and the channels the graph could not prune with the reason for each; with
-    ``target="latency"`` the latency at ``latency_batch`` predicted and measured (dense and pruned, timed together
-    on the model's device), the cost model's build time, and a warning when the share is out of reach (every
-    removable channel then goes: the fastest reachable).
+    removed, groups, and the channels the graph could not prune with the reason for each. With
+    ``target="latency"`` the selection is aimed at the clock (``cost_model.aim``) and the table adds the latency at
+    ``latency_batch`` predicted and measured (dense and pruned, timed together on the model's device), the share
+    asked of the selection and the selections timed, the cost model's build time, and a warning when the share is
+    out of reach (every removable channel then goes: the fastest reachable).
 
     Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument (unknown option values list the
     accepted ones); nothing is printed."""
@@ -270,8 +271,18 @@ def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options
         graph = ChannelGraph(model, example_input, attention)
     except UserError as e:  # the graph's one line, as the Python API's exception
         raise ValueError(str(e)) from None
-    cost = latency_model(graph, example_input, batch, cache) if options["target"] == "latency" else None
-    removed = select(graph, ratio, **options, cost=cost)
+    shape, cost, aimed = tuple(example_input.shape[1:]), None, {}
+    if options["target"] == "latency":  # priced by the cost model, then aimed at the clock
+        cost = latency_model(graph, example_input, batch, cache, options["round_to"])
+        timer = cost_model.DeviceTimer(cost.setting)
+        removed, asked, timed = cost_model.aim(
+            ratio,
+            lambda share: select(graph, share, **options, cost=cost),
+            lambda gone: tuple(timer.models([graph.model, graph.pruned(gone)], shape)),
+        )
+        aimed = {"latency_aim_share": asked, "latency_aim_rounds": len(timed)}
+    else:
+        removed = select(graph, ratio, **options)
     pruned = graph.pruned(removed)
     (p0, m0), (p1, m1) = graph.count(set()), graph.count(removed)
     share, reasons = graph.share_unprunable()
@@ -290,13 +301,15 @@ def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options
         "warnings": list(graph.warnings),
     }
     if cost is not None:
-        table.update(latency_table(graph, cost, removed, pruned, tuple(example_input.shape[1:])))
-        if table["latency_removed_predicted"] < ratio * (1 - TOLERANCE):
+        table.update(latency_table(graph, cost, removed, pruned, shape), **aimed)
+        if table["latency_removed_predicted"] < aimed["latency_aim_share"] * (1 - TOLERANCE):
             table["warnings"].append(f"target latency: {ratio} is out of reach; pruned to the fastest reachable")
     return pruned, table
 
 
-def latency_model(graph: ChannelGraph, example_input: torch.Tensor, batch: int, cache) -> cost_model.CostModel:
+def latency_model(
+    graph: ChannelGraph, example_input: torch.Tensor, batch: int, cache, step: int
+) -> cost_model.CostModel:
     """The cost model of the graph's network at ``batch``, on its device and dtype, in the example's memory format,
     calibrated on the network kept at uniform shares of every group."""
     x = example_input
@@ -309,7 +322,7 @@ def latency_model(graph: ChannelGraph, example_input: torch.Tensor, batch: int, 
         return graph.pruned(gone)
 
     setting = cost_model.setting_of(graph.model, batch, layout, quick=False)
-    return cost_model.build(graph.model, tuple(x.shape[1:]), setting, narrowed, cost_model.Cache(cache))
+    return cost_model.build(graph.model, tuple(x.shape[1:]), setting, narrowed, cost_model.Cache(cache), step=step)
 
 
 def latency_table(graph, cost: cost_model.CostModel, removed: set[int], pruned: nn.Module, input_shape) -> dict:

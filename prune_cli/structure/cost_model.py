@@ -16,6 +16,12 @@
   predicted is ``a + b * sum``, fitted by least squares over those points. The points are cached too, keyed by the
   network, so a resumed run predicts, and selects, exactly as before.
 
+- **Aiming.** What a network of non-uniform widths runs at can still stray from the line fitted on uniform ones,
+  so a selection to a latency is checked against the clock (``aim``): the network selected to a predicted share is
+  timed against the dense one, and the share asked of the selection corrected (scaled, then by a secant between
+  the closest networks timed too slow and too fast) until the measured latency is within ``AIM_BAND`` of the target
+  or ``AIM_ROUNDS`` selections were timed; the one closest to the target is kept.
+
 Measuring goes through a timer object (``DeviceTimer``); tests inject one of known costs.
 """
 
@@ -25,8 +31,10 @@ import bisect
 import copy
 import hashlib
 import json
+import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,9 +47,12 @@ from prune_cli.core.atomic import write_text
 from prune_cli.core.timing import model_dtype, time_calls
 
 FULL_GRID, QUICK_GRID = 6, 3  # widths measured per axis (latency on / smoke runs with latency off)
+EXACT = 8  # an axis of at most this many multiples of the rounding measures them all
 FULL_SHARES, QUICK_SHARES = (1.0, 0.8, 0.6, 0.4, 0.25), (1.0, 0.5)  # uniform widths the network is timed at
 PROBE_MS = {False: 60.0, True: 10.0}  # time spent per grid point (full / quick), 3 to 15 repeats
-CALIBRATION_MS = {False: 8000.0, True: 500.0}  # time spent timing the networks (full / quick), 3 to 21 repeats
+CALIBRATION_MS = {False: 8000.0, True: 500.0}  # time spent timing networks (full / quick): 3 to 21 repeats a block
+BLOCKS = {False: 5, True: 1}  # blocks of interleaved forwards a network's time is the median over
+AIM_ROUNDS, AIM_BAND = 6, 0.02  # selections timed at most to meet a latency; the error that ends the search
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -116,9 +127,12 @@ def find_layers(model: nn.Module, input_shape) -> list[Layer]:
 
 
 def axis(n: int, step: int, points: int) -> list[int]:
-    """``points`` widths from ``step`` to ``n``, evenly spread, multiples of ``step``, ``n`` among them."""
+    """``points`` widths from ``step`` to ``n``, evenly spread, multiples of ``step``, ``n`` among them (every
+    multiple where there are at most ``EXACT`` of them: every width a selection rounding to ``step`` can leave)."""
     if n <= step:
         return [n]
+    if n // step <= EXACT:
+        return sorted(set(range(step, n + 1, step)) | {n})
     chosen = {int(round(v / step)) * step for v in np.linspace(step, n, points)}
     return sorted({min(max(v, step), n) for v in chosen} | {n})
 
@@ -130,6 +144,22 @@ class Table:
     ins: list[int]
     outs: list[int]
     ms: list[list[float]]  # [len(ins)][len(outs)]
+
+    def envelope(self) -> Table:
+        """The table made non-decreasing in both widths: each time the least of it and every wider point's.
+
+        A narrower layer is sometimes measured slower (noise; a kernel's slow path for one or two channels, e.g.
+        channels-last convs to one channel); prices that rise as channels go would make the selection's removed
+        amount fall back as it removes more, and its search assumes it grows. What the envelope hides is met by
+        aiming at the measured latency (``aim``)."""
+        ms = [row[:] for row in self.ms]
+        for i in reversed(range(len(self.ins))):
+            for j in reversed(range(len(self.outs))):
+                if i + 1 < len(self.ins):
+                    ms[i][j] = min(ms[i][j], ms[i + 1][j])
+                if j + 1 < len(self.outs):
+                    ms[i][j] = min(ms[i][j], ms[i][j + 1])
+        return Table(self.ins, self.outs, ms)
 
     def at(self, d1: float, d0: float) -> float:
         """The time at kept weight dims (d1, d0), bilinear between grid points, the nearest edge outside them."""
@@ -208,8 +238,10 @@ class DeviceTimer:
         return time_calls([call], self.device, warmup=1, repeats=repeats)[0][0]
 
     def models(self, models: list[nn.Module], input_shape) -> list[float]:
-        """Milliseconds of one forward of each network at the batch, interleaved (eval mode; the models are
-        copied into the memory format, left as they are)."""
+        """Milliseconds of one forward of each network at the batch: in each of ``BLOCKS`` blocks the least of 3-21
+        interleaved forwards, then the median over the blocks (a load that comes and goes moves single blocks; here
+        one pair's speed-up timed six times spread 1.75-2.12x as one block of 21, 1.79-1.89x as five of 7). Eval
+        mode; the models are copied into the memory format, left as they are."""
         shape = (self.setting.batch, *input_shape)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
         copies = []
@@ -222,8 +254,10 @@ class DeviceTimer:
             x = x.contiguous(memory_format=self.layout)
         calls = [lambda m=m: m(x) for m in copies]
         once = sum(t for t, _ in time_calls(calls, self.device, warmup=1, repeats=1))
-        repeats = int(min(21, max(3, CALIBRATION_MS[self.setting.quick] / max(once, 1e-3))))
-        return [t for t, _ in time_calls(calls, self.device, warmup=1, repeats=repeats)]
+        blocks = BLOCKS[self.setting.quick]
+        repeats = int(min(21, max(3, CALIBRATION_MS[self.setting.quick] / blocks / max(once, 1e-3))))
+        timed = [time_calls(calls, self.device, warmup=0, repeats=repeats, fastest=True) for _ in range(blocks)]
+        return [statistics.median(block[i][0] for block in timed) for i in range(len(models))]
 
 
 def default_cache_dir() -> Path:
@@ -308,28 +342,37 @@ def build(
     narrowed,
     cache: Cache,
     timer=None,
+    step: int = 1,
 ) -> CostModel:
-    """The cost model of ``model`` under ``setting``: tables from the cache or measured, calibrated on ``model``
-    and ``narrowed(share)`` (a copy of it keeping ``share`` of every group's channels) for the shares, or on the
-    cached points of an earlier build."""
+    """The cost model of ``model`` under ``setting``: tables from the cache or measured (on grids of multiples of
+    ``step``: ``prune.round_to``), calibrated on ``model`` and ``narrowed(share)`` (a copy of it keeping ``share``
+    of every group's channels) for the shares, or on the cached points of an earlier build."""
     tic = time.perf_counter()
     timer = timer or DeviceTimer(setting)
+    with torch.random.fork_rng(devices=[]):  # probes initialise layers and draw inputs: the run's draws stay its own
+        cost, measured = _measured(model, input_shape, setting, narrowed, cache, timer, step)
+    cost.seconds, cost.measured = time.perf_counter() - tic, measured
+    return cost
+
+
+def _measured(model, input_shape, setting: Setting, narrowed, cache: Cache, timer, step: int):
+    """(the cost model, how many tables and calibrations were measured rather than read from the cache)."""
     env, points = setting.key(), QUICK_GRID if setting.quick else FULL_GRID
     layers = {layer.name: layer for layer in find_layers(model, input_shape)}
     tables, measured = {}, 0
     for name, layer in layers.items():
-        key = {"table": layer.key(), "grid": points, **env}
+        key = {"table": layer.key(), "grid": points, "step": step, **env}
         stored = cache.get(key)
         if stored is None:
-            table = measure_table(layer, timer, points)
+            table = measure_table(layer, timer, points, step)
             cache.put(key, asdict(table))
             measured += 1
         else:
             table = Table(**stored)
-        tables[name] = table
+        tables[name] = table.envelope()
     cost = CostModel(layers, tables, setting=setting)
     shares = QUICK_SHARES if setting.quick else FULL_SHARES
-    key = {"network": signature(model, input_shape), "shares": list(shares), "grid": points, **env}
+    key = {"network": signature(model, input_shape), "shares": list(shares), "grid": points, "step": step, **env}
     stored = cache.get(key)
     if stored is None:
         variants = [model] + [narrowed(share) for share in shares[1:]]
@@ -339,14 +382,13 @@ def build(
         measured += 1
     cost.points = [tuple(p) for p in stored]
     cost.fit()
-    cost.seconds, cost.measured = time.perf_counter() - tic, measured
-    return cost
+    return cost, measured
 
 
-def measure_table(layer: Layer, timer, points: int) -> Table:
-    """The layer's probe timed on its grid."""
-    outs = axis(layer.out0, layer.step(), points)
-    ins = [1] if layer.kind == "depthwise" else axis(layer.in1, 1, points)
+def measure_table(layer: Layer, timer, points: int, step: int = 1) -> Table:
+    """The layer's probe timed on its grid (widths multiples of ``step``, output widths of its groups too)."""
+    outs = axis(layer.out0, math.lcm(step, layer.step()), points)
+    ins = [1] if layer.kind == "depthwise" else axis(layer.in1, step, points)
     return Table(ins, outs, [[timer.layer(layer, d1, d0) for d0 in outs] for d1 in ins])
 
 
@@ -378,3 +420,46 @@ class Predictor:
             name: (sizes[r1] if r1 >= 0 else d1, sizes[r0] if r0 >= 0 else d0) for name, r1, d1, r0, d0 in self.layers
         }
         return self.cost.predict({**dims, **self.gone})
+
+
+def aim(
+    ratio: float, select_at, time_pair, start: float | None = None, rounds: int = AIM_ROUNDS, band: float = AIM_BAND
+):
+    """Meet a measured share of latency removed: ``select_at(r)`` selects a candidate to the predicted share ``r``
+    (first ``start``, default ``ratio``: an iterative step's share of the current network); ``time_pair(candidate)``
+    times it against the dense network, (dense ms, candidate ms). The share asked is corrected round by round
+    (``_next_share``); returns (candidate, the share asked of it, the rounds' (asked, dense ms, ms)) for the
+    candidate measured closest to ``1 - ratio`` of the dense latency."""
+    want = 1 - ratio  # the latency kept, as a share of the dense one
+    asked, tried = ratio if start is None else start, []
+    for _ in range(rounds):
+        candidate = select_at(asked)
+        dense_ms, ms = time_pair(candidate)
+        tried.append((abs(ms / dense_ms / want - 1), asked, candidate, (asked, dense_ms, ms)))
+        if tried[-1][0] <= band:
+            break
+        nxt = _next_share(want, [(1 - a, ms / d) for _, a, _, (_, d, ms) in tried])
+        if any(abs(nxt - a) < 1e-4 for _, a, _, _ in tried):
+            break  # asking again would select what was timed already
+        asked = nxt
+    best = min(tried, key=lambda t: t[0])
+    return best[2], best[1], [t[3] for t in tried]
+
+
+def _next_share(want: float, points: list[tuple[float, float]]) -> float:
+    """The share to ask next, from the (kept share asked, kept share measured) points so far: between the closest
+    point measured too slow and the closest too fast, the secant's crossing (the midpoint if that falls in the
+    outer quarters: noise); with one side only, the closest point scaled by want / measured. Clamped to
+    (0.001, 0.999)."""
+    slow = [p for p in points if p[1] > want]  # kept too much latency: ask for less kept
+    fast = [p for p in points if p[1] <= want]
+    if slow and fast:
+        (x0, y0), (x1, y1) = min(slow, key=lambda p: p[1]), max(fast, key=lambda p: p[1])
+        x = x0 + (want - y0) * (x1 - x0) / (y1 - y0) if y1 != y0 else (x0 + x1) / 2
+        lo, hi = sorted((x0, x1))
+        if not lo + (hi - lo) / 4 <= x <= hi - (hi - lo) / 4:
+            x = (x0 + x1) / 2
+    else:
+        x1, y1 = min(points, key=lambda p: abs(p[1] - want))
+        x = x1 * want / y1
+    return 1 - min(max(x, 0.001), 0.999)
