@@ -519,13 +519,13 @@ class _Greedy:
         self.widths = np.array(ev.width0, dtype=np.int64)
         self.width0 = self.widths.copy()
         self.avail = _available(self.widths, min_channels, protect)  # channels each group may still lose
-        if budget.remaining(self.widths - self.avail) > budget.tol and budget.target == "latency":
+        if budget.remaining(self.widths - self.avail) > budget.tol:
+            if budget.target != "latency":
+                raise ValueError(
+                    f"cannot remove {budget.ratio:.1%} of {budget.target} with min_channels={min_channels} "
+                    f"and protected groups {sorted(protect)}"
+                )
             budget.reach(self.widths - self.avail)  # out of reach: the fastest reachable (the prune stage says so)
-        elif budget.remaining(self.widths - self.avail) > budget.tol:
-            raise ValueError(
-                f"cannot remove {budget.ratio:.1%} of {budget.target} with min_channels={min_channels} "
-                f"and protected groups {sorted(protect)}"
-            )
         self.avail0 = self.avail.copy()
         self.keep = [torch.ones(int(w), dtype=torch.bool) for w in self.widths]
         self.stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate

@@ -33,7 +33,10 @@ MISS = 0.05  # a measured latency more than this (relative) off the target is fl
 
 
 def wanted(ctx) -> bool:
-    return ctx.cfg.prune.get("target") == "latency"
+    """Whether the run selects to a latency: the target, a ratio (not a criterion's own threshold) and no hand-set
+    ``layer_ratios`` (which replace the target)."""
+    p = ctx.cfg.prune
+    return p.get("target") == "latency" and p.ratio is not None and not p.layer_ratios
 
 
 def priced_structure(model, ctx):

@@ -65,7 +65,7 @@ class Prune(Stage):
         # learned factors (e.g. RMNet's) into the weights: the criteria judge the real network
         model = received = self.groups_of(fold(model), ctx)
         dense_widths = model.widths
-        dense_amount = Budget(priced_structure(model, ctx), dense_widths, p.target).total
+        dense_amount = Budget(priced_structure(model, ctx), dense_widths, p.target).total if p.steps > 1 else None
         extra, self.steering = {}, {}
         for step in range(1, p.steps + 1):
             ratio = p.ratio
@@ -73,7 +73,7 @@ class Prune(Stage):
                 current = Budget(priced_structure(model, ctx), model.widths, p.target).total
                 ratio, tolerance = step_target(p, step, dense_amount, current)
                 self.steering = {"dense_widths": dense_widths, "tolerance": tolerance, "fill": step == p.steps}
-            if wanted(ctx) and step == p.steps and ratio is not None:  # the last step meets the measured latency
+            if wanted(ctx) and step == p.steps:  # the last step meets the measured latency
                 keep, scores, stats = aimed(partial(self.select, model, ctx), model, ctx, ratio, received)
             else:
                 keep, scores, stats = self.select(model, ctx, ratio)
