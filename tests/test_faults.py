@@ -212,7 +212,7 @@ X = torch.zeros(1, 3, 8, 8)
         ((NET, X.to("meta"), 0.5), {}, ValueError, "example_input is on the meta device"),
         ((NET, X, 0.5), {"scope": "layer"}, ValueError, "scope must be one of ('global', 'group'), got 'layer'"),
         ((NET, X, 0.5), {"normalize": "max"}, ValueError, "normalize must be one of ('mean', 'none'), got 'max'"),
-        ((NET, X, 0.5), {"target": "flops"}, ValueError, "target must be one of ('channels', 'params', 'macs')"),
+        ((NET, X, 0.5), {"target": "flops"}, ValueError, "target must be one of ('channels', 'params', 'macs', 'lat"),
         ((NET, X, 0.5), {"criterion": "l3"}, ValueError, "criterion must be one of ('l1', 'l2', 'random')"),
         ((NET, X, 0.5), {"min_channels": -1}, ValueError, "min_channels must be an integer >= 0, got -1"),
         ((NET, X, 0.5), {"ratios": 0.5}, TypeError, "unknown option 'ratios'; the options are target, criterion"),
