@@ -51,7 +51,10 @@ EXACT = 8  # an axis of at most this many multiples of the rounding measures the
 FULL_SHARES, QUICK_SHARES = (1.0, 0.8, 0.6, 0.4, 0.25), (1.0, 0.5)  # uniform widths the network is timed at
 PROBE_MS = {False: 60.0, True: 10.0}  # time spent per grid point (full / quick), 3 to 15 repeats
 CALIBRATION_MS = {False: 8000.0, True: 500.0}  # time spent timing networks (full / quick): 3 to 21 repeats a block
-BLOCKS = {False: 5, True: 1}  # blocks of interleaved forwards a network's time is the median over
+BLOCKS = {False: 5, True: 1}
+# one untimed forward at this many times the batch first: a ResNet-20 at batch 64 timed 30 ms in a fresh process and
+# 25 ms once a batch of 1000 had run (the memory allocator's state); after a forward at 4x the batch, 25 ms either way
+STEADY = 4  # blocks of interleaved forwards a network's time is the median over
 AIM_ROUNDS, AIM_BAND = 6, 0.02  # selections timed at most to meet a latency; the error that ends the search
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
@@ -238,10 +241,11 @@ class DeviceTimer:
         return time_calls([call], self.device, warmup=1, repeats=repeats)[0][0]
 
     def models(self, models: list[nn.Module], input_shape) -> list[float]:
-        """Milliseconds of one forward of each network at the batch: in each of ``BLOCKS`` blocks the least of 3-21
-        interleaved forwards, then the median over the blocks (a load that comes and goes moves single blocks; here
-        one pair's speed-up timed six times spread 1.75-2.12x as one block of 21, 1.79-1.89x as five of 7). Eval
-        mode; the models are copied into the memory format, left as they are."""
+        """Milliseconds of one forward of each network at the batch: after one untimed forward at ``STEADY`` times the
+        batch, in each of ``BLOCKS`` blocks the least of 3-21 interleaved forwards, then the median over the blocks
+        (a load that comes and goes moves single blocks; here one pair's speed-up timed six times spread 1.75-2.12x
+        as one block of 21, 1.79-1.89x as five of 7). Eval mode; the models are copied into the memory format, left
+        as they are."""
         shape = (self.setting.batch, *input_shape)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
         copies = []
@@ -252,6 +256,10 @@ class DeviceTimer:
             copies.append(m)
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.layout)
+        with torch.no_grad():  # the allocator to its steady state: what ran before (a batch of 1000) changes it
+            big = torch.cat([x] * STEADY)
+            for m in copies:
+                m(big)
         calls = [lambda m=m: m(x) for m in copies]
         once = sum(t for t, _ in time_calls(calls, self.device, warmup=1, repeats=1))
         blocks = BLOCKS[self.setting.quick]
