@@ -18,22 +18,27 @@ from prune_cli.engine.loop import fit
 from prune_cli.models import build_model
 
 
+def plain_net(data, widths: list[int]):
+    """The BatchNorm-free two-conv network the distributed workers train, seeded so every process builds the same."""
+    torch.manual_seed(0)
+    return build_model(
+        {
+            "name": "plain",
+            "num_classes": data.num_classes,
+            "in_channels": data.input_shape[0],
+            "widths": widths,
+            "strides": [1, 2],
+            "bn": False,
+        }
+    )
+
+
 def main(out: str) -> None:
     distributed.start()
     torch.set_num_threads(1)
     cfg = compose_config("dataset=synthetic", "dataset.subset=200", "dataset.test_subset=50")
     data = load_data(cfg.dataset, 0, "cpu")
-    torch.manual_seed(0)
-    model = build_model(
-        {
-            "name": "plain",
-            "num_classes": data.num_classes,
-            "in_channels": data.input_shape[0],
-            "widths": [8, 16],
-            "strides": [1, 2],
-            "bn": False,
-        }
-    )
+    model = plain_net(data, [8, 16])
     st = cfg.schedule.pretrain
     st.batch_size, st.lr, st.lr_schedule = 32, 0.05, "constant"  # 200 images: 6 steps of 32 and one of 8
     history = fit([model], data, st, stage="pretrain", epochs=1, seed=0, trainer=cfg.trainer)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 
 import torch
+from ddp_fit import plain_net  # run as a script: its directory, tests/, is on the path
 
-from helpers import compose_config  # run as a script: its directory, tests/, is on the path
+from helpers import compose_config
 from prune_cli.core import distributed
 from prune_cli.data import load_data, stream
 from prune_cli.engine.loop import fit
-from prune_cli.models import build_model
 
 BATCH, EVAL_BATCH = 5, 3  # 11 train images: batches of 5, 5 and 1 (one image: both ranks use it); test: 3 and 1
 
@@ -37,17 +37,7 @@ def history(root: str, mode: str) -> list[dict]:
         f"trainer.eval_batch_size={EVAL_BATCH}",
     )
     data = load_data(cfg.dataset, 0, "cpu")
-    torch.manual_seed(0)
-    model = build_model(
-        {
-            "name": "plain",
-            "num_classes": data.num_classes,
-            "in_channels": data.input_shape[0],
-            "widths": [4, 8],
-            "strides": [1, 2],
-            "bn": False,
-        }
-    )
+    model = plain_net(data, [4, 8])
     st = cfg.schedule.pretrain
     st.batch_size, st.lr, st.lr_schedule = BATCH, 0.05, "constant"
     return fit([model], data, st, stage="pretrain", epochs=1, seed=0, trainer=cfg.trainer)

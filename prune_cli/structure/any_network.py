@@ -313,9 +313,9 @@ def latency_model(
     """The cost model of the graph's network at ``batch``, on its device and dtype, in the example's memory format,
     calibrated on the network kept at uniform shares of every group."""
     x = example_input
-    layout = "channels_last" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
-    if x.dim() == 4 and x.is_contiguous():
-        layout = "contiguous"  # both hold for a 1x1 image or one channel: torch's default layout
+    # a 1x1 image or one channel is both: then torch's default layout
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    layout = "channels_last" if channels_last else "contiguous"
 
     def narrowed(share: float) -> nn.Module:
         gone = {c for g in graph.groups for c in g.channels[max(1, round(share * len(g.channels))) :]}

@@ -105,7 +105,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prune_cli.structure import attention as attn
-from prune_cli.structure.trace import traces
+from prune_cli.structure.trace import INPUT, traces
 
 SWIN = "torchvision.models.swin_transformer"  # its patch merging is one traced function
 ACTIVATION_MODULES = (
@@ -350,7 +350,7 @@ class ChannelGraph:
             if self._parametric(node):
                 self.derived.add(node.name)
                 continue
-            if node.op == "placeholder":
+            if node.op == INPUT:
                 if shape is not None and len(shape) >= 2:
                     self.atoms[node.name] = self._new(shape[1])
                     self._block(self.atoms[node.name], "the network's input")
@@ -1336,7 +1336,7 @@ class ChannelGraph:
         device = next(iter(root.buffers()), next(iter(root.parameters()), torch.zeros(0))).device
         for node in list(out.graph.nodes):
             a = trace.atoms.get(node.name)
-            if a is None or node.op in ("placeholder", "output"):
+            if a is None or node.op in (INPUT, "output"):
                 continue
             keep = self._kept(a, removed)
             if bool(keep.all()):

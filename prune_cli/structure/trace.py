@@ -26,7 +26,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from prune_cli.core.errors import UserError
 from prune_cli.structure import attention
 
-INPUT = "placeholder"  # fx's kind of node for an argument of the traced forward (the example is the first)
+# fx's kind of node for an argument of the traced forward (the example is the first): the op of the nodes fx's
+# Graph method of that name creates
+INPUT = fx.Graph.placeholder.__name__
 LEAF_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
 
 
