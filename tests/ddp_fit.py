@@ -1,5 +1,6 @@
-"""Train a BatchNorm-free network for one epoch with ``prune_cli.engine.loop.fit`` and save its weights (a helper the
-distributed tests run twice: alone, and as 2 processes under torchrun with the gloo backend).
+"""Train a BatchNorm-free network for one epoch with ``prune_cli.engine.loop.fit``, plainly and distilled from a
+teacher, and save the weights (a helper the distributed tests run twice: alone, and as 2 processes under torchrun
+with the gloo backend, where each rank runs the teacher on its shard).
 
     python tests/ddp_fit.py OUT.pt            one process, global batch 32
     torchrun --nproc_per_node 2 tests/ddp_fit.py OUT.pt   two processes, 16 images each per step
@@ -14,6 +15,7 @@ import torch
 from helpers import compose_config  # run as a script: its directory, tests/, is on the path
 from prune_cli.core import distributed
 from prune_cli.data import load_data
+from prune_cli.engine.distill import Distiller
 from prune_cli.engine.loop import fit
 from prune_cli.models import build_model
 
@@ -42,8 +44,12 @@ def main(out: str) -> None:
     st = cfg.schedule.pretrain
     st.batch_size, st.lr, st.lr_schedule = 32, 0.05, "constant"  # 200 images: 6 steps of 32 and one of 8
     history = fit([model], data, st, stage="pretrain", epochs=1, seed=0, trainer=cfg.trainer)
+    student, teacher = plain_net(data, [8, 16]), plain_net(data, [12, 8])
+    kd = Distiller(teacher, alpha=0.5, temperature=2.0)
+    taught = fit([student], data, st, stage="finetune", epochs=1, seed=0, trainer=cfg.trainer, distill=kd)
     if distributed.is_main():
-        torch.save({"state": model.state_dict(), "history": history}, out)
+        saved = {"state": model.state_dict(), "history": history}
+        torch.save({**saved, "distilled": {"state": student.state_dict(), "history": taught}}, out)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,22 @@ def test_a_run_older_than_an_option_groups_at_the_value_it_ran_with(tmp_path):
     ]
 
 
+def test_runs_with_and_without_distillation_are_kept_apart(tmp_path):
+    """Finetunes distilled from the dense model form their own group; runs with alpha 0 (off) group with runs
+    written before the distill block existed."""
+    finetune = {"lr": 0.01, "epochs": 1}
+    kd = {"alpha": 0.9, "temperature": 4.0, "teacher": "dense"}
+    for seed in (0, 1):
+        make_run(tmp_path / f"old{seed}", config(seed), 60.0 + seed)
+        off = {**finetune, "distill": {**kd, "alpha": 0.0}}
+        make_run(tmp_path / f"off{seed}", config(seed + 2, schedule__finetune=off), 62.0 + seed)
+        make_run(tmp_path / f"kd{seed}", config(seed, schedule__finetune={**finetune, "distill": kd}), 70.0 + seed)
+    assert report.main([str(tmp_path), "--format", "csv", "--output", str(tmp_path)]) == 0
+    summary = pd.read_csv(tmp_path / "sweep_summary.csv")
+    groups = sorted(zip(summary["schedule.finetune.distill.alpha"], summary["n"], summary["top1_mean"]))
+    assert groups == [(0.0, 4, pytest.approx(61.5)), (0.9, 2, pytest.approx(70.5))]
+
+
 def test_runs_of_one_group_from_different_dense_models_are_flagged(tmp_path):
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()

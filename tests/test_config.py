@@ -106,6 +106,7 @@ def bad_values(o):
         "choice": "nonsense",
         "list": "not-a-list",
         "map": "not-a-map",
+        "any": 12,  # (an any option's rule refuses a number)
     }[o.kind]
     out = [wrong_type]
     if o.kind == "int" and o.lo is not None:

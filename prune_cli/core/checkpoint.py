@@ -1,7 +1,10 @@
-"""The checkpoint file format: its schema version and the one reader of every schema (tensors only, never code)."""
+"""The checkpoint file format: its schema version, the one reader of every schema (tensors only, never code),
+and the digest that names a network's weights."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,3 +25,12 @@ def load_checkpoint(path: Path | str) -> dict:
             f"{path} was written by a newer prune_cli (checkpoint schema {schema}); upgrade prune_cli to read it",
         )
     return ck
+
+
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of a state_dict's names and tensor bytes: equal for equal weights, whatever file holds them."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -28,13 +28,14 @@ ALWAYS = _Always()
 
 @dataclass(frozen=True)
 class Option:
-    """One option of kind int, float, bool, str, choice, list, map or section.
+    """One option of kind int, float, bool, str, choice, list, map, section or any.
 
     Numbers may carry a range, ``choice`` its choices.
 
     ``item`` types the entries of a ``list`` (and the values of a ``map``); ``fields`` are the options
     of a nested ``section``; ``rule`` is an extra check returning why a value is wrong (or None), and
-    ``rule_doc`` how docs/options.md states it. ``absent`` is what a config written before the option existed
+    ``rule_doc`` how docs/options.md states it (an ``any`` option takes a value of any form: its rule alone
+    checks it). ``absent`` is what a config written before the option existed
     means (how those runs behaved), so that resuming and grouping old runs compare like with like;
     ``ALWAYS`` for an option every config holds.
     """
@@ -110,6 +111,8 @@ class Option:
         return value
 
     def _valid_scalar(self, v: Any) -> bool:
+        if self.kind == "any":
+            return True
         if self.kind == "choice":
             return any(v == c and type(v) is type(c) for c in self.choices)
         if self.kind == "bool":

@@ -23,6 +23,7 @@ from prune_cli.core.errors import UserError
 from prune_cli.core.seeds import NETWORK_STRIDE, epoch_generator
 from prune_cli.data import Data, batches
 from prune_cli.data.container import shards
+from prune_cli.engine.distill import Distiller
 from prune_cli.engine.evaluate import evaluate
 from prune_cli.engine.optimizers import make_optimizer
 from prune_cli.engine.schedules import lr_at
@@ -53,11 +54,13 @@ def train_epoch(
     desc: str = "",
     memory_format: str = "contiguous",
     aux_loss=None,
+    distill: Distiller | None = None,
 ) -> dict:
     """One pass over the training split; returns mean train loss, train accuracy and the regularizer's value.
 
     ``memory_format`` (channels_last | contiguous): the batches' layout, the one the model was put in.
     ``aux_loss(y)``: the network's auxiliary heads' weighted loss of the step's forward (or None), added to the loss.
+    ``distill``: a teacher whose outputs join the labels in the loss (``Distiller.loss``), or None (cross-entropy).
     Distributed (``model`` wrapped by :func:`distributed.wrap`): every rank draws the same global batches and
     trains on its shard; the epoch's statistics are summed over ranks once, at the end."""
     model.train()
@@ -79,7 +82,7 @@ def train_epoch(
     ):
         with autocast(device, precision):
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y) if distill is None else distill.loss(logits, x, y)
             aux = aux_loss(y) if aux_loss is not None else None
             if aux is not None:
                 loss = loss + aux
@@ -158,6 +161,7 @@ class Trainer:
         regularizer=None,
         hooks: Sequence = (),
         lr_option: str | None = None,
+        distill: Distiller | None = None,
     ):
         self.models, self.data, self.st, self.trainer = models, data, st, trainer
         self.stage, self.epochs, self.seed = stage, epochs, seed
@@ -165,6 +169,9 @@ class Trainer:
         self.device = data.train.x.device
         self.layout = resolve_memory_format(trainer.get("memory_format", "auto"), self.device)
         self.nets = self.training_networks()
+        self.distill = distill
+        if distill is not None:
+            distill.ready(MEMORY_FORMATS[self.layout], lambda teacher: compiled(teacher, trainer))
         self.regularizers = [regularizer or Regularizer(models[0])] + [Regularizer(m) for m in models[1:]]
         self.optimizers = [make_optimizer([p for p in m.parameters() if p.requires_grad], st) for m in models]
         self.lrs = self.lr_functions()
@@ -211,6 +218,7 @@ class Trainer:
             desc=f"{self.stage}{f' net {k}' if several else ''} {epoch + 1}/{self.epochs}",
             memory_format=self.layout,
             aux_loss=getattr(self.models[k], "aux_loss", None),
+            distill=self.distill,
         )
         check_finite(self.models[k], stats, self.stage, epoch, lr, self.lr_option)
         return {
@@ -276,12 +284,13 @@ def fit(
     on_epoch_end: Callable[[int, list, list], None] | None = None,
     lr_option: str | None = None,
     hooks: Sequence = (),
+    distill: Distiller | None = None,
 ) -> list[dict]:
     """Train ``epochs`` epochs (from ``start_epoch`` when resuming); returns the per-epoch history.
 
     Usually ``models`` holds one network. ``hooks`` (training hooks, none by default) may have added more, trained
     side by side with their own data order (seed offset per network) and their own lr functions, and act on them
-    after every epoch; history rows then carry ``net``.
+    after every epoch; history rows then carry ``net``. ``distill`` (a teacher, or None) distils into every network.
     A non-finite training loss ends the stage with a UserError naming ``lr_option`` (default
     ``schedule.<stage>.lr``), before the epoch is checkpointed: nothing downstream sees NaN weights.
 
@@ -301,6 +310,7 @@ def fit(
         regularizer=regularizer,
         hooks=hooks,
         lr_option=lr_option,
+        distill=distill,
     )
     run.load_optimizer_states(optimizer_states)
     history = list(history or [])

@@ -38,9 +38,10 @@ class Context:
             self._data = data
         return self._data
 
-    def arch(self) -> dict:
-        """The configured model's ``arch``: the ``model.*`` options plus the data's input channels and classes."""
-        arch = OmegaConf.to_container(self.cfg.model, resolve=True)
+    def arch(self, model: dict | None = None) -> dict:
+        """The ``arch`` of a model block (default: the configured ``model.*`` options) plus the data's input channels
+        and classes."""
+        arch = OmegaConf.to_container(self.cfg.model, resolve=True) if model is None else dict(model)
         extra = (
             {"image_size": self.input_shape[1]} if getattr(MODELS.get(arch["name"]), "needs_image_size", False) else {}
         )

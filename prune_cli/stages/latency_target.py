@@ -17,13 +17,13 @@ latency is more than ``MISS`` off the target (also printed). All are timing colu
 
 from __future__ import annotations
 
-import hashlib
 import sys
 
 import torch
 from omegaconf import OmegaConf
 
 from prune_cli.core import distributed
+from prune_cli.core.checkpoint import weights_digest
 from prune_cli.engine import latency
 from prune_cli.engine.settings import resolve_memory_format
 from prune_cli.structure import cost_model
@@ -92,12 +92,9 @@ def aimed(select, model, ctx, ratio: float, received) -> tuple:
 
 def problem(model, ctx) -> dict:
     """What decides a selection: the network and its weights, the ``prune`` and ``criterion`` settings."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     settings = {g: OmegaConf.to_container(ctx.cfg[g], resolve=True) for g in ("prune", "criterion")}
-    return {"weights": digest.hexdigest(), "network": cost_model.signature(model, ctx.input_shape), **settings}
+    network = cost_model.signature(model, ctx.input_shape)
+    return {"weights": weights_digest(model.state_dict()), "network": network, **settings}
 
 
 def setting(model, ctx) -> cost_model.Setting:

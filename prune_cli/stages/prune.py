@@ -1,5 +1,6 @@
 """The prune stage: the configured criterion chooses channels, the selection meets ``prune.*``, and the
-channels are removed physically; ``prune.steps`` > 1 prunes iteratively with short finetunes between.
+channels are removed physically; ``prune.steps`` > 1 prunes iteratively with short finetunes between
+(distilled as the finetune stage's ``distill`` block says).
 
 Shared with every stage that prunes (``finish_pruning``): surgery, ``scores.csv``, ``layers.csv``,
 the test of the pruned model and its checkpoint.
@@ -20,6 +21,7 @@ from prune_cli.importance.criteria import CRITERIA, build_criterion, channel_vec
 from prune_cli.importance.regularizers import ZERO_THRESHOLD
 from prune_cli.models import offers_shared_groups, pruned_groups, with_shared_groups
 from prune_cli.models.layers import fold
+from prune_cli.stages import distill
 from prune_cli.stages.base import STAGES, Stage
 from prune_cli.stages.latency import time_pruning
 from prune_cli.stages.latency_target import aimed, check_pruned, priced_structure, wanted
@@ -28,6 +30,7 @@ from prune_cli.structure.selection import Budget, matching
 
 # the block whose settings the finetune between iterative steps takes (with prune.step_*), first found
 STEP_SETTINGS_FROM = ("finetune", "scratch", "pretrain", "sparse_train")
+STEP_DISTILL_FROM = "finetune"  # the block whose distill settings those finetunes take
 
 
 @STAGES.register("prune")
@@ -39,6 +42,7 @@ class Prune(Stage):
     shared_groups = True
     selects_by_prune = True
     steering: dict = {}  # iterative steps: the selection's reference widths and tolerance (step_target)
+    teacher: distill.Teacher | None = None  # iterative steps: the finetune block's teacher, built by prepare
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
@@ -46,6 +50,8 @@ class Prune(Stage):
         check_steps(cfg)
 
     def prepare(self, ctx, model):
+        if ctx.cfg.prune.steps > 1:  # the finetunes between steps distil as the finetune stage does
+            self.teacher = distill.prepared_teacher(ctx, STEP_DISTILL_FROM)
         criterion = build_criterion(ctx.cfg.criterion)
         groups = self.groups_of(model, ctx)
         criterion.check_groups(groups)
@@ -67,6 +73,10 @@ class Prune(Stage):
         dense_widths = model.widths
         dense_amount = Budget(priced_structure(model, ctx), dense_widths, p.target).total if p.steps > 1 else None
         extra, self.steering = {}, {}
+        taught = distill.settings(cfg.schedule.get(STEP_DISTILL_FROM, {}).get("distill")) if p.steps > 1 else None
+        teacher = distill.teacher_for(self.teacher, ctx, STEP_DISTILL_FROM) if taught is not None else None
+        if teacher is not None:
+            extra.update(distill.record(teacher, taught))
         for step in range(1, p.steps + 1):
             ratio = p.ratio
             if ratio is not None and p.steps > 1:  # cumulative share of the DENSE amount, as a share of the current one
@@ -91,6 +101,7 @@ class Prune(Stage):
                     seed=cfg.seed,
                     trainer=cfg.trainer,
                     lr_option="prune.step_lr" if p.step_lr is not None else f"schedule.{step_block(cfg)}.lr",
+                    distill=distill.distiller(teacher, taught),
                 )
         seconds = time.perf_counter() - tic
         return finish_pruning(model, keep, scores, ctx, self.name, seconds, extra, dense_widths, self.reshape, received)

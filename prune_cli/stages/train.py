@@ -6,7 +6,8 @@ added to the loss), ``fresh_init`` (the pruned architecture is re-initialised, L
 hook trains beside the model start as copies of it rather than new initialisations).
 
 Their options are the loop's own plus what the engine's registries offer: every registered optimizer and lr
-schedule, and the option blocks of the optimizers and training hooks that methods register.
+schedule, and the option blocks of the optimizers and training hooks that methods register; and the ``distill``
+block (``stages/distill.py``): a teacher whose outputs join the labels in the loss.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from prune_cli.engine.settings import capped_epochs
 from prune_cli.importance.criteria import channel_vectors
 from prune_cli.importance.regularizers import build_regularizer, sparsity_stats
 from prune_cli.models import build_model
+from prune_cli.stages import distill
 from prune_cli.stages.base import STAGES, Stage
 from prune_cli.stages.prune import regularized_groups
 from prune_cli.structure.counting import count_macs
@@ -60,7 +62,7 @@ def training_options() -> tuple[Option, ...]:
     """A training stage's options: its own, the choice of every registered optimizer and lr schedule, and the
     blocks registered optimizers and training hooks add (by block name)."""
     parts = [part for registry in (OPTIMIZERS, TRAINING_HOOKS) for _, part in registry.items()]
-    blocks = sorted((block for part in parts for block in part.options), key=lambda block: block.name)
+    blocks = sorted((distill.BLOCK, *(block for part in parts for block in part.options)), key=lambda b: b.name)
     return (
         EPOCHS,
         optimizer_option(),
@@ -86,9 +88,11 @@ class TrainStage(Stage):
     regularized = False
     fresh_init = False
     copy_partners = False
+    teacher: distill.Teacher | None = None  # named by the stage's distill block: built by prepare, before any data
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
+        distill.check_config(cfg, cls.name)
         st = cfg["schedule"][cls.name]
         if st["lr_schedule"] == "linear" and not (
             len(st["milestones"]) == 2 and st["milestones"][0] < st["milestones"][1]
@@ -99,6 +103,7 @@ class TrainStage(Stage):
             )
 
     def prepare(self, ctx, model) -> None:
+        self.teacher = distill.prepared_teacher(ctx, self.name)
         if self.regularized:  # a regularizer that selects no layer of this model fails now, not after pretraining
             build_regularizer(ctx.cfg.regularizer, copy.deepcopy(regularized_groups(model, ctx)))  # it may set BNs
 
@@ -124,8 +129,11 @@ class TrainStage(Stage):
             models = [build_model(checkpoint["arch"]).to(ctx.device) for _ in models]
         # built before a resumed state is loaded: a regularizer may initialise weights (e.g. BN gamma = 0.5)
         regularizer = self.loss_terms(models[0], ctx)
+        taught, teacher = distill.settings(st.get("distill")), distill.teacher_for(self.teacher, ctx, self.name)
+        recorded = distill.record(teacher, taught) if teacher is not None else {}
         start, optimizer_states, history = 0, None, []
         if checkpoint is not None:  # an interrupted stage: continue after its last finished epoch
+            distill.check_same(teacher, checkpoint.get("distill"), self.name)
             for m, state in zip(models, checkpoint["states"]):
                 m.load_state_dict(state)
             start, optimizer_states = checkpoint["epoch"], checkpoint["optimizers"]
@@ -134,7 +142,7 @@ class TrainStage(Stage):
 
         def save_epoch(epoch, optimizers, hist):
             run.histories[self.name] = hist
-            run.save(self.name, models, done=False, epoch=epoch, optimizers=optimizers)
+            run.save(self.name, models, done=False, epoch=epoch, optimizers=optimizers, extra={"distill": recorded})
             run.write_tables()
 
         history = fit(
@@ -151,13 +159,14 @@ class TrainStage(Stage):
             history=history,
             on_epoch_end=save_epoch,
             hooks=hooks,
+            distill=distill.distiller(teacher, taught),
         )
         run.histories[self.name] = history
         row = finished_row(self.name, models, history, epochs, ctx)
         model = models[row.get("continued", 0)]
-        row.update(self.row_extras(model, ctx))
+        row.update(recorded, **self.row_extras(model, ctx))
         run.rows.append(row)
-        run.save(self.name, [model], done=True, epoch=epochs)
+        run.save(self.name, [model], done=True, epoch=epochs, extra={"distill": recorded})
         return model
 
     # A method that trains through this loop (resume, hooks, the row) overrides these:
