@@ -191,3 +191,17 @@ def test_a_model_block_teacher_loads_strictly(tmp_path, monkeypatch):
     teacher = build_teacher(Ctx(), "finetune", block)
     assert teacher.digest == weights_digest(teacher.net.state_dict())
     assert torch.equal(teacher.net.state_dict()["net.fc.weight"], torch.load(ours)["fc.weight"])
+
+
+def test_the_finetunes_between_prune_steps_distil_as_the_finetune_block_says(tmp_path):
+    """Two prune steps with a one-epoch finetune between them: distilled from the dense model, as the prune row
+    records; its loss is not the plain run's."""
+    steps = ["prune.steps=2", "prune.step_epochs=1", "schedule.stages=[pretrain,prune]"]
+    losses = {}
+    for name, extra in (("plain", []), ("taught", DISTILLED)):
+        pipeline.run(tiny(*steps, *extra, "schedule.pretrain.epochs=1"), tmp_path / name)
+        rows = pd.read_csv(tmp_path / name / "results.csv")
+        metrics = pd.read_csv(tmp_path / name / "metrics.csv")
+        losses[name] = metrics[metrics.stage == "prune_step1"].train_loss.item()
+    assert rows[rows.stage == "prune"].distill_teacher.item() == "dense checkpoints/pretrain.pt"
+    assert losses["taught"] != losses["plain"]

@@ -234,37 +234,44 @@ def prepared_teacher(ctx, stage: str) -> Teacher | None:
     return build_teacher(ctx, stage, block["teacher"])
 
 
-def teacher_for(prepared: Teacher | None, ctx, stage: str) -> Teacher | None:
-    """The teacher ``stage`` trains with: the one ``prepared_teacher`` built, else the dense model (None when the
-    stage's block leaves distillation off)."""
-    if settings(ctx.cfg.schedule.get(stage, {}).get("distill")) is None:
+@dataclass
+class Teaching:
+    """A stage's distillation: its teacher and the settings of its block."""
+
+    teacher: Teacher
+    alpha: float
+    temperature: float
+
+    def distiller(self) -> Distiller:
+        """What ``fit`` distils with."""
+        return Distiller(self.teacher.net, self.alpha, self.temperature)
+
+    def columns(self) -> dict:
+        """The distill columns of the stage's results row (also what its checkpoints record of the teacher)."""
+        return {
+            "distill_alpha": self.alpha,
+            "distill_temperature": self.temperature,
+            "distill_teacher": self.teacher.source,
+            "distill_teacher_sha256": self.teacher.digest,
+        }
+
+    def check_same(self, recorded: dict | None, stage: str) -> None:
+        """A resumed stage learns from the teacher it started with: refuse one whose weights changed since
+        (``recorded``: the columns its checkpoint holds)."""
+        then, now = (recorded or {}).get("distill_teacher_sha256"), self.teacher.digest
+        if then not in (None, now):
+            raise UserError(
+                f"schedule.{stage}.distill.teacher",
+                f"the teacher {self.teacher.source} changed since the {stage} stage started (sha256 {then[:12]} "
+                f"then, {now[:12]} now): restore it, or start a new run",
+            )
+
+
+def teaching(prepared: Teacher | None, ctx, stage: str) -> Teaching | None:
+    """How ``stage`` distils: with the teacher ``prepared_teacher`` built, else the dense model; None when its block
+    leaves distillation off."""
+    block = settings(ctx.cfg.schedule.get(stage, {}).get("distill"))
+    if block is None:
         return None
-    return prepared if prepared is not None else build_teacher(ctx, stage, DENSE)
-
-
-def distiller(teacher: Teacher | None, block: dict | None) -> Distiller | None:
-    """What ``fit`` distils with, or None."""
-    if teacher is None or block is None:
-        return None
-    return Distiller(teacher.net, block["alpha"], block["temperature"])
-
-
-def record(teacher: Teacher, block: dict) -> dict:
-    """The distill columns of the stage's results row (also what its checkpoints record of the teacher)."""
-    return {
-        "distill_alpha": block["alpha"],
-        "distill_temperature": block["temperature"],
-        "distill_teacher": teacher.source,
-        "distill_teacher_sha256": teacher.digest,
-    }
-
-
-def check_same(teacher: Teacher | None, recorded: dict | None, stage: str) -> None:
-    """A resumed stage learns from the teacher it started with: refuse one whose weights changed since."""
-    if teacher is not None and recorded and recorded.get("distill_teacher_sha256") not in (None, teacher.digest):
-        raise UserError(
-            f"schedule.{stage}.distill.teacher",
-            f"the teacher {teacher.source} changed since the {stage} stage started (sha256 "
-            f"{recorded['distill_teacher_sha256'][:12]} then, {teacher.digest[:12]} now): restore it, or start a "
-            "new run",
-        )
+    teacher = prepared if prepared is not None else build_teacher(ctx, stage, DENSE)
+    return Teaching(teacher, block["alpha"], block["temperature"])

@@ -73,10 +73,9 @@ class Prune(Stage):
         dense_widths = model.widths
         dense_amount = Budget(priced_structure(model, ctx), dense_widths, p.target).total if p.steps > 1 else None
         extra, self.steering = {}, {}
-        taught = distill.settings(cfg.schedule.get(STEP_DISTILL_FROM, {}).get("distill")) if p.steps > 1 else None
-        teacher = distill.teacher_for(self.teacher, ctx, STEP_DISTILL_FROM) if taught is not None else None
-        if teacher is not None:
-            extra.update(distill.record(teacher, taught))
+        taught = distill.teaching(self.teacher, ctx, STEP_DISTILL_FROM) if p.steps > 1 else None
+        if taught is not None:
+            extra.update(taught.columns())
         for step in range(1, p.steps + 1):
             ratio = p.ratio
             if ratio is not None and p.steps > 1:  # cumulative share of the DENSE amount, as a share of the current one
@@ -101,7 +100,7 @@ class Prune(Stage):
                     seed=cfg.seed,
                     trainer=cfg.trainer,
                     lr_option="prune.step_lr" if p.step_lr is not None else f"schedule.{step_block(cfg)}.lr",
-                    distill=distill.distiller(teacher, taught),
+                    distill=taught.distiller() if taught is not None else None,
                 )
         seconds = time.perf_counter() - tic
         return finish_pruning(model, keep, scores, ctx, self.name, seconds, extra, dense_widths, self.reshape, received)

@@ -129,11 +129,12 @@ class TrainStage(Stage):
             models = [build_model(checkpoint["arch"]).to(ctx.device) for _ in models]
         # built before a resumed state is loaded: a regularizer may initialise weights (e.g. BN gamma = 0.5)
         regularizer = self.loss_terms(models[0], ctx)
-        taught, teacher = distill.settings(st.get("distill")), distill.teacher_for(self.teacher, ctx, self.name)
-        recorded = distill.record(teacher, taught) if teacher is not None else {}
+        taught = distill.teaching(self.teacher, ctx, self.name)
+        recorded = taught.columns() if taught is not None else {}
         start, optimizer_states, history = 0, None, []
         if checkpoint is not None:  # an interrupted stage: continue after its last finished epoch
-            distill.check_same(teacher, checkpoint.get("distill"), self.name)
+            if taught is not None:
+                taught.check_same(checkpoint.get("distill"), self.name)
             for m, state in zip(models, checkpoint["states"]):
                 m.load_state_dict(state)
             start, optimizer_states = checkpoint["epoch"], checkpoint["optimizers"]
@@ -159,7 +160,7 @@ class TrainStage(Stage):
             history=history,
             on_epoch_end=save_epoch,
             hooks=hooks,
-            distill=distill.distiller(teacher, taught),
+            distill=taught.distiller() if taught is not None else None,
         )
         run.histories[self.name] = history
         row = finished_row(self.name, models, history, epochs, ctx)
