@@ -271,6 +271,11 @@ def test_export_stage_and_output_rules(run_dir, tmp_path, capsys):
             "error: --format: torchscript does not match --output {tmp}/m.onnx (its suffix .onnx means onnx)",
         ),
         ([], "error: prune-cli-export: the following arguments are required: run"),
+        (
+            ["{run}", "--quantize", "int8", "--format", "torchscript"],
+            "error: --quantize: int8 models are ONNX files; drop --format torchscript or use onnx",
+        ),
+        (["{run}", "--quantize", "int4"], "error: prune-cli-export: argument --quantize: invalid choice: 'int4'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, run_dir, tmp_path, capsys):
@@ -295,3 +300,45 @@ def test_the_output_suffix_names_the_format(run_dir, tmp_path):
     assert export_cli.main([str(run_dir), "--output", str(tmp_path / "m.bin")]) == 0
     assert deploy.embedded(tmp_path / "m.bin")["format"] == "torchscript"  # no suffix of a format: the default
     assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.slow
+def test_an_int8_export_is_calibrated_measured_and_reported(run_dir, tmp_path, capsys):
+    """The run's pruned model quantized (calibrated on its synthetic training images): an ONNX file of integer
+    kernels carrying the run's metadata, and a report whose fp32 top-1 is the run's own test top-1."""
+    import json
+
+    import onnx
+    import pandas as pd
+
+    out = tmp_path / "m.onnx"
+    assert export_cli.main([str(run_dir), "--quantize", "int8", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "test top-1 fp32" in printed
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert deploy.embedded(out)["quantize"] == "int8"
+    report = json.loads((tmp_path / "m.report.json").read_text())
+    final = pd.read_csv(run_dir / "results.csv").iloc[-1]
+    assert report["fp32"]["top1"] == pytest.approx(final.top1, abs=1e-6)
+    assert {"latency_ms_b1", "latency_ms_b48"} <= set(report["int8"])  # batch 1 and the eval batch (48)
+
+
+def test_layer_kinds_left_in_float_are_named():
+    """A learnt per-channel scale (a Mul by a weight tensor, as ConvNeXt's layer scale) is not a kind ONNX Runtime
+    quantizes: it is named; the convolution and linear layers are quantized."""
+    from prune_cli.deploy.quantize import fp32_bytes, quantize
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.scale = nn.Conv2d(3, 4, 3), nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc((self.conv(x).relu() * self.scale).mean((2, 3)))  # (not folded into the conv)
+
+    torch.manual_seed(0)
+    fp32 = fp32_bytes(lambda path: deploy.export(Scaled().eval(), path, "onnx", SHAPE))
+    _, left = quantize(fp32, torch.randn(8, *SHAPE).numpy())
+    assert left == ["Mul"]

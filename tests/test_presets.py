@@ -5,6 +5,7 @@ column a golden table holds, cell for cell as text, in the same rows (a column a
 test, so adding one rewrites no golden file)."""
 
 import io
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from helpers import DEMO_OVERRIDES, GOLDEN_DIR, ROOT, make_preset_data, results_table, smoke_overrides
 from helpers import compose_config as config
+from prune_cli.cli import export
 from prune_cli.cli.run import CONF_DIR
 from prune_cli.run import pipeline
 
@@ -49,9 +51,13 @@ def test_preset_smoke(preset, data_root, tmp_path):
 def test_digits_demo_equals_its_golden_table(tmp_path):
     """The plain ``prune-cli`` demo (digits, ResNet-20, 30 + 15 epochs), contiguous as it trained when captured,
     reproduces its captured table (timing columns aside: the demo's latency is left off here, test_latency.py
-    measures it)."""
+    measures it); and its pruned model exports to INT8 (the demo's run is what that check needs: trained weights)."""
     pipeline.run(config(*DEMO_OVERRIDES), tmp_path)
     assert_holds_golden(tmp_path, GOLDEN_DIR / "digits_demo.csv")
+    # its finetuned pruned model quantized to INT8: within 1 point of the fp32 model's top-1
+    assert export.main([str(tmp_path), "--quantize", "int8"]) == 0
+    report = json.loads((tmp_path / "model.int8.report.json").read_text())
+    assert abs(report["int8"]["top1"] - report["fp32"]["top1"]) <= 1.0
 
 
 def golden_differences(table: str, golden: str) -> list[str]:

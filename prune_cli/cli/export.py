@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from prune_cli.core.atomic import write_text
 from prune_cli.core.errors import UserError, one_line
 from prune_cli.deploy.export import FORMATS, OPSET, embedded, export
 from prune_cli.deploy.load import finished_stages, load
+from prune_cli.deploy.quantize import QUANTIZE, export_int8
 from prune_cli.structure.counting import count_macs
 
 
@@ -21,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
         prog="prune-cli-export",
-        description="Export the pruned model of a prune_cli run as TorchScript or ONNX.",
+        description="Export the pruned model of a prune_cli run as TorchScript or ONNX, or as INT8 ONNX.",
     )
     parser.add_argument("run", type=Path, help="a run directory (its last finished stage) or a checkpoint file")
     parser.add_argument(
@@ -33,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="where to write (default: inside the run directory)")
     parser.add_argument("--input-shape", default=None, help="C,H,W when the run's config does not tell it")
     parser.add_argument("--force", action="store_true", help="overwrite an output that holds another run's export")
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE,
+        help="int8: ONNX Runtime static quantization calibrated on the run's training images (ONNX only; "
+        "default output model.int8.onnx), with a report of fp32 and int8 test top-1 and latency",
+    )
     parser.add_argument(
         "--trust",
         action="append",
@@ -56,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export_run(args) -> str:
-    args.format = _format(args.format, args.output)
+    if args.quantize and args.format not in (None, "onnx"):
+        raise UserError("--quantize", f"int8 models are ONNX files; drop --format {args.format} or use onnx")
+    args.format = _format(args.format or ("onnx" if args.quantize else None), args.output)
     shape = _parse_shape(args.input_shape) if args.input_shape else None
     model, meta = load(args.run, args.stage, trust=args.trust)
     shape = shape or meta["input_shape"]
@@ -67,10 +79,14 @@ def _export_run(args) -> str:
     out = args.output or _default_output(meta, args.format)
     if out.is_dir():
         out = out / f"model{FORMATS[args.format]}"
+    if args.quantize and args.output is None:
+        out = out.with_suffix(f".{args.quantize}{out.suffix}")
     _check_output(out, meta, args.force)
     source = meta["run_dir"] or meta["checkpoint"]
     embed = {k: meta[k] for k in ("stage", "params", "macs", "input_shape", "dataset", "mean", "std", "results")}
     embed |= {"source": str(Path(source).resolve()), "arch": meta["arch"], "config": meta["config"]}
+    if args.quantize:
+        return _quantized(model, out, shape, embed | {"quantize": args.quantize}, meta)
     difference = export(model, out, args.format, shape, metadata=embed)
     checked = (
         f"outputs equal PyTorch's (max difference {difference:.1e})"
@@ -85,6 +101,27 @@ def _export_run(args) -> str:
         f"wrote {out} ({kind}; stage {meta['stage']} of {source}{note}; params {meta['params'] / 1e6:.4f}M, "
         f"MACs {macs}; input [batch, {', '.join(map(str, shape))}]; {checked})"
     )
+
+
+def _quantized(model, out: Path, shape, embed: dict, meta: dict) -> str:
+    """Write the INT8 model and its report (``<out>.report.json``); the lines that say what was measured."""
+    measured, left = export_int8(model, out, shape, embed, meta["config"])
+    report = out.with_suffix(".report.json")
+    write_text(report, json.dumps({"model": str(out), "stage": meta["stage"], **measured}, indent=2) + "\n")
+    fp32, int8 = measured["fp32"], measured["int8"]
+    times = [
+        f"b{k[len('latency_ms_b') :]} {fp32[k]:.3f} -> {int8[k]:.3f} ms ({fp32[k] / int8[k]:.2f}x)"
+        for k in fp32
+        if k.startswith("latency_ms_b")
+    ]
+    lines = [
+        f"wrote {out} (onnx opset {OPSET}, int8 QDQ, per-channel weights; stage {meta['stage']} of "
+        f"{meta['run_dir'] or meta['checkpoint']}) and {report}",
+        f"test top-1 fp32 {fp32['top1']:.2f} -> int8 {int8['top1']:.2f}; latency {', '.join(times)}",
+    ]
+    if left:
+        lines.append(f"note: --quantize: {', '.join(left)} layers stay float (ONNX Runtime does not quantize them)")
+    return "\n".join(lines)
 
 
 def _format(fmt: str | None, output: Path | None) -> str:
