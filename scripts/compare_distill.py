@@ -2,9 +2,10 @@
 
 For each seed: ResNet-20 is trained dense (``pretrain``), then pruned to each ``--ratios`` share of its params by
 L1-norm (from the dense model) and by HGSR's loss greedy (from a HGSR sparse-trained copy, ``sparse_train``), and
-each pruned network is finetuned twice: with labels alone, and distilled from the model it was pruned from
-(``schedule.finetune.distill.alpha``; teacher ``dense``). The dense and sparse models are trained once per seed
-and shared through ``init_from``. Prints the final top-1 (mean ± sample std over the seeds) per method, ratio and
+each pruned network is finetuned with labels alone and distilled from the model it was pruned from
+(``schedule.finetune.distill.alpha``; teacher ``dense``); HGSR's also distilled from the dense model before sparse
+training (an explicit teacher). The dense and sparse models are trained once per seed and shared through
+``init_from``. Prints the final top-1 (mean ± sample std over the seeds) per method, ratio and
 finetune, and writes every run under ``--out``.
 
     python scripts/compare_distill.py --out runs/kd --seeds 0 1 2
@@ -90,9 +91,14 @@ def main() -> None:
         )
         for method, (source, selection) in METHODS.items():
             start = (dense if source == "pretrain" else sparse_dir) / "checkpoints" / f"{source}.pt"
+            # finetunes: with labels; distilled from the model pruned; HGSR also from the dense model before
+            # sparse training (the sparse-trained model it prunes is a weaker teacher)
+            variants = {"plain": (0.0, "dense"), "kd": (args.alpha, "dense")}
+            if source != "pretrain":
+                variants["kd_pretrain"] = (args.alpha, str(dense / "checkpoints" / "pretrain.pt"))
             for ratio in args.ratios:
-                for alpha in (0.0, args.alpha):
-                    name = f"{method}_{ratio:g}_{'kd' if alpha else 'plain'}"
+                for variant, (alpha, teacher) in variants.items():
+                    name = f"{method}_{ratio:g}_{variant}"
                     table = run(
                         args.out / f"seed{seed}" / name,
                         [
@@ -108,30 +114,32 @@ def main() -> None:
                             "schedule.finetune.lr_schedule=cosine",
                             f"schedule.finetune.distill.alpha={alpha}",
                             f"schedule.finetune.distill.temperature={args.temperature}",
+                            f"schedule.finetune.distill.teacher={teacher}",
                         ],
                     )
                     final = table.iloc[-1]
-                    dense_top1 = table[table.stage == source].top1.iloc[0] if source in set(table.stage) else None
-                    results.append(
-                        {
-                            "method": method,
-                            "ratio": ratio,
-                            "kd": bool(alpha),
-                            "seed": seed,
-                            "top1": final.top1,
-                            "params": final.params,
-                            "dense": dense_top1,
-                        }
-                    )
+                    row = {"method": method, "ratio": ratio, "finetune": variant, "seed": seed, "top1": final.top1}
+                    results.append({**row, "params": final.params, "teacher_top1": teacher_top1(table, teacher)})
                     print(f"seed {seed} {name}: top1 {final.top1:.2f} params {final.params}", flush=True)
     frame = pd.DataFrame(results)
     frame.to_csv(args.out / "compare_distill.csv", index=False)
-    print("\n| method | params removed | finetune | top-1 (mean ± std) | seeds |\n|---|---|---|---|---|")
-    for (method, ratio, kd), group in frame.groupby(["method", "ratio", "kd"]):
+    print("\n| method | params removed | finetune | teacher top-1 | top-1 (mean ± std) | seeds |")
+    print("|---|---|---|---|---|---|")
+    for (method, ratio, variant), group in frame.groupby(["method", "ratio", "finetune"]):
         values = list(group.top1)
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        teacher = "-" if variant == "plain" else f"{group.teacher_top1.mean():.2f}"
         top1 = f"{statistics.mean(values):.2f} ± {std:.2f}"
-        print(f"| {method} | {ratio:.0%} | {'KD' if kd else 'labels'} | {top1} | {len(values)} |")
+        print(f"| {method} | {ratio:.0%} | {variant} | {teacher} | {top1} | {len(values)} |")
+
+
+def teacher_top1(table: pd.DataFrame, teacher: str) -> float:
+    """The teacher's test top-1: the row of the stage the pruned model came from, or the checkpoint's own row."""
+    if teacher == "dense":
+        before = table.index[table.stage == "prune"][0] - 1
+        return float(table.top1[before])
+    rows = pd.read_csv(Path(teacher).parent.parent / "results.csv")
+    return float(rows[rows.stage == Path(teacher).stem].top1.iloc[0])
 
 
 if __name__ == "__main__":

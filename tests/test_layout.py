@@ -21,6 +21,7 @@ DEFERRED = (
     "torch.onnx",
     "torch._dynamo",
     "torchvision",
+    "mlflow",
 )
 DEFERRED += ("sklearn",)
 # ``import prune_cli`` imports neither torch nor Hydra: the two public functions import their layer on use

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
+from prune_cli.core.atomic import write_bytes
 from prune_cli.core.errors import UserError, one_line
 from prune_cli.core.timing import time_calls
 from prune_cli.data import batches, load_data, normalize
+from prune_cli.deploy.export import export
 
 QUANTIZE = ("int8",)
 CALIBRATION_IMAGES = 256  # training images the activation ranges are calibrated on (drawn with the run's seed)
@@ -28,8 +31,6 @@ TIMING = {"warmup": 3, "repeats": 15}  # forwards per model and batch: untimed, 
 
 def run_data(config: dict):
     """The run's dataset on the CPU as its config names it, or one line naming ``dataset.root`` when unreadable."""
-    from omegaconf import OmegaConf
-
     try:
         return load_data(OmegaConf.create(config["dataset"]), config.get("seed", 0), "cpu")
     except UserError as e:
@@ -144,9 +145,6 @@ def with_metadata(model: bytes, source: bytes) -> bytes:
 def export_int8(model, out: Path, input_shape, metadata: dict, config: dict | None) -> tuple[dict, list[str]]:
     """Write ``model`` quantized to INT8 at ``out`` (ONNX, with ``metadata``), calibrated on its run's training
     images (``config``: the run's); returns (the report of ``report`` for fp32 and int8, the float-left op kinds)."""
-    from prune_cli.core.atomic import write_bytes
-    from prune_cli.deploy.export import export
-
     if not config or "dataset" not in config:
         raise UserError("--quantize", "calibrating needs the run's dataset, and the checkpoint records no config")
     data = run_data(config)

@@ -19,6 +19,7 @@ from prune_cli.core import distributed
 from prune_cli.reporting.aggregate import collect
 from prune_cli.reporting.collect import NOT_DONE, jobs_markdown
 from prune_cli.reporting.render import emit, summary_markdown, sweep_plots, write_tables
+from prune_cli.run.mlflow_tracking import end_sweep
 
 
 class SweepTable(Callback):
@@ -67,6 +68,11 @@ class SweepTable(Callback):
             print(f"error: sweep tables: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
             return 1
         failed = bool(summary.missing) or any(row["status"] in NOT_DONE for _, row in jobs)
+        try:  # the sweep's parent MLflow run (when its jobs logged to MLflow) ends with the sweep's tables
+            end_sweep(root, "FAILED" if failed else "FINISHED")
+        except Exception as e:
+            print(f"error: logger: the sweep's MLflow run: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+            failed = True
         try:
             written = sweep_plots(summary, root)
             emit(f"plots: {', '.join(p.name for p in written)} in {root}\n" if written else "plots: nothing to plot\n")

@@ -33,6 +33,7 @@ from prune_cli.engine import settings
 from prune_cli.importance.criteria import CRITERIA
 from prune_cli.importance.regularizers import REGULARIZERS
 from prune_cli.models import MODELS
+from prune_cli.run import mlflow_tracking  # noqa: F401 (registers the mlflow loggers)
 from prune_cli.run.logger import LOGGERS
 from prune_cli.stages import STAGES
 from prune_cli.structure import selection

@@ -1,7 +1,8 @@
-"""Experiment tracking (``logger=<name>``), registered by name like the other parts: ``none`` (default) or
+"""Experiment tracking (``logger=<name>``), registered by name like the other parts: ``none`` (default),
 ``tensorboard``, which mirrors every per-epoch row of ``metrics.csv`` as TensorBoard scalars ``<stage>/<metric>``
-(``<stage>/net<k>/<metric>`` for grafted networks) at step = the stage's epoch. The CSV files stay the source of
-truth; a logger is a view of them, fed whenever the run writes its tables."""
+(``<stage>/net<k>/<metric>`` for grafted networks) at step = the stage's epoch, and ``mlflow`` /
+``mlflow_tensorboard`` (``mlflow_tracking.py``). The CSV files stay the source of truth; a logger is a view of them,
+fed whenever the run writes its tables, started once the run's checks pass and told how the run ended."""
 
 from __future__ import annotations
 
@@ -48,6 +49,19 @@ class Logger:
     def write(self, rows: list[dict]) -> None:
         """Record history rows not recorded before."""
 
+    def start(self, config: dict, earlier: dict) -> dict:
+        """The run starts (``config``: its resolved config; ``earlier``: what run.json recorded when the run is
+        resumed, else empty); returns what run.json should record of the logger."""
+        return {}
+
+    def finish(self, status: str) -> None:
+        """The run ends: ``status`` FINISHED, FAILED or KILLED (interrupted)."""
+
+
+def prefix(row: dict) -> str:
+    """Where a history row's metrics go: ``<stage>``, or ``<stage>/net<k>`` for a network of several."""
+    return row["stage"] + (f"/net{row['net']}" if "net" in row else "")
+
 
 @LOGGERS.register("none")
 class NoLogger(Logger):
@@ -76,10 +90,9 @@ class TensorBoard(Logger):
 
             self.writer = SummaryWriter(str(self.run_dir / self.dir))
         for h in rows:
-            prefix = h["stage"] + (f"/net{h['net']}" if "net" in h else "")
             for name, value in h.items():
                 if name not in NOT_SCALARS and isinstance(value, (int, float)) and value == value:
-                    self.writer.add_scalar(f"{prefix}/{name}", value, h["epoch"])
+                    self.writer.add_scalar(f"{prefix(h)}/{name}", value, h["epoch"])
         self.writer.flush()
 
 

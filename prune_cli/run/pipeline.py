@@ -55,16 +55,25 @@ def _run(cfg, run_dir: Path) -> list[dict]:
     for stage in stages:
         check_shared_groups(stage, view, cfg)
         view = stage.prepare(ctx, view) or view
-
     if ck is not None:
         check_init_from_identity(cfg.init_from, ck, cfg)  # after the checks above: theirs name the cause first
-        run_.restore(ck)
+    run_.start_logging()  # after every check: a run they refuse leaves no run in a tracking store
+    with run_.tracked():
+        return run_stages(ctx, stages[start:], model, ck)
+
+
+def run_stages(ctx: Context, stages: list, model, init_ck: dict | None) -> list[dict]:
+    """Run ``stages`` on ``model`` (``init_ck``: the checkpoint init_from names, whose tables the run takes), each
+    taken from its checkpoint when finished earlier; write the tables and the summary; the rows."""
+    cfg, run_ = ctx.cfg, ctx.run
+    if init_ck is not None:
+        run_.restore(init_ck)
     else:
-        top1, loss = ctx.test(model) if names else (float("nan"), float("nan"))
+        top1, loss = ctx.test(model) if stages else (float("nan"), float("nan"))
         run_.rows = [ctx.measure("init", model, top1, loss)]
 
-    tables.write_status(run_dir, "running")
-    for stage in stages[start:]:
+    tables.write_status(run_.dir, "running")
+    for stage in stages:
         distributed.barrier()  # every rank reads the checkpoints rank 0 has written so far
         ck = run_.checkpoint(stage.name)
         if ck is not None and ck["done"]:  # finished earlier: take its model and tables
@@ -75,8 +84,8 @@ def _run(cfg, run_dir: Path) -> list[dict]:
         run_.write_tables()
     run_.write_tables()
     summary = tables.summary_markdown(run_.rows, tables.identity(cfg))
-    write_text(Path(run_dir) / "summary.md", summary)
-    tables.write_status(run_dir, "done")
+    write_text(run_.dir / "summary.md", summary)
+    tables.write_status(run_.dir, "done")
     if distributed.is_main():
         print(summary)
     return run_.rows

@@ -13,6 +13,8 @@ RESUMABLE_DIFFERENCES = (
     "trainer.eval_batch_size",
     "logger.name",
     "logger.dir",
+    "logger.tracking_uri",
+    "logger.experiment",
     "latency",
     "dataset.stream",  # imagefolder: streamed or in memory, the same batches
     "dataset.workers",

@@ -7,6 +7,7 @@ owned by one run at a time (``lock``) and never takes a run with another config 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class RunDir:
         self.histories: dict[str, list[dict]] = {}
         self.provenance: dict = {}
         self.data_fingerprint: str | None = None  # of the data this run trains on, once known (``check_data``)
+        self.resumed_from: dict = {}  # run.json as an earlier process of this run wrote it (``record_provenance``)
         self.logger = build_logger(cfg.logger, self.dir)
 
     def record_provenance(self, device: torch.device) -> None:
@@ -96,7 +98,30 @@ class RunDir:
         self.cfg.trainer.memory_format = self.provenance["memory_format"]
         if recorded and "data" in recorded:  # what the run read stays recorded until it reads the data again
             self.provenance["data"] = recorded["data"]
+        self.resumed_from = recorded or {}
         write_text(self.dir / "run.json", json.dumps(self.provenance, indent=2) + "\n")
+
+    def start_logging(self) -> None:
+        """Start the run's logger, as the run recorded it when resumed (an MLflow run continues), and record in
+        run.json what it says of itself."""
+        started = self.logger.start(self.config, self.resumed_from)
+        if started:
+            self.provenance.update(started)
+            if distributed.is_main():
+                write_text(self.dir / "run.json", json.dumps(self.provenance, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def tracked(self):
+        """Tell the run's logger how the run ends: FINISHED, FAILED (an error) or KILLED (interrupted)."""
+        try:
+            yield
+        except Exception:
+            self.logger.finish("FAILED")
+            raise
+        except BaseException:
+            self.logger.finish("KILLED")
+            raise
+        self.logger.finish("FINISHED")
 
     def check_data(self, fingerprint: str) -> None:
         """Refuse data that differ from those the run's checkpoints were trained on (a checkpoint written before
