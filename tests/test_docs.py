@@ -15,6 +15,7 @@ import shlex
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from omegaconf import OmegaConf
 
 from helpers import ROOT
@@ -112,10 +113,15 @@ def overrides_of(arguments: list[str]) -> list[str]:
     first = []
     for override in OverridesParser.create().parse_overrides(overrides):
         sweep = override.is_sweep_override()
-        first.append(
-            f"{override.get_key_element()}={next(override.sweep_string_iterator())}" if sweep else override.input_line
-        )
+        first.append(f"{override.get_key_element()}={first_value(override)}" if sweep else override.input_line)
     return first
+
+
+def first_value(override) -> str:
+    """The value of a sweep override's first job: its first choice, or an interval's (Optuna's search range) start."""
+    if override.value_type == ValueType.INTERVAL_SWEEP:
+        return str(override.value().start)
+    return next(override.sweep_string_iterator())
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +175,4 @@ def test_command_extraction_joins_continuations_and_drops_shell_parts():
     ]
     assert overrides_of(["-m", "x=1,2", "y=3", "z=[a,b]"]) == ["x=1", "y=3", "z=[a,b]"]
     assert overrides_of(["--cfg", "job", "z=[a,b]"]) == ["z=[a,b]"]
+    assert overrides_of(["-m", "x=tag(log, interval(0.001, 0.1))", "y=interval(2, 5)"]) == ["x=0.001", "y=2.0"]

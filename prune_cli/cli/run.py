@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from prune_cli.core import distributed
 from prune_cli.core.errors import UserError
 from prune_cli.reporting import callback
-from prune_cli.run import lock, pipeline, tables
+from prune_cli.run import lock, objective, pipeline, tables
 
 # main() has Hydra raise what it would print as a traceback; the user's own HYDRA_FULL_ERROR is kept here (the
 # launcher's worker processes inherit it)
@@ -54,7 +54,8 @@ def _on_sigterm(signum, frame):
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def app(cfg) -> None:
+def app(cfg) -> float | None:
+    """One run; returns its objective (``objective``: what a sweeper such as Optuna's maximises), None if it failed."""
     hc = HydraConfig.get()
     run_dir = distributed.shared(Path(hc.runtime.output_dir))  # every rank works in rank 0's directory
     sweeping = hc.mode == RunMode.MULTIRUN
@@ -68,7 +69,7 @@ def app(cfg) -> None:
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        pipeline.run(cfg, run_dir)
+        return objective.value(pipeline.run(cfg, run_dir), cfg.objective)
     except UserError as e:
         if full_error:
             raise

@@ -33,7 +33,10 @@ from prune_cli.engine import settings
 from prune_cli.importance.criteria import CRITERIA
 from prune_cli.importance.regularizers import REGULARIZERS
 from prune_cli.models import MODELS
-from prune_cli.run import mlflow_tracking  # noqa: F401 (registers the mlflow loggers)
+from prune_cli.run import (
+    mlflow_tracking,  # noqa: F401 (registers the mlflow loggers)
+    objective,
+)
 from prune_cli.run.logger import LOGGERS
 from prune_cli.stages import STAGES
 from prune_cli.structure import selection
@@ -59,6 +62,7 @@ RUN_OPTIONS = (
         rule_doc="on or off (true / false)",
         absent="off",
     ),
+    objective.OPTION,
 )
 STAGE_LIST = List("stages", [], "the stages to run, in order", item=Value("str"))
 
@@ -145,6 +149,7 @@ def check_resolved(plain: dict) -> dict:
     settings.check_config(plain)
     selection.check_config(plain)
     LOGGERS.get(plain["logger"]["name"]).check_config(plain)
+    objective.check_config(plain)
     for name in plain["schedule"]["stages"]:
         STAGES.get(name).check_config(plain)
         check_own_rule(name, plain["prune"])

@@ -15,6 +15,10 @@ RESUMABLE_DIFFERENCES = (
     "logger.dir",
     "logger.tracking_uri",
     "logger.experiment",
+    "objective.metric",  # what the run returns to a sweeper, not what it computes
+    "objective.budget",
+    "objective.budget_of",
+    "objective.penalty",
     "latency",
     "dataset.stream",  # imagefolder: streamed or in memory, the same batches
     "dataset.workers",
