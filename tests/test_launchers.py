@@ -1,8 +1,12 @@
-"""Optional extras around runs: a sweep through Hydra's submitit launcher (local executor) aggregates like any
-sweep, and logger=tensorboard mirrors metrics.csv as scalars (read back with TensorBoard's own reader)."""
+"""Optional extras around runs: a sweep through Hydra's submitit launcher (local executor: parallel processes)
+aggregates like any sweep and logs its jobs to one MLflow store as children of one parent run, and
+logger=tensorboard mirrors metrics.csv as scalars (read back with TensorBoard's own reader)."""
+
+import json
 
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import TINY, compose_config, run_cli
@@ -14,14 +18,16 @@ pytestmark = pytest.mark.slow  # a launcher's processes, and a whole run
 SMALL = [*TINY, "dataset.image_size=8", "model.width_mult=0.25", "schedule.pretrain.epochs=1"]
 
 
-def test_submitit_local_sweep_is_aggregated(tmp_path):
-    sweep = tmp_path / "sweep"
+def test_submitit_local_sweep_is_aggregated_and_tracked(tmp_path):
+    sweep, store = tmp_path / "sweep", f"sqlite:///{tmp_path / 'mlruns.db'}"
     r = run_cli(
         "-m",
         "hydra/launcher=submitit_local",
         *SMALL,
         "schedule.finetune.epochs=1",
         "seed=0,1",
+        "logger=mlflow_tensorboard",  # MLflow and TensorBoard together
+        f"logger.tracking_uri='{store}'",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
     )
@@ -35,6 +41,20 @@ def test_submitit_local_sweep_is_aggregated(tmp_path):
     groups = pd.read_csv(sweep / "sweep_summary.csv")  # the two seeds are one group
     assert len(groups) == 1 and groups.loc[0, "n"] == 2
     assert abs(groups.loc[0, "top1_mean"] - (finals[0]["top1"] + finals[1]["top1"]) / 2) < 1e-9
+
+    # tracked: the two jobs, logging side by side into one SQLite store, are child runs of the sweep's parent run
+    client = MlflowClient(store)
+    parent_id = json.loads((sweep / "mlflow_parent.json").read_text())["run_id"]
+    children = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.metrics["final/top1"] for c in children} == {final["top1"] for final in finals}
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert "sweep.csv" in {a.path for a in client.list_artifacts(parent_id)}
+    for job in ("0", "1"):
+        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_tensorboard_scalars_are_the_metrics(tmp_path):

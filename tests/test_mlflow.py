@@ -1,7 +1,6 @@
 """MLflow tracking (``logger=mlflow``), read back through ``MlflowClient`` from one SQLite store the module's tests
 share: a run's params, metrics, tags and artifacts; a resumed run continuing its MLflow run; a store that cannot be
-written refused in one line at start; a two-job parallel sweep nested under its parent run, with TensorBoard's
-scalars beside (``logger=mlflow_tensorboard``)."""
+written refused in one line at start. (A parallel sweep's jobs nested under one parent run: test_launchers.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import TINY, compose_config, run_cli, run_interrupted
+from helpers import TINY, compose_config, run_interrupted
 from prune_cli.core.errors import UserError
 from prune_cli.run import pipeline
 
@@ -82,35 +81,3 @@ def test_a_store_that_cannot_be_written_is_one_line_at_start(tmp_path, monkeypat
         pipeline.run(tiny(f"sqlite:///{tmp_path / 'file' / 'mlruns.db'}"), tmp_path / "run")
     assert e.value.option == "logger.tracking_uri" and "cannot write the MLflow store" in e.value.why
     assert not list((tmp_path / "run").glob("checkpoints/*"))
-
-
-@pytest.mark.slow
-def test_a_parallel_sweep_nests_its_jobs_under_one_parent(store, tmp_path):
-    sweep = tmp_path / "sweep"
-    r = run_cli(
-        "-m",
-        "seed=0,1",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "logger=mlflow_tensorboard",
-        f"logger.tracking_uri='{store}'",
-        *TINY,
-        "dataset.image_size=8",
-        "model.width_mult=0.25",
-        "schedule.pretrain.epochs=1",
-        "schedule.finetune.epochs=1",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr
-    client = MlflowClient(store)
-    parent_id = json.loads((sweep / "mlflow_parent.json").read_text())["run_id"]
-    children = client.search_runs(
-        [client.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
-    )
-    assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
-    assert {c.info.status for c in children} == {"FINISHED"}
-    parent = client.get_run(parent_id)
-    assert parent.info.status == "FINISHED" and "sweep.csv" in {a.path for a in client.list_artifacts(parent_id)}
-    for job in ("0", "1"):
-        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))

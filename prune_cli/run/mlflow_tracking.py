@@ -10,18 +10,25 @@ directory the command started from (artifacts beside it in ``mlartifacts/``); ``
 The run's id is recorded in ``run.json``: a resumed run continues the same MLflow run. The jobs of a ``-m`` sweep
 are child runs of one parent run per sweep directory (its id in ``<sweep>/mlflow_parent.json``, made by the first
 job under a lock, so parallel jobs share it); the sweep callback ends it with the sweep's tables. A store that
-cannot be written is one line naming ``logger.tracking_uri`` when the run starts, before any data is read; SQLite
-writes that find the file locked by a parallel job are retried.
+cannot be written is one line naming ``logger.tracking_uri`` when the run starts, before any data is read. Parallel
+jobs make a SQLite store's tables one at a time (a lock file beside it), and writes that find the file locked are
+retried.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): parallel jobs rely on the retries alone
+    fcntl = None
 
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
@@ -71,6 +78,22 @@ def retried(call, *args, **kwargs):
             time.sleep(0.25 * (1 + attempt))
 
 
+@contextlib.contextmanager
+def creating(uri: str):
+    """Hold an exclusive lock beside a SQLite store's file (``<file>.lock``) while the block runs, so that jobs
+    starting together do not make its tables twice (elsewhere, and without POSIX locks, nothing is held)."""
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    path = Path(uri[len("sqlite:///") :])
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Store:
     """A client of one tracking URI and its experiment; ``UserError`` naming the option when it cannot be used."""
 
@@ -80,20 +103,17 @@ class Store:
         quiet()
         self.uri = uri or default_uri()
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            found = retried(self.client.get_experiment_by_name, experiment)
-            if found is None:
-                artifacts = self.artifact_root()
-                self.experiment = retried(self.client.create_experiment, experiment, artifact_location=artifacts)
-            else:
-                self.experiment = found.experiment_id
+            with creating(self.uri):  # parallel jobs: one at a time makes the file's tables and the experiment
+                self.client = MlflowClient(tracking_uri=self.uri)
+                found = retried(self.client.get_experiment_by_name, experiment)
+                self.experiment = (
+                    found.experiment_id
+                    if found is not None
+                    else retried(self.client.create_experiment, experiment, artifact_location=self.artifact_root())
+                )
         except Exception as e:
-            if "already exists" in str(e):  # a parallel job made it first
-                self.experiment = retried(self.client.get_experiment_by_name, experiment).experiment_id
-            else:
-                raise UserError(
-                    "logger.tracking_uri", f"cannot write the MLflow store {self.uri} ({one_line(e)})"
-                ) from None
+            why = f"cannot write the MLflow store {self.uri} ({one_line(e)})"
+            raise UserError("logger.tracking_uri", why) from None
 
     def artifact_root(self) -> str | None:
         """A SQLite store keeps artifacts in ``mlartifacts/`` beside its file; other stores decide themselves."""
