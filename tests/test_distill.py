@@ -205,3 +205,24 @@ def test_the_finetunes_between_prune_steps_distil_as_the_finetune_block_says(tmp
         losses[name] = metrics[metrics.stage == "prune_step1"].train_loss.item()
     assert rows[rows.stage == "prune"].distill_teacher.item() == "dense checkpoints/pretrain.pt"
     assert losses["taught"] != losses["plain"]
+
+
+@pytest.mark.slow
+def test_the_dense_teacher_is_found_wherever_the_run_starts(distilled_run, tmp_path):
+    """The checkpoint ``teacher: dense`` reads, for a run started fresh, from a dense checkpoint (the schedule's
+    stages before pruning already done, or none listed), and from a pruned one (its run's dense model, beside it)."""
+    from types import SimpleNamespace
+
+    from prune_cli.stages.distill import dense_path
+
+    checkpoints = distilled_run / "checkpoints"
+    cases = [
+        ([], None, tmp_path / "checkpoints" / "pretrain.pt"),  # trained in this run
+        ([], checkpoints / "pretrain.pt", checkpoints / "pretrain.pt"),  # the schedule resumes after pretrain
+        (["schedule.stages=[prune,finetune]"], checkpoints / "pretrain.pt", checkpoints / "pretrain.pt"),
+        (["schedule.stages=[finetune]"], checkpoints / "prune.pt", checkpoints / "pretrain.pt"),  # pruned already
+    ]
+    for overrides, init_from, want in cases:
+        cfg = tiny(*DISTILLED, *overrides, f"init_from={init_from}" if init_from else "init_from=null")
+        ctx = SimpleNamespace(cfg=cfg, run=SimpleNamespace(ckpt_dir=tmp_path / "checkpoints"))
+        assert dense_path(ctx, "finetune") == want, (overrides, init_from)

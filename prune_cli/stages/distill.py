@@ -109,32 +109,31 @@ def first_changing(names: list[str]) -> int | None:
 
 
 def dense_path(ctx, stage: str) -> Path:
-    """The checkpoint holding the run's dense model, for ``stage`` (the stage the teacher serves)."""
+    """The checkpoint holding the run's dense model, for ``stage`` (the stage the teacher serves): that of the stage
+    before the first that prunes, trained in this run or the ``init_from`` checkpoint that has been through it; for
+    a run that starts from a pruned checkpoint, the dense model of the run it came from, beside it."""
     names, option = list(ctx.cfg.schedule.stages), f"schedule.{stage}.distill.teacher"
-    first = first_changing(names)
-    if first is not None and first > 0:
+    first, init_from = first_changing(names), ctx.cfg.get("init_from")
+    history = [r["stage"] for r in load_checkpoint(init_from)["rows"]] if init_from else []
+    ended = first_changing(history)
+    if ended is not None:  # init_from was pruned: its run's dense model, beside it
+        before = history[ended - 1] if ended > 0 else "init"
+        path = Path(init_from).parent / f"{before}.pt"
+        if before == "init" or not path.is_file():
+            why = f"the dense model of init_from {init_from} (its {before} stage) is not on record beside it"
+            raise UserError(option, f"{why}: name a teacher")
+        return path
+    if first is None:
+        raise UserError(option, "nothing in this run or in its init_from is pruned: name a teacher")
+    if first > 0 and names[first - 1] not in history:  # trained in this run
         return ctx.run.ckpt_dir / f"{names[first - 1]}.pt"
-    init_from = ctx.cfg.get("init_from")
     if init_from is None:
         raise UserError(
             option,
             f"the schedule starts with {names[0]} and init_from is null: the run has no trained dense model to learn "
             "from; name a teacher, or start from a trained checkpoint",
         )
-    rows = load_checkpoint(init_from)["rows"]
-    ended = first_changing([r["stage"] for r in rows])
-    if ended is None:
-        if first is not None:
-            return Path(init_from)  # a dense checkpoint, pruned in this run
-        raise UserError(option, f"nothing in this run or in init_from {init_from} is pruned: name a teacher")
-    before = rows[ended - 1]["stage"] if ended > 0 else "init"
-    path = Path(init_from).parent / f"{before}.pt"
-    if before == "init" or not path.is_file():
-        raise UserError(
-            option,
-            f"the dense model of init_from {init_from} (its {before} stage) is not on record beside it: name a teacher",
-        )
-    return path
+    return Path(init_from)  # the dense model this run prunes
 
 
 def build_teacher(ctx, stage: str, teacher) -> Teacher:
