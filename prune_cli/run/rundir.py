@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from prune_cli.core import distributed
 from prune_cli.core.atomic import save_torch, write_text
 from prune_cli.core.checkpoint import CHECKPOINT_SCHEMA, load_checkpoint
-from prune_cli.core.errors import UserError
+from prune_cli.core.errors import UserError, one_line
 from prune_cli.run import tables
 from prune_cli.run.config import resolve
 from prune_cli.run.lock import acquire, lock_owner
@@ -116,12 +117,19 @@ class RunDir:
         try:
             yield
         except Exception:
-            self.logger.finish("FAILED")
+            self.finish_logging("FAILED")
             raise
         except BaseException:
-            self.logger.finish("KILLED")
+            self.finish_logging("KILLED")
             raise
-        self.logger.finish("FINISHED")
+        self.finish_logging("FINISHED")
+
+    def finish_logging(self, status: str) -> None:
+        """End the logger's record of the run; a tracking store that fails now is a note, never the run's error."""
+        try:
+            self.logger.finish(status)
+        except Exception as e:
+            print(f"note: logger: the run's tracking record could not be closed ({one_line(e)})", file=sys.stderr)
 
     def check_data(self, fingerprint: str) -> None:
         """Refuse data that differ from those the run's checkpoints were trained on (a checkpoint written before
