@@ -2,8 +2,8 @@
 teacher, and save the weights (a helper the distributed tests run twice: alone, and as 2 processes under torchrun
 with the gloo backend, where each rank runs the teacher on its shard).
 
-    python tests/ddp_fit.py OUT.pt            one process, global batch 32
-    torchrun --nproc_per_node 2 tests/ddp_fit.py OUT.pt   two processes, 16 images each per step
+    python tests/ddp_fit.py OUT.pt [ROOT]            one process, global batch 32
+    torchrun --nproc_per_node 2 tests/ddp_fit.py OUT.pt [ROOT]   two processes, 16 images each per step
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def plain_net(data, widths: list[int]):
     )
 
 
-def main(out: str) -> None:
+def main(out: str, root: str | None = None) -> None:
+    """The fits into ``out``; with ``root`` (an image folder) also the streamed-shard run of ``ddp_stream`` into
+    ``<out>.stream`` (one launch of the processes for both)."""
     distributed.start()
     torch.set_num_threads(1)
     cfg = compose_config("dataset=synthetic", "dataset.subset=200", "dataset.test_subset=50")
@@ -50,7 +52,11 @@ def main(out: str) -> None:
     if distributed.is_main():
         saved = {"state": model.state_dict(), "history": history}
         torch.save({**saved, "distilled": {"state": student.state_dict(), "history": taught}}, out)
+    if root is not None:
+        import ddp_stream  # it imports this module: imported here, not at the top
+
+        ddp_stream.main(root, f"{out}.stream")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
