@@ -4,6 +4,8 @@ objective is the one its own results table gives."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import yaml
@@ -35,16 +37,18 @@ def test_the_objective_is_the_hand_computed_one():
     assert objective.value(ROWS, goal(budget=0.5, budget_of="params")) == 85.0  # 55% removed: met
     # 1.6x faster at batch 1: 37.5% of the latency removed, 40% asked: 2.5 points short at 2 points each
     assert objective.value(ROWS, goal(budget=0.4, budget_of="latency", penalty=2.0)) == pytest.approx(80.0)
-    with pytest.raises(UserError) as e:
-        objective.value(ROWS[:2], goal(metric="top1_change"))
-    assert e.value.option == "objective"
+    assert math.isnan(objective.value(ROWS[:2], goal(metric="top1_change")))  # nothing pruned: no comparison
 
 
-def test_a_latency_budget_needs_the_timing():
-    cfg = compose_config("debug=smoke", "objective.budget=0.5", "objective.budget_of=latency")
-    with pytest.raises(UserError) as e:
-        validate(cfg)
-    assert e.value.option == "objective.budget_of"
+def test_what_the_objective_compares_must_exist():
+    for overrides, option in [
+        (["objective.budget=0.5", "objective.budget_of=latency"], "objective.budget_of"),  # latency=off (smoke)
+        (["objective.metric=top1_change", "schedule=pretrain"], "objective.metric"),  # nothing prunes
+        (["objective.budget=0.5", "schedule=pretrain"], "objective.budget"),
+    ]:
+        with pytest.raises(UserError) as e:
+            validate(compose_config("debug=smoke", *overrides))
+        assert e.value.option == option
 
 
 @pytest.mark.slow

@@ -68,8 +68,9 @@ def app(cfg) -> float | None:
                 tables.write_status(run_dir, status, why)
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    rows = None
     try:
-        return objective.value(pipeline.run(cfg, run_dir), cfg.objective)
+        rows = pipeline.run(cfg, run_dir)
     except UserError as e:
         if full_error:
             raise
@@ -105,6 +106,7 @@ def app(cfg) -> float | None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         lock.release(run_dir)
+    return None if rows is None else objective.value(rows, cfg.objective)
 
 
 def say(line: str) -> None:

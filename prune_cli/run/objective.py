@@ -16,7 +16,7 @@ import math
 
 from prune_cli.core.errors import UserError
 from prune_cli.core.options import Choice, Float, Section
-from prune_cli.stages.base import dense_and_final
+from prune_cli.stages.base import STAGES, dense_and_final
 
 OPTION = Section(
     "objective",
@@ -43,8 +43,13 @@ OPTION = Section(
 
 
 def check_config(cfg: dict) -> None:
-    """A latency budget needs the run's timing (``latency: on``)."""
+    """What the objective reads must exist: a dense model to compare with (a pruning stage, or a pruned init_from)
+    for ``top1_change`` and budgets, and the run's timing (``latency: on``) for a latency budget."""
     o = cfg["objective"]
+    compares = o["metric"] == "top1_change" or o["budget"] is not None
+    if compares and cfg["init_from"] is None and not any(STAGES.get(s).prunes for s in cfg["schedule"]["stages"]):
+        option = "objective.metric" if o["budget"] is None else "objective.budget"
+        raise UserError(option, "compares the pruned model with the dense one, and no stage of the schedule prunes")
     if o["budget"] is not None and o["budget_of"] == "latency" and cfg["latency"] in ("off", False):
         raise UserError("objective.budget_of", "latency is measured only with latency=on; set it, or budget macs")
 
@@ -60,12 +65,11 @@ def removed(dense: dict, final: dict, rows: list[dict], of: str) -> float:
 
 
 def value(rows: list[dict], objective) -> float:
-    """The objective of a finished run's results ``rows``."""
-    pair = dense_and_final(rows)
-    final = rows[-1]
-    if objective.metric == "top1_change" or objective.budget is not None:
-        if pair is None:
-            raise UserError("objective", "the run pruned nothing: top1_change and budgets need a pruning stage")
+    """The objective of a finished run's results ``rows`` (NaN when it compares with a dense model the rows lack:
+    a run started from a checkpoint that was not pruned)."""
+    pair, final = dense_and_final(rows), rows[-1]
+    if pair is None and (objective.metric == "top1_change" or objective.budget is not None):
+        return math.nan
     metric = final["top1"] - pair[0]["top1"] if objective.metric == "top1_change" else final[objective.metric]
     if objective.budget is None:
         return float(metric)
