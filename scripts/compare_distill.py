@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/compare_distill"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7], help="shares of the params removed")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--train", type=int, default=10000, help="training images (a stratified subset)")
     ap.add_argument("--test", type=int, default=10000, help="test images")
     ap.add_argument("--epochs", type=int, nargs=3, default=[10, 5, 5], help="pretrain, sparse_train, finetune")
@@ -77,19 +78,20 @@ def main() -> None:
             ],
         )
         sparse_dir = args.out / f"seed{seed}" / "hgsr_sparse"
-        run(
-            sparse_dir,
-            [
-                *base,
-                "schedule=sparse",
-                "schedule.stages=[sparse_train]",
-                "regularizer=hgsr",
-                f"init_from={dense / 'checkpoints' / 'pretrain.pt'}",
-                f"schedule.sparse_train.epochs={sparse}",
-                *(f"schedule.sparse_train.{o}" for o in training),
-            ],
-        )
-        for method, (source, selection) in METHODS.items():
+        if "hgsr" in args.methods:
+            run(
+                sparse_dir,
+                [
+                    *base,
+                    "schedule=sparse",
+                    "schedule.stages=[sparse_train]",
+                    "regularizer=hgsr",
+                    f"init_from={dense / 'checkpoints' / 'pretrain.pt'}",
+                    f"schedule.sparse_train.epochs={sparse}",
+                    *(f"schedule.sparse_train.{o}" for o in training),
+                ],
+            )
+        for method, (source, selection) in ((m, METHODS[m]) for m in args.methods):
             start = (dense if source == "pretrain" else sparse_dir) / "checkpoints" / f"{source}.pt"
             # finetunes: with labels; distilled from the model pruned; HGSR also from the dense model before
             # sparse training (the sparse-trained model it prunes is a weaker teacher)
