@@ -157,6 +157,10 @@ def test_teachers_that_do_not_match_are_refused_before_any_data(tmp_path, monkey
     grey = saved_teacher(tmp_path / "grey.pt", num_classes=10, in_channels=1)
     e = refusal(tmp_path, *DISTILLED, f"{option}={grey}")
     assert e.option == option and "does not take this run's 3x16x16 images" in e.why
+    factory = {"name": "custom", "target": "os:system", "num_classes": 10, "in_channels": 3, "image_size": 16}
+    torch.save({"arch": factory, "state_dict": {}}, tmp_path / "code.pt")  # names code: the trust rule refuses it
+    e = refusal(tmp_path, *DISTILLED, f"{option}={tmp_path / 'code.pt'}")
+    assert e.option == option and "a file never runs code unless asked" in e.why
     e = refusal(tmp_path, *DISTILLED, f"{option}={tmp_path / 'missing.pt'}")
     assert e.option == option and "does not exist" in e.why
     e = refusal(tmp_path, "schedule.pretrain.distill.alpha=0.5")
