@@ -30,7 +30,7 @@ TIMING = {"warmup": 3, "repeats": 15}  # forwards per model and batch: untimed, 
 
 
 def run_data(config: dict):
-    """The run's dataset on the CPU as its config names it, or one line naming ``dataset.root`` when unreadable."""
+    """The run's dataset on the CPU as its config names it; one line (``--quantize``: why) when it cannot be read."""
     try:
         return load_data(OmegaConf.create(config["dataset"]), config.get("seed", 0), "cpu")
     except UserError as e:
