@@ -70,10 +70,15 @@ def options_page():
     return (ROOT / "docs" / "options.md").read_text()
 
 
+# modules of the longest tests (whole runs of 10-25 s: golden presets, torchrun, launcher and Optuna sweeps): they
+# start first, so that no long test is left to run alone at the end
+LONGEST_FIRST = ("test_presets.py", "test_distributed.py", "test_launchers.py", "test_search.py")
+
+
 def pytest_collection_modifyitems(items):
-    """The slow tests first, each kind in its own order: the two workers then end together, instead of one running
-    the last long test alone while the other waits."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The slow tests first (the modules of the longest ones ahead), each kind in its own order: the two workers then
+    end together, instead of one running the last long test alone while the other waits."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.path.name not in LONGEST_FIRST))
 
 
 UNMARKED_LIMIT_S = 5.0  # a test not marked slow should take a fraction of this; past it, the session names it
