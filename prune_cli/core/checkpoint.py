@@ -15,9 +15,15 @@ from prune_cli.core.errors import UserError
 CHECKPOINT_SCHEMA = 2
 
 
-def load_checkpoint(path: Path | str) -> dict:
-    """A prune_cli checkpoint of any schema this version reads (CPU tensors)."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path | str, mapped: bool = False) -> dict:
+    """A prune_cli checkpoint of any schema this version reads (CPU tensors). ``mapped``: its tensors memory-mapped,
+    not read, for a caller that wants its tables or config alone (a legacy, non-zip file is read whole)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+    except RuntimeError:
+        if not mapped:
+            raise
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     schema = ck.get("schema", 1)
     if schema > CHECKPOINT_SCHEMA:
         raise UserError(

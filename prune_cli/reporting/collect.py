@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from prune_cli.core.atomic import write_text
 from prune_cli.run.lock import lock_owner
 from prune_cli.run.resumable import added_option
-from prune_cli.run.tables import IDENTITY, deltas, dynamic, identity, markdown_table, write_csv
+from prune_cli.run.tables import IDENTITY, deltas, dynamic, flatten, identity, markdown_table, normal, write_csv
 from prune_cli.stages.base import dense_and_final
 
 
@@ -166,26 +166,6 @@ def number(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(value) or math.isinf(value) else value
-
-
-def normal(value):
-    """A setting's value as a hashable scalar: lists and mappings as JSON text, NaN as None."""
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, sort_keys=True)
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = normal(value)
-    return out
 
 
 def added_default(name: str):

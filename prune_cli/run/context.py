@@ -23,6 +23,7 @@ class Context:
         self.input_shape, self.num_classes = describe(cfg.dataset)
         self._data = None
         self.cost_model = None  # prune.target=latency: the latency cost model, built once (stages/latency_target.py)
+        self.teachers = {}  # distill: each teacher built once, shared by the stages it teaches (stages/distill.py)
 
     @property
     def data(self):

@@ -40,7 +40,7 @@ from prune_cli.core.atomic import write_text
 from prune_cli.core.errors import UserError, one_line
 from prune_cli.core.options import Str
 from prune_cli.run.logger import LOGGERS, NOT_SCALARS, Logger, TensorBoard, prefix
-from prune_cli.run.tables import identity
+from prune_cli.run.tables import flatten, identity
 
 PARENT_FILE = "mlflow_parent.json"  # in a sweep directory: the parent run of its jobs
 ARTIFACTS = ("results.csv", "metrics.csv", "summary.md", "run.json")
@@ -125,18 +125,6 @@ class Store:
         return retried(self.client.create_run, self.experiment, tags=tags, run_name=name).info.run_id
 
 
-def flattened(config: dict, path: str = "") -> dict[str, str]:
-    """The config as MLflow params: dotted keys, values as text (at most 6,000 characters, MLflow's limit)."""
-    out = {}
-    for key, value in config.items():
-        name = f"{path}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flattened(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)[:6000]
-    return out
-
-
 def sweep_parent(store: Store, sweep: Path) -> str:
     """The parent run of the sweep in ``sweep``: made by the first job (under an exclusive lock file), read by the
     others."""
@@ -206,7 +194,7 @@ class MLflow(Logger):
         if sweep is not None:
             tags["mlflow.parentRunId"] = sweep_parent(self.store, sweep)
         self.run_id = self.store.new_run(self.run_dir.name, tags)
-        self.log_params(flattened(config))
+        self.log_params({name: str(value)[:6000] for name, value in flatten(config).items()})  # MLflow's limit
         return {"mlflow_run_id": self.run_id, "mlflow_tracking_uri": self.store.uri}
 
     def log_params(self, params: dict[str, str]) -> None:

@@ -1,5 +1,6 @@
-"""The tables of one run: the identity its rows repeat, results.csv / metrics.csv writing, status.json, and
-summary.md (the table and the dense -> pruned line). Tables over many runs: ``prune_cli.reporting``."""
+"""The tables of one run: the identity its rows repeat, its config as flat settings, results.csv / metrics.csv
+writing, status.json, and summary.md (the table and the dense -> pruned line). Tables over many runs:
+``prune_cli.reporting``."""
 
 from __future__ import annotations
 
@@ -43,6 +44,27 @@ def identity(cfg) -> dict:
         "ratio": cfg.prune.ratio if "prune" in reads else "-",
         "seed": cfg.seed,
     }
+
+
+def normal(value):
+    """A setting's value as a hashable scalar: lists and mappings as JSON text, NaN as None."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """A (plain) config as settings: dotted keys of every nested option, values as ``normal`` gives them."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = normal(value)
+    return out
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -114,7 +114,7 @@ def dense_path(ctx, stage: str) -> Path:
     a run that starts from a pruned checkpoint, the dense model of the run it came from, beside it."""
     names, option = list(ctx.cfg.schedule.stages), f"schedule.{stage}.distill.teacher"
     first, init_from = first_changing(names), ctx.cfg.get("init_from")
-    history = [r["stage"] for r in load_checkpoint(init_from)["rows"]] if init_from else []
+    history = [r["stage"] for r in load_checkpoint(init_from, mapped=True)["rows"]] if init_from else []
     ended = first_changing(history)
     if ended is not None:  # init_from was pruned: its run's dense model, beside it
         before = history[ended - 1] if ended > 0 else "init"
@@ -230,7 +230,16 @@ def prepared_teacher(ctx, stage: str) -> Teacher | None:
     if block["teacher"] == DENSE:
         dense_path(ctx, stage)
         return None
-    return build_teacher(ctx, stage, block["teacher"])
+    return shared_teacher(ctx, stage, block["teacher"])
+
+
+def shared_teacher(ctx, stage: str, teacher) -> Teacher:
+    """``build_teacher``, once per run for each stage block and teacher (the prune stage's step finetunes and the
+    finetune stage share the finetune block's)."""
+    key = (stage, repr(teacher))
+    if key not in ctx.teachers:
+        ctx.teachers[key] = build_teacher(ctx, stage, teacher)
+    return ctx.teachers[key]
 
 
 @dataclass
@@ -272,5 +281,5 @@ def teaching(prepared: Teacher | None, ctx, stage: str) -> Teaching | None:
     block = settings(ctx.cfg.schedule.get(stage, {}).get("distill"))
     if block is None:
         return None
-    teacher = prepared if prepared is not None else build_teacher(ctx, stage, DENSE)
+    teacher = prepared if prepared is not None else shared_teacher(ctx, stage, DENSE)
     return Teaching(teacher, block["alpha"], block["temperature"])
