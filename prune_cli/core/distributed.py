@@ -13,6 +13,7 @@ directory. Without the launcher every function here is the single-process identi
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import sys
@@ -90,7 +91,10 @@ def _refuse(option: str, why: str) -> None:
 
 
 def stop() -> None:
+    """Leave the process group at exit, while the interpreter is whole: cyclic garbage still holding it (a DDP
+    wrapper inside a cycle) is collected first, since freeing it during finalization can abort the process."""
     if active():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -9,6 +9,7 @@ training hooks (``hooks``: extra networks, per-network lr, work after an epoch) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -192,7 +193,9 @@ class Trainer:
             lrs = hook.lr_functions(self.st, len(self.models), self.epochs)
             if lrs is not None:
                 return lrs
-        return [lambda e: lr_at(self.st, e, self.epochs)] * len(self.models)
+        # not a closure over self: the trainer holds the DDP wrappers, and a cycle would keep them (and the process
+        # group they hold) alive until the collector runs, perhaps at interpreter exit, after the group is gone
+        return [functools.partial(lr_at, self.st, epochs=self.epochs)] * len(self.models)
 
     def load_optimizer_states(self, states: list | None) -> None:
         """Resume: the optimizers as the interrupted stage saved them (None entries start afresh)."""
