@@ -326,3 +326,73 @@ def test_the_greedy_masks_a_shared_group_where_masking_does(data3, monkeypatch):
     pruned = prune_channels(model, keep).eval()
     with torch.no_grad():
         assert stats["loss_masked"] == pytest.approx(F.cross_entropy(pruned(x[:16]), y[:16]).item(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_round_to_takes_blocks_as_a_brute_force_greedy_does(small_resnet, data3):
+    """round_to=3 on widths 4 / 8 / 16: the exact greedy's rounds are the brute-force ones. Each round, every
+    group still above 3 channels (the least multiple of 3) offers its next block, down to the next multiple of 3
+    (4 -> 3, 8 -> 6 -> 3, 16 -> 15 -> 12 ...): the block's channels are the group's lowest |L - L0| when masked
+    singly, the block is then masked whole in a copy (``mask_channels``), and the block nearest L0 goes."""
+    x, y = data3
+    xs, ys, model = x[:16], y[:16], small_resnet
+    st = structure(model, (3, 8, 8))
+    goal = 12  # channels: blocks of 1 to 3 channels land on it exactly
+    _, stats = loss_greedy_select(
+        model, xs, ys, structure=st, target="channels", ratio=goal / sum(model.widths), mode="exact", round_to=3
+    )
+
+    def loss_of(keep):
+        masked = copy.deepcopy(model)
+        mask_channels(masked, keep)
+        with torch.no_grad():
+            return F.cross_entropy(masked(xs), ys).item()
+
+    keep = [torch.ones(w, dtype=torch.bool) for w in model.widths]
+    l0, expected, removed = loss_of(keep), [], 0
+    while removed < goal:
+        best = None
+        for g, k in enumerate(keep):
+            width = int(k.sum())
+            step = width % 3 or 3
+            if width - step < 3 or step > goal - removed:
+                continue
+            singles = []
+            for c in torch.nonzero(k).flatten().tolist():
+                k[c] = False
+                singles.append((abs(loss_of(keep) - l0), c))
+                k[c] = True
+            block = sorted(c for _, c in sorted(singles)[:step])
+            k[block] = False
+            change = abs(loss_of(keep) - l0)
+            k[block] = True
+            if best is None or change < best[0] - 1e-9:
+                best = (change, g, block)
+        _, g, block = best
+        keep[g][block] = False
+        expected += [(g, c) for c in block]
+        removed += len(block)
+    assert stats["removed"] == expected
+    assert stats["channels_removed"] == goal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["params", "macs"])
+def test_round_to_keeps_multiples_with_masked_equal_pruned_and_exact_counts(small_resnet, data3, target):
+    """Fast mode with round_to=4 (groups of 4 keep their width): every group keeps a multiple of 4; the masked loss is the pruned network's, and
+    the counts are the pruned network's (params: its parameters; MACs: its own structure's count)."""
+    x, y = data3
+    xs, ys = x[:16], y[:16]
+    st = structure(small_resnet, (3, 8, 8))
+    keep, stats = loss_greedy_select(small_resnet, xs, ys, structure=st, target=target, ratio=0.3, round_to=4)
+    widths = [int(k.sum()) for k in keep]
+    assert all(w % 4 == 0 for w in widths) and widths != small_resnet.widths
+    pruned = prune_channels(small_resnet, keep).eval()
+    with torch.no_grad():
+        assert stats["loss_masked"] == pytest.approx(F.cross_entropy(pruned(xs), ys).item(), abs=1e-5)
+    params, macs = st.count(widths)
+    assert params == sum(p.numel() for p in pruned.parameters())
+    assert macs == structure(pruned, (3, 8, 8)).count(pruned.widths)[1]
+    removed = 1 - (params, macs)[target == "macs"] / st.count(small_resnet.widths)[target == "macs"]
+    assert stats["removed_fraction"] == pytest.approx(removed)
+    assert abs(removed - 0.3) < 0.03  # blocks of 4 channels: as near as they reach

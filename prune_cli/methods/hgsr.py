@@ -29,6 +29,9 @@ Two modes, the same selection rule:
   re-checked, and later rounds are capped to that size (doubling again while the checks pass); the first
   round is capped at ``prescreen / prescreen_factor`` channels, so it measures no more than later ones.
 
+With ``round_to`` N > 1 both modes take blocks instead of channels (``_Greedy.block_round``): the selection
+engine's blocks, each a group's channels scoring lowest this round, measured masked as a whole.
+
 Both modes run their passes on a working copy rebuilt without the removed channels whenever they hold
 ``COMPACT`` of its MACs (masked == physically pruned), so a pass costs what the network pruned so far costs.
 
@@ -60,7 +63,7 @@ from prune_cli.importance.criteria import Criterion, register
 from prune_cli.models import Prunable
 from prune_cli.structure.channels import Structure, prune_channels
 from prune_cli.structure.counting import layer_macs
-from prune_cli.structure.selection import Budget, check_target
+from prune_cli.structure.selection import Budget, blocks, check_target
 
 MODES = ("exact", "fast")
 TOLERANCE = 1e-3  # params/macs: land within 0.1% (relative) of the target amount where granularity allows
@@ -139,9 +142,9 @@ def _spread(mask: torch.Tensor, index: torch.Tensor | None, channels: int) -> to
 class _Budget(Budget):
     """The selection's Budget, plus the goal in absolute amounts and whether one more channel still fits."""
 
-    def __init__(self, structure: Structure, widths: list[int], target: str, ratio: float):
+    def __init__(self, structure: Structure, widths: list[int], target: str, ratio: float, round_to: int = 1):
         super().__init__(structure, widths, target)
-        self.ratio = ratio
+        self.ratio, self.round_to = ratio, round_to
         if target == "channels":
             self.goal, self.tol = float(round(ratio * self.total)), 0.0
         else:
@@ -159,29 +162,39 @@ class _Budget(Budget):
     def done(self, widths) -> bool:
         return self.remaining(widths) <= self.tol
 
+    def steps(self, widths: np.ndarray) -> np.ndarray:
+        """Channels the next removal from each group takes: one, or with ``round_to`` N the block down to the next
+        multiple of N (width % N, then N at a time)."""
+        if self.round_to == 1:
+            return np.ones_like(widths)
+        rest = widths % self.round_to
+        return np.where(rest > 0, rest, self.round_to)
+
     def costs(self, widths: np.ndarray) -> np.ndarray:
-        """Amount removed by taking one more channel from each group (exact, for the current widths)."""
-        base, out = self.amount(widths), np.zeros(len(widths))
+        """Amount removed by taking each group's next step (exact, for the current widths)."""
+        base, out, steps = self.amount(widths), np.zeros(len(widths)), self.steps(widths)
         for g in range(len(widths)):
-            if widths[g] > 0:
+            if widths[g] >= steps[g]:
                 w = widths.copy()
-                w[g] -= 1
+                w[g] -= steps[g]
                 out[g] = base - self.amount(w)
         return out
 
     def acceptable(self, widths: np.ndarray, avail: np.ndarray) -> np.ndarray:
-        """Per group: may one more channel go without overshooting and while the target stays reachable?"""
+        """Per group: may its next step go without overshooting and while the target stays reachable?"""
         ok = np.zeros(len(widths), dtype=bool)
         costs, rem = self.costs(widths), self.remaining(widths)
         free = avail > 0
         if self.target == "channels":
-            return free & (rem >= 1)
+            return free & (rem >= costs)
         after = rem - costs
         ok = free & (after >= -self.tol)
         big = costs[free].max() if free.any() else 0.0
+        # steps left per group (a heuristic with round_to: the later blocks priced as the next one)
+        left = avail if self.round_to == 1 else np.where(free, 1 + (avail - self.steps(widths)) // self.round_to, 0)
         for g in np.nonzero(ok & (after > self.tol))[0]:
-            if after[g] <= 4 * big:  # near the end: can the rest still be met by some set of channels?
-                a = avail.copy()
+            if after[g] <= 4 * big:  # near the end: can the rest still be met by some set of steps?
+                a = left.copy()
                 a[g] -= 1
                 ok[g] = _subset_sum_hits(costs, a, after[g] - self.tol, after[g] + self.tol)
         return ok
@@ -385,8 +398,9 @@ class _Evaluator:
         self.count.ife += self.n * self.frac_from[0]
         return est
 
-    def variants(self, g: int, channels: list[int]) -> torch.Tensor:
-        """Loss with each channel of group g masked in addition to the current masks (float64, CPU)."""
+    def variants(self, g: int, channels: list[int] | list[tuple[int, ...]]) -> torch.Tensor:
+        """Loss with each channel (or block of channels) of group g masked in addition to the current masks
+        (float64, CPU)."""
         s = self.group_stage[g]
         out = []
         with torch.no_grad():
@@ -394,7 +408,11 @@ class _Evaluator:
                 chunk = channels[i : i + self.batch_variants]
                 k = len(chunk)
                 v = self.keep[g].repeat(k, 1)
-                v[torch.arange(k), self.pos[g][chunk]] = 0
+                if isinstance(chunk[0], tuple):
+                    for row, block in enumerate(chunk):
+                        v[row, self.pos[g][list(block)]] = 0
+                else:
+                    v[torch.arange(k), self.pos[g][chunk]] = 0
                 self.variant = (g, v)
                 conv = self.convs[g]
                 if conv is not None:
@@ -434,6 +452,7 @@ def loss_greedy_select(
     verify: float | None = 1.0,
     batch_variants: int = 2,
     cache: bool = True,
+    round_to: int = 1,
     progress: bool = False,
 ) -> tuple[list[torch.Tensor], dict]:
     """HGSR's loss-based global greedy selection. Returns (keep masks, one bool CPU tensor per group; stats).
@@ -441,7 +460,9 @@ def loss_greedy_select(
     x, y: the fixed sample (normalised images on the model's device; labels). target: channels | params |
     macs; ratio: share of that quantity to remove (channels: of all channels of all groups; params/macs: of
     the whole model, ``structure.count``), met within 0.1% relative where whole channels allow.
-    min_channels: no group keeps fewer; protect: indices of groups never pruned.
+    min_channels: no group keeps fewer; protect: indices of groups never pruned. round_to N: channels go in
+    blocks that leave every pruned group a multiple of N (see ``_Greedy.block_round``); a group narrower than the
+    least multiple of N holding ``min_channels`` keeps its width.
 
     Fast-mode knobs: ``channels_per_round`` (float: share of the channels still to remove taken per round;
     int: a fixed number), ``prescreen`` (at least this many candidates measured exactly per round, picked by
@@ -453,7 +474,7 @@ def loss_greedy_select(
     batches only pay on a GPU), ``cache`` (resume from cached stage inputs: the same results, cheaper).
     """
     check_target(target, ratio)
-    _check_arguments(mode, min_channels, channels_per_round)
+    _check_arguments(mode, min_channels, channels_per_round, round_to)
     t0 = time.perf_counter()
     rounds = _Rounds(mode == "fast", channels_per_round, prescreen, prescreen_factor, verify)
     was_training = model.training
@@ -462,7 +483,7 @@ def loss_greedy_select(
     try:
         greedy = _Greedy(
             ev,
-            _Budget(structure, np.array(ev.width0, dtype=np.int64), target, ratio),
+            _Budget(structure, np.array(ev.width0, dtype=np.int64), target, ratio, round_to),
             min_channels,
             set(protect),
             rounds,
@@ -476,8 +497,11 @@ def loss_greedy_select(
     return keep, stats
 
 
-def _check_arguments(mode: str, min_channels: int, channels_per_round: int | float) -> None:
-    """For callers of the Python API: a known mode, min_channels >= 1, a share in (0, 1] or a count >= 1."""
+def _check_arguments(mode: str, min_channels: int, channels_per_round: int | float, round_to: int) -> None:
+    """For callers of the Python API: a known mode, min_channels >= 1, a share in (0, 1] or a count >= 1,
+    round_to an integer >= 1."""
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if min_channels < 1:
@@ -518,18 +542,21 @@ class _Greedy:
         self.ev, self.budget, self.rounds = ev, budget, rounds
         self.widths = np.array(ev.width0, dtype=np.int64)
         self.width0 = self.widths.copy()
-        self.avail = _available(self.widths, min_channels, protect)  # channels each group may still lose
+        # channels each group may still lose
+        self.avail = _available(self.widths, min_channels, protect, budget.round_to)
         if budget.remaining(self.widths - self.avail) > budget.tol:
             if budget.target != "latency":
                 raise ValueError(
-                    f"cannot remove {budget.ratio:.1%} of {budget.target} with min_channels={min_channels} "
-                    f"and protected groups {sorted(protect)}"
+                    f"cannot remove {budget.ratio:.1%} of {budget.target} with min_channels={min_channels}"
+                    + (f", round_to={budget.round_to}" if budget.round_to > 1 else "")
+                    + f" and protected groups {sorted(protect)}"
                 )
             budget.reach(self.widths - self.avail)  # out of reach: the fastest reachable (the prune stage says so)
         self.avail0 = self.avail.copy()
         self.keep = [torch.ones(int(w), dtype=torch.bool) for w in self.widths]
         self.stale: dict[tuple[int, int], float] = {}  # fast: loss change last measured for a candidate
         self.order: list[tuple[int, int]] = []  # (group, channel) of the removed channels, in removal order
+        self.taken_steps: list[tuple[int, int]] = []  # (group, channels) of every step taken (a channel, or a block)
         self.k_cap = rounds.first_cap()
         self.n_rounds, self.halvings, self.exact_estimate, self.sizes = 0, 0, 0, []
         self.l0 = self.lcur = math.nan
@@ -554,6 +581,8 @@ class _Greedy:
 
     def round(self) -> bool:
         """Measure the candidates, take the round's channels, mask them for good; False when none can go."""
+        if self.budget.round_to > 1:
+            return self.block_round()
         ok = self.budget.acceptable(self.widths, self.avail)
         cands = [(g, c) for g in range(len(self.keep)) if ok[g] for c in torch.nonzero(self.keep[g]).flatten().tolist()]
         if not cands:
@@ -568,14 +597,44 @@ class _Greedy:
         self.remove(*self.mask_checked(taken, delta))
         return True
 
-    def round_size(self, cands: list[tuple[int, int]]) -> int:
+    def block_round(self) -> bool:
+        """A round with ``round_to``: the candidates are blocks, one per group the budget accepts (or, when none
+        lands within tolerance, per group bringing the amount closer): the group's next step of channels scoring
+        lowest this round (by their measured single changes; fast mode with a pre-screen: by the Taylor estimate).
+        Each block is measured masked as a whole, and blocks are taken by the rule channels are."""
+        ok = self.budget.acceptable(self.widths, self.avail)
+        if not ok.any():
+            rem = self.budget.remaining(self.widths)
+            ok = (self.avail > 0) & (np.abs(rem - self.budget.costs(self.widths)) < abs(rem))
+        groups = np.nonzero(ok)[0].tolist()
+        if not groups:
+            return False
+        chans = {g: torch.nonzero(self.keep[g]).flatten().tolist() for g in groups}
+        if self.rounds.taylor:
+            est = self.ev.taylor()
+            single = {(g, c): float(est[g][c]) if len(est[g]) else 0.0 for g in groups for c in chans[g]}
+        else:
+            single = self.measure([(g, c) for g in groups for c in chans[g]])
+        steps, delta = self.budget.steps(self.widths), {}
+        for g in groups:
+            ranked = sorted(chans[g], key=lambda c: abs(self.lcur + single[(g, c)] - self.l0))  # stable: ids break ties
+            block = tuple(sorted(ranked[: steps[g]]))
+            delta[(g, block)] = float(self.ev.variants(g, [block])[0]) - self.lcur
+        self.exact_estimate += sum(len(chans[g]) + 1 for g in groups)
+        taken = _take(delta, self.lcur, self.l0, self.round_size(list(delta)), self.widths, self.avail, self.budget)
+        if not taken:
+            return False
+        self.remove(*self.mask_checked(taken, delta))
+        return True
+
+    def round_size(self, cands: list[tuple]) -> int:
         """Channels to take this round: 1 (exact), else a share of what remains or a fixed count, capped."""
         if not self.rounds.fast:
             return 1
         per_round = self.rounds.per_round
         if isinstance(per_round, float):
-            costs = self.budget.costs(self.widths)
-            mean_cost = float(np.mean([costs[g] for g, _ in cands]))
+            per_channel = self.budget.costs(self.widths) / self.budget.steps(self.widths)
+            mean_cost = float(np.mean([per_channel[g] for g, _ in cands]))
             todo = max(self.budget.remaining(self.widths), 0) / max(mean_cost, 1e-12)
             k = max(1, math.ceil(per_round * todo))
         else:
@@ -610,7 +669,7 @@ class _Greedy:
         halved, scale = False, float(np.median(np.abs(list(delta.values()))))
         verify, lcur, l0 = self.rounds.verify, self.lcur, self.l0
         while True:
-            for g, c in taken:
+            for g, c in _channels(taken):
                 self.ev.mask(g, c)
             lnew = self.ev.trunk(keep_graph=self.rounds.taylor)
             pred = lcur + sum(delta[t] for t in taken)
@@ -621,18 +680,20 @@ class _Greedy:
             if abs(lnew - l0) <= abs(lcur - l0) + step:
                 return taken, lnew, halved  # no further from L0 than one step
             # the channels interact more than their single changes predict: keep the first half of the round
-            for g, c in taken:
+            for g, c in _channels(taken):
                 self.ev.mask(g, c, masked=False)
             taken, halved = taken[: len(taken) // 2], True
             self.halvings += 1
 
-    def remove(self, taken: list[tuple[int, int]], lnew: float, halved: bool) -> None:
+    def remove(self, taken: list[tuple], lnew: float, halved: bool) -> None:
         """The round's channels go for good; later rounds are capped to a halved round's size, else double."""
-        self.k_cap = len(taken) if halved else self.k_cap * 2
+        channels = _channels(taken)
+        self.k_cap = len(channels) if halved else self.k_cap * 2
         self.ev.commit()
         self.lcur = lnew
-        self.sizes.append(len(taken))
-        for g, c in taken:
+        self.sizes.append(len(channels))
+        self.taken_steps += [(g, _size(unit)) for g, unit in taken]
+        for g, c in channels:
             self.keep[g][c] = False
             self.widths[g] -= 1
             self.avail[g] -= 1
@@ -644,7 +705,7 @@ class _Greedy:
         """The run's cost accounting and result (the module docstring names every key)."""
         exact_estimate = self.exact_estimate
         if self.rounds.fast:  # the exact greedy removing the same channels one per round would measure every candidate
-            exact_estimate = _exact_passes(self.width0, self.avail0, [g for g, _ in self.order])
+            exact_estimate = _exact_passes(self.width0, self.avail0, self.taken_steps, self.budget.round_to > 1)
         c, n = self.ev.count, self.ev.n
         return {
             "mode": "fast" if self.rounds.fast else "exact",
@@ -665,19 +726,32 @@ class _Greedy:
         }
 
 
-def _available(widths: np.ndarray, min_channels: int, protect: set[int]) -> np.ndarray:
-    """Per group, the channels it may lose: none when protected, else all but ``min_channels``."""
-    return np.array([0 if g in protect else max(0, w - min_channels) for g, w in enumerate(widths)])
+def _available(widths: np.ndarray, min_channels: int, protect: set[int], round_to: int) -> np.ndarray:
+    """Per group, the channels it may lose: none when protected, else all but ``min_channels`` (with ``round_to``
+    N: down to the least multiple of N holding them; a narrower group none)."""
+    last = [(b[-1][1] if (b := blocks(int(w), min_channels, round_to)) else 0) for w in widths]
+    return np.array([0 if g in protect else n for g, n in enumerate(last)])
 
 
-def _exact_passes(width0: np.ndarray, avail_init: np.ndarray, order: list[int]) -> int:
-    """Candidates summed over rounds of an exact greedy that removes the same channels one per round."""
+def _exact_passes(width0: np.ndarray, avail_init: np.ndarray, steps: list[tuple[int, int]], per_group: bool) -> int:
+    """Passes summed over rounds of an exact greedy taking the same steps one per round: every candidate channel
+    measured, and with ``per_group`` (blocks) one more pass per candidate group (its block measured whole)."""
     widths, avail, total = width0.copy(), avail_init.copy(), 0
-    for g in order:
-        total += int(sum(widths[h] for h in range(len(widths)) if avail[h] > 0))
-        widths[g] -= 1
-        avail[g] -= 1
+    for g, n in steps:
+        open_groups = [h for h in range(len(widths)) if avail[h] > 0]
+        total += int(sum(widths[h] for h in open_groups)) + (len(open_groups) if per_group else 0)
+        widths[g] -= n
+        avail[g] -= n
     return total
+
+
+def _channels(units: list[tuple]) -> list[tuple[int, int]]:
+    """(group, channel) of every channel in steps that are channels ``(g, c)`` or blocks ``(g, (c, ...))``."""
+    return [(g, c) for g, unit in units for c in (unit if isinstance(unit, tuple) else (unit,))]
+
+
+def _size(unit: int | tuple[int, ...]) -> int:
+    return len(unit) if isinstance(unit, tuple) else 1
 
 
 def _prescreen(cands, est, stale, lcur, l0, p) -> list[tuple[int, int]]:
@@ -702,17 +776,18 @@ def _prescreen(cands, est, stale, lcur, l0, p) -> list[tuple[int, int]]:
     return [cands[i] for i in sorted(chosen)]
 
 
-def _take(delta, lcur, l0, k, widths, avail, budget) -> list[tuple[int, int]]:
-    """Up to k channels, one after another: each the one whose masking keeps the predicted loss (current loss
-    plus the measured single-channel changes of the channels taken so far) closest to L0, among the channels
-    the budget still accepts."""
+def _take(delta, lcur, l0, k, widths, avail, budget) -> list[tuple]:
+    """Up to k channels, one step after another (a channel, or with ``round_to`` a group's block: one per group):
+    each the one whose masking keeps the predicted loss (current loss plus the measured changes of the steps taken
+    so far) closest to L0, among the steps the budget still accepts."""
     keys = list(delta)
     g_of = np.array([g for g, _ in keys])
     d = np.array([delta[kk] for kk in keys])
     alive = np.ones(len(keys), dtype=bool)
     widths, avail = widths.copy(), avail.copy()
     pred, taken = lcur, []
-    while len(taken) < k and not budget.done(widths) and alive.any():
+    n = 0  # channels taken
+    while n < k and not budget.done(widths) and alive.any():
         ok = budget.acceptable(widths, avail)
         allowed = alive & ok[g_of]
         if not allowed.any():
@@ -724,12 +799,13 @@ def _take(delta, lcur, l0, k, widths, avail, budget) -> list[tuple[int, int]]:
                 break
         score = np.where(allowed, np.abs(pred + d - l0), np.inf)
         i = int(np.argmin(score))
-        g = keys[i][0]
+        g, size = keys[i][0], _size(keys[i][1])
         taken.append(keys[i])
         alive[i] = False
         pred += d[i]
-        widths[g] -= 1
-        avail[g] -= 1
+        widths[g] -= size
+        avail[g] -= size
+        n += size
     return taken
 
 
@@ -793,10 +869,6 @@ class LossGreedy(Criterion):
                 "prune.ratio",
                 "the loss criterion selects to a target: set prune.ratio in (0, 1) and no prune.layer_ratios",
             )
-        if p.get("round_to", 1) > 1:
-            raise UserError(
-                "prune.round_to", "the loss criterion removes one channel at a time: it cannot round widths"
-            )
 
     @property
     def sample_size(self) -> int:
@@ -816,6 +888,7 @@ class LossGreedy(Criterion):
             ratio=ratio,
             min_channels=prune["min_channels"],
             protect=protect,
+            round_to=prune.get("round_to", 1),
             progress=progress,
             **options,
         )
