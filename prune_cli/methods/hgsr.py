@@ -140,7 +140,8 @@ def _spread(mask: torch.Tensor, index: torch.Tensor | None, channels: int) -> to
 
 
 class _Budget(Budget):
-    """The selection's Budget, plus the goal in absolute amounts and whether one more channel still fits."""
+    """The selection's Budget, plus the goal in absolute amounts and whether one more step (a channel or, with
+    ``round_to``, a block) still fits."""
 
     def __init__(self, structure: Structure, widths: list[int], target: str, ratio: float, round_to: int = 1):
         super().__init__(structure, widths, target)
