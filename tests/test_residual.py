@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -225,6 +226,25 @@ def test_a_group_is_offered_only_where_masking_removes_it(op, offered, monkeypat
         x = torch.randn(4, 3, 8, 8)
         with torch.no_grad():
             torch.testing.assert_close(model(x), pruned(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_stream_pruned_to_one_channel_is_still_a_stream(monkeypatch):
+    """A stream a + b left one channel wide is still traced as a stream (its one channel is the operands' own, not a
+    broadcast): the pruned network rebuilds without a warning and offers it again, and masked == pruned."""
+    torch.manual_seed(0)
+    monkeypatch.setitem(sys.modules, "gated_nets", types.SimpleNamespace(Gated=Gated))
+    arch = {"name": "custom", "target": "gated_nets:Gated", "kwargs": {"op": "relu"}, "shared": True, "image_size": 8}
+    with trusting(["gated_nets:Gated"]):
+        model = calibrated(build_model({**arch, "num_classes": 10, "in_channels": 3}), (3, 8, 8))
+        keep = [torch.arange(w) < (1 if g.shared else w) for g, w in zip(model.channel_groups(), model.widths)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pruned = prune_channels(model, keep).eval()
+    assert [w for g, w in zip(pruned.channel_groups(), pruned.widths) if g.shared] == [1]
+    mask_channels(model, keep)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), pruned(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -834,7 +834,8 @@ class ChannelGraph:
         for a in (a for a in node.args if isinstance(a, fx.Node)):
             s = self._shape(a)
             d = held - (len(shape) - len(s)) if s is not None else -1
-            if d < 0 or s[d] != shape[held] or shape[held] <= 1:
+            one = shape[held] <= 1 and (self._of(a) is None or self._channel_dim(a) != d)  # a traced channel: kept
+            if d < 0 or s[d] != shape[held] or one:
                 continue  # broadcast along the channels (one value for all), or no tensor
             if self._of(a) is not None and self._channel_dim(a) == d:
                 full.append(self._of(a))
