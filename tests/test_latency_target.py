@@ -141,7 +141,8 @@ def test_aiming_corrects_the_share_asked_until_the_clock_agrees():
     assert len(rounds) > 1 and min(abs(ms / 50 - 1) for _, _, ms in rounds) == pytest.approx(0.4)
     # a hit is timed again: a lucky first timing (50 ms, the target) of a network that runs 66 ms is not kept
     timings = {0.5: [50.0, 66.0]}
-    _, share, rounds = cost_model.aim(0.5, lambda r: r, lambda r: (100.0, timings.get(r, [100 * (1 - r) ** 0.6]).pop(0)))
+    clock = lambda r: (100.0, timings.get(r, [100 * (1 - r) ** 0.6]).pop(0))  # noqa: E731
+    _, share, rounds = cost_model.aim(0.5, lambda r: r, clock)
     assert rounds[0] == (0.5, 100.0, 58.0) and abs((1 - share) ** 0.6 / 0.5 - 1) <= cost_model.AIM_BAND
 
 

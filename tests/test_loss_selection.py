@@ -379,8 +379,9 @@ def test_round_to_takes_blocks_as_a_brute_force_greedy_does(small_resnet, data3)
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["params", "macs"])
 def test_round_to_keeps_multiples_with_masked_equal_pruned_and_exact_counts(small_resnet, data3, target):
-    """Fast mode with round_to=4 (groups of 4 keep their width): every group keeps a multiple of 4; the masked loss is the pruned network's, and
-    the counts are the pruned network's (params: its parameters; MACs: its own structure's count)."""
+    """Fast mode with round_to=4 (groups of 4 keep their width): every group keeps a multiple of 4; the masked loss
+    is the pruned network's, and the counts are the pruned network's (params: its parameters; MACs: its own
+    structure's count)."""
     x, y = data3
     xs, ys = x[:16], y[:16]
     st = structure(small_resnet, (3, 8, 8))
