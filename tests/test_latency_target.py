@@ -327,4 +327,4 @@ def test_methods_of_their_own_rule_refuse_a_latency_target_and_round_to():
     with pytest.raises(UserError, match="prune.round_to"):
         check_own_rule("scop", {"target": "params", "round_to": 8})
     check_own_rule("prune", {"target": "latency", "round_to": 8})
-    CRITERIA.get("loss").check_config({"prune": {"ratio": 0.5, "layer_ratios": {}, "round_to": 8}})  # blocks
+    CRITERIA.get("loss").check_config({"prune": {"ratio": 0.5, "layer_ratios": {}, "round_to": 8}})  # takes blocks
