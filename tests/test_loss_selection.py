@@ -76,6 +76,14 @@ def removed_set(keep) -> set[tuple[int, int]]:
     return {(g, c) for g, k in enumerate(keep) for c in torch.nonzero(~k).flatten().tolist()}
 
 
+def masked_loss(model, keep, xs, ys) -> float:
+    """The sample's cross-entropy on a copy of ``model`` with the channels ``keep`` leaves out masked."""
+    masked = copy.deepcopy(model)
+    mask_channels(masked, keep)
+    with torch.no_grad():
+        return F.cross_entropy(masked(xs), ys).item()
+
+
 @pytest.fixture(scope="module")
 def data3():
     return digits(3)
@@ -260,10 +268,7 @@ def test_streams_follow_the_same_rule_as_any_group(small_resnet, data3):
     )
 
     def loss_of(keep):
-        masked = copy.deepcopy(model)
-        mask_channels(masked, keep)
-        with torch.no_grad():
-            return F.cross_entropy(masked(xs), ys).item()
+        return masked_loss(model, keep, xs, ys)
 
     keep = [torch.ones(w, dtype=torch.bool) for w in model.widths]
     l0 = loss_of(keep)
@@ -343,10 +348,7 @@ def test_round_to_takes_blocks_as_a_brute_force_greedy_does(small_resnet, data3)
     )
 
     def loss_of(keep):
-        masked = copy.deepcopy(model)
-        mask_channels(masked, keep)
-        with torch.no_grad():
-            return F.cross_entropy(masked(xs), ys).item()
+        return masked_loss(model, keep, xs, ys)
 
     keep = [torch.ones(w, dtype=torch.bool) for w in model.widths]
     l0, expected, removed, sizes = loss_of(keep), [], 0, []

@@ -181,6 +181,12 @@ class _Budget(Budget):
                 out[g] = base - self.amount(w)
         return out
 
+    def closer(self, widths: np.ndarray, avail: np.ndarray) -> np.ndarray:
+        """Per group: does its next step bring the amount removed closer to the goal (where no step lands within
+        tolerance: granularity)?"""
+        rem = self.remaining(widths)
+        return (avail > 0) & (np.abs(rem - self.costs(widths)) < abs(rem))
+
     def acceptable(self, widths: np.ndarray, avail: np.ndarray) -> np.ndarray:
         """Per group: may its next step go without overshooting and while the target stays reachable?"""
         ok = np.zeros(len(widths), dtype=bool)
@@ -605,8 +611,7 @@ class _Greedy:
         Each block is measured masked as a whole, and blocks are taken by the rule channels are."""
         ok = self.budget.acceptable(self.widths, self.avail)
         if not ok.any():
-            rem = self.budget.remaining(self.widths)
-            ok = (self.avail > 0) & (np.abs(rem - self.budget.costs(self.widths)) < abs(rem))
+            ok = self.budget.closer(self.widths, self.avail)
         groups = np.nonzero(ok)[0].tolist()
         if not groups:
             return False
@@ -792,10 +797,8 @@ def _take(delta, lcur, l0, k, widths, avail, budget) -> list[tuple]:
         ok = budget.acceptable(widths, avail)
         allowed = alive & ok[g_of]
         if not allowed.any():
-            # granularity: nothing lands within tolerance; take the best channel that brings us closer
-            after = budget.remaining(widths) - budget.costs(widths)
-            closer = np.abs(after) < abs(budget.remaining(widths))
-            allowed = alive & closer[g_of] & (avail[g_of] > 0)
+            # granularity: nothing lands within tolerance; take the best step that brings us closer
+            allowed = alive & budget.closer(widths, avail)[g_of]
             if not allowed.any():
                 break
         score = np.where(allowed, np.abs(pred + d - l0), np.inf)
