@@ -4,15 +4,15 @@
 Callables are run ``warmup`` times untimed, then ``repeats`` times each, interleaved repeat by repeat (a change of
 load falls on all of them alike), each timed with ``time.perf_counter`` between two synchronisations of the device
 (CUDA and MPS run asynchronously). The result is each one's median (or least) time and interquartile range in
-milliseconds.
+milliseconds (or another quantile: a low one is the steadier figure on a shared machine).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 
@@ -32,11 +32,11 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 @torch.no_grad()
 def time_calls(
-    calls: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeats: int, fastest: bool = False
+    calls: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeats: int, quantile: float = 0.5
 ) -> list[tuple[float, float]]:
-    """(median, interquartile range) in milliseconds of each of ``calls``, interleaved (``fastest``: the least time
-    instead of the median: other work on the machine only ever adds time, so the least is the steadiest figure of
-    what a network costs, and the one to compare two networks by)."""
+    """(the ``quantile`` of its times, by default the median; their interquartile range) in milliseconds of each of
+    ``calls``, interleaved. Other work on the machine only ever adds time, so a low quantile is the steadier figure
+    of what a network costs, and the one to compare two networks by."""
     for _ in range(warmup):
         for call in calls:
             call()
@@ -51,9 +51,6 @@ def time_calls(
             t.append(1000 * (time.perf_counter() - tic))
     out = []
     for t in times:
-        if len(t) == 1:
-            out.append((t[0], 0.0))
-            continue
-        q1, median, q3 = statistics.quantiles(t, n=4, method="inclusive")
-        out.append((min(t) if fastest else median, q3 - q1))
+        q1, at, q3 = np.quantile(t, [0.25, quantile, 0.75])  # linear between order statistics
+        out.append((float(at), float(q3 - q1)))
     return out

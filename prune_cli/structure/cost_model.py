@@ -18,9 +18,10 @@
 
 - **Aiming.** What a network of non-uniform widths runs at can still stray from the line fitted on uniform ones,
   so a selection to a latency is checked against the clock (``aim``): the network selected to a predicted share is
-  timed against the dense one, and the share asked of the selection corrected (scaled, then by a secant between
-  the closest networks timed too slow and too fast) until the measured latency is within ``AIM_BAND`` of the target
-  (in two timings) or ``AIM_ROUNDS`` selections were timed; the one closest to the target is kept.
+  timed against the dense one, and the share asked of the selection corrected (scaled, then by secants: through
+  the latest two while all are on one side, then between the closest networks timed too slow and too fast) until
+  the measured latency is within ``AIM_BAND`` of the target (in two timings) or ``AIM_ROUNDS`` selections were
+  timed; the one closest to the target is kept.
 
 Measuring goes through a timer object (``DeviceTimer``); tests inject one of known costs.
 """
@@ -34,7 +35,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,12 +51,12 @@ EXACT = 8  # an axis of at most this many multiples of the rounding measures the
 FULL_SHARES, QUICK_SHARES = (1.0, 0.8, 0.6, 0.4, 0.25), (1.0, 0.5)  # uniform widths the network is timed at
 PROBE_MS = {False: 60.0, True: 10.0}  # time spent per grid point (full / quick), 3 to 15 repeats
 CALIBRATION_MS = {False: 8000.0, True: 500.0}  # time spent timing networks (full / quick)
-NETWORK_REPEATS = (3, 21)  # interleaved forwards per block, the least and the most
-BLOCKS = {False: 5, True: 1}  # blocks of interleaved forwards a network's time is the median over
+NETWORK_REPEATS = {False: (15, 300), True: (3, 21)}  # interleaved forwards per network timing, least and most
+LOW = 0.1  # the quantile of a network's forwards taken for its time (other work on the machine only adds time)
 # one untimed forward at this many times the batch first: a ResNet-20 at batch 64 timed 30 ms in a fresh process and
 # 25 ms once a batch of 1000 had run (the memory allocator's state); after a forward at 4x the batch, 25 ms either way
 STEADY = 4
-AIM_ROUNDS, AIM_BAND = 6, 0.02  # selections timed at most to meet a latency; the error that ends the search
+AIM_ROUNDS, AIM_BAND = 8, 0.02  # selections timed at most to meet a latency; the error that ends the search
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -243,10 +243,13 @@ class DeviceTimer:
 
     def models(self, models: list[nn.Module], input_shape) -> list[float]:
         """Milliseconds of one forward of each network at the batch: after one untimed forward at ``STEADY`` times the
-        batch, in each of ``BLOCKS`` blocks the least of 3-21 interleaved forwards, then the median over the blocks
-        (a load that comes and goes moves single blocks; here one pair's speed-up timed six times spread 1.75-2.12x
-        as one block of 21, 1.79-1.89x as five of 7). Eval mode; the models are copied into the memory format, left
-        as they are."""
+        batch, ``CALIBRATION_MS`` of interleaved forwards (15-300 of each), of which the ``LOW`` quantile.
+
+        Why so: at batch 1 on a shared 2-core CPU the machine passes through slow spells of seconds (one pair's dense
+        network 8 ms, then 14 ms) that slow a small network more than a large one, so a pair's speed-up moves with
+        them. Over 120 s of one ResNet-56 pair, 56 timings as the median of five blocks' least of 21 forwards spread
+        1.28-1.68x (cv 4.7%); 19 timings as the 0.1 quantile of 300 spread 1.50-1.58x (cv 1.5%; mobilenet_v2: cv
+        3.0% and 0.8%). Eval mode; the models are copied into the memory format, left as they are."""
         shape = (self.setting.batch, *input_shape)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
         copies = []
@@ -263,11 +266,9 @@ class DeviceTimer:
                 m(big)
         calls = [lambda m=m: m(x) for m in copies]
         once = sum(t for t, _ in time_calls(calls, self.device, warmup=1, repeats=1))
-        blocks = BLOCKS[self.setting.quick]
-        least, most = NETWORK_REPEATS
-        repeats = int(min(most, max(least, CALIBRATION_MS[self.setting.quick] / blocks / max(once, 1e-3))))
-        timed = [time_calls(calls, self.device, warmup=0, repeats=repeats, fastest=True) for _ in range(blocks)]
-        return [statistics.median(block[i][0] for block in timed) for i in range(len(models))]
+        least, most = NETWORK_REPEATS[self.setting.quick]
+        repeats = int(min(most, max(least, CALIBRATION_MS[self.setting.quick] / max(once, 1e-3))))
+        return [t for t, _ in time_calls(calls, self.device, warmup=0, repeats=repeats, quantile=LOW)]
 
 
 def default_cache_dir() -> Path:
@@ -462,19 +463,34 @@ def aim(
 
 
 def _next_share(want: float, points: list[tuple[float, float]]) -> float:
-    """The share to ask next, from the (kept share asked, kept share measured) points so far: between the closest
-    point measured too slow and the closest too fast, the secant's crossing (the midpoint if that falls in the
-    outer quarters: noise); with one side only, the latest point scaled by want / measured (from the closest, a
-    point timed luckily would be scaled to the same share again and again). Clamped to (0.001, 0.999)."""
+    """The share to ask next, from the (kept share asked, kept share measured) points so far.
+
+    With points on both sides of ``want``: within the tightest bracket (a point measured too slow and one too fast,
+    the closest in share asked), the secant's crossing; its midpoint where the secant falls in the outer quarters
+    (noise) or on a share timed already. The tightest, not the two measured closest: narrowed widths can run slower
+    than wider ones (ResNet-56 at batch 64 kept 16 or 32 channels ran 2.54x, kept 17 or 35 ran 1.69x), so the two
+    closest can bracket a share already timed, and the search would end there.
+
+    With one side only, a step of at most half the way to its bound (half the kept share, or half the rest to 1):
+    from one point, the latest scaled by want / measured; from more, the secant through the latest two, which
+    crosses a plateau in a step or two where scaling crawls (mobilenet_v2 at batch 1 keeps 0.79-0.72 of its time
+    from share 0.2 to 0.75 asked, then 0.61 at 0.8), or the bound when they do not fall together (noise on a
+    plateau). Clamped to (0.001, 0.999)."""
     slow = [p for p in points if p[1] > want]  # kept too much latency: ask for less kept
     fast = [p for p in points if p[1] <= want]
     if slow and fast:
-        (x0, y0), (x1, y1) = min(slow, key=lambda p: p[1]), max(fast, key=lambda p: p[1])
+        (x0, y0), (x1, y1) = min(((a, b) for a in slow for b in fast), key=lambda ab: abs(ab[0][0] - ab[1][0]))
         x = x0 + (want - y0) * (x1 - x0) / (y1 - y0) if y1 != y0 else (x0 + x1) / 2
         lo, hi = sorted((x0, x1))
-        if not lo + (hi - lo) / 4 <= x <= hi - (hi - lo) / 4:
+        if not lo + (hi - lo) / 4 <= x <= hi - (hi - lo) / 4 or any(abs(x - p[0]) < 1e-4 for p in points):
             x = (x0 + x1) / 2
-    else:
-        x1, y1 = points[-1]
-        x = x1 * want / y1
+        return 1 - min(max(x, 0.001), 0.999)
+    x1, y1 = points[-1]
+    bound = x1 / 2 if slow else x1 + (1 - x1) / 2  # at most half the way there in one step
+    x = x1 * want / y1
+    if len(points) > 1:
+        x0, y0 = points[-2]
+        slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+        x = x1 + (want - y1) / slope if slope > 0 else bound
+    x = max(x, bound) if slow else min(x, bound)
     return 1 - min(max(x, 0.001), 0.999)
