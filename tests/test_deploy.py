@@ -19,6 +19,7 @@ from prune_cli import load
 from prune_cli.cli import export as export_cli
 from prune_cli.core.errors import UserError
 from prune_cli.deploy import export as deploy
+from prune_cli.deploy.quantize import weight_bits
 from prune_cli.models import build_model
 from prune_cli.models.layers import GatherConv, GatherLinear, StripeConv, convert, stripe_positions
 from prune_cli.run import lock, pipeline
@@ -322,6 +323,22 @@ def test_an_int8_export_is_calibrated_measured_and_reported(run_dir, tmp_path, c
     final = pd.read_csv(run_dir / "results.csv").iloc[-1]
     assert report["fp32"]["top1"] == pytest.approx(final.top1, abs=1e-6)
     assert {"latency_ms_b1", "latency_ms_b48"} <= set(report["int8"])  # batch 1 and the eval batch (48)
+    assert report["weight_bits"] == weight_bits() and f"per-channel {weight_bits()}-bit" in printed
+
+
+@pytest.mark.parametrize(
+    "machine, flags, bits",
+    [
+        ("x86_64", "fpu sse2 avx avx2 fma", 7),  # AVX2 alone: 16-bit pair sums saturate with 8-bit weights
+        ("x86_64", "avx2 avx512f avx512bw avx512_vnni", 8),
+        ("x86_64", "avx2 avx_vnni", 8),
+        ("AMD64", "avx2", 7),
+        ("aarch64", "fp asimd", 8),
+    ],
+)
+def test_int8_weights_keep_to_7_bits_on_x86_without_vnni(machine, flags, bits):
+    cpuinfo = f"processor\t: 0\nvendor_id\t: X\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    assert weight_bits(machine, cpuinfo) == bits
 
 
 def test_layer_kinds_left_in_float_are_named():

@@ -109,13 +109,14 @@ def _quantized(model, out: Path, shape, embed: dict, meta: dict) -> str:
     report = out.with_suffix(".report.json")
     write_text(report, json.dumps({"model": str(out), "stage": meta["stage"], **measured}, indent=2) + "\n")
     fp32, int8 = measured["fp32"], measured["int8"]
+    bits = "7-bit (this CPU has no VNNI)" if measured["weight_bits"] == 7 else "8-bit"
     times = [
         f"b{k[len('latency_ms_b') :]} {fp32[k]:.3f} -> {int8[k]:.3f} ms ({fp32[k] / int8[k]:.2f}x)"
         for k in fp32
         if k.startswith("latency_ms_b")
     ]
     lines = [
-        f"wrote {out} (onnx opset {OPSET}, int8 QDQ, per-channel weights; stage {meta['stage']} of "
+        f"wrote {out} (onnx opset {OPSET}, int8 QDQ, per-channel {bits} weights; stage {meta['stage']} of "
         f"{meta['run_dir'] or meta['checkpoint']}) and {report}",
         f"test top-1 fp32 {fp32['top1']:.2f} -> int8 {int8['top1']:.2f}; latency {', '.join(times)}",
     ]
