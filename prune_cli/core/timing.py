@@ -3,8 +3,8 @@
 
 Callables are run ``warmup`` times untimed, then ``repeats`` times each, interleaved repeat by repeat (a change of
 load falls on all of them alike), each timed with ``time.perf_counter`` between two synchronisations of the device
-(CUDA and MPS run asynchronously). The result is each one's median (or least) time and interquartile range in
-milliseconds (or another quantile: a low one is the steadier figure on a shared machine).
+(CUDA and MPS run asynchronously). The result is each one's median time (or another quantile: a low one is the
+steadier figure on a shared machine) and interquartile range in milliseconds.
 """
 
 from __future__ import annotations

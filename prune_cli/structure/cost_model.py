@@ -19,9 +19,9 @@
 - **Aiming.** What a network of non-uniform widths runs at can still stray from the line fitted on uniform ones,
   so a selection to a latency is checked against the clock (``aim``): the network selected to a predicted share is
   timed against the dense one, and the share asked of the selection corrected (scaled, then by secants: through
-  the latest two while all are on one side, then between the closest networks timed too slow and too fast) until
-  the measured latency is within ``AIM_BAND`` of the target (in two timings) or ``AIM_ROUNDS`` selections were
-  timed; the one closest to the target is kept.
+  the latest two while all are on one side, then within the tightest bracket of one timed too slow and one too
+  fast) until the measured latency is within ``AIM_BAND`` of the target (in two timings) or ``AIM_ROUNDS``
+  selections were timed; the one closest to the target is kept.
 
 Measuring goes through a timer object (``DeviceTimer``); tests inject one of known costs.
 """
