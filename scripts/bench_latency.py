@@ -6,7 +6,7 @@ build time), then built again from the cache (the reuse time). Then, in each of 
 every group of the traced graph (``prune.residual=true``); ``selection.select`` to ``target=latency`` with the
 target speed-up's share (2.0x: 0.5 of the latency removed), aimed at the clock as the prune stage aims it
 (``cost_model.aim``); then the dense and the pruned network timed together once more (``DeviceTimer.models``:
-the 0.1 quantile of 15-300 interleaved forwards of each at that batch, on the cost model's setting) to
+15-300 interleaved forwards of each at that batch, on the cost model's setting, ``network_times``) to
 judge the run. A run hits when its measured speed-up is within ``--band`` (5%) of the target; a target beyond the
 fastest selection is said in one line. Beside it: the same network pruned to half its MACs (``target=macs``),
 timed the same way. Usage:

@@ -175,6 +175,21 @@ def test_aiming_crosses_a_plateau_to_the_cliff_beyond_it():
     assert 0.75 < share < 0.8
 
 
+def test_network_times_take_a_low_quantile_of_many_rounds_and_ratios_of_few():
+    """Few long forwards: slow spells fall on neighbours alike, so each network is priced by its ratio to the first
+    round by round; many short ones: each network's 0.1 quantile."""
+    slow = np.array([1.0, 1.3, 1.0, 1.6, 1.1, 1.0, 2.0])  # the machine's speed, round by round
+    few = np.stack([100 * slow, 40 * slow, 25 * slow], axis=1)
+    few[3, 1] = 500.0  # one forward hit by a spell of its own
+    dense, *others = cost_model.network_times(few)
+    assert dense == pytest.approx(np.median(100 * slow))
+    assert others == pytest.approx([dense / 2.5, dense / 4])  # np.quantile's 0.1 of column 1 would be 40.0
+    n = cost_model.PAIRED
+    many = np.arange(1.0, n + 1)[:, None] * [1.0, 2.0]  # round i: i ms and 2i ms
+    low = 1 + 0.1 * (n - 1)  # the 0.1 quantile of 1..n, linear between order statistics
+    assert cost_model.network_times(many) == pytest.approx([low, 2 * low])
+
+
 def test_calibration_recovers_the_networks_cost_and_predicts_any_widths(tmp_path):
     torch.manual_seed(0)
     timer = KnownTimer(bilinear)
@@ -291,6 +306,7 @@ def test_the_api_rounds_widths_and_prunes_to_a_latency_share(tmp_path):
     torch.testing.assert_close(cut(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the API's full path: a cost model on the whole grid, the aim's timings
 def test_the_api_measures_what_it_predicted(tmp_path):
     torch.manual_seed(0)
     model, x = Net().eval(), torch.randn(1, *SHAPE)
@@ -340,6 +356,7 @@ def test_every_pipeline_path_prunes_to_a_latency(tmp_path, extra):
         assert all(w % 4 == 0 for w in widths)
 
 
+@pytest.mark.slow  # three pipeline runs: whole, interrupted, resumed
 def test_a_resumed_run_selects_the_same_channels_from_the_cached_model(tmp_path, monkeypatch):
     overrides = [*LATENCY, "schedule.pretrain.epochs=2", f"prune.latency_cache={tmp_path / 'cache'}"]
     pipeline.run(config(*overrides), tmp_path / "whole")

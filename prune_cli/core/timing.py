@@ -4,7 +4,8 @@
 Callables are run ``warmup`` times untimed, then ``repeats`` times each, interleaved repeat by repeat (a change of
 load falls on all of them alike), each timed with ``time.perf_counter`` between two synchronisations of the device
 (CUDA and MPS run asynchronously). The result is each one's median time (or another quantile: a low one is the
-steadier figure on a shared machine) and interquartile range in milliseconds.
+steadier figure on a shared machine) and interquartile range in milliseconds (``time_calls``), or every time
+(``record_calls``).
 """
 
 from __future__ import annotations
@@ -31,26 +32,28 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
+def record_calls(calls: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeats: int) -> np.ndarray:
+    """Every time in milliseconds of each of ``calls``, interleaved: an array of (``repeats``, calls)."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    synchronize(device)
+    times = np.empty((repeats, len(calls)))
+    for i in range(repeats):
+        for j, call in enumerate(calls):
+            synchronize(device)
+            tic = time.perf_counter()
+            call()
+            synchronize(device)
+            times[i, j] = 1000 * (time.perf_counter() - tic)
+    return times
+
+
 def time_calls(
     calls: Sequence[Callable[[], object]], device: torch.device, warmup: int, repeats: int, quantile: float = 0.5
 ) -> list[tuple[float, float]]:
     """(the ``quantile`` of its times, by default the median; their interquartile range) in milliseconds of each of
     ``calls``, interleaved. Other work on the machine only ever adds time, so a low quantile is the steadier figure
     of what a network costs, and the one to compare two networks by."""
-    for _ in range(warmup):
-        for call in calls:
-            call()
-    synchronize(device)
-    times: list[list[float]] = [[] for _ in calls]
-    for _ in range(repeats):
-        for call, t in zip(calls, times):
-            synchronize(device)
-            tic = time.perf_counter()
-            call()
-            synchronize(device)
-            t.append(1000 * (time.perf_counter() - tic))
-    out = []
-    for t in times:
-        q1, at, q3 = np.quantile(t, [0.25, quantile, 0.75])  # linear between order statistics
-        out.append((float(at), float(q3 - q1)))
-    return out
+    q1, at, q3 = np.quantile(record_calls(calls, device, warmup, repeats), [0.25, quantile, 0.75], axis=0)
+    return [(float(a), float(c - b)) for a, b, c in zip(at, q1, q3)]  # linear between order statistics

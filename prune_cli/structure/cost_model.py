@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from prune_cli.core.atomic import write_text
-from prune_cli.core.timing import model_dtype, time_calls
+from prune_cli.core.timing import model_dtype, record_calls, time_calls
 
 FULL_GRID, QUICK_GRID = 6, 3  # widths measured per axis (latency on / smoke runs with latency off)
 EXACT = 8  # an axis of at most this many multiples of the rounding measures them all
@@ -53,6 +53,7 @@ PROBE_MS = {False: 60.0, True: 10.0}  # time spent per grid point (full / quick)
 CALIBRATION_MS = {False: 8000.0, True: 500.0}  # time spent timing networks (full / quick)
 NETWORK_REPEATS = {False: (15, 300), True: (3, 21)}  # interleaved forwards per network timing, least and most
 LOW = 0.1  # the quantile of a network's forwards taken for its time (other work on the machine only adds time)
+PAIRED = 100  # with fewer forwards each, networks are compared by the median of their ratios round by round
 # one untimed forward at this many times the batch first: a ResNet-20 at batch 64 timed 30 ms in a fresh process and
 # 25 ms once a batch of 1000 had run (the memory allocator's state); after a forward at 4x the batch, 25 ms either way
 STEADY = 4
@@ -243,13 +244,8 @@ class DeviceTimer:
 
     def models(self, models: list[nn.Module], input_shape) -> list[float]:
         """Milliseconds of one forward of each network at the batch: after one untimed forward at ``STEADY`` times the
-        batch, ``CALIBRATION_MS`` of interleaved forwards (15-300 of each), of which the ``LOW`` quantile.
-
-        Why so: at batch 1 on a shared 2-core CPU the machine passes through slow spells of seconds (one pair's dense
-        network 8 ms, then 14 ms) that slow a small network more than a large one, so a pair's speed-up moves with
-        them. Over 120 s of one ResNet-56 pair, 56 timings as the median of five blocks' least of 21 forwards spread
-        1.28-1.68x (cv 4.7%); 19 timings as the 0.1 quantile of 300 spread 1.50-1.58x (cv 1.5%; mobilenet_v2: cv
-        3.0% and 0.8%). Eval mode; the models are copied into the memory format, left as they are."""
+        batch, ``CALIBRATION_MS`` of interleaved forwards (15-300 of each), summed up by ``network_times``. Eval
+        mode; the models are copied into the memory format, left as they are."""
         shape = (self.setting.batch, *input_shape)
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(self.device, self.dtype)
         copies = []
@@ -268,7 +264,25 @@ class DeviceTimer:
         once = sum(t for t, _ in time_calls(calls, self.device, warmup=1, repeats=1))
         least, most = NETWORK_REPEATS[self.setting.quick]
         repeats = int(min(most, max(least, CALIBRATION_MS[self.setting.quick] / max(once, 1e-3))))
-        return [t for t, _ in time_calls(calls, self.device, warmup=0, repeats=repeats, quantile=LOW)]
+        return network_times(record_calls(calls, self.device, warmup=0, repeats=repeats))
+
+
+def network_times(times: np.ndarray) -> list[float]:
+    """Each network's milliseconds from interleaved forwards (a row per round, a column per network; the first is
+    the one compared to). From ``PAIRED`` rounds on (short forwards), the ``LOW`` quantile of each; below, the
+    first's median, and each other's as it over the median of their ratios round by round.
+
+    Why so: at batch 1 on a shared 2-core CPU the machine passes through slow spells of seconds (one pair's dense
+    network 8 ms, then 14 ms) that slow a small network more than a large one. Over 120 s of one ResNet-56 pair,
+    timings as the median of five blocks' least of 21 forwards spread 1.28-1.68x (cv 4.7%); as the 0.1 quantile of
+    300, 1.50-1.58x (cv 1.5%; mobilenet_v2: cv 3.0% and 0.8%, the median of ratios 1.8%). Forwards of 100 ms and more
+    (batch 64) each span such spells, and only a few fall below a low quantile, but two neighbours see the same
+    machine: over 240 s of a ResNet-56 pair at batch 64, timings of 35 rounds spread 1.77-1.99x (cv 2.9%) as the
+    0.1 quantile, 1.79-1.90x (cv 1.3%) as the median of ratios."""
+    if len(times) >= PAIRED:
+        return [float(t) for t in np.quantile(times, LOW, axis=0)]
+    reference = float(np.median(times[:, 0]))
+    return [reference / float(r) for r in np.median(times[:, :1] / times, axis=0)]
 
 
 def default_cache_dir() -> Path:
