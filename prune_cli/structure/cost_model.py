@@ -261,7 +261,7 @@ class DeviceTimer:
             for m in copies:
                 m(big)
         calls = [lambda m=m: m(x) for m in copies]
-        once = sum(t for t, _ in time_calls(calls, self.device, warmup=1, repeats=1))
+        once = float(record_calls(calls, self.device, warmup=1, repeats=1).sum())
         least, most = NETWORK_REPEATS[self.setting.quick]
         repeats = int(min(most, max(least, CALIBRATION_MS[self.setting.quick] / max(once, 1e-3))))
         return network_times(record_calls(calls, self.device, warmup=0, repeats=repeats))
@@ -501,10 +501,11 @@ def _next_share(want: float, points: list[tuple[float, float]]) -> float:
         return 1 - min(max(x, 0.001), 0.999)
     x1, y1 = points[-1]
     bound = x1 / 2 if slow else x1 + (1 - x1) / 2  # at most half the way there in one step
-    x = x1 * want / y1
     if len(points) > 1:
         x0, y0 = points[-2]
         slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
         x = x1 + (want - y1) / slope if slope > 0 else bound
+    else:
+        x = x1 * want / y1
     x = max(x, bound) if slow else min(x, bound)
     return 1 - min(max(x, 0.001), 0.999)
