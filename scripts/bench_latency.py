@@ -5,11 +5,11 @@ Per model and batch size: the cost model is built (``structure/cost_model.py``, 
 build time), then built again from the cache (the reuse time). Then, in each of ``--runs`` runs: L1 scores over
 every group of the traced graph (``prune.residual=true``); ``selection.select`` to ``target=latency`` with the
 target speed-up's share (2.0x: 0.5 of the latency removed), aimed at the clock as the prune stage aims it
-(``cost_model.aim``); then the dense and the pruned network timed together once more (``DeviceTimer.models``:
-15-300 interleaved forwards of each at that batch, on the cost model's setting, ``network_times``) to
-judge the run. A run hits when its measured speed-up is within ``--band`` (5%) of the target; a target beyond the
-fastest selection is said in one line. Beside it: the same network pruned to half its MACs (``target=macs``),
-timed the same way. Usage:
+(``cost_model.aim``); then the dense and the pruned network timed together once more (``DeviceTimer.compare``:
+15-300 interleaved forwards of each at that batch, on the cost model's setting, ``network_times``, more of them
+until their ratio is known to 1%, four timings' worth at most) to judge the run. A run hits when its measured
+speed-up is within ``--band`` (5%) of the target; a target beyond the fastest selection is said in one line.
+Beside it: the same network pruned to half its MACs (``target=macs``), timed the same way. Usage:
 
     python scripts/bench_latency.py [--models resnet56 vgg16 mobilenet_v2] [--targets 64:2.0 1:1.5] [--runs 3]
                                     [--threads 2] [--round-to 1] [--scope layer] [--memory-format channels_last]
@@ -80,12 +80,15 @@ def bench(name: str, batch: int, speedup: float, args) -> None:
         def select_at(share):
             return pruned(model, again, "latency", share, args.round_to, args.scope)
 
-        (small, reached), asked, rounds = cost_model.aim(ratio, select_at, lambda c: timer.models([model, c[0]], SHAPE))
-        dense_ms, small_ms = timer.models([model, small], SHAPE)
+        def time_pair(candidate):
+            return timer.compare([model, candidate[0]], SHAPE)
+
+        (small, reached), asked, rounds = cost_model.aim(ratio, select_at, time_pair)
+        dense_ms, small_ms = timer.compare([model, small], SHAPE)
         measured.append(dense_ms / small_ms)
         aims.append(f"{len(rounds)} ({asked:.3f})")
     half, _ = pruned(model, again, "macs", 0.5, args.round_to, args.scope)
-    dense_ms, half_ms = timer.models([model, half], SHAPE)
+    dense_ms, half_ms = timer.compare([model, half], SHAPE)
     inside = sum(abs(m / speedup - 1) <= args.band for m in measured)
     macs_gone = 1 - count_macs(small, SHAPE) / count_macs(model, SHAPE)
     print(

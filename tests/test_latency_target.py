@@ -190,6 +190,44 @@ def test_network_times_take_a_low_quantile_of_many_rounds_and_ratios_of_few():
     assert cost_model.network_times(many) == pytest.approx([low, 2 * low])
 
 
+def noisy_rounds(rng, rounds: int, own: float, shared: float = 0.3) -> np.ndarray:
+    """Forwards of a 100 ms network and its 50 ms half: the machine's speed round by round (``shared``, log-normal)
+    times each forward's own noise (``own``)."""
+    speed = np.exp(rng.normal(0, shared, (rounds, 1)))
+    return np.array([100.0, 50.0]) * speed * np.exp(rng.normal(0, own, (rounds, 2)))
+
+
+@pytest.mark.parametrize("rounds,paired", [(33, True), (150, False)])
+def test_ratio_error_is_the_spread_of_independent_timings(rounds, paired):
+    """The bootstrap's figure from one timing against the spread of 2,000 independent timings' ratios."""
+    rng = np.random.default_rng(1)
+    ratios = [np.divide(*cost_model.network_times(noisy_rounds(rng, rounds, 0.1), paired)[::-1]) for _ in range(2000)]
+    spread = np.std(ratios) / np.mean(ratios)
+    estimated = np.mean([cost_model.ratio_error(noisy_rounds(rng, rounds, 0.1), paired) for _ in range(40)])
+    assert estimated == pytest.approx(spread, rel=0.2)
+    # a spell falling on both networks alike leaves their ratio round by round, and so the paired figure, exact
+    assert cost_model.ratio_error(noisy_rounds(rng, rounds, 0.0), paired=True) == 0.0
+
+
+@pytest.mark.parametrize("own,calls_expected", [(0.0, 1), (0.03, None), (0.2, cost_model.BLOCKS)])
+def test_timing_goes_on_until_the_ratio_is_precise_or_the_blocks_are_spent(own, calls_expected):
+    """Each timing's rounds (a forward's own noise ``own``) are stacked until ``ratio_error`` meets the precision:
+    at once without noise, never with much."""
+    rng, calls = np.random.default_rng(2), []
+
+    def record():
+        calls.append(noisy_rounds(rng, 33, own))
+        return calls[-1]
+
+    times = cost_model.until_precise(record, True, cost_model.PRECISION)
+    assert np.array_equal(times, np.vstack(calls))
+    if calls_expected is not None:
+        assert len(calls) == calls_expected
+    if len(calls) < cost_model.BLOCKS:  # stopped as soon as precise, not before
+        assert cost_model.ratio_error(times, True) <= cost_model.PRECISION
+        assert len(calls) == 1 or cost_model.ratio_error(np.vstack(calls[:-1]), True) > cost_model.PRECISION
+
+
 def test_calibration_recovers_the_networks_cost_and_predicts_any_widths(tmp_path):
     torch.manual_seed(0)
     timer = KnownTimer(bilinear)

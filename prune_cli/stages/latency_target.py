@@ -83,7 +83,7 @@ def aimed(select, model, ctx, ratio: float, received) -> tuple:
     dense = latency.deployed(received)
 
     def time_pair(selected):
-        return tuple(timer.models([dense, latency.deployed(prune_channels(model, selected[0]))], ctx.input_shape))
+        return tuple(timer.compare([dense, latency.deployed(prune_channels(model, selected[0]))], ctx.input_shape))
 
     (keep, scores, stats), asked, timed = cost_model.aim(p.ratio, select, time_pair, start=ratio, rounds=rounds)
     cache.put(key, {"asked": asked, "rounds": timed})
@@ -124,7 +124,7 @@ def check_pruned(ctx, dense, pruned) -> dict:
             file=sys.stderr,
         )
     timer = cost_model.DeviceTimer(setting(dense, ctx))
-    dense_ms, pruned_ms = timer.models([latency.deployed(dense), latency.deployed(pruned)], ctx.input_shape)
+    dense_ms, pruned_ms = timer.compare([latency.deployed(dense), latency.deployed(pruned)], ctx.input_shape)
     target = dense_ms * (1 - p.ratio)
     error = pruned_ms / target - 1
     check = "ok" if abs(error) <= MISS else f"miss {error:+.1%}"

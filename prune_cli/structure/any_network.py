@@ -278,7 +278,7 @@ def prune(model: nn.Module, example_input: torch.Tensor, ratio: float, **options
         removed, asked, timed = cost_model.aim(
             ratio,
             lambda share: select(graph, share, **options, cost=cost),
-            lambda gone: tuple(timer.models([graph.model, graph.pruned(gone)], shape)),
+            lambda gone: tuple(timer.compare([graph.model, graph.pruned(gone)], shape)),
         )
         aimed = {"latency_aim_share": asked, "latency_aim_rounds": len(timed)}
     else:
@@ -328,7 +328,7 @@ def latency_model(
 def latency_table(graph, cost: cost_model.CostModel, removed: set[int], pruned: nn.Module, input_shape) -> dict:
     """The latency entries of ``prune``'s table: the share removed as predicted and as measured, and the dense and
     pruned networks' milliseconds, timed together under the cost model's setting."""
-    dense_ms, pruned_ms = cost_model.DeviceTimer(cost.setting).models([graph.model, pruned], input_shape)
+    dense_ms, pruned_ms = cost_model.DeviceTimer(cost.setting).compare([graph.model, pruned], input_shape)
     return {
         "latency_batch": cost.setting.batch,
         "latency_model_seconds": cost.seconds,
