@@ -190,23 +190,36 @@ def test_network_times_take_a_low_quantile_of_many_rounds_and_ratios_of_few():
     assert cost_model.network_times(many) == pytest.approx([low, 2 * low])
 
 
-def noisy_rounds(rng, rounds: int, own: float, shared: float = 0.3) -> np.ndarray:
+def noisy_rounds(rng, rounds: int, own: float, shared: float = 0.3, memory: float = 0.0) -> np.ndarray:
     """Forwards of a 100 ms network and its 50 ms half: the machine's speed round by round (``shared``, log-normal)
-    times each forward's own noise (``own``)."""
+    times each forward's own noise (``own``, log-normal; ``memory``: the share of it a network carries over from its
+    forward in the round before, an AR(1) process of the same spread)."""
     speed = np.exp(rng.normal(0, shared, (rounds, 1)))
-    return np.array([100.0, 50.0]) * speed * np.exp(rng.normal(0, own, (rounds, 2)))
+    noise = rng.normal(0, own, (rounds, 2))
+    for i in range(1, rounds):
+        noise[i] = memory * noise[i - 1] + np.sqrt(1 - memory**2) * noise[i]
+    return np.array([100.0, 50.0]) * speed * np.exp(noise)
 
 
-@pytest.mark.parametrize("rounds,paired", [(33, True), (150, False)])
-def test_ratio_error_is_the_spread_of_independent_timings(rounds, paired):
-    """The bootstrap's figure from one timing against the spread of 2,000 independent timings' ratios."""
+@pytest.mark.parametrize("rounds,paired,memory", [(33, True, 0.0), (150, False, 0.0), (66, True, 0.5)])
+def test_ratio_error_is_the_spread_of_independent_timings(rounds, paired, memory):
+    """The bootstrap's figure from one timing against the spread of 2,000 independent timings' ratios; where each
+    forward carries half its noise over to the next (``memory``), resampling single rounds would say 0.66 of it."""
     rng = np.random.default_rng(1)
-    ratios = [np.divide(*cost_model.network_times(noisy_rounds(rng, rounds, 0.1), paired)[::-1]) for _ in range(2000)]
+
+    def timing():
+        return noisy_rounds(rng, rounds, 0.1, memory=memory)
+
+    ratios = [np.divide(*cost_model.network_times(timing(), paired)[::-1]) for _ in range(2000)]
     spread = np.std(ratios) / np.mean(ratios)
-    estimated = np.mean([cost_model.ratio_error(noisy_rounds(rng, rounds, 0.1), paired) for _ in range(40)])
+    estimated = np.mean([cost_model.ratio_error(timing(), paired) for _ in range(40)])
     assert estimated == pytest.approx(spread, rel=0.2)
     # a spell falling on both networks alike leaves their ratio round by round, and so the paired figure, exact
     assert cost_model.ratio_error(noisy_rounds(rng, rounds, 0.0), paired=True) == 0.0
+
+
+def test_blocks_of_about_twice_the_cube_root_of_the_rounds_are_resampled():
+    assert [cost_model.block_length(n) for n in (1, 2, 33, 150, 1200)] == [1, 2, 6, 11, 21]
 
 
 @pytest.mark.parametrize("own,calls_expected", [(0.0, 1), (0.03, None), (0.2, cost_model.BLOCKS)])
