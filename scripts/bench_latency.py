@@ -74,15 +74,15 @@ def bench(name: str, batch: int, speedup: float, args) -> None:
     assert again.measured == 0, "the second build measured again"
     timer = cost_model.DeviceTimer(cost.setting)
     ratio = 1 - 1 / speedup
+
+    def select_at(share):
+        return pruned(model, again, "latency", share, args.round_to, args.scope)
+
+    def time_pair(candidate):
+        return timer.compare([model, candidate[0]], SHAPE)
+
     measured, reached, aims = [], None, []
     for _ in range(args.runs):  # each run aims anew (its own timings), then is timed once more to be judged
-
-        def select_at(share):
-            return pruned(model, again, "latency", share, args.round_to, args.scope)
-
-        def time_pair(candidate):
-            return timer.compare([model, candidate[0]], SHAPE)
-
         (small, reached), asked, rounds = cost_model.aim(ratio, select_at, time_pair)
         dense_ms, small_ms = timer.compare([model, small], SHAPE)
         measured.append(dense_ms / small_ms)

@@ -4,6 +4,7 @@ with an injected timer of known costs (no timing asserts), and every selection p
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,9 @@ class KnownTimer:
     def __init__(self, f):
         self.f, self.layer_calls, self.model_calls = f, 0, 0
 
-    def layer(self, layer, d1, d0):
-        self.layer_calls += 1
-        return self.f(layer, d1, d0)
+    def table(self, layer, ins, outs):
+        self.layer_calls += len(ins) * len(outs)
+        return [[self.f(layer, d1, d0) for d0 in outs] for d1 in ins]
 
     def models(self, models, input_shape):
         self.model_calls += 1
@@ -107,6 +108,64 @@ def test_the_grid_spans_the_dense_width_in_multiples():
     assert cost_model.axis(64, 8, 6) == list(range(8, 65, 8))  # few multiples: every one, as rounding can leave
     assert cost_model.axis(128, 8, 6) == [8, 32, 56, 80, 104, 128]
     assert cost_model.axis(3, 1, 6) == [1, 2, 3] and cost_model.axis(1, 1, 6) == [1]
+
+
+def test_output_widths_on_and_off_multiples_of_eight_are_two_curves():
+    """Off the multiples: ``axis``'s spread over the widths that are not multiples (the last below the dense width
+    among them); on them: ``axis`` over the multiples. One curve where rounding leaves only multiples, or none."""
+    assert cost_model.ALIGN == 8
+    assert cost_model.out_axes(64, 1, 6) == ([1, 13, 26, 38, 51, 63], [8, 16, 24, 32, 40, 48, 56, 64])
+    # 16 -> the 14 widths 1-7, 9-15; positions 0, 2.6, 5.2, 7.8, 10.4, 13 rounded: 0, 3, 5, 8, 10, 13
+    assert cost_model.out_axes(16, 1, 6) == ([1, 4, 6, 10, 12, 15], [8, 16])
+    assert cost_model.out_axes(10, 4, 6) == ([4, 10], [8])  # the dense width, off the multiples of 4, among them
+    assert cost_model.out_axes(64, 8, 6) == (list(range(8, 65, 8)), [])
+    assert cost_model.out_axes(6, 1, 6) == ([1, 2, 3, 4, 5, 6], [])
+
+
+def test_a_width_below_a_multiple_of_eight_that_runs_faster_is_priced_as_it():
+    """Each curve bilinear on its own; a width's price the least of its own curve's and the multiples' curve at the
+    first multiple at or above it (the stairs of a layer whose multiples of 8 run faster): never rising as channels
+    go."""
+    table = cost_model.Table([2, 6], [7, 15], [[3.0, 7.0], [5.0, 13.0]], [8, 16], [[2.0, 4.0], [4.0, 8.0]])
+    assert table.at(2, 8) == 2.0 and table.at(6, 16) == 8.0  # the multiples as timed
+    assert table.at(2, 7) == 2.0  # 3 of its own, 2 at 8
+    assert table.at(6, 9) == pytest.approx(5 + 0.25 * 8)  # 7 of its own: below 8 at 16
+    assert table.at(2, 12) == pytest.approx(4.0)  # 3 + 5/8 * 4 = 5.5 of its own, 4 at 16
+    assert table.at(4, 11) == pytest.approx(6.0)  # (5 + 9) / 2 = 7 of its own, (4 + 8) / 2 at 16
+    for d1 in (2, 3, 4, 6):
+        prices = [table.at(d1, d0) for d0 in range(1, 17)]
+        assert prices == sorted(prices)
+    short = cost_model.Table([1], [1, 10], [[1.0, 10.0]], [8], [[2.0]])  # no multiple above 9 in the dense 10
+    assert short.at(1, 9) == pytest.approx(9.0) and short.at(1, 7) == pytest.approx(2.0)
+    # the envelope works on each curve alone: 8 channels stay cheaper than 7
+    env = cost_model.Table([1], [7, 15], [[3.0, 2.5]], [8, 16], [[2.0, 1.0]]).envelope()
+    assert env.ms == [[2.5, 2.5]] and env.aligned_ms == [[1.0, 1.0]]
+
+
+def test_the_cost_model_prices_a_dip_at_multiples_of_eight_as_timed(tmp_path):
+    """A layer that runs 30% faster at output widths on multiples of 8 (as 3x3 convs at batch 64 do on a CPU):
+    the cost model prices every width on the multiples as timed, and a width off them at the least of its own time
+    and the time at the next multiple up (by hand, layer by layer)."""
+
+    def dips(layer, d1, d0):
+        return bilinear(layer, d1, d0) * (0.7 if d0 % 8 == 0 and layer.kind != "linear" else 1.0)
+
+    timer = KnownTimer(dips)
+    graph, cost = built(Net((16, 24, 32)).eval(), tmp_path, timer)
+    assert cost.tables["b"].aligned == [8, 16, 24] and cost.tables["c"].aligned == [8, 16, 24, 32]
+    for removed in (
+        {c for g in graph.groups for c in g.channels[::3]},  # widths 10, 16, 21
+        {c for g in graph.groups for c in g.channels[:8]},  # 8, 16, 24: every one a multiple
+    ):
+        pruned = graph.pruned(removed)
+        expected = 0.0
+        for layer in cost_model.find_layers(pruned, SHAPE):
+            d1, d0 = 1 if layer.kind == "depthwise" else layer.in1, layer.out0
+            up = -(-d0 // 8) * 8
+            dense_out = cost.layers[layer.name].out0
+            faster_up = dips(layer, d1, up) if layer.kind != "linear" and up <= dense_out else math.inf
+            expected += min(dips(layer, d1, d0), faster_up)
+        assert cost.layer_sum(cost_model.weight_dims(pruned, cost.layers)) == pytest.approx(expected)
 
 
 def test_interpolation_is_bilinear_between_grid_points():
