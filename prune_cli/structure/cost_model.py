@@ -517,11 +517,12 @@ def build(
 
 def _measured(model, input_shape, setting: Setting, narrowed, cache: Cache, timer, step: int):
     """(the cost model, how many tables and calibrations were measured rather than read from the cache)."""
-    env, points = setting.key(), QUICK_GRID if setting.quick else FULL_GRID
+    points = QUICK_GRID if setting.quick else FULL_GRID
+    env = {"grid": points, "step": step, "align": ALIGN, **setting.key()}  # what every cached entry is measured on
     layers = {layer.name: layer for layer in find_layers(model, input_shape)}
     tables, measured = {}, 0
     for name, layer in layers.items():
-        key = {"table": layer.key(), "grid": points, "step": step, "align": ALIGN, **env}
+        key = {"table": layer.key(), **env}
         stored = cache.get(key)
         if stored is None:
             table = measure_table(layer, timer, points, step)
@@ -532,14 +533,7 @@ def _measured(model, input_shape, setting: Setting, narrowed, cache: Cache, time
         tables[name] = table.envelope()
     cost = CostModel(layers, tables, setting=setting)
     shares = QUICK_SHARES if setting.quick else FULL_SHARES
-    key = {
-        "network": signature(model, input_shape),
-        "shares": list(shares),
-        "grid": points,
-        "step": step,
-        "align": ALIGN,
-        **env,
-    }
+    key = {"network": signature(model, input_shape), "shares": list(shares), **env}
     stored = cache.get(key)
     if stored is None:
         variants = [model] + [narrowed(share) for share in shares[1:]]
