@@ -4,7 +4,8 @@
 Per model and batch size: the cost model is built (``structure/cost_model.py``, into a fresh cache directory: its
 build time), then built again from the cache (the reuse time). Then, in each of ``--runs`` runs: L1 scores over
 every group of the traced graph (``prune.residual=true``); ``selection.select`` to ``target=latency`` with the
-target speed-up's share (2.0x: 0.5 of the latency removed), aimed at the clock as the prune stage aims it
+target speed-up's share (2.0x: 0.5 of the latency removed), its widths given back where faster
+(``cost_model.widened``), aimed at the clock as the prune stage aims it
 (``cost_model.aim``); then the dense and the pruned network timed together once more (``DeviceTimer.compare``:
 15-300 interleaved forwards of each at that batch, on the cost model's setting, ``network_times``, more of them
 until their ratio is known to 1%, four timings' worth at most) to judge the run. A run hits when its measured
@@ -55,12 +56,15 @@ def build(model, batch: int, cache: str, layout: str, step: int):
 
 
 def pruned(model, cost, target: str, ratio: float, round_to: int, scope: str):
-    """The model pruned by L1 scores to ``ratio`` of ``target`` (latency: priced by ``cost``)."""
+    """(the model pruned by L1 scores to ``ratio`` of ``target``, the share of the latency the selection reached):
+    latency priced by ``cost``, the widths then given back where faster, as the prune stage does."""
     st = structure(model, SHAPE)
     st.latency = cost_model.Predictor(cost, model, st)
     scores = build_criterion({"name": "l1", "granularity": "filter"}).scores(model)
     keep = select(scores, st, target=target, ratio=ratio, scope=scope, round_to=round_to)
     reached = Budget(st, model.widths, "latency").removed([int(k.sum()) for k in keep])
+    if target == "latency":
+        keep = cost_model.widened(keep, scores, lambda w: st.latency.ms(w, stairs=False), round_to)
     return prune_channels(model, keep).eval(), reached
 
 

@@ -22,7 +22,7 @@ from prune_cli.models import build_model
 from prune_cli.run import pipeline
 from prune_cli.run.config import check_own_rule
 from prune_cli.structure import cost_model
-from prune_cli.structure.any_network import select
+from prune_cli.structure.any_network import channel_scores, given_back, select
 from prune_cli.structure.channels import mask_channels, prune_channels, structure
 from prune_cli.structure.graph import ChannelGraph
 from prune_cli.structure.selection import Budget, blocks
@@ -166,6 +166,72 @@ def test_the_cost_model_prices_a_dip_at_multiples_of_eight_as_timed(tmp_path):
             faster_up = dips(layer, d1, up) if layer.kind != "linear" and up <= dense_out else math.inf
             expected += min(dips(layer, d1, d0), faster_up)
         assert cost.layer_sum(cost_model.weight_dims(pruned, cost.layers)) == pytest.approx(expected)
+
+
+def test_without_the_stairs_a_width_is_priced_as_it_runs():
+    """``stairs=False``: a width on its own curve, a multiple of 8 on the multiples' (the dense width, off them, on
+    the others'), never the price of a wider width."""
+    table = cost_model.Table([2, 6], [7, 15], [[3.0, 7.0], [5.0, 13.0]], [8, 16], [[2.0, 4.0], [4.0, 8.0]])
+    assert table.at(2, 7, stairs=False) == 3.0 and table.at(2, 8, stairs=False) == 2.0
+    assert table.at(6, 9, stairs=False) == pytest.approx(5 + 0.25 * 8)
+    assert table.at(4, 11, stairs=False) == pytest.approx(7.0)  # (5 + 9) / 2, not the 6 of 16 above it
+    short = cost_model.Table([1], [1, 10], [[1.0, 10.0]], [8], [[2.0]])
+    assert short.at(1, 7, stairs=False) == pytest.approx(7.0) and short.at(1, 10, stairs=False) == 10.0
+
+
+def test_give_back_widens_a_group_to_the_multiple_above_where_the_network_runs_faster():
+    """A group's own time: its width, 0.7 of it on a multiple of 8; the second group reads the first (0.1 per
+    pair of channels). By hand: 27 -> 32 saves 4.6 of its own but costs 0.1 * 5 * 30 = 15 more read: kept; then
+    30 -> 32 saves 7.6, costs 0.1 * 27 * 2 = 5.4: widened; 5 -> 8 costs 0.6: kept; 61 -> 64 passes the dense 62."""
+
+    def price(w):
+        return sum(x * (0.7 if x % 8 == 0 else 1.0) for x in w) + 0.1 * w[0] * w[1]
+
+    assert cost_model.give_back([27, 30, 5, 61], [64, 32, 8, 62], price) == [27, 32, 5, 61]
+    assert cost_model.give_back([32, 30], [64, 32], price) == [32, 32]  # on a multiple already: left
+    # round_to 3: the multiples of lcm(8, 3) = 24
+    assert cost_model.give_back([21, 3], [30, 3], price) == [24, 3]
+    assert cost_model.give_back([27, 3], [30, 3], price) == [27, 3]  # 48 passes the dense 30
+
+
+def test_a_widened_group_gets_back_its_best_scoring_removed_channels():
+    keep = [torch.arange(10) < 5, torch.ones(4, dtype=torch.bool)]
+    scores = [torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.1, 0.9, 0.3, 0.8, 0.5]), torch.rand(4)]
+    back = cost_model.widened(keep, scores, lambda w: w[0] * (0.5 if w[0] % 8 == 0 else 1.0) + w[1])
+    assert back[0].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 6, 8, 9] and back[1].all()
+    assert keep[0].sum() == 5  # the masks handed in are left as they were
+
+
+@pytest.mark.parametrize("cut", [(7, 7, 7), (5, 3, 4), (2, 6, 9)])
+def test_widths_given_back_are_the_ones_that_make_the_real_network_faster(tmp_path, cut):
+    """The layers run 30% faster to multiples of 8 (known costs): ``given_back`` on a selection equals an explicit
+    loop over the groups that widens one to the multiple above where the network, timed by the known costs, runs
+    faster; and the cost model predicts what the network given back runs at."""
+
+    def dips(layer, d1, d0):
+        return bilinear(layer, d1, d0) * (0.7 if d0 % 8 == 0 and layer.kind != "linear" else 1.0)
+
+    timer = KnownTimer(dips)
+    graph, cost = built(Net((16, 24, 32)).eval(), tmp_path, timer)
+    scores = channel_scores(graph)
+    ranked = [sorted(g.channels, key=lambda c: (-scores[c], c)) for g in graph.groups]  # best first
+    widths = [len(r) - k for r, k in zip(ranked, cut)]
+
+    def removed(ws):
+        return {c for r, w in zip(ranked, ws) for c in r[w:]}
+
+    for g, w in enumerate(widths):
+        up = -(-w // 8) * 8
+        wider = [*widths[:g], up, *widths[g + 1 :]]
+        if up <= len(ranked[g]) and timer.truth(graph.pruned(removed(wider))) < timer.truth(
+            graph.pruned(removed(widths))
+        ):
+            widths = wider
+    back = given_back(graph, cost, removed([len(r) - k for r, k in zip(ranked, cut)]), scores, 1)
+    assert back == removed(widths)
+    pruned = graph.pruned(back)
+    predicted = cost.predict(cost_model.weight_dims(pruned, cost.layers), stairs=False)
+    assert predicted == pytest.approx(KnownTimer.A + KnownTimer.B * timer.truth(pruned))
 
 
 def test_interpolation_is_bilinear_between_grid_points():
@@ -460,6 +526,7 @@ def test_every_pipeline_path_prunes_to_a_latency(tmp_path, extra):
     assert row["latency_target_speedup"] == pytest.approx(1 / 0.7)
     assert row["latency_check"] == "ok" or row["latency_check"].startswith("miss")
     assert row["latency_measured_ms"] > 0 and row["latency_predicted_ms"] > 0
+    assert 0 <= row["latency_selected_share"] < 1  # what the selection reached, before widths were given back
     widths = kept(tmp_path / "run")
     assert sum(widths) < sum(pd.read_csv(tmp_path / "run" / "layers.csv")["before"])
     if "prune.round_to=4" in extra:  # the model's widths are multiples of 4: every layer stays one

@@ -67,13 +67,15 @@ def cost_of(model, ctx) -> cost_model.CostModel:
 
 
 def aimed(select, model, ctx, ratio: float, received) -> tuple:
-    """(keep, scores, row columns) of ``select(share)`` (the stage's selection on ``model`` to a predicted share)
-    aimed at ``prune.ratio`` of the received network's measured latency (``cost_model.aim``; ``ratio``: the share
-    asked first). The share that met it is cached, keyed by the problem (the weights, the ``prune`` and
-    ``criterion`` settings, the setting), so a resumed run asks it at once and selects the same channels."""
+    """(keep, scores, row columns) of ``select(share)`` (the stage's selection on ``model`` to a predicted share),
+    its widths given back where faster (``given_back``), aimed at ``prune.ratio`` of the received network's
+    measured latency (``cost_model.aim``; ``ratio``: the share asked first). The share that met it is cached, keyed
+    by the problem (the weights, the ``prune`` and ``criterion`` settings, the setting), so a resumed run asks it
+    at once and selects the same channels."""
     p = ctx.cfg.prune
+    select = given_back(select, model, ctx)
     cache = cost_model.Cache(p.get("latency_cache"))
-    key = {"aim": problem(model, ctx), **setting(received, ctx).key()}
+    key = {"aim": problem(model, ctx), "widths": "given back", **setting(received, ctx).key()}
     stored = cache.get(key)
     if stored is not None:
         keep, scores, stats = select(stored["asked"])
@@ -88,6 +90,22 @@ def aimed(select, model, ctx, ratio: float, received) -> tuple:
     (keep, scores, stats), asked, timed = cost_model.aim(p.ratio, select, time_pair, start=ratio, rounds=rounds)
     cache.put(key, {"asked": asked, "rounds": timed})
     return keep, scores, {**stats, "latency_aim_share": asked, "latency_aim_rounds": len(timed)}
+
+
+def given_back(select, model, ctx):
+    """``select`` with its widths given back (``cost_model.widened``: a group stopped short of a faster multiple
+    of 8 gets back its best-scoring channels), and the row's ``latency_selected_share``: the share the selection
+    reached by the prices it searched (a target out of reach is judged by it)."""
+    priced = priced_structure(model, ctx).latency
+    dense = priced.ms(model.widths)
+
+    def select_and_give_back(share):
+        keep, scores, stats = select(share)
+        selected = 1 - priced.ms([int(k.sum()) for k in keep]) / dense
+        keep = cost_model.widened(keep, scores, lambda w: priced.ms(w, stairs=False), ctx.cfg.prune.round_to)
+        return keep, scores, {**stats, "latency_selected_share": selected}
+
+    return select_and_give_back
 
 
 def problem(model, ctx) -> dict:
@@ -109,18 +127,18 @@ def uniform(model, share: float):
 
 
 def check_pruned(ctx, dense, pruned) -> dict:
-    """The latency columns of the pruned row: target, prediction, measurement, and whether they agree; a target
-    beyond reach (every removable channel gone, predicted short of it) is said in one line."""
-    p, cost = ctx.cfg.prune, ctx.cost_model
-    predicted_dense = cost.predict(cost_model.weight_dims(dense, cost.layers))
-    predicted = cost.predict(cost_model.weight_dims(pruned, cost.layers))
-    reached, asked = 1 - predicted / predicted_dense, ctx.run.rows[-1].get("latency_aim_share", p.ratio)
+    """The latency columns of the pruned row: target, prediction (of the widths as they run), measurement, and
+    whether they agree; a target beyond reach (every removable channel gone, the selection's prices short of it) is
+    said in one line."""
+    p, cost, row = ctx.cfg.prune, ctx.cost_model, ctx.run.rows[-1]
+    predicted_dense = cost.predict(cost_model.weight_dims(dense, cost.layers), stairs=False)
+    predicted = cost.predict(cost_model.weight_dims(pruned, cost.layers), stairs=False)
     loud = distributed.is_main()
     # every removable channel went, short of what was asked (of the received network: one step)
-    if p.steps == 1 and reached < asked * (1 - p.tolerance) and loud:
+    if p.steps == 1 and row["latency_selected_share"] < row["latency_aim_share"] * (1 - p.tolerance) and loud:
         print(
             f"prune.ratio: {p.ratio} of the latency is out of reach; pruned to the fastest reachable, "
-            f"{reached:.4f} removed (predicted, {1 / (1 - reached):.2f}x)",
+            f"{1 - predicted / predicted_dense:.4f} removed (predicted, {predicted_dense / predicted:.2f}x)",
             file=sys.stderr,
         )
     timer = cost_model.DeviceTimer(setting(dense, ctx))

@@ -13,9 +13,13 @@
   It is stored as JSON in the cache directory, so identical layers (a ResNet's repeated blocks) share one and later
   runs measure nothing.
 - **Calibration.** The sum of the layer times misses what the tables do not see: the framework's overhead, residual
-  additions, pooling. So the whole network is timed dense and at uniformly narrowed widths, and the latency
-  predicted is ``a + b * sum``, fitted by least squares over those points. The points are cached too, keyed by the
-  network, so a resumed run predicts, and selects, exactly as before.
+  additions, pooling. So the whole network is timed dense and at uniformly narrowed widths (summed as those widths
+  run), and the latency predicted is ``a + b * sum``, fitted by least squares over those points. The points are
+  cached too, keyed by the network, so a resumed run predicts, and selects, exactly as before.
+- **Giving back.** The selections search by prices that never rise as channels go (stairs: a width just below a
+  multiple of ``ALIGN`` priced as the multiple where that runs faster); the widths a selection leaves are then
+  widened, group by group, to the multiple above where the network, priced as it runs, is faster so
+  (``give_back``).
 
 - **Aiming.** What a network of non-uniform widths runs at can still stray from the line fitted on uniform ones,
   so a selection to a latency is checked against the clock (``aim``): the network selected to a predicted share is
@@ -191,11 +195,12 @@ class Table:
         ``ALIGN`` that runs faster than the widths just below it."""
         return Table(self.ins, self.outs, _envelope(self.ms), self.aligned, _envelope(self.aligned_ms))
 
-    def at(self, d1: float, d0: float) -> float:
+    def at(self, d1: float, d0: float, stairs: bool = True) -> float:
         """The price of kept weight dims (d1, d0): bilinear between grid points, the nearest edge outside them; with
         two curves, the least that ``d0`` or a wider output width is timed at: off the multiples of ``ALIGN``, its
         own curve or the multiples' at the first multiple above; on one, the multiples' curve or, where wider
-        widths off the multiples are on the grid, theirs.
+        widths off the multiples are on the grid, theirs. ``stairs=False``: the time of ``d0`` itself, on its own
+        curve (what a network of these widths runs at: the calibration's sums, ``give_back``'s choice).
 
         Why the least: a width just below a multiple can run slower than the multiple (a conv to 25-31 channels
         against 32), and a price that rose as channels go would break the searches, which take the narrowest widths
@@ -205,6 +210,9 @@ class Table:
         others = _bilinear(self.ins, self.outs, self.ms, d1, d0)
         if not self.aligned:
             return others
+        if not stairs:
+            on = d0 % ALIGN == 0 and d0 <= self.aligned[-1]  # a multiple (the dense width may be off the grid's)
+            return _bilinear(self.ins, self.aligned, self.aligned_ms, d1, d0) if on else others
         up = math.ceil(d0 / ALIGN) * ALIGN
         if up > self.aligned[-1]:
             return others
@@ -464,18 +472,20 @@ class CostModel:
     seconds: float = 0.0  # building it: measuring what the cache did not hold
     measured: int = 0  # tables and calibrations measured (0: all from the cache)
 
-    def layer_sum(self, dims: dict[str, tuple[float, float] | None]) -> float:
-        """The sum of the tables at kept weight dims ``{layer: (dim 1, dim 0)}`` (None: the layer is gone)."""
+    def layer_sum(self, dims: dict[str, tuple[float, float] | None], stairs: bool = True) -> float:
+        """The sum of the tables at kept weight dims ``{layer: (dim 1, dim 0)}`` (None: the layer is gone), priced
+        as ``Table.at`` prices them (``stairs``)."""
         total = 0.0
         for name, layer in self.layers.items():
             if dims[name] is not None:
                 d1, d0 = dims[name]
-                total += self.tables[name].at(1 if layer.kind == "depthwise" else d1, d0)
+                total += self.tables[name].at(1 if layer.kind == "depthwise" else d1, d0, stairs)
         return total
 
-    def predict(self, dims: dict[str, tuple[float, float] | None]) -> float:
-        """Predicted milliseconds of the network with these kept weight dims."""
-        return self.a + self.b * self.layer_sum(dims)
+    def predict(self, dims: dict[str, tuple[float, float] | None], stairs: bool = True) -> float:
+        """Predicted milliseconds of the network with these kept weight dims: with ``stairs``, the price the
+        selections search by (never rising as channels go); without, what these very widths run at."""
+        return self.a + self.b * self.layer_sum(dims, stairs)
 
     def fit(self) -> None:
         """a and b by least squares over the calibration points (one point, or a fit that would make time fall as
@@ -533,12 +543,13 @@ def _measured(model, input_shape, setting: Setting, narrowed, cache: Cache, time
         tables[name] = table.envelope()
     cost = CostModel(layers, tables, setting=setting)
     shares = QUICK_SHARES if setting.quick else FULL_SHARES
-    key = {"network": signature(model, input_shape), "shares": list(shares), **env}
+    # the sums of what the narrowed networks run at: their widths are mostly off the multiples of ALIGN
+    key = {"network": signature(model, input_shape), "shares": list(shares), "sums": "as run", **env}
     stored = cache.get(key)
     if stored is None:
         variants = [model] + [narrowed(share) for share in shares[1:]]
         times = timer.models(variants, input_shape)
-        stored = [(cost.layer_sum(weight_dims(m, layers)), t) for m, t in zip(variants, times)]
+        stored = [(cost.layer_sum(weight_dims(m, layers), stairs=False), t) for m, t in zip(variants, times)]
         cache.put(key, stored)
         measured += 1
     cost.points = [tuple(p) for p in stored]
@@ -577,12 +588,49 @@ class Predictor:
                 self.layers.append((name, rows.get(1, -1), shape[1], rows.get(0, -1), shape[0]))
         self.structure = structure
 
-    def ms(self, widths) -> float:
+    def ms(self, widths, stairs: bool = True) -> float:
         sizes = self.structure.sizes(widths)
         dims = {
             name: (sizes[r1] if r1 >= 0 else d1, sizes[r0] if r0 >= 0 else d0) for name, r1, d1, r0, d0 in self.layers
         }
-        return self.cost.predict({**dims, **self.gone})
+        return self.cost.predict({**dims, **self.gone}, stairs)
+
+
+def give_back(widths, dense, price, step: int = 1) -> list[int]:
+    """Kept group widths, each group that stops short of a multiple of ``lcm(ALIGN, step)`` widened to it where the
+    network then runs faster: ``price(widths)``, the predicted milliseconds of the widths as run (``stairs=False``),
+    decides, group by group in order.
+
+    Why: the selections search by stair prices (``Table.at``), in which a conv to 25-31 channels costs what one to
+    32 costs; the network they leave runs 25-31 as they are, slower than 32 would. Given back, those channels make
+    the network wider and faster, and what is predicted is what runs."""
+    block = math.lcm(ALIGN, step)
+    widths = [int(w) for w in widths]
+    now = price(widths)
+    for g, w in enumerate(widths):
+        up = -(-w // block) * block
+        if 0 < w < up <= dense[g]:
+            trial = [*widths[:g], up, *widths[g + 1 :]]
+            ms = price(trial)
+            if ms < now:
+                widths, now = trial, ms
+    return widths
+
+
+def widened(keep: list[torch.Tensor], scores: list[torch.Tensor], price, step: int = 1) -> list[torch.Tensor]:
+    """Keep masks (one per group) with the widths ``give_back`` gives: a widened group gets back its best-scoring
+    removed channels."""
+    widths = give_back([int(k.sum()) for k in keep], [len(k) for k in keep], price, step)
+    out = []
+    for k, s, w in zip(keep, scores, widths):
+        more = w - int(k.sum())
+        if more:
+            gone = (~k).nonzero().flatten()
+            best = torch.argsort(s.detach().double().cpu()[gone], descending=True, stable=True)[:more]
+            k = k.clone()
+            k[gone[best]] = True
+        out.append(k)
+    return out
 
 
 def aim(
