@@ -220,12 +220,13 @@ def test_widths_given_back_are_the_ones_that_make_the_real_network_faster(tmp_pa
     def removed(ws):
         return {c for r, w in zip(ranked, ws) for c in r[w:]}
 
+    def runs_at(ws):
+        return timer.truth(graph.pruned(removed(ws)))
+
     for g, w in enumerate(widths):
         up = -(-w // 8) * 8
         wider = [*widths[:g], up, *widths[g + 1 :]]
-        if up <= len(ranked[g]) and timer.truth(graph.pruned(removed(wider))) < timer.truth(
-            graph.pruned(removed(widths))
-        ):
+        if up <= len(ranked[g]) and runs_at(wider) < runs_at(widths):
             widths = wider
     back = given_back(graph, cost, removed([len(r) - k for r, k in zip(ranked, cut)]), scores, 1)
     assert back == removed(widths)
